@@ -1,7 +1,7 @@
 """The ``triton`` backend: kernels rendered from templates/triton/*.py.j2 per KernelSpec.
 
 Runs on every CUDA GPU from sm80 (sm90 included) and, for tests, on CPU tensors under
-``TRITON_INTERPRET=1``. One glue module per kernel role: ``block_map``, ``forward``, ``backward``.
+``TRITON_INTERPRET=1``. One glue module per kernel role: ``selection`` (block map), ``fwd``, ``bwd``.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ def unavailable_reason(device: torch.device, spec: KernelSpec) -> Optional[str]:
 
 
 def block_map(q, k, n_crit, n_negl, block_q, block_k):
-    from slagen.backends.triton import block_map as impl
-    return impl.block_map(q, k, n_crit, n_negl, block_q, block_k)
+    from slagen.backends.triton import selection
+    return selection.block_map(q, k, n_crit, n_negl, block_q, block_k)
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, **cfg):
-    from slagen.backends.triton import forward as impl
-    return impl.forward(q, k, v, maps, proj_weight, proj_bias, save, **cfg)
+    from slagen.backends.triton import fwd
+    return fwd.forward(q, k, v, maps, proj_weight, proj_bias, save, **cfg)
 
 
 def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg):
-    from slagen.backends.triton import backward as impl
-    return impl.backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg)
+    from slagen.backends.triton import bwd
+    return bwd.backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg)
