@@ -14,7 +14,8 @@ where cfg = block_q, block_k, scale, feature_map ('none' for sparse-only), scope
   o_lin  (B, H, Lq, D) in q's dtype: O^l before Proj; den float32 (B, H, Lq): φ(Q_i)Z_i + eps.
          Both are written only when ``save`` is true and there is a linear branch; otherwise they are
          empty (0 elements) tensors.
-  dw, db float32 grads of proj_weight (D, D) / proj_bias (D,); empty tensors when those are None.
+  dw, db grads of proj_weight (D, D) / proj_bias (D,) in their dtypes; empty float32 tensors (distinct
+         objects: op outputs may not alias) when those are None.
 """
 
 from __future__ import annotations

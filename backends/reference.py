@@ -31,9 +31,8 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, **cfg):
     out = torch.empty_like(q)
     out.copy_(o)
     if save and o_lin is not None:
-        return out, lse.float(), o_lin.to(q.dtype), den.float()
-    empty = q.new_empty((0,))
-    return out, lse.float(), empty, empty.float()
+        return out, lse.float().contiguous(), o_lin.to(q.dtype).contiguous(), den.float().contiguous()
+    return out, lse.float().contiguous(), q.new_empty((0,)), q.new_empty((0,), dtype=torch.float32)
 
 
 def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg):
@@ -51,7 +50,6 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cf
     grads = list(vjp(do.to(out.dtype)))
     dq, dk, dv = grads[:3]
     rest = iter(grads[3:])
-    empty = q.new_empty((0,), dtype=torch.float32)
-    dw = next(rest).float() if proj_weight is not None else empty
-    db = next(rest).float() if proj_bias is not None else empty
+    dw = next(rest).to(proj_weight.dtype) if proj_weight is not None else q.new_empty((0,), dtype=torch.float32)
+    db = next(rest).to(proj_bias.dtype) if proj_bias is not None else q.new_empty((0,), dtype=torch.float32)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dw, db

@@ -78,10 +78,9 @@ def sla_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
 @sla_bwd.register_fake
 def _(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q, block_k, scale, feature_map, scope,
       eps, backend):
-    empty = q.new_empty((0,), dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(proj_weight) if proj_weight is not None else empty,
-            torch.empty_like(proj_bias) if proj_bias is not None else empty)
+            torch.empty_like(proj_weight) if proj_weight is not None else q.new_empty((0,), dtype=torch.float32),
+            torch.empty_like(proj_bias) if proj_bias is not None else q.new_empty((0,), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):

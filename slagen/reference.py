@@ -22,7 +22,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def num_blocks(length: int, block: int) -> int:
-    return -(-length // block)
+    return (length + block - 1) // block
 
 
 def block_counts(n_blocks: int, topk: float, negligible: float) -> Tuple[int, int]:

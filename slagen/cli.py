@@ -1,0 +1,159 @@
+"""The ``slagen`` command line (click): info, build."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import itertools
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, List
+
+import click
+
+from slagen import codegen
+from slagen.paths import cache_dir, shared_cache_dirs
+from slagen.spec import ROLES, KernelSpec, parse_arch, parse_dtype, parse_feature_map, parse_scope
+
+BUILD_BACKENDS = ("triton",)  # backends whose templates exist in this version
+
+
+def _version() -> str:
+    from slagen import __version__
+    return __version__
+
+
+def _csv(parse: Callable[[str], object]):
+    """A click callback turning 'a,b' into [parse('a'), parse('b')], as a BadParameter on error."""
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return [parse(part.strip()) for part in value.split(",") if part.strip()]
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from None
+    return callback
+
+
+def _block(text: str):
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"block={text!r} must look like 64x64 (block_q x block_k)")
+    return int(parts[0]), int(parts[1])
+
+
+def _negligible(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise ValueError(f"negligible={text!r}; allowed: on, off")
+    return text == "on"
+
+
+def _module_version(name: str) -> str:
+    """Installed version of a distribution, without importing it (importing tilelang takes seconds)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), prog_name="slagen")
+def main():
+    """slagen: generated Sparse-Linear Attention kernels (TileLang on Hopper, Triton elsewhere)."""
+
+
+@main.command()
+def info():
+    """Versions, GPUs, backends, cache location and SLAGEN_* settings in force."""
+    import torch
+
+    from slagen import backends
+    from slagen.dispatch import device_arch, spec_for
+
+    click.echo(f"slagen      {_version()}")
+    click.echo(f"python      {platform.python_version()} ({sys.executable})")
+    for name in ("torch", "triton", "tilelang", "jinja2", "click"):
+        click.echo(f"{name:<11} {_module_version(name)}")
+    click.echo(f"cuda        {torch.version.cuda or 'none (CPU build of torch)'}")
+    devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] or [torch.device("cpu")]
+    for dev in devices:
+        label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+        arch = device_arch(dev) or "-"
+        spec, why = spec_for(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, head_dim=128)
+        served = []
+        for name in backends.NAMES:
+            reason = None if name == "torch" else (why if spec is None else
+                                                   backends.get(name).unavailable_reason(dev, spec))
+            served.append(f"{name}: {'yes' if reason is None else 'no (' + reason + ')'}")
+        click.echo(f"device      {dev} {label} [{arch}]")
+        for line in served:
+            click.echo(f"              {line}")
+    click.echo(f"cache dir   {cache_dir()}")
+    for path in shared_cache_dirs():
+        click.echo(f"shared      {path} (read-only)")
+    env = {k: v for k, v in os.environ.items() if k.startswith("SLAGEN_") or k == "TRITON_INTERPRET"}
+    click.echo("env         " + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "(no SLAGEN_* set)"))
+
+
+def spec_grid(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles) -> List[KernelSpec]:
+    """Every KernelSpec of the grid, one per role; block-map specs are deduplicated (they only depend
+    on arch, head dim, blocks, negligible on/off and dtype)."""
+    specs = []
+    for d, dt, (bq, bk), fm, sc, ng in itertools.product(head_dims, dtypes, blocks, feature_maps, scopes,
+                                                          negligibles):
+        for role in ROLES:
+            if role == "block_map":
+                spec = KernelSpec(arch=arch, head_dim=d, block_q=bq, block_k=bk, feature_map=None,
+                                  scope="marginal", has_negligible=ng, dtype=dt, role=role)
+            else:
+                spec = KernelSpec(arch=arch, head_dim=d, block_q=bq, block_k=bk, feature_map=fm, scope=sc,
+                                  has_negligible=ng, dtype=dt, role=role)
+            if spec not in specs:
+                specs.append(spec)
+    return specs
+
+
+@main.command()
+@click.option("--arch", required=True, callback=lambda c, p, v: _csv(parse_arch)(c, p, v)[0],
+              help="Target arch: sm80, sm86, sm89, sm90 (also 9.0, 9.0a, sm_90a).")
+@click.option("--head-dim", "head_dims", default="128", show_default=True, callback=_csv(int),
+              help="Head dims, comma-separated.")
+@click.option("--dtype", "dtypes", default="bf16", show_default=True, callback=_csv(parse_dtype))
+@click.option("--block", "blocks", default="64x64", show_default=True, callback=_csv(_block),
+              help="Selection blocks block_qxblock_k, comma-separated.")
+@click.option("--feature-map", "feature_maps", default="softmax", show_default=True,
+              callback=_csv(parse_feature_map), help="softmax, elu, relu or none (sparse-only).")
+@click.option("--scope", "scopes", default="marginal", show_default=True, callback=_csv(parse_scope))
+@click.option("--negligible", "negligibles", default="off", show_default=True, callback=_csv(_negligible),
+              help="Negligible class: off, on or off,on.")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "triton", "tilelang"]))
+@click.option("--tune/--no-tune", default=False, help="Autotune on the local GPU after building.")
+@click.option("--seq-len", "seq_lens", multiple=True, type=int, help="Sequence lengths to tune for.")
+@click.option("--emit", type=click.Path(file_okay=False, path_type=Path),
+              help="Also copy the generated sources into this directory.")
+def build(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, backend, tune, seq_lens, emit):
+    """Render (and, where the toolchain allows, compile) every kernel of a spec grid into the cache."""
+    if tune:
+        raise click.UsageError("--tune: autotuning is not part of this version of slagen yet")
+    if backend == "tilelang":
+        raise click.UsageError("--backend tilelang: the TileLang templates are not part of this version yet")
+    try:
+        specs = spec_grid(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    names = BUILD_BACKENDS if backend == "auto" else (backend,)
+    click.echo(f"building {len(specs) * len(names)} kernel sources for {arch} into {cache_dir() / 'generated'}")
+    with click.progressbar([(s, b) for s in specs for b in names], label="rendering",
+                           item_show_func=lambda item: item and item[0].uri(item[1])) as bar:
+        for spec, name in bar:
+            path = codegen.write(spec, name)
+            codegen.import_file(path)
+            if emit:
+                emit.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, emit / path.name)
+    if emit:
+        click.echo(f"sources copied to {emit}")
+    click.echo("Triton kernels compile on first use on the GPU (JIT); nothing else to compile for these backends.")

@@ -1,0 +1,63 @@
+"""torch.library registration (opcheck, fullgraph compile) and the nn.Module."""
+
+import pytest
+import torch
+
+import slagen
+from slagen import ops
+
+
+def inputs(lq=45, lk=70, d=8, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, d, generator=g, requires_grad=requires_grad) for n in (lq, lk, lk))
+    return q, k, v
+
+
+def test_opcheck_block_map():
+    q, k, _ = inputs()
+    torch.library.opcheck(ops.block_map_op, (q, k, 0.3, 0.2, 16, 16, "torch"))
+
+
+@pytest.mark.parametrize("fmap,proj", [("softmax", True), ("relu", False), ("none", False)])
+def test_opcheck_forward_and_backward(fmap, proj):
+    q, k, v = inputs(requires_grad=True)
+    maps = list(slagen.block_map(q, k, topk=0.3, negligible=0.2, block_q=16, block_k=16).tensors())
+    w = torch.randn(8, 8, requires_grad=True) if proj else None
+    b = torch.randn(8, requires_grad=True) if proj else None
+    torch.library.opcheck(ops.sla_fwd, (q, k, v, maps, w, b, 16, 16, 0.3, fmap, "marginal", 1e-5, True, "torch"))
+
+
+def test_fullgraph_compile_has_no_graph_break():
+    model = slagen.SparseLinearAttention(8, topk=0.3, block_q=16, block_k=16, backend="torch")
+    torch.nn.init.normal_(model.proj_l.weight)
+    q, k, v = inputs(requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    assert torch.allclose(out, model(q, k, v), atol=1e-6)
+    out.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0 and model.proj_l.weight.grad.abs().sum() > 0
+
+
+def test_module_zero_init_is_pure_sparse_attention():
+    model = slagen.SparseLinearAttention(8, topk=0.3, block_q=16, block_k=16)
+    assert model.proj_l.weight.dtype == torch.float32
+    assert torch.all(model.proj_l.weight == 0) and torch.all(model.proj_l.bias == 0)
+    q, k, v = inputs()
+    sparse = slagen.attention(q, k, v, topk=0.3, feature_map=None, block_q=16, block_k=16)
+    assert torch.allclose(model(q, k, v), sparse, atol=1e-6)
+
+
+def test_module_loads_a_thu_ml_state_dict_and_uses_it():
+    model = slagen.SparseLinearAttention(8, topk=0.3, block_q=16, block_k=16, layout="blhd")
+    state = {"proj_l.weight": torch.randn(8, 8), "proj_l.bias": torch.randn(8)}
+    model.load_state_dict(state)
+    assert set(model.state_dict()) == {"proj_l.weight", "proj_l.bias"}
+    q, k, v = (t.transpose(1, 2) for t in inputs())          # (B, L, H, D)
+    out = model(q, k, v)
+    want = slagen.attention(q, k, v, topk=0.3, block_q=16, block_k=16, layout="blhd",
+                            proj_weight=state["proj_l.weight"], proj_bias=state["proj_l.bias"])
+    assert out.shape == q.shape and torch.allclose(out, want)
+
+
+def test_sparse_only_module_has_no_parameters():
+    assert list(slagen.SparseLinearAttention(8, feature_map=None).parameters()) == []
