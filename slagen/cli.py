@@ -157,3 +157,113 @@ def build(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, ba
     if emit:
         click.echo(f"sources copied to {emit}")
     click.echo("Triton kernels compile on first use on the GPU (JIT); nothing else to compile for these backends.")
+
+
+@main.group("cache")
+def cache_group():
+    """Inspect and share the tuning cache (records are plain JSON; see README, "Tuning and sharing")."""
+
+
+@cache_group.command("path")
+def cache_path():
+    """Print the user cache dir (and the shared read-only dirs of SLAGEN_CACHE_PATH)."""
+    click.echo(str(cache_dir()))
+    for path in shared_cache_dirs():
+        click.echo(f"{path} (shared, read-only)")
+
+
+def _all_records():
+    from slagen.autotune import cache, records
+    here = records.stack_meta()
+    for label, path in cache.sources():
+        for r in cache.read_records(path):
+            yield label, r, r["meta"] == here
+
+
+@cache_group.command("ls")
+def cache_ls():
+    """One line per tuning record: where, spec, backend, GPU, bucket, config, time, speedup, usable."""
+    rows = list(_all_records())
+    if not rows:
+        click.echo(f"no tuning records (user cache: {cache_dir()})")
+        return
+    for label, r, usable in rows:
+        cfg = ",".join(f"{k}={v}" for k, v in sorted(r["config"].items()))
+        speed = r["default_ms"] / r["time_ms"] if r["time_ms"] else float("nan")
+        state = "usable" if usable else "other stack (not used)"
+        click.echo(f"{label:<8} {r['backend']:<8} {r['spec']} {r['gpu']} [{r['bucket']}] {cfg} "
+                   f"{r['time_ms']:.3f} ms ({speed:.2f}x default) {state}")
+
+
+@cache_group.command("show")
+@click.argument("pattern")
+def cache_show(pattern):
+    """Print the records whose spec, GPU or bucket contains PATTERN, as JSON."""
+    import json
+    hits = [dict(r, source=label, usable=usable) for label, r, usable in _all_records()
+            if pattern in r["spec"] or pattern in r["gpu"] or pattern in r["bucket"]]
+    if not hits:
+        raise click.ClickException(f"no tuning record matches {pattern!r}")
+    click.echo(json.dumps(hits, indent=1, sort_keys=True))
+
+
+@cache_group.command("export")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--with-artifacts", is_flag=True, help="Also pack the generated sources and compiled kernels.")
+def cache_export(file, with_artifacts):
+    """Write the user cache's records (optionally artifacts) to one portable FILE."""
+    from slagen.autotune import bundle
+    summary = bundle.export(file, with_artifacts=with_artifacts)
+    click.echo(f"exported {summary['records']} records and {summary['artifacts']} artifacts to {file}")
+
+
+@cache_group.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--trust-artifacts", is_flag=True,
+              help="Write the bundle's compiled artifacts (after checking their SHA-256 and paths).")
+def cache_import(file, trust_artifacts):
+    """Merge a bundle FILE into the user cache, reporting what was taken and what was skipped."""
+    from slagen.autotune import bundle, select
+    try:
+        report = bundle.import_bundle(file, trust_artifacts=trust_artifacts)
+    except bundle.BundleError as err:
+        raise click.ClickException(str(err)) from None
+    select.forget()
+    click.echo(f"took {report.taken} records into {cache_dir()}")
+    for line in report.unusable:
+        click.echo(f"  stored, not usable on this stack: {line}")
+    for line in report.skipped:
+        click.echo(f"  skipped: {line}")
+    click.echo(f"artifacts written: {report.artifacts_written}")
+    for line in report.artifacts_skipped:
+        click.echo(f"  artifacts skipped: {line}")
+
+
+@cache_group.command("merge")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def cache_merge(files, output):
+    """Combine bundle FILES into one bundle (per key the faster record wins)."""
+    from slagen.autotune import bundle, records
+    try:
+        summary = bundle.merge_bundles(list(files), output)
+    except (bundle.BundleError, records.RecordError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"merged {len(files)} bundles into {output}: {summary['records']} records, "
+               f"{summary['artifacts']} artifacts")
+
+
+@cache_group.command("clear")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--all", "everything", is_flag=True, help="Also delete generated sources and compiled kernels.")
+def cache_clear(yes, everything):
+    """Delete the user cache's tuning records (and with --all, everything under the cache dir)."""
+    from slagen.autotune import cache
+    root = cache_dir()
+    if not yes:
+        click.confirm(f"delete the tuning records{' and all generated files' if everything else ''} in {root}?",
+                      abort=True)
+    count = cache.clear()
+    if everything and root.exists():
+        shutil.rmtree(root)
+    click.echo(f"deleted {count} records" + (f" and {root}" if everything else ""))

@@ -1,0 +1,67 @@
+"""The tuner: time each candidate config on real inputs, check it against the reference, keep the best.
+
+Backend-agnostic: a *problem* gives ``run(config) -> output`` and ``check(output) -> None`` (raises on a
+wrong result); the tuner never lets a failing or wrong candidate win, and reports why each one lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, List, Optional
+
+
+@dataclasses.dataclass
+class Outcome:
+    config: dict
+    time_ms: Optional[float] = None
+    error: Optional[str] = None
+
+
+@dataclasses.dataclass
+class TuneResult:
+    best: dict
+    best_ms: float
+    default_ms: float
+    outcomes: List[Outcome]
+
+    @property
+    def speedup(self) -> float:
+        return self.default_ms / self.best_ms if self.best_ms else 1.0
+
+    @property
+    def failures(self) -> List[Outcome]:
+        return [o for o in self.outcomes if o.error]
+
+
+def tune(configs: List[dict], run: Callable[[dict], object], check: Callable[[object], None],
+         time_ms: Callable[[Callable[[], object]], float],
+         progress: Optional[Callable[[int, Outcome], None]] = None) -> TuneResult:
+    """Try ``configs`` (the first is the default); return the fastest correct one.
+
+    Raises RuntimeError if the default config itself fails (then nothing is trustworthy).
+    """
+    outcomes = []
+    for i, cfg in enumerate(configs):
+        outcome = Outcome(cfg)
+        try:
+            check(run(cfg))                        # compiles on first run; wrong results never win
+            outcome.time_ms = float(time_ms(lambda cfg=cfg: run(cfg)))
+        except Exception as err:                   # skip and report: one bad candidate is not fatal
+            outcome.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        outcomes.append(outcome)
+        if progress:
+            progress(i, outcome)
+    if outcomes[0].error:
+        raise RuntimeError(f"the default config {configs[0]} failed: {outcomes[0].error}")
+    best = min((o for o in outcomes if o.time_ms is not None), key=lambda o: o.time_ms)
+    return TuneResult(best=best.config, best_ms=best.time_ms, default_ms=outcomes[0].time_ms,
+                      outcomes=outcomes)
+
+
+def record(spec_name: str, backend: str, gpu: str, arch: str, bucket: str, result: TuneResult,
+           meta: dict) -> dict:
+    """The tuning record of a result (see slagen.autotune.records)."""
+    return {"spec": spec_name, "backend": backend, "gpu": gpu, "arch": arch, "bucket": bucket,
+            "config": result.best, "time_ms": result.best_ms, "default_ms": result.default_ms,
+            "created": time.time(), "meta": meta}
