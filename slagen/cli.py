@@ -50,6 +50,12 @@ def _negligible(text: str) -> bool:
     return text == "on"
 
 
+def _role(text: str) -> str:
+    if text not in ROLES:
+        raise ValueError(f"role={text!r}; allowed: {', '.join(ROLES)}")
+    return text
+
+
 def _module_version(name: str) -> str:
     """Installed version of a distribution, without importing it (importing tilelang takes seconds)."""
     try:
@@ -267,3 +273,84 @@ def cache_clear(yes, everything):
     if everything and root.exists():
         shutil.rmtree(root)
     click.echo(f"deleted {count} records" + (f" and {root}" if everything else ""))
+
+
+@main.command()
+@click.option("--backend", default="triton", show_default=True, type=click.Choice(["triton"]))
+@click.option("--head-dim", "head_dims", default="128", show_default=True, callback=_csv(int))
+@click.option("--dtype", "dtypes", default="bf16", show_default=True, callback=_csv(parse_dtype))
+@click.option("--block", "blocks", default="128x64", show_default=True, callback=_csv(_block))
+@click.option("--feature-map", "feature_maps", default="softmax", show_default=True,
+              callback=_csv(parse_feature_map))
+@click.option("--scope", "scopes", default="marginal", show_default=True, callback=_csv(parse_scope))
+@click.option("--negligible", "negligibles", default="off", show_default=True, callback=_csv(_negligible))
+@click.option("--role", "roles", default=",".join(ROLES), show_default=True,
+              callback=_csv(_role))
+@click.option("--seq-len", "seq_lens", multiple=True, type=int, default=(32760,), show_default=True)
+@click.option("--topk", default=0.05, show_default=True, type=float, help="Density to tune at.")
+@click.option("--heads", default=12, show_default=True, type=int)
+@click.option("--batch", default=1, show_default=True, type=int)
+def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, roles, seq_lens, topk, heads,
+         batch):
+    """Autotune kernels on the local GPU and store the winners in the user tuning cache."""
+    import torch
+
+    from slagen.autotune import cache, problems, space
+    from slagen.dispatch import device_arch
+
+    if not torch.cuda.is_available():
+        raise click.ClickException("slagen tune needs a CUDA GPU (none is visible to torch)")
+    device = torch.device("cuda", torch.cuda.current_device())
+    arch = device_arch(device)
+    try:
+        specs = [s for s in spec_grid(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles)
+                 if s.role in roles]
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    click.echo(f"tuning {len(specs)} kernels x {len(seq_lens)} lengths on {torch.cuda.get_device_name(device)} "
+               f"({arch}), B={batch} H={heads} topk={topk}")
+    for spec in specs:
+        for seq_len in seq_lens:
+            mod = problems.role_module(backend, spec.role)
+            configs = space.candidates(spec, mod.default_config(spec), mod.check_config)
+            with click.progressbar(length=len(configs), label=f"{spec.canonical} L={seq_len}",
+                                   show_eta=True) as bar:
+                result = problems.tune_and_store(spec, backend, device, seq_len=seq_len, density=topk,
+                                                 batch=batch, heads=heads, configs=configs,
+                                                 progress=lambda i, outcome: bar.update(1))
+            best = ", ".join(f"{k}={v}" for k, v in sorted(result.best.items()))
+            click.echo(f"  winner {best}: {result.best_ms:.3f} ms vs default {result.default_ms:.3f} ms "
+                       f"({result.speedup:.2f}x); {len(result.failures)} of {len(configs)} candidates failed")
+            for outcome in result.failures[:3]:
+                click.echo(f"    skipped {outcome.config}: {outcome.error}")
+    click.echo(f"stored in {cache.records_path()}")
+
+
+@main.command()
+@click.option("--seq-len", default=32760, show_default=True, type=int)
+@click.option("--heads", default=12, show_default=True, type=int)
+@click.option("--batch", default=1, show_default=True, type=int)
+@click.option("--head-dim", default=128, show_default=True, type=int)
+@click.option("--topk", default=0.05, show_default=True, type=float)
+@click.option("--block", "blocks", default="128x64,64x64", show_default=True, callback=_csv(_block))
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["bf16", "fp16"]))
+@click.option("--backend", "backends", default="triton", show_default=True,
+              help="slagen backends to measure, comma-separated (triton, tilelang).")
+@click.option("--flex/--no-flex", default=True, help="Also time FlexAttention on the same blocks (compiles).")
+@click.option("--backward/--no-backward", default=True, help="Also time forward+backward.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full result as JSON.")
+def bench(seq_len, heads, batch, head_dim, topk, blocks, dtype, backends, flex, backward, json_path):
+    """SLA vs dense attention (SDPA cuDNN/flash) and FlexAttention on this GPU: a table (and JSON)."""
+    import torch
+
+    from slagen import bench as bench_mod
+    if not torch.cuda.is_available():
+        raise click.ClickException("slagen bench needs a CUDA GPU (none is visible to torch)")
+    result = bench_mod.run(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, topk=topk, blocks=blocks,
+                           dtype=dtype, backends=[b.strip() for b in backends.split(",") if b.strip()], flex=flex,
+                           backward=backward, echo=click.echo)
+    click.echo("")
+    click.echo(bench_mod.table(result))
+    if json_path:
+        bench_mod.save_json(result, json_path)
+        click.echo(f"\nJSON written to {json_path}")

@@ -1,0 +1,168 @@
+"""Benchmark slagen against dense SDPA (cuDNN, flash) and FlexAttention on one GPU (`slagen bench`).
+
+Every row is measured in one process on the same inputs, so ratios are fair: to dense SDPA-cuDNN and to
+FlexAttention given slagen's own critical-block list (sparse branch only: Flex has no linear branch).
+SLA rows include the block map and the linear branch. Dense-equivalent TFLOP/s = 4·B·H·L²·D / t
+(×3.5 for forward+backward); the sparse part's achieved TFLOP/s counts only the critical blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+import slagen
+
+SLA_VARIANTS = (("softmax", "marginal", "SLA marginal"), ("softmax", "all", "SLA all"),
+                (None, "marginal", "sparse-only"))
+
+
+def median_ms(fn) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def peak_mib(fn) -> float:
+    """Peak device memory that ``fn`` allocates beyond what was already allocated, in MiB."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def inference(f, q, k, v):
+    def run():
+        with torch.no_grad():
+            return f(q, k, v)
+    return run
+
+
+def fwd_bwd(f, q, k, v, do):
+    def run():
+        out = f(q, k, v)
+        torch.autograd.grad(out, (q, k, v), do)
+    return run
+
+
+def flex_block_mask(bmap, lq: int, lk: int):
+    """A FlexAttention BlockMask whose full blocks are slagen's critical blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
+    B, H, tm, tn = bmap.mask.shape
+    idx = torch.zeros(B, H, tm, tn, dtype=torch.int32, device=bmap.mask.device)
+    idx[..., :bmap.crit_lut.shape[-1]] = bmap.crit_lut.clamp_min(0)
+    none = torch.zeros_like(bmap.crit_count)
+    return BlockMask.from_kv_blocks(none, torch.zeros_like(idx), bmap.crit_count.contiguous(), idx,
+                                    BLOCK_SIZE=(bmap.block_q, bmap.block_k), seq_lengths=(lq, lk))
+
+
+def clocks() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,clocks.max.sm", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.splitlines()[0] if out else "clocks unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "clocks unknown"
+
+
+def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int = 128, topk: float = 0.05,
+        blocks: Sequence[Tuple[int, int]] = ((128, 64), (64, 64)), dtype: str = "bf16",
+        backends: Sequence[str] = ("triton",), flex: bool = True, backward: bool = True,
+        echo: Callable[[str], None] = print) -> dict:
+    """Measure every row; returns {"header": {...}, "rows": [...]} (times in ms, memory in MiB)."""
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    B, H, L, D = batch, heads, seq_len, head_dim
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=dt, generator=gen).requires_grad_(True) for _ in range(3))
+    do = torch.randn(B, H, L, D, device=dev, dtype=dt, generator=gen)
+    rows: List[dict] = []
+
+    def attempt(name, fwd_fn, fb_fn=None, group="", sparse_flops=None):
+        row = dict(name=name, group=group, fwd_ms=None, fwd_bwd_ms=None, peak_mib=None, sparse_flops=sparse_flops,
+                   note="")
+        try:
+            row["fwd_ms"] = median_ms(fwd_fn)
+            if fb_fn is not None and backward:
+                row["fwd_bwd_ms"] = median_ms(fb_fn)
+            row["peak_mib"] = peak_mib(fb_fn if fb_fn is not None and backward else fwd_fn)
+        except Exception as err:  # a failing row is reported; the run goes on
+            row["note"] = f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        rows.append(row)
+        echo(f"  {name}: fwd {row['fwd_ms']} ms, fwd+bwd {row['fwd_bwd_ms']} ms {row['note']}")
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for backend, label in ((SDPBackend.CUDNN_ATTENTION, "dense SDPA cuDNN"),
+                           (SDPBackend.FLASH_ATTENTION, "dense SDPA flash")):
+        def sdpa(q_, k_, v_, backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q_, k_, v_)
+        attempt(label, inference(sdpa, q, k, v), fwd_bwd(sdpa, q, k, v, do))
+
+    for bq, bk in blocks:
+        for name in backends:
+            cfg = dict(topk=topk, block_q=bq, block_k=bk, backend=name)
+            bmap = slagen.block_map(q, k, **cfg)
+            n_crit, tn = bmap.crit_lut.shape[-1], bmap.mask.shape[-1]
+            group = f"{bq}x{bk}"
+            sparse_flops = 4 * B * H * L * min(n_crit * bk, L) * D
+            attempt(f"slagen-{name} block map [{group}, {n_crit}/{tn}]",
+                    lambda cfg=cfg: slagen.block_map(q, k, **cfg), group=group)
+            for fmap, scope, what in SLA_VARIANTS:
+                def f(q_, k_, v_, fmap=fmap, scope=scope, cfg=cfg):
+                    return slagen.attention(q_, k_, v_, feature_map=fmap, scope=scope, **cfg)
+                attempt(f"slagen-{name} {what} [{group}]", inference(f, q, k, v), fwd_bwd(f, q, k, v, do), group,
+                        sparse_flops)
+        if flex:
+            group = f"{bq}x{bk}"
+            try:
+                from torch.nn.attention.flex_attention import flex_attention
+                mask = flex_block_mask(slagen.block_map(q, k, topk=topk, block_q=bq, block_k=bk), L, L)
+                compiled = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
+                flex_fn = lambda q_, k_, v_, mask=mask: compiled(q_, k_, v_, block_mask=mask)  # noqa: E731
+                attempt(f"FlexAttention same blocks [{group}]", inference(flex_fn, q, k, v),
+                        fwd_bwd(flex_fn, q, k, v, do), group)
+            except Exception as err:
+                rows.append(dict(name=f"FlexAttention same blocks [{group}]", group=group, fwd_ms=None,
+                                 fwd_bwd_ms=None, peak_mib=None, sparse_flops=None,
+                                 note=f"FAILED: {type(err).__name__}: {str(err)[:160]}"))
+    header = dict(device=torch.cuda.get_device_name(), clocks=clocks(), B=B, H=H, L=L, D=D, dtype=dtype, topk=topk,
+                  torch=torch.__version__, slagen=slagen.__version__)
+    return dict(header=header, rows=rows)
+
+
+def table(result: dict) -> str:
+    """Markdown table of a run() result, ratios to dense cuDNN and to Flex (same block group)."""
+    h, rows = result["header"], result["rows"]
+    dense_flops = 4 * h["B"] * h["H"] * h["L"] ** 2 * h["D"]
+    cudnn = next((r for r in rows if r["name"] == "dense SDPA cuDNN"), None)
+    lines = [f"{h['device']} ({h['clocks']}) | B={h['B']} H={h['H']} L={h['L']} D={h['D']} {h['dtype']} "
+             f"topk={h['topk']} | torch {h['torch']}, slagen {h['slagen']}",
+             "",
+             "| what | fwd ms | fwd+bwd ms | fwd ×cuDNN | f+b ×cuDNN | fwd ×Flex | f+b ×Flex | dense-eq TFLOP/s fwd "
+             "| sparse TFLOP/s fwd | peak MiB | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ratio(base: Optional[dict], r: dict, key: str) -> str:
+        return f"{base[key] / r[key]:.2f}" if base and base.get(key) and r.get(key) else ""
+
+    def num(x, digits=3) -> str:
+        return f"{x:.{digits}f}" if isinstance(x, float) else ""
+    for r in rows:
+        flex = next((x for x in rows if x["name"].startswith("FlexAttention") and r["group"]
+                     and x["group"] == r["group"]), None)
+        dense_tf = f"{dense_flops / (r['fwd_ms'] * 1e-3) / 1e12:.0f}" if r["fwd_ms"] else ""
+        sparse_tf = f"{r['sparse_flops'] / (r['fwd_ms'] * 1e-3) / 1e12:.0f}" if r["fwd_ms"] and r["sparse_flops"] else ""
+        lines.append(f"| {r['name']} | {num(r['fwd_ms'])} | {num(r['fwd_bwd_ms'])} | {ratio(cudnn, r, 'fwd_ms')} | "
+                     f"{ratio(cudnn, r, 'fwd_bwd_ms')} | {ratio(flex, r, 'fwd_ms')} | {ratio(flex, r, 'fwd_bwd_ms')} | "
+                     f"{dense_tf} | {sparse_tf} | {num(r['peak_mib'], 0)} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def save_json(result: dict, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
