@@ -60,6 +60,20 @@ def flex_block_mask(bmap, lq: int, lk: int):
                                     BLOCK_SIZE=(bmap.block_q, bmap.block_k), seq_lengths=(lq, lk))
 
 
+def load_reference_sla(path: str):
+    """The ``SparseLinearAttention`` class of a copy of thu-ml/SLA at ``path`` (a dir holding the package
+    ``sparse_linear_attention``); each path gets its own module objects, so two branches can be compared."""
+    import importlib
+    import sys
+    for name in [m for m in sys.modules if m == "sparse_linear_attention" or m.startswith("sparse_linear_attention.")]:
+        del sys.modules[name]
+    sys.path.insert(0, path)
+    try:
+        return importlib.import_module("sparse_linear_attention").SparseLinearAttention
+    finally:
+        sys.path.remove(path)
+
+
 def clocks() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,clocks.max.sm", "--format=csv,noheader"],
@@ -72,8 +86,12 @@ def clocks() -> str:
 def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int = 128, topk: float = 0.05,
         blocks: Sequence[Tuple[int, int]] = ((128, 64), (64, 64)), dtype: str = "bf16",
         backends: Sequence[str] = ("triton",), flex: bool = True, backward: bool = True,
-        echo: Callable[[str], None] = print) -> dict:
-    """Measure every row; returns {"header": {...}, "rows": [...]} (times in ms, memory in MiB)."""
+        reference_sla: Sequence[Tuple[str, str]] = (), echo: Callable[[str], None] = print) -> dict:
+    """Measure every row; returns {"header": {...}, "rows": [...]} (times in ms, memory in MiB).
+
+    reference_sla: (label, path) pairs of copies of the authors' thu-ml/SLA code to time beside slagen
+    (their module with its zero-initialised proj_l, same topk and blocks).
+    """
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     B, H, L, D = batch, heads, seq_len, head_dim
     dev = torch.device("cuda")
@@ -117,6 +135,14 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
                     return slagen.attention(q_, k_, v_, feature_map=fmap, scope=scope, **cfg)
                 attempt(f"slagen-{name} {what} [{group}]", inference(f, q, k, v), fwd_bwd(f, q, k, v, do), group,
                         sparse_flops)
+        for label, path in reference_sla:
+            group = f"{bq}x{bk}"
+            try:
+                ref = load_reference_sla(path)(D, topk, feature_map="softmax", BLKQ=bq, BLKK=bk).to(dev)
+                attempt(f"reference SLA {label} [{group}]", inference(ref, q, k, v), fwd_bwd(ref, q, k, v, do), group)
+            except Exception as err:
+                rows.append(dict(name=f"reference SLA {label} [{group}]", group=group, fwd_ms=None, fwd_bwd_ms=None,
+                                 peak_mib=None, sparse_flops=None, note=f"FAILED: {type(err).__name__}: {str(err)[:160]}"))
         if flex:
             group = f"{bq}x{bk}"
             try:

@@ -338,8 +338,10 @@ def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, 
               help="slagen backends to measure, comma-separated (triton, tilelang).")
 @click.option("--flex/--no-flex", default=True, help="Also time FlexAttention on the same blocks (compiles).")
 @click.option("--backward/--no-backward", default=True, help="Also time forward+backward.")
+@click.option("--reference-sla", "reference_sla", multiple=True, metavar="LABEL=DIR",
+              help="Also time the authors' thu-ml/SLA code found in DIR (holding sparse_linear_attention/).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full result as JSON.")
-def bench(seq_len, heads, batch, head_dim, topk, blocks, dtype, backends, flex, backward, json_path):
+def bench(seq_len, heads, batch, head_dim, topk, blocks, dtype, backends, flex, backward, reference_sla, json_path):
     """SLA vs dense attention (SDPA cuDNN/flash) and FlexAttention on this GPU: a table (and JSON)."""
     import torch
 
@@ -348,7 +350,9 @@ def bench(seq_len, heads, batch, head_dim, topk, blocks, dtype, backends, flex, 
         raise click.ClickException("slagen bench needs a CUDA GPU (none is visible to torch)")
     result = bench_mod.run(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, topk=topk, blocks=blocks,
                            dtype=dtype, backends=[b.strip() for b in backends.split(",") if b.strip()], flex=flex,
-                           backward=backward, echo=click.echo)
+                           backward=backward, echo=click.echo,
+                           reference_sla=[tuple(item.split("=", 1)) if "=" in item else (item, item)
+                                          for item in reference_sla])
     click.echo("")
     click.echo(bench_mod.table(result))
     if json_path:
