@@ -12,6 +12,7 @@ this config was the fastest measured (time_ms), and the default config took defa
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from typing import Any, Dict, Optional, Tuple
@@ -59,6 +60,16 @@ def _need(rec: dict, field: str, kind, where: str):
     return value
 
 
+def _check_config_values(config: dict, where: str, nested_ok: bool) -> None:
+    """A config maps names to ints or strings, or (one level) to such maps, one per kernel."""
+    for name, value in config.items():
+        if nested_ok and isinstance(name, str) and isinstance(value, dict):
+            _check_config_values(value, f"{where} config[{name!r}]", nested_ok=False)
+        elif not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise RecordError(f"{where}: config entries must map names to ints or strings (or, one level deep, "
+                              f"to such maps), got {name!r}: {value!r}")
+
+
 def validate(rec: Any, where: str = "record") -> dict:
     """Check one record against the schema; returns it (a clean copy) or raises RecordError."""
     if not isinstance(rec, dict):
@@ -71,9 +82,7 @@ def validate(rec: Any, where: str = "record") -> dict:
     except ValueError as err:
         raise RecordError(f"{where}: bad spec: {err}") from None
     config = _need(rec, "config", dict, where)
-    for name, value in config.items():
-        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise RecordError(f"{where}: config entries must map names to ints or strings, got {name!r}: {value!r}")
+    _check_config_values(config, where, nested_ok=True)
     for field in ("time_ms", "default_ms", "created"):
         value = rec.get(field)
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
@@ -81,7 +90,7 @@ def validate(rec: Any, where: str = "record") -> dict:
     meta = _need(rec, "meta", dict, where)
     for field in META_FIELDS:
         _need(meta, field, str, f"{where} meta")
-    return {**{f: rec[f] for f in KEY_FIELDS}, "config": dict(config), "time_ms": float(rec["time_ms"]),
+    return {**{f: rec[f] for f in KEY_FIELDS}, "config": json.loads(json.dumps(config)), "time_ms": float(rec["time_ms"]),
             "default_ms": float(rec["default_ms"]), "created": float(rec["created"]),
             "meta": {f: meta[f] for f in META_FIELDS}}
 

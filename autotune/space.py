@@ -1,7 +1,9 @@
 """Search spaces: the configs worth timing for one kernel, pruned by the arch's limits before compiling.
 
 A space varies the tunables a backend's ``default_config(spec)`` has, over the options below; every
-candidate must pass the backend's own ``check_config(cfg, spec)`` and fit the arch's shared memory.
+candidate must pass the backend's own ``check_config(cfg, spec)`` and fit the arch's shared memory. A
+config may be flat or nested by kernel ({"dq": {...}, "dkdv": {...}}): a nested one is varied one
+kernel at a time (the others keep their defaults), which keeps the space linear in the kernel count.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ SHARED_MEMORY = {"sm80": 163 * 1024, "sm86": 99 * 1024, "sm89": 99 * 1024, "sm90
 OPTIONS: Dict[str, Sequence] = {
     "tile_m": (32, 64, 128),
     "tile_n": (32, 64, 128),
+    "block_m": (32, 64, 128),
+    "block_n": (32, 64, 128),
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3, 4),
 }
@@ -24,22 +28,27 @@ def shared_bytes(cfg: dict, spec: KernelSpec) -> int:
     """Rough shared memory of a tile loop: a (tile_m x D) query tile plus num_stages (tile_n x D) K and V
     tiles, in the input dtype (a lower bound: kernels that stage more are pruned by the compiler)."""
     esize = 4 if spec.dtype == "fp32" else 2
-    tm, tn = cfg.get("tile_m", spec.block_q), cfg.get("tile_n", spec.block_k)
+    tm = cfg.get("tile_m", cfg.get("block_m", spec.block_q))
+    tn = cfg.get("tile_n", cfg.get("block_n", spec.block_k))
     return esize * spec.head_dim * (tm + 2 * tn * max(cfg.get("num_stages", 1), 1))
 
 
 def candidates(spec: KernelSpec, default: dict, check: Callable[[dict, KernelSpec], None]) -> List[dict]:
     """The default config first, then every valid variation of its tunables within OPTIONS."""
-    keys = [k for k in OPTIONS if k in default]
+    nested = all(isinstance(v, dict) for v in default.values())
+    groups = [(name, sub) for name, sub in default.items()] if nested else [(None, default)]
     out = [dict(default)]
     limit = SHARED_MEMORY[spec.arch]
-    for values in itertools.product(*(OPTIONS[k] for k in keys)):
-        cfg = {**default, **dict(zip(keys, values))}
-        if cfg in out or shared_bytes(cfg, spec) > limit:
-            continue
-        try:
-            check(cfg, spec)
-        except ValueError:
-            continue
-        out.append(cfg)
+    for name, sub in groups:
+        keys = [k for k in OPTIONS if k in sub]
+        for values in itertools.product(*(OPTIONS[k] for k in keys)):
+            new_sub = {**sub, **dict(zip(keys, values))}
+            cfg = new_sub if name is None else {**default, name: new_sub}
+            if cfg in out or shared_bytes(new_sub, spec) > limit:
+                continue
+            try:
+                check(cfg, spec)
+            except ValueError:
+                continue
+            out.append(cfg)
     return out

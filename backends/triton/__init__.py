@@ -32,16 +32,36 @@ def unavailable_reason(device: torch.device, spec: KernelSpec) -> Optional[str]:
     return None
 
 
+def _tuned(spec: KernelSpec, q: torch.Tensor, seq_len: int, density: float) -> Optional[dict]:
+    """The tuned config of ``spec`` for this GPU and shape (slagen.autotune.select), or None: default."""
+    from slagen.autotune import select
+    return select.config_for(spec, "triton", q.device, seq_len, density)
+
+
 def block_map(q, k, n_crit, n_negl, block_q, block_k):
     from slagen.backends.triton import selection
-    return selection.block_map(q, k, n_crit, n_negl, block_q, block_k)
+    spec = selection.kernel_spec(q, block_q, block_k, n_negl > 0)
+    t_n = -(-k.shape[-2] // block_k)
+    config = _tuned(spec, q, k.shape[-2], n_crit / t_n)
+    return selection.block_map(q, k, n_crit, n_negl, block_q, block_k, config=config)
+
+
+def _spec_and_density(role_module, q, maps, cfg) -> tuple:
+    spec = role_module.kernel_spec(q, block_q=cfg["block_q"], block_k=cfg["block_k"],
+                                   feature_map=cfg["feature_map"], scope=cfg["scope"],
+                                   has_negligible=maps[5].shape[-1] > 0)
+    return spec, maps[1].shape[-1] / max(maps[0].shape[-1], 1)
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, **cfg):
     from slagen.backends.triton import fwd
-    return fwd.forward(q, k, v, maps, proj_weight, proj_bias, save, **cfg)
+    spec, density = _spec_and_density(fwd, q, maps, cfg)
+    config = _tuned(spec, q, k.shape[-2], density)
+    return fwd.forward(q, k, v, maps, proj_weight, proj_bias, save, config=config, **cfg)
 
 
 def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg):
     from slagen.backends.triton import bwd
-    return bwd.backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg)
+    spec, density = _spec_and_density(bwd, q, maps, cfg)
+    config = _tuned(spec, q, k.shape[-2], density)
+    return bwd.backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, config=config, **cfg)

@@ -1,0 +1,326 @@
+"""Glue of the Triton SLA backward (templates/triton/backward.py.j2): validation, buffers, grids, launches.
+
+The backward runs five kernels of one generated module (see the template's docstring):
+
+1. ``_query_state`` (grid (ceil(T_m/chunk), B*H)): D^s and D^l per query row (fp32, (B*H, Lq)) and the
+   linear-branch query state dH_i = (φ(Q_i)/den_i)^T dO^l_i (D, D), dZ_i = -(φ(Q_i)/den_i)^T D^l_i (D,).
+2. ``_key_state`` (grid (ceil(T_n/chunk), B*H)): h_j W^T = φ(K_j)^T V_j W^T, z_j = Σ_rows φ(K_j).
+   Scope 'marginal' stores both states per block (bf16, fp32 for fp32 inputs) and the per-head totals are
+   their fp32 sums; scope 'all' only needs the totals, written as per-chunk fp32 partials and summed here.
+3. ``_proj_grads`` (only with a projection): per-chunk fp32 partials of dW = Σ dO^T O^l and db = Σ dO.
+4. ``_dq_kernel`` (grid (T_m * block_q/BLOCK_M, B*H)) and 5. ``_dkdv_kernel`` (grid (T_n * block_k/BLOCK_N,
+   B*H)): the FlashAttention-2 backward over the row / column lookup tables, each starting from its linear
+   term (formed from the totals minus the excluded blocks' states, gathered through the same tables).
+
+Everything is deterministic (no atomics: partials are reduced with torch sums in fixed order).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from types import ModuleType
+from typing import Optional, Sequence
+
+import torch
+
+from slagen import codegen
+from slagen.dispatch import device_arch
+from slagen.spec import KernelSpec, parse_feature_map, parse_scope
+
+HEAD_DIMS = (16, 32, 64, 128)
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+# Per-arch launch defaults by head_dim: (dq BLOCK_M, dq BLOCK_N, dkdv BLOCK_N, dkdv BLOCK_M, num_warps,
+# num_stages). Tiles are clamped to the selection blocks. Shared memory per CTA: sm80 ~163 KB, sm86/sm89
+# ~99 KB, sm90 ~227 KB. Starting points for the autotuner, not measured optima.
+_TILES = {
+    "sm90": {16: (128, 64, 128, 64, 4, 3), 32: (128, 64, 128, 64, 4, 3),
+             64: (128, 64, 128, 64, 8, 3), 128: (128, 64, 64, 64, 8, 2)},
+    "sm80": {16: (128, 64, 128, 64, 4, 3), 32: (128, 64, 128, 64, 4, 3),
+             64: (128, 64, 128, 64, 8, 2), 128: (64, 64, 32, 64, 8, 2)},
+    "sm86": {16: (128, 64, 128, 64, 4, 2), 32: (128, 64, 128, 64, 4, 2),
+             64: (64, 64, 64, 64, 4, 2), 128: (64, 64, 32, 64, 8, 2)},
+}
+_TILES["sm89"] = _TILES["sm86"]
+_PREP_CHUNK = 8      # selection blocks per program of the state / proj kernels
+LOG2E = 1.4426950408889634
+
+
+def default_config(spec: KernelSpec) -> dict:
+    """Launch configuration for ``spec`` on its arch: {'dq': {...}, 'dkdv': {...}, 'prep': {...}}.
+
+    dq: block_m query rows per program (divides block_q), block_n key rows per inner step (divides block_k);
+    dkdv: block_n key rows per program, block_m query rows per inner step; each with num_warps, num_stages.
+    prep (the state and proj kernels): rows per inner step (divides both blocks), chunk (selection blocks
+    per program), num_warps, num_stages.
+    """
+    _check_head_dim(spec)
+    dq_m, dq_n, kv_n, kv_m, warps, stages = _TILES[spec.arch][spec.head_dim]
+    prep_rows = 64 if spec.head_dim < 128 else 32 if spec.arch == "sm90" else 16
+    if spec.dtype == "fp32":          # fp32 operands take twice the shared memory and registers
+        dq_m, dq_n, kv_n, kv_m, prep_rows = (max(t // 2, 16) for t in (dq_m, dq_n, kv_n, kv_m, prep_rows))
+        stages = 1
+    bq, bk = spec.block_q, spec.block_k
+    prep_rows = min(prep_rows, bq, bk)
+    return {
+        "dq": dict(block_m=min(dq_m, bq), block_n=min(dq_n, bk), num_warps=warps, num_stages=stages),
+        "dkdv": dict(block_n=min(kv_n, bk), block_m=min(kv_m, bq), num_warps=warps, num_stages=stages),
+        "prep": dict(rows=prep_rows, chunk=_PREP_CHUNK, num_warps=8 if spec.head_dim == 128 else 4,
+                     num_stages=1),
+    }
+
+
+def _check_head_dim(spec: KernelSpec) -> None:
+    if spec.head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim={spec.head_dim} is not supported by the Triton backward; allowed: {HEAD_DIMS}")
+
+
+def _check_tile(name: str, value, block: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1) or block % value:
+        raise ValueError(f"config {name}={value!r} must be a power of two >= 16 that divides {block}")
+
+
+def check_config(config: dict, spec: KernelSpec) -> dict:
+    """Validate a launch configuration (same keys as :func:`default_config`); returns it."""
+    try:
+        dq, kv, prep = config["dq"], config["dkdv"], config["prep"]
+        tiles = (("dq.block_m", dq["block_m"], spec.block_q), ("dq.block_n", dq["block_n"], spec.block_k),
+                 ("dkdv.block_m", kv["block_m"], spec.block_q), ("dkdv.block_n", kv["block_n"], spec.block_k),
+                 ("prep.rows", prep["rows"], min(spec.block_q, spec.block_k)))
+        launch = [(f"{kernel}.{key}", part[key]) for kernel, part in (("dq", dq), ("dkdv", kv), ("prep", prep))
+                  for key in ("num_warps", "num_stages")] + [("prep.chunk", prep["chunk"])]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"config must have the keys of default_config(spec) "
+                         f"({sorted(default_config(spec))} with their sub-keys); missing {err}") from None
+    for name, value, block in tiles:
+        _check_tile(name, value, block)
+    for name, value in launch:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config {name}={value!r} must be a positive int")
+    return config
+
+
+def kernel_spec(q: torch.Tensor, *, block_q: int, block_k: int, feature_map: Optional[str], scope: str,
+                has_negligible: bool) -> KernelSpec:
+    """The backward KernelSpec of a call on q's device and dtype (CPU maps to sm80).
+
+    has_negligible only matters to scope 'marginal' with a linear branch; it is dropped otherwise so that
+    equivalent calls share one compiled module.
+    """
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q has dtype {q.dtype}; the Triton backward supports bfloat16, float16, float32")
+    arch = device_arch(q.device) or "sm80"
+    has_negligible = bool(has_negligible and feature_map is not None and scope == "marginal")
+    return KernelSpec(arch=arch, head_dim=q.shape[-1], block_q=block_q, block_k=block_k,
+                      feature_map=feature_map, scope=scope, has_negligible=has_negligible,
+                      dtype=_DTYPES[q.dtype], role="backward")
+
+
+def _check_inputs(do, q, k, v, o, lse, o_lin, den, maps, linear: bool, block_q: int, block_k: int) -> None:
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if len(maps) != 9:
+        raise ValueError(f"maps must be the 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS), got {len(maps)}")
+    grid = (B, H, -(-Lq // block_q), -(-Lk // block_k))
+    if tuple(maps[0].shape) != grid:
+        raise ValueError(f"maps were built for mask shape {tuple(maps[0].shape)}; q {tuple(q.shape)}, k "
+                         f"{tuple(k.shape)} and blocks {block_q}x{block_k} need {grid}")
+    want = {"do": (do, q.shape), "o": (o, q.shape), "k": (k, (B, H, Lk, D)), "v": (v, (B, H, Lk, D)),
+            "lse": (lse, (B, H, Lq))}
+    if linear:
+        want.update({"o_lin": (o_lin, q.shape), "den": (den, (B, H, Lq))})
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != tuple(shape):
+            extra = " (save=True in the forward keeps it for the backward)" if name in ("o_lin", "den") else ""
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}{extra}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("do", do), ("o", o)) + ((("o_lin", o_lin),) if linear else ()):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride on the head dimension, got strides {tuple(t.stride())}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+    for name, t in (("lse", lse),) + ((("den", den),) if linear else ()):
+        if t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32, got {t.dtype}")
+
+
+def _grid_chunks(n_blocks: int, chunk: int) -> int:
+    return max(-(-n_blocks // chunk), 1)
+
+
+@dataclasses.dataclass
+class _Call:
+    """The tensors and sizes one backward call passes to its kernels (absent ones replaced by stand-ins
+    that the generated code never reads, so that every kernel has one signature).
+
+    Derived in __post_init__: Lq, Lk, D, H, BH (= B*H), Tm, Tn, linear, marginal, state_dtype, total_dtype.
+    """
+
+    spec: KernelSpec
+    cfg: dict
+    mod: ModuleType
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    do: torch.Tensor
+    o: torch.Tensor
+    lse: torch.Tensor
+    o_lin: torch.Tensor
+    den: torch.Tensor
+    maps: Sequence[torch.Tensor]
+    w: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    scale: float
+
+    def __post_init__(self):
+        B, H, self.Lq, self.D = self.q.shape
+        self.H, self.BH, self.Lk = H, B * H, self.k.shape[2]
+        self.Tm, self.Tn = self.maps[0].shape[-2:]
+        self.linear = self.spec.feature_map is not None
+        self.marginal = self.linear and self.spec.scope == "marginal"
+        # Per-block states (scope 'marginal') and the totals of scope 'all' are stored like the kernels'
+        # linear-branch operands: fp32 for fp32 inputs, else bf16 (fp32's range). The totals of scope
+        # 'marginal' stay fp32, as the kernels subtract the excluded blocks from them; partials are fp32.
+        lin = torch.float32 if self.q.dtype == torch.float32 else torch.bfloat16
+        self.state_dtype = lin if self.marginal else torch.float32
+        self.total_dtype = torch.float32 if self.marginal else lin
+        if not self.linear:
+            self.o_lin, self.den = self.o, self.lse
+        if not self.spec.has_negligible:              # the negligible tables are never read
+            self.maps = list(self.maps[:5]) + list(self.maps[1:5])
+
+    def weight_args(self):
+        """(w pointer, its 2 strides) with a stand-in when there is no projection weight."""
+        return (self.w, *self.w.stride()) if self.w is not None else (self.lse, 0, 0)
+
+    def bias_args(self):
+        return (self.bias, self.bias.stride(0)) if self.bias is not None else (self.lse, 0)
+
+    def prep_launch(self):
+        return dict(num_warps=self.cfg["prep"]["num_warps"], num_stages=self.cfg["prep"]["num_stages"])
+
+
+def _query_state(c: _Call):
+    """Launch ``_query_state``: (ds, dl) fp32 (B*H, Lq) and the query state (g (n, D, D), gz (n, D))."""
+    f32 = dict(dtype=torch.float32, device=c.q.device)
+    prep = c.cfg["prep"]
+    chunks = _grid_chunks(c.Tm, prep["chunk"])
+    n_states = c.BH * (c.Tm if c.marginal else chunks) if c.linear else 1
+    ds = torch.empty((c.BH, c.Lq), **f32)
+    dl = torch.empty((c.BH, c.Lq), **f32) if c.linear else c.lse
+    g = torch.empty((n_states, c.D, c.D), dtype=c.state_dtype, device=c.q.device)
+    gz = torch.empty((n_states, c.D), **f32)
+    w, s_w0, s_w1 = c.weight_args()
+    bias, s_bias = c.bias_args()
+    count, ncount = c.maps[2], c.maps[6]
+    c.mod._query_state[(chunks, c.BH)](
+        c.q, c.do, c.o, c.o_lin, c.den, w, bias, count, ncount, ds, dl, g, gz,
+        *c.q.stride(), *c.do.stride(), *c.o.stride(), *c.o_lin.stride(), *c.den.stride(), s_w0, s_w1, s_bias,
+        *count.stride(), *ncount.stride(), c.H, c.Lq, c.Tm, c.Tn, prep["chunk"],
+        HAS_W=c.w is not None, HAS_B=c.bias is not None, ROWS=prep["rows"], **c.prep_launch())
+    return ds, dl, g, gz
+
+
+def _key_state(c: _Call):
+    """Launch ``_key_state``: the key state (h (n, D, D), z (n, D)), Proj's W folded into h."""
+    prep = c.cfg["prep"]
+    chunks = _grid_chunks(c.Tn, prep["chunk"])
+    n_states = c.BH * (c.Tn if c.marginal else chunks)
+    h = torch.empty((n_states, c.D, c.D), dtype=c.state_dtype, device=c.q.device)
+    z = torch.empty((n_states, c.D), dtype=torch.float32, device=c.q.device)
+    w, s_w0, s_w1 = c.weight_args()
+    c.mod._key_state[(chunks, c.BH)](c.k, c.v, w, h, z, *c.k.stride(), *c.v.stride(), s_w0, s_w1, c.H, c.Lk,
+                                     c.Tn, prep["chunk"], HAS_W=c.w is not None, ROWS=prep["rows"],
+                                     **c.prep_launch())
+    return h, z
+
+
+def _totals(c: _Call, mat: torch.Tensor, vec: torch.Tensor):
+    """Per-head totals (B*H, D, D) / (B*H, D) of per-block states or per-chunk partials (fp32 sums)."""
+    return (mat.view(c.BH, -1, c.D, c.D).sum(1, dtype=torch.float32).to(c.total_dtype),
+            vec.view(c.BH, -1, c.D).sum(1))
+
+
+def _proj_grads(c: _Call):
+    """(dw, db) of Proj: fp32 per-chunk partials from the kernel summed in a fixed order, in the
+    parameters' dtypes (an empty float32 tensor for an absent parameter)."""
+    prep = c.cfg["prep"]
+    chunks = _grid_chunks(c.Tm, prep["chunk"])
+    dw_part = torch.empty((c.BH * chunks, c.D, c.D), dtype=torch.float32, device=c.q.device)
+    db_part = torch.empty((c.BH * chunks, c.D), dtype=torch.float32, device=c.q.device)
+    c.mod._proj_grads[(chunks, c.BH)](c.do, c.o_lin, dw_part, db_part, *c.do.stride(), *c.o_lin.stride(), c.H,
+                                      c.Lq, c.spec.block_q * prep["chunk"], HAS_W=c.w is not None,
+                                      ROWS=prep["rows"], **c.prep_launch())
+    dw = dw_part.sum(0).to(c.w.dtype) if c.w is not None else _empty(c)
+    db = db_part.sum(0).to(c.bias.dtype) if c.bias is not None else _empty(c)
+    return dw, db
+
+
+def _empty(c: _Call) -> torch.Tensor:
+    return c.q.new_empty((0,), dtype=torch.float32)
+
+
+def _dq(c: _Call, ds, dl, h, z, hsum, zsum) -> torch.Tensor:
+    """Launch ``_dq_kernel`` over the row LUT; returns dq like q."""
+    dq = torch.empty_like(c.q)
+    t = c.cfg["dq"]
+    lut, count, nlut, ncount = c.maps[1], c.maps[2], c.maps[5], c.maps[6]
+    c.mod._dq_kernel[(c.Tm * (c.spec.block_q // t["block_m"]), c.BH)](
+        c.q, c.k, c.v, c.do, c.lse, ds, dq, dl, c.den, h, z, hsum, zsum, lut, count, nlut, ncount,
+        *c.q.stride(), *c.k.stride(), *c.v.stride(), *c.do.stride(), *dq.stride(), *c.lse.stride(),
+        *c.den.stride(), *lut.stride(), *count.stride(), *nlut.stride(), *ncount.stride(),
+        c.H, c.Lq, c.Lk, c.Tn, c.scale, c.scale * LOG2E,
+        BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], num_warps=t["num_warps"], num_stages=t["num_stages"])
+    return dq
+
+
+def _dkdv(c: _Call, ds, g, gz, gsum, gzsum):
+    """Launch ``_dkdv_kernel`` over the column LUT (one program per key-block slice); returns (dk, dv)."""
+    dk, dv = torch.empty_like(c.k), torch.empty_like(c.v)
+    t = c.cfg["dkdv"]
+    lut, count, nlut, ncount = c.maps[3], c.maps[4], c.maps[7], c.maps[8]
+    c.mod._dkdv_kernel[(c.Tn * (c.spec.block_k // t["block_n"]), c.BH)](
+        c.q, c.k, c.v, c.do, c.lse, ds, dk, dv, g, gz, gsum, gzsum, lut, count, nlut, ncount,
+        *c.q.stride(), *c.k.stride(), *c.v.stride(), *c.do.stride(), *dk.stride(), *dv.stride(),
+        *c.lse.stride(), *lut.stride(), *count.stride(), *nlut.stride(), *ncount.stride(),
+        c.H, c.Lq, c.Lk, c.Tm, c.scale, c.scale * LOG2E,
+        BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], num_warps=t["num_warps"], num_stages=t["num_stages"])
+    return dk, dv
+
+
+def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj_weight, proj_bias, *,
+             block_q: int, block_k: int, scale: float, feature_map: Optional[str], scope: str, eps: float,
+             config: Optional[dict] = None):
+    """Gradients of SLA (SLA.md §5) with the Triton kernels.
+
+    do, q, o, o_lin: (B, H, Lq, D); k, v: (B, H, Lk, D) (any strides, unit stride on D); lse, den: float32
+    (B, H, Lq) (natural-log LSE of the sparse branch; den = φ(Q_i)Z_i + eps); maps: the 9 BlockMap tensors;
+    proj_weight (D, D) / proj_bias (D,) or None; feature_map 'softmax' | 'elu' | 'relu' | 'none'/None.
+    ``eps`` is already inside ``den`` and not used again. ``config``: launch configuration (default
+    :func:`default_config`). Returns (dq, dk, dv, dw, db): dq/dk/dv like q/k/v (same dtype and stride
+    order), dw/db in the dtypes of proj_weight/proj_bias, or empty float32 tensors when those are None.
+    """
+    fmap, scope = parse_feature_map(feature_map), parse_scope(scope)
+    if fmap is None and (proj_weight is not None or proj_bias is not None):
+        raise ValueError("proj_weight/proj_bias were given but feature_map='none' has no linear branch")
+    _check_inputs(do, q, k, v, o, lse, o_lin, den, maps, fmap is not None, block_q, block_k)
+    spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=fmap, scope=scope,
+                       has_negligible=maps[5].shape[-1] > 0)
+    _check_head_dim(spec)
+    cfg = check_config(copy.deepcopy(config) if config is not None else default_config(spec), spec)
+    c = _Call(spec, cfg, codegen.load(spec, "triton"), q, k, v, do, o, lse, o_lin, den, maps, proj_weight,
+              proj_bias, float(scale))
+    ds, dl, g, gz = _query_state(c)
+    h = z = hsum = zsum = gsum = gzsum = c.lse
+    dw, db = _empty(c), _empty(c)
+    if c.linear:
+        h, z = _key_state(c)
+        hsum, zsum = _totals(c, h, z)
+        gsum, gzsum = _totals(c, g, gz)
+        if proj_weight is not None or proj_bias is not None:
+            dw, db = _proj_grads(c)
+    dq = _dq(c, ds, dl, h, z, hsum, zsum)
+    dk, dv = _dkdv(c, ds, g, gz, gsum, gzsum)
+    return dq, dk, dv, dw, db

@@ -1,0 +1,199 @@
+"""Glue of the Triton SLA forward (templates/triton/forward.py.j2): spec, tunables, launches.
+
+Two launches per call (one without a linear branch):
+  1. ``sla_linear_totals_kernel`` (linear branch only), grid (n_chunks, B·H): per-chunk partials of the
+     per-head totals H = Σ_all keys φ(K)ᵀV (D×D) and Z = Σ φ(K) (D), fp32; summed over chunks here
+     (deterministic, no atomics).
+  2. ``sla_forward_kernel``, grid (ceil(Lq / tile_m), B·H): sparse branch over the critical blocks,
+     linear branch from the totals (minus on-chip corrections for scope 'marginal'), Proj, one store of O.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from slagen import codegen
+from slagen.dispatch import device_arch
+from slagen.spec import KernelSpec
+
+FEATURE_MAPS = ("softmax", "elu", "relu", "none")
+SCOPES = ("marginal", "all")
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+FP32_DOTS = ("tf32", "tf32x3", "ieee")
+
+# Default tunables per (arch, head_dim), chosen from offline compiles (shared memory, registers, spills
+# inside the key loop): (tile_m, tile_n, num_warps, num_stages, epi_k, pre_warps). Shared memory: sm80
+# ~163 KB, sm86/sm89 ~99 KB, sm90 ~227 KB. sm90 reads the D×D epilogue operands from shared memory (wider
+# epi_k); mma.sync archs hold them in registers.
+_TABLE: Dict[Tuple[str, int], Tuple[int, int, int, int, int, int]] = {
+    ("sm80", 16): (128, 64, 4, 3, 16, 4), ("sm80", 32): (128, 64, 8, 3, 32, 4),
+    ("sm80", 64): (128, 64, 8, 3, 16, 4), ("sm80", 128): (128, 64, 8, 3, 16, 8),
+    ("sm86", 16): (128, 64, 4, 3, 16, 4), ("sm86", 32): (128, 64, 8, 3, 32, 4),
+    ("sm86", 64): (128, 64, 8, 3, 16, 4), ("sm86", 128): (128, 64, 8, 2, 16, 8),
+    ("sm89", 16): (128, 64, 4, 3, 16, 4), ("sm89", 32): (128, 64, 8, 3, 32, 4),
+    ("sm89", 64): (128, 64, 8, 3, 16, 4), ("sm89", 128): (128, 64, 8, 2, 16, 8),
+    ("sm90", 16): (128, 64, 4, 3, 16, 4), ("sm90", 32): (128, 64, 8, 3, 32, 4),
+    ("sm90", 64): (128, 64, 8, 3, 16, 4), ("sm90", 128): (128, 64, 8, 3, 32, 8),
+}
+# With scope 'marginal' the on-chip corrections double the loop's MMAs and live accumulators: at D=128 a
+# 32-key tile keeps the loop free of register spills.
+_MARGINAL_TILE_N = {128: 32}
+
+
+def default_config(spec: KernelSpec) -> dict:
+    """Default tunables of ``spec``'s forward on its arch.
+
+    Keys: tile_m / tile_n (query rows / keys per tile of the main kernel, powers of two dividing block_q /
+    block_k), num_warps, num_stages (main kernel), epi_k (columns of φ(Q) per step of the linear epilogue),
+    pre_tile / pre_warps (pre-pass: key rows per step, warps), fp32_dot (precision of the fp32 dots
+    φ(Q)·H and O^l·Wᵀ: 'tf32' | 'tf32x3' | 'ieee').
+    """
+    tile_m, tile_n, warps, stages, epi_k, pre_warps = _TABLE[(spec.arch, spec.head_dim)]
+    pre_tile = 64
+    if spec.feature_map is not None and spec.scope == "marginal":
+        tile_n = _MARGINAL_TILE_N.get(spec.head_dim, tile_n)
+    if spec.dtype == "fp32":          # fp32 operands need twice the shared memory and registers
+        tile_m, tile_n, pre_tile = tile_m // 2, max(tile_n // 2, 16), pre_tile // 2
+    return dict(tile_m=min(tile_m, spec.block_q), tile_n=min(tile_n, spec.block_k), num_warps=warps,
+                num_stages=stages, epi_k=min(epi_k, spec.head_dim), pre_tile=pre_tile, pre_warps=pre_warps,
+                fp32_dot="tf32")
+
+
+def check_config(cfg: dict, spec: KernelSpec) -> None:
+    """Raise ValueError naming the first invalid tunable of ``cfg`` (keys of :func:`default_config`)."""
+    def pow2(name, lo, hi):
+        val = cfg[name]
+        if isinstance(val, bool) or not isinstance(val, int) or not lo <= val <= hi or val & (val - 1):
+            raise ValueError(f"config[{name!r}]={val!r} must be a power of two in [{lo}, {hi}]")
+
+    allowed = set(default_config(spec))
+    if set(cfg) != allowed:
+        raise ValueError(f"config has unknown keys {sorted(set(cfg) - allowed)} / lacks keys "
+                         f"{sorted(allowed - set(cfg))}; keys: {sorted(allowed)}")
+    pow2("tile_m", 16, spec.block_q)
+    pow2("tile_n", 16, spec.block_k)
+    pow2("epi_k", 8, spec.head_dim)
+    pow2("pre_tile", 16, 256)
+    pow2("num_warps", 1, 16)
+    pow2("pre_warps", 1, 16)
+    if isinstance(cfg["num_stages"], bool) or not isinstance(cfg["num_stages"], int) or cfg["num_stages"] < 1:
+        raise ValueError(f"config['num_stages']={cfg['num_stages']!r} must be a positive int")
+    if cfg["fp32_dot"] not in FP32_DOTS:
+        raise ValueError(f"config['fp32_dot']={cfg['fp32_dot']!r} is not supported; allowed: {', '.join(FP32_DOTS)}")
+
+
+def kernel_spec(q: torch.Tensor, *, block_q: int, block_k: int, feature_map: str, scope: str,
+                has_negligible: bool) -> KernelSpec:
+    """The forward KernelSpec of a call (CPU tensors map to sm80, the interpreter's generic kernels)."""
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map={feature_map!r} is not supported; allowed: {', '.join(FEATURE_MAPS)}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} is not supported; allowed: {', '.join(SCOPES)}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q.dtype={q.dtype} is not supported; allowed: bfloat16, float16, float32")
+    return KernelSpec(arch=device_arch(q.device) or "sm80", head_dim=q.shape[-1], block_q=block_q,
+                      block_k=block_k, feature_map=feature_map, scope=scope,
+                      has_negligible=has_negligible, dtype=DTYPES[q.dtype], role="forward")
+
+
+def _check_inputs(q, k, v, maps, proj_weight, proj_bias) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q must be (B, H, Lq, D) and k, v (B, H, Lk, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and D")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-2] < 1 or k.shape[-2] < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got Lq={q.shape[-2]}, Lk={k.shape[-2]}")
+    if len(maps) != 9:
+        raise ValueError(f"maps must be the 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS), got {len(maps)}")
+    d = q.shape[-1]
+    for name, t, shape in (("proj_weight", proj_weight, (d, d)), ("proj_bias", proj_bias, (d,))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _prepass_chunks(bh: int, lk: int, tile: int, device: torch.device) -> int:
+    """Chunks per head for the pre-pass: about two programs per SM, at least one key tile per chunk."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(math.ceil(2 * sms / bh), math.ceil(lk / tile)))
+
+
+def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-head H = Σ φ(K)ᵀV (B·H, D, D) and Z = Σ φ(K) (B·H, D), fp32, over all Lk keys."""
+    B, H, lk, d = k.shape
+    tile = cfg["pre_tile"]
+    n_chunks = _prepass_chunks(B * H, lk, tile, k.device)
+    chunk_rows = math.ceil(math.ceil(lk / n_chunks) / tile) * tile
+    n_chunks = math.ceil(lk / chunk_rows)
+    hp = torch.empty((B * H, n_chunks, d, d), dtype=torch.float32, device=k.device)
+    zp = torch.empty((B * H, n_chunks, d), dtype=torch.float32, device=k.device)
+    mod.sla_linear_totals_kernel[(n_chunks, B * H)](
+        k, v, hp, zp, *k.stride(), *v.stride(), H, lk, chunk_rows,
+        TILE=tile, num_warps=cfg["pre_warps"])
+    if n_chunks == 1:
+        return hp[:, 0], zp[:, 0]
+    return hp.sum(1), zp.sum(1)
+
+
+def _linear_args(mod, spec: KernelSpec, k, v, proj_weight, proj_bias, save: bool, cfg: dict):
+    """Pointer arguments HT, ZT, W, BIAS of the linear epilogue and its constexprs (runs the pre-pass)."""
+    ht, zt = linear_totals(mod, k, v, cfg)
+    w = None if proj_weight is None else proj_weight.to(torch.float32).contiguous()
+    bias = None if proj_bias is None else proj_bias.to(torch.float32).contiguous()
+    if w is not None and spec.scope == "all" and not save:
+        ht, w = torch.matmul(ht, w.t()), None     # Proj folds into the per-head constant H (SLA.md §6)
+    consts = dict(EPI_K=cfg["epi_k"], HAS_W=w is not None, HAS_BIAS=bias is not None, SAVE=save,
+                  FP32_DOT=cfg["fp32_dot"])
+    return [ht, zt, w, bias], consts
+
+
+def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,
+            config: Optional[dict] = None):
+    """SLA forward on the Triton kernels; returns (o, lse, o_lin, den) as slagen.backends describes.
+
+    q (B, H, Lq, D), k and v (B, H, Lk, D) with any strides; maps the 9 BlockMap tensors; proj_weight (D, D)
+    and proj_bias (D,) or None; scale the softmax scale; config overrides of :func:`default_config`.
+    o has q's dtype and stride order; lse float32 (B, H, Lq) natural log; o_lin (B, H, Lq, D) in q's dtype
+    and den float32 (B, H, Lq) when ``save`` and a linear branch, else empty.
+    """
+    _check_inputs(q, k, v, maps, proj_weight, proj_bias)
+    negl_width = maps[5].shape[-1]
+    spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
+                       has_negligible=negl_width > 0)
+    cfg = {**default_config(spec), **(config or {})}
+    check_config(cfg, spec)
+    B, H, lq, d = q.shape
+    linear = spec.feature_map is not None
+    marginal = linear and spec.scope == "marginal"
+    negl_loop = marginal and spec.has_negligible
+    save = bool(save) and linear
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, lq), dtype=torch.float32, device=q.device)
+    o_lin = q.new_empty((B, H, lq, d)) if save else q.new_empty((0,))
+    den = q.new_empty((B, H, lq), dtype=torch.float32) if save else q.new_empty((0,), dtype=torch.float32)
+    if B * H == 0:
+        return o, lse, o_lin, den
+
+    mod = codegen.load(spec, "triton")
+    crit_lut = maps[1].contiguous()
+    args, consts = [q, k, v, o, lse], dict(TILE_M=cfg["tile_m"], TILE_N=cfg["tile_n"])
+    if linear:
+        lin_args, lin_consts = _linear_args(mod, spec, k, v, proj_weight, proj_bias, save, cfg)
+        args += lin_args + [o_lin, den]
+        consts.update(lin_consts)
+    args += [crit_lut, maps[2].contiguous()]
+    if negl_loop:
+        args += [maps[5].contiguous(), maps[6].contiguous()]
+    args += [*q.stride(), *k.stride(), *v.stride(), *o.stride(), H, lq, k.shape[-2], maps[0].shape[-2],
+             crit_lut.shape[-1]]
+    args += [negl_width] if negl_loop else []
+    args += [maps[0].shape[-1]] if marginal else []
+    args += [float(scale) * math.log2(math.e)] + ([float(eps)] if linear else [])
+    grid = (math.ceil(lq / cfg["tile_m"]), B * H)
+    mod.sla_forward_kernel[grid](*args, **consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return o, lse, o_lin, den

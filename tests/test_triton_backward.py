@@ -1,0 +1,235 @@
+"""The Triton SLA backward (backends/triton/bwd.py) against autograd of the torch reference.
+
+CPU tests run the kernels under the Triton interpreter (fp32, tiny odd shapes); ``gpu`` tests run them at
+realistic shapes in bf16/fp16 against an fp32 reference computed from the same (upcast) inputs. The saved
+forward tensors (o, lse, o_lin, den) always come from the reference forward, so only the backward is tested.
+"""
+
+import math
+
+import pytest
+import torch
+
+from slagen import reference
+from slagen.backends import reference as torch_backend
+from slagen.backends.triton import bwd
+from slagen.blockmap import BlockMap
+
+GRADS = ("dq", "dk", "dv", "dw", "db")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with -m gpu)")
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def randn(shape, layout, dtype, device, gen):
+    """A (B, H, L, D) view of a tensor stored as (B, H, L, D) ('bhld') or (B, L, H, D) ('blhd')."""
+    B, H, L, D = shape
+    if layout == "bhld":
+        return torch.randn(shape, generator=gen, device=device).to(dtype)
+    return torch.randn((B, L, H, D), generator=gen, device=device).to(dtype).transpose(1, 2)
+
+
+def make_problem(B=2, H=2, Lq=77, Lk=130, D=32, block_q=32, block_k=16, feature_map="softmax",
+                 scope="marginal", topk=0.3, negligible=0.0, weight=False, bias=False, layout="bhld",
+                 dtype=torch.float32, device="cpu", mask=None, seed=0):
+    """Inputs, block map, reference forward outputs and dO of one backward call."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (randn((B, H, L, D), layout, dtype, device, gen) for L in (Lq, Lk, Lk))
+    do = randn((B, H, Lq, D), layout, dtype, device, gen)
+    w = torch.randn((D, D), generator=gen, device=device) * 0.5 if weight else None
+    b = torch.randn((D,), generator=gen, device=device) * 0.5 if bias else None
+    if mask is None:
+        n_crit, n_negl = reference.block_counts(reference.num_blocks(Lk, block_k), topk, negligible)
+        maps = list(torch_backend.block_map(q, k, n_crit, n_negl, block_q, block_k))
+    else:
+        maps = list(BlockMap.from_mask(mask.to(device), block_q=block_q, block_k=block_k).tensors())
+    cfg = dict(block_q=block_q, block_k=block_k, scale=D ** -0.5, feature_map=feature_map, scope=scope,
+               eps=reference.EPS)
+    o, lse, o_lin, den = torch_backend.forward(q, k, v, maps, w, b, True, **cfg)
+    return dict(do=do, q=q, k=k, v=v, o=o, lse=lse, o_lin=o_lin, den=den, maps=maps, proj_weight=w,
+                proj_bias=b), cfg
+
+
+def reference_grads(p, cfg):
+    """Autograd of the reference in fp32, from the same inputs upcast."""
+    up = {name: (t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+          for name, t in p.items()}
+    return torch_backend.backward(up["do"], up["q"], up["k"], up["v"], up["o"], up["lse"], up["o_lin"], up["den"],
+                                  p["maps"], p["proj_weight"], p["proj_bias"], **cfg)
+
+
+def triton_grads(p, cfg, config=None):
+    return bwd.backward(p["do"], p["q"], p["k"], p["v"], p["o"], p["lse"], p["o_lin"], p["den"], p["maps"],
+                        p["proj_weight"], p["proj_bias"], **cfg, config=config)
+
+
+def check(p, cfg, tol, config=None):
+    got = triton_grads(p, cfg, config)
+    want = reference_grads(p, cfg)
+    for name, g, w, x in zip(GRADS, got, want, (p["q"], p["k"], p["v"], p["proj_weight"], p["proj_bias"])):
+        if x is None:
+            assert g.numel() == 0 and g.dtype == torch.float32, name
+            continue
+        assert g.shape == x.shape and g.dtype == x.dtype and g.stride() == x.stride(), name
+        err = rel(g, w)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+    return got
+
+
+# ------------------------------------------------------------------------------------------------ CPU tests
+
+CPU_CASES = [
+    # scope, feature_map, negligible, weight, bias, Lq, Lk, block_q, block_k, D, layout
+    ("marginal", "softmax", 0.0, True, True, 77, 130, 32, 16, 32, "bhld"),
+    ("marginal", "elu", 0.25, True, False, 130, 77, 16, 32, 16, "blhd"),
+    ("marginal", "relu", 0.25, False, True, 77, 77, 32, 32, 32, "bhld"),
+    ("marginal", "softmax", 0.25, False, False, 130, 130, 16, 16, 16, "blhd"),
+    ("all", "softmax", 0.25, True, True, 130, 77, 16, 32, 16, "blhd"),
+    ("all", "elu", 0.0, False, False, 77, 130, 32, 16, 32, "bhld"),
+    ("all", "relu", 0.0, True, True, 130, 130, 32, 32, 16, "bhld"),
+    ("marginal", "none", 0.0, False, False, 77, 130, 32, 16, 32, "bhld"),
+    ("all", "none", 0.25, False, False, 130, 77, 16, 32, 16, "blhd"),
+]
+
+
+@pytest.mark.parametrize("scope,fmap,negl,weight,bias,lq,lk,bq,bk,d,layout", CPU_CASES)
+def test_matches_reference(scope, fmap, negl, weight, bias, lq, lk, bq, bk, d, layout):
+    p, cfg = make_problem(Lq=lq, Lk=lk, D=d, block_q=bq, block_k=bk, feature_map=fmap, scope=scope,
+                          negligible=negl, weight=weight, bias=bias, layout=layout, seed=lq + lk + d)
+    check(p, cfg, 1e-4)
+
+
+@pytest.mark.parametrize("scope", ["marginal", "all"])
+def test_linear_branch_alone(scope):
+    """The linear branch's share of the gradients (full minus sparse-only) matches on its own."""
+    args = dict(scope=scope, negligible=0.25, seed=5)
+    p, cfg = make_problem(feature_map="elu", weight=True, **args)
+    sparse_p, sparse_cfg = make_problem(feature_map="none", **args)     # same q, k, v, dO and block map
+    full = zip(triton_grads(p, cfg)[:3], reference_grads(p, cfg)[:3])
+    sparse = zip(triton_grads(sparse_p, sparse_cfg)[:3], reference_grads(sparse_p, sparse_cfg)[:3])
+    for name, (got, want), (sgot, swant) in zip(GRADS, full, sparse):
+        assert rel(got - sgot, want - swant) < 1e-4, name
+
+
+def handmade_mask(B, H, tm, tn, negl):
+    """A random class mask where query block 0 has no critical block and query block 1 no marginal block;
+    with negligible blocks also the last (partial) key block is chosen by no query block."""
+    pick = torch.rand((B, H, tm, tn), generator=torch.Generator().manual_seed(3))
+    mask = (pick < 0.35).to(torch.int8)
+    if negl:
+        mask[pick > 0.8] = -1
+    mask[..., 0, :].clamp_(max=0)
+    mask[..., 1, :] = 1
+    if negl:
+        mask[..., tn - 1].clamp_(max=0)
+        mask[..., 1, tn - 1] = -1
+    return mask
+
+
+@pytest.mark.parametrize("scope,fmap,negl", [("marginal", "softmax", True), ("marginal", "relu", False),
+                                             ("all", "softmax", True), ("marginal", "none", True)])
+def test_handmade_mask_edge_cases(scope, fmap, negl):
+    B, H, lq, lk, bq, bk = 2, 2, 77, 130, 16, 32
+    tm, tn = reference.num_blocks(lq, bq), reference.num_blocks(lk, bk)
+    mask = handmade_mask(B, H, tm, tn, negl)
+    assert (mask[..., 0, :] != 1).all() and (mask[..., 1, :] != 0).all()
+    assert not negl or (mask[..., tn - 1] != 1).all()
+    p, cfg = make_problem(B=B, H=H, Lq=lq, Lk=lk, D=16, block_q=bq, block_k=bk, feature_map=fmap, scope=scope,
+                          weight=fmap != "none", bias=fmap != "none", mask=mask, seed=11)
+    assert torch.isinf(p["lse"][:, :, :bq]).all()
+    check(p, cfg, 1e-4)
+
+
+def test_non_default_tiles():
+    """Sub-tiled programs and inner steps (tiles smaller than the selection blocks), small prep chunks."""
+    p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=32, block_k=32, feature_map="softmax", scope="marginal",
+                          negligible=0.25, weight=True, bias=True, seed=2)
+    config = {"dq": dict(block_m=16, block_n=16, num_warps=4, num_stages=1),
+              "dkdv": dict(block_m=16, block_n=16, num_warps=4, num_stages=1),
+              "prep": dict(rows=16, chunk=3, num_warps=4, num_stages=1)}
+    check(p, cfg, 1e-4, config=config)
+
+
+def test_default_config_per_arch():
+    from slagen.spec import ARCHS, KernelSpec
+    for arch in ARCHS:
+        for d in bwd.HEAD_DIMS:
+            spec = KernelSpec(arch=arch, head_dim=d, block_q=128, block_k=64, role="backward")
+            cfg = bwd.check_config(bwd.default_config(spec), spec)
+            assert cfg["dq"]["block_m"] <= 128 and cfg["dkdv"]["block_n"] <= 64
+
+
+def test_clear_errors():
+    p, cfg = make_problem(Lq=40, Lk=40, D=16, block_q=16, block_k=16, weight=True)
+    with pytest.raises(ValueError, match="dq.block_m=24"):
+        bad = bwd.default_config(bwd.kernel_spec(p["q"], block_q=16, block_k=16, feature_map="softmax",
+                                                 scope="marginal", has_negligible=False))
+        bad["dq"]["block_m"] = 24
+        triton_grads(p, cfg, bad)
+    with pytest.raises(ValueError, match="o_lin must have shape"):
+        triton_grads(dict(p, o_lin=p["q"].new_empty((0,))), cfg)
+    with pytest.raises(ValueError, match="feature_map='none' has no linear branch"):
+        triton_grads(p, dict(cfg, feature_map="none"))
+    with pytest.raises(ValueError, match="head_dim=8"):
+        q = torch.randn(1, 1, 16, 8)
+        bwd.backward(q, q, q, q, q, torch.zeros(1, 1, 16), q, torch.ones(1, 1, 16),
+                     list(BlockMap.from_mask(torch.ones(1, 1, 1, 1), block_q=16, block_k=16).tensors()),
+                     None, None, **dict(cfg, scale=0.3))
+
+
+# ------------------------------------------------------------------------------------------------ GPU tests
+
+def poison_allocator(device):
+    """Fill half the free memory with NaN and leave it in PyTorch's cache, so that the buffers the backward
+    allocates itself (outputs, states) start as NaN."""
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info(device)[0]
+    junk = torch.empty(int(free * 0.5) // 4, dtype=torch.float32, device=device).fill_(math.nan)
+    del junk
+
+
+GPU_CASES = [
+    # L, H, D, dtype, scope, negligible, block_q, block_k, feature_map, weight
+    (32760, 2, 128, torch.bfloat16, "marginal", 0.0, 128, 64, "softmax", True),
+    (32760, 2, 128, torch.bfloat16, "marginal", 0.1, 128, 64, "softmax", True),
+    (32760, 2, 128, torch.bfloat16, "all", 0.0, 128, 64, "softmax", True),
+    (32760, 2, 128, torch.bfloat16, "all", 0.1, 64, 64, "elu", False),
+    (32760, 2, 64, torch.bfloat16, "marginal", 0.1, 64, 64, "relu", True),
+    (32760, 2, 64, torch.float16, "all", 0.0, 128, 64, "softmax", True),
+    (32760, 2, 128, torch.float16, "marginal", 0.1, 128, 64, "softmax", False),
+    (32760, 2, 128, torch.bfloat16, "marginal", 0.0, 128, 64, "none", False),
+    (75600, 1, 128, torch.bfloat16, "marginal", 0.1, 128, 64, "softmax", True),
+    (75600, 1, 64, torch.bfloat16, "all", 0.0, 64, 64, "softmax", True),
+]
+
+
+def check_realistic(L, H, D, dtype, scope, negl, bq, bk, fmap, weight, layout, device="cuda", tol=3e-2):
+    """Every gradient at B=1 vs the fp32 reference of the same (upcast) inputs, kernel buffers poisoned;
+    a second run must give bitwise the same gradients (no atomics)."""
+    p, cfg = make_problem(B=1, H=H, Lq=L, Lk=L, D=D, block_q=bq, block_k=bk, feature_map=fmap, scope=scope,
+                          topk=0.05, negligible=negl, weight=weight, bias=weight, layout=layout, dtype=dtype,
+                          device=device, seed=L + D)
+    want = reference_grads(p, cfg)
+    if p["q"].is_cuda:
+        poison_allocator(p["q"].device)
+    got = triton_grads(p, cfg)
+    for name, g, w in zip(GRADS, got, want):
+        if w.numel():
+            assert torch.isfinite(g).all(), name
+            assert rel(g, w) < tol, f"{name}: relative error {rel(g, w):.2e}"
+    if p["q"].is_cuda:
+        poison_allocator(p["q"].device)
+    for name, g, again in zip(GRADS, got, triton_grads(p, cfg)):
+        assert torch.equal(g, again), f"{name} is not deterministic"
+
+
+@pytest.mark.parametrize("L,H,D,dtype,scope,negl,bq,bk,fmap,weight", GPU_CASES)
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_realistic_shapes(L, H, D, dtype, scope, negl, bq, bk, fmap, weight, layout):
+    if layout == "blhd" and L > 32760:
+        pytest.skip("one layout at the largest length keeps the run short")
+    check_realistic(L, H, D, dtype, scope, negl, bq, bk, fmap, weight, layout)

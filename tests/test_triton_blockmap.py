@@ -1,0 +1,296 @@
+"""The Triton block map (backends/triton/selection.py) against the torch backend.
+
+CPU tests run the kernels under TRITON_INTERPRET=1 in fp32 and require every one of the 9 tensors to equal
+the reference exactly (inputs are seeded randn; exact ties are built on purpose). GPU tests (marker gpu)
+run bf16/fp16 at video lengths against the fp32 reference of the same inputs, where a class may differ
+only between blocks whose reference scores are within 1e-5 (relative to the row's largest |score|).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import slagen
+from slagen import reference
+from slagen.backends import reference as torch_backend
+from slagen.backends.triton import selection
+from slagen.blockmap import LUT_FIELDS, lists_from_mask
+from slagen.spec import ARCHS, KernelSpec
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_qk(b, h, lq, lk, d, *, seed, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, lq, d, generator=g)
+    k = torch.randn(b, h, lk, d, generator=g)
+    return q.to(device, dtype), k.to(device, dtype)
+
+
+def assert_equal_maps(got, ref):
+    assert len(got) == len(LUT_FIELDS)
+    for name, a, b in zip(LUT_FIELDS, got, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+        assert a.is_contiguous(), name
+        assert torch.equal(a, b), f"{name} differs:\n{a}\n{b}"
+
+
+def assert_maps_match_up_to_near_ties(got, q, k, n_crit, n_negl, block_q, block_k, rel_tol=1e-5):
+    """got is self-consistent, has the right class counts, and differs from the fp32 reference of (q, k)
+    only at blocks whose reference score is within rel_tol * max|row| of the row's class boundary."""
+    mask = got[0]
+    for name, a, b in zip(LUT_FIELDS, got, lists_from_mask(mask, n_crit, n_negl)):
+        assert torch.equal(a, b), f"{name} is not the list of the returned mask"
+    assert bool(((mask == 1).sum(-1) == n_crit).all()) and bool(((mask == -1).sum(-1) == n_negl).all())
+    scores = reference.block_scores(q.float(), k.float(), block_q, block_k)
+    ref_mask = reference.classify(scores, n_crit, n_negl)
+    diff = mask != ref_mask
+    if not bool(diff.any()):
+        return
+    ordered = scores.sort(-1, descending=True).values
+    tol = rel_tol * scores.abs().amax(-1, keepdim=True)
+    near = (scores - ordered[..., n_crit - 1:n_crit]).abs() <= tol
+    if n_negl:
+        near |= (scores - ordered[..., -n_negl:][..., :1]).abs() <= tol
+    assert bool(near[diff].all()), f"{int((diff & ~near).sum())} class mismatches are not near-ties"
+
+
+# B, H, Lq, Lk, D, block_q, block_k, n_crit, n_negl
+CASES = [
+    (1, 2, 77, 130, 16, 16, 16, 2, 3),     # odd lengths, Lq != Lk, partial blocks, negligible class
+    (2, 2, 130, 77, 32, 32, 16, 1, 0),     # n_crit = 1, no negligible class
+    (2, 1, 130, 130, 32, 16, 32, 5, 0),    # n_crit = T_n: all critical
+    (1, 2, 100, 77, 16, 16, 32, 1, 2),     # n_crit + n_negl = T_n: nothing marginal
+    (2, 2, 64, 96, 16, 32, 32, 2, 1),      # whole blocks only
+    (1, 1, 600, 1000, 16, 16, 16, 6, 6),   # T_m = 38 (several programs), T_n = 63 (padded to 64)
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}_Lq{}_Lk{}_d{}_b{}x{}_c{}_n{}".format(*c))
+def test_matches_reference(case):
+    b, h, lq, lk, d, bq, bk, n_crit, n_negl = case
+    q, k = make_qk(b, h, lq, lk, d, seed=lq * 7 + lk)
+    assert_equal_maps(selection.block_map(q, k, n_crit, n_negl, bq, bk),
+                      torch_backend.block_map(q, k, n_crit, n_negl, bq, bk))
+
+
+def test_near_tie_checker():
+    """The GPU tests' checker accepts the exact map and rejects a swap of two well-separated blocks."""
+    q, k = make_qk(1, 1, 64, 128, 16, seed=2)
+    got = selection.block_map(q, k, 2, 2, 16, 16)
+    assert_maps_match_up_to_near_ties(got, q, k, 2, 2, 16, 16)
+    mask = got[0].clone()
+    row = mask[0, 0, 0]
+    crit, marg = int((row == 1).nonzero()[0]), int((row == 0).nonzero()[-1])
+    row[crit], row[marg] = 0, 1
+    with pytest.raises(AssertionError, match="not near-ties"):
+        assert_maps_match_up_to_near_ties(lists_from_mask(mask, 2, 2), q, k, 2, 2, 16, 16)
+
+
+def test_strided_inputs():
+    """(B, L, H, D) views and a D-slice of a wider tensor: any strides with unit stride on D, no copies."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 77, 2, 16, generator=g).transpose(1, 2)
+    k = torch.randn(2, 2, 130, 48, generator=g)[..., 8:24]
+    assert not q.is_contiguous() and not k.is_contiguous()
+    assert_equal_maps(selection.block_map(q, k, 2, 2, 16, 32),
+                      torch_backend.block_map(q.contiguous(), k.contiguous(), 2, 2, 16, 32))
+
+
+def test_small_tiles_config():
+    """Tunables change the tiling (more loop trips everywhere), never the result."""
+    q, k = make_qk(1, 2, 600, 1000, 32, seed=11)
+    config = dict(pool_rows=8, pool_group=3, score_rows=16, score_cols=16, score_dchunk=16, select_elems=64,
+                  col_rows=8, col_cols=4)
+    assert_equal_maps(selection.block_map(q, k, 5, 9, 16, 16, config=config),
+                      torch_backend.block_map(q, k, 5, 9, 16, 16))
+
+
+def tied_keys(b, h, lk, d, block_k, patterns, *, seed):
+    """k whose key blocks repeat len(patterns) random block patterns: pooled scores tie exactly."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randn(len(set(patterns)), block_k, d, generator=g)
+    k = blocks[torch.tensor(patterns)].reshape(len(patterns) * block_k, d)[:lk]
+    return k.expand(b, h, -1, -1).contiguous()
+
+
+@pytest.mark.parametrize("n_crit,n_negl", [(1, 1), (2, 3), (4, 0)])
+def test_exact_ties_prefer_smaller_index(n_crit, n_negl):
+    patterns = [0, 1, 0, 2, 1, 0, 2, 1]                 # every score appears 2 or 3 times in a row
+    q, _ = make_qk(2, 2, 77, 8 * 16, 16, seed=5)
+    q[0, 0, :16] = 0.0                                  # a query block whose scores are all zero
+    k = tied_keys(2, 2, 8 * 16, 16, 16, patterns, seed=6)
+    got = selection.block_map(q, k, n_crit, n_negl, 16, 16)
+    assert_equal_maps(got, torch_backend.block_map(q, k, n_crit, n_negl, 16, 16))
+    first = got[1][0, 0, 0]                             # the all-zero row: the first n_crit blocks win
+    assert first.tolist() == list(range(n_crit))
+    assert got[5][0, 0, 0].tolist() == list(range(8 - n_negl, 8))
+
+
+def test_all_blocks_equal():
+    """Identical key blocks: every row is one n-way tie, so critical = first n_crit, negligible = last n_negl."""
+    q, _ = make_qk(1, 1, 50, 6 * 16, 32, seed=9)
+    k = tied_keys(1, 1, 6 * 16, 32, 16, [0] * 6, seed=10)
+    got = selection.block_map(q, k, 2, 3, 16, 16)
+    assert_equal_maps(got, torch_backend.block_map(q, k, 2, 3, 16, 16))
+    assert got[0][0, 0].tolist() == [[1, 1, 0, -1, -1, -1]] * 4
+
+
+def test_public_api_backend_triton():
+    q, k = make_qk(1, 2, 77, 130, 32, seed=21)
+    got = slagen.block_map(q, k, topk=0.25, negligible=0.3, block_q=16, block_k=16, backend="triton")
+    ref = slagen.block_map(q, k, topk=0.25, negligible=0.3, block_q=16, block_k=16, backend="torch")
+    assert_equal_maps(got.tensors(), ref.tensors())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_crit=0), "n_crit"),
+    (dict(n_crit=10), "n_crit"),
+    (dict(n_negl=9), "n_negl"),
+    (dict(block_k=48), "block_k"),
+    (dict(config=dict(tile=64)), "unknown keys"),
+    (dict(config=dict(score_rows=8)), "score_rows"),
+    (dict(config=dict(pool_rows=32)), "pool_rows"),
+    (dict(config=dict(score_dot="tf32")), "score_dot"),
+])
+def test_errors(kwargs, match):
+    q, k = make_qk(1, 1, 40, 130, 16, seed=0)           # T_n = 9 with block_k 16
+    args = dict(n_crit=2, n_negl=1, block_q=16, block_k=16)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        selection.block_map(q, k, **args)
+
+
+def test_unsupported_inputs():
+    q, k = make_qk(1, 1, 40, 40, 8, seed=0)
+    with pytest.raises(ValueError, match="head_dim"):
+        selection.block_map(q, k, 1, 0, 16, 16)
+    q, k = make_qk(1, 1, 40, 40, 16, seed=0)
+    with pytest.raises(ValueError, match="dtype"):
+        selection.block_map(q.double(), k.double(), 1, 0, 16, 16)
+    with pytest.raises(ValueError, match="agree"):
+        selection.block_map(q, k[:, :, :, :8].contiguous(), 1, 0, 16, 16)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+def test_default_configs_are_valid(arch, head_dim):
+    for bq, bk in ((16, 16), (64, 64), (128, 64), (256, 32)):
+        spec = KernelSpec(arch=arch, head_dim=head_dim, block_q=bq, block_k=bk, role="block_map")
+        selection.check_config(selection.default_config(spec), spec)
+
+
+# Compiles (no launch) the kernels for a GPU target in a child process without TRITON_INTERPRET, through
+# Triton's bundled LLVM and ptxas: catches lowering errors the interpreter cannot see, on CPU-only CI.
+_COMPILE = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from slagen import codegen
+from slagen.backends.triton import selection
+from slagen.spec import KernelSpec
+
+cap, t_n = int(sys.argv[1]), int(sys.argv[2])
+spec = KernelSpec(arch=f"sm{cap}", head_dim=128, block_q=128, block_k=64, feature_map=None,
+                  has_negligible=True, dtype="bf16", role="block_map")
+cfg, mod = selection.default_config(spec), codegen.load(spec, "triton")
+ptr = dict(q="*bf16", k="*bf16", mask="*i8", q_mean="*fp32", k_mean="*fp32", k_part="*fp32",
+           key_mean="*fp32", scores="*fp32")
+
+def build(fn, warps, stages=1, **constexprs):
+    sig = {a: "constexpr" if a in constexprs else ptr.get(a, "*i32" if "lut" in a or "count" in a else "i32")
+           for a in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", cap, 32),
+                   options=dict(num_warps=warps, num_stages=stages))
+
+build(mod.pool_kernel, cfg["pool_warps"], ROWS=cfg["pool_rows"], GROUP=cfg["pool_group"])
+build(mod.select_kernel, cfg["score_warps"], cfg["score_stages"], ROWS=cfg["score_rows"], COLS=cfg["score_cols"],
+      DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"], SEL_ROWS=selection.select_rows(cfg, t_n), TN_PAD=t_n)
+build(mod.column_kernel, cfg["col_warps"], ROWS=cfg["col_rows"], COLS=cfg["col_cols"])
+"""
+
+
+@pytest.mark.parametrize("cap,tn_pad", [(80, 2048), (90, 512)])
+def test_kernels_compile_for_gpu(cap, tn_pad, tmp_path):
+    pytest.importorskip("triton.backends.nvidia")
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(SLAGEN_CACHE_DIR=str(tmp_path / "slagen"), TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    run = subprocess.run([sys.executable, "-c", _COMPILE, str(cap), str(tn_pad)], env=env, capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+def _poison_cuda_allocator(nbytes=1 << 30):
+    """Fill free cached memory with garbage so torch.empty outputs start poisoned."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    x.fill_(0xA5)
+    del x
+
+
+def _gpu_check(q, k, topk, negligible, block_q, block_k):
+    t_n = reference.num_blocks(k.shape[2], block_k)
+    n_crit, n_negl = reference.block_counts(t_n, topk, negligible)
+    torch.cuda.synchronize()
+    _poison_cuda_allocator()
+    got = selection.block_map(q, k, n_crit, n_negl, block_q, block_k)
+    torch.cuda.synchronize()
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        assert_maps_match_up_to_near_ties(got, q, k, n_crit, n_negl, block_q, block_k)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("length", [32760, 75600])
+@pytest.mark.parametrize("blocks", [(64, 64), (128, 64)])
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 128), (torch.float16, 64)])
+def test_gpu_video_lengths(length, blocks, dtype, head_dim):
+    q, k = make_qk(1, 2, length, length, head_dim, seed=length + blocks[0], dtype=dtype, device="cuda")
+    _gpu_check(q, k, 0.05, 0.1, *blocks)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_blhd_layout_no_negligible():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 32760, 2, 128, generator=g).to("cuda", torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, 32760, 2, 128, generator=g).to("cuda", torch.bfloat16).transpose(1, 2)
+    _gpu_check(q, k, 0.05, 0.0, 128, 64)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_exact_ties():
+    patterns = [i % 5 for i in range(64)]
+    q, _ = make_qk(1, 2, 4000, 64 * 64, 128, seed=8)
+    k = tied_keys(1, 2, 64 * 64, 128, 64, patterns, seed=9)
+    q, k = q.to("cuda", torch.bfloat16), k.to("cuda", torch.bfloat16)
+    got = selection.block_map(q, k, 7, 9, 64, 64)
+    ref = torch_backend.block_map(q, k, 7, 9, 64, 64)
+    assert_equal_maps(got, ref)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_new_length_does_not_recompile():
+    """Lengths are run-time values: a new length with T_n in the same power-of-two bucket reuses the kernels."""
+    from slagen import codegen
+    q, k = make_qk(1, 2, 32760, 32760, 128, seed=1, dtype=torch.bfloat16, device="cuda")
+    mod = codegen.load(selection.kernel_spec(q, 64, 64, True), "triton")
+    kernels = (mod.pool_kernel, mod.select_kernel, mod.column_kernel)
+    if not all(hasattr(fn, "device_caches") for fn in kernels):
+        pytest.skip("this Triton version does not expose JITFunction.device_caches")
+    selection.block_map(q, k, 25, 51, 64, 64)
+    count = lambda: sum(len(fn.device_caches[torch.cuda.current_device()][0]) for fn in kernels)  # noqa: E731
+    before = count()
+    q, k = make_qk(1, 2, 30001, 29500, 128, seed=2, dtype=torch.bfloat16, device="cuda")
+    _gpu_check(q, k, 0.05, 0.1, 64, 64)
+    assert count() == before
