@@ -358,3 +358,36 @@ def bench(seq_len, heads, batch, head_dim, topk, blocks, dtype, backends, flex, 
     if json_path:
         bench_mod.save_json(result, json_path)
         click.echo(f"\nJSON written to {json_path}")
+
+
+@main.command()
+@click.option("--backend", "backend_names", default=None, help="Backends to check, comma-separated (default: all available).")
+@click.option("--seq-len", default=4096, show_default=True, type=int)
+@click.option("--head-dim", default=128, show_default=True, type=int)
+@click.option("--heads", default=2, show_default=True, type=int)
+@click.option("--dtype", default=None, type=click.Choice(["bf16", "fp16", "fp32"]),
+              help="Input dtype (default bf16 on a GPU, fp32 on CPU).")
+@click.option("--topk", default=0.05, show_default=True, type=float)
+@click.option("--block", default="128x64", show_default=True, callback=lambda c, p, v: _block(v))
+def check(backend_names, seq_len, head_dim, heads, dtype, topk, block):
+    """Every available backend vs the reference on fresh random inputs, forward and gradients."""
+    import torch
+
+    from slagen import check as check_mod
+    cuda = torch.cuda.is_available()
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype or ("bf16" if cuda else "fp32")]
+    device = torch.device("cuda" if cuda else "cpu")
+    names = [n.strip() for n in backend_names.split(",")] if backend_names else check_mod.available(device, dt)
+    if not names:
+        click.echo(f"no kernel backend runs on {device} here: checking the torch reference in {dt} against float64")
+        names = ["torch"]
+    click.echo(f"checking {', '.join(names)} on {device}: L={seq_len} D={head_dim} H={heads} {dt} topk={topk} "
+               f"block={block[0]}x{block[1]}")
+    rows = check_mod.run(backend_names=names, seq_len=seq_len, head_dim=head_dim, heads=heads, dtype=dt, topk=topk,
+                         block_q=block[0], block_k=block[1], device=device, echo=click.echo)
+    click.echo("")
+    click.echo(check_mod.table(rows))
+    failed = [r for r in rows if not r.ok]
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(rows)} checks failed")
+    click.echo(f"\nall {len(rows)} checks passed")

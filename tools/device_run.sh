@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: install slagen, check every backend against the reference, benchmark,
+# and (with GPU_TESTS=1) run the gpu-marked tests. Logs and tables go to $OUT; the tables print last.
+#   STEPS="check bench tests"  which steps to run      TL=1  unpack the TileLang bundle (.device/)
+#   CHECK_ARGS, BENCH_ARGS, TEST_ARGS                  extra arguments for each step
+set -u
+OUT=${OUT:-/tmp/slagen-out}
+mkdir -p "$OUT"
+STEPS=${STEPS:-"check bench"}
+if [ "${TL:-0}" = 1 ]; then
+  mkdir -p /tmp/site && tar xJf .device/tilelang-site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 || {
+  cat "$OUT/install.log"; exit 1; }
+export SLAGEN_CACHE_DIR=${SLAGEN_CACHE_DIR:-/tmp/slagen-cache}
+slagen info 2>&1 | tee "$OUT/info.txt"
+refs=""
+for d in .baselines/sla_main .baselines/sla_1; do
+  [ -d "$d" ] && refs="$refs --reference-sla $(basename "$d")=$d"
+done
+for step in $STEPS; do
+  start=$(date +%s)
+  case $step in
+    check) timeout "${CHECK_TIMEOUT:-240}" slagen check --seq-len 32760 --heads 2 ${CHECK_ARGS:-} >"$OUT/check.log" 2>&1 ;;
+    bench) timeout "${BENCH_TIMEOUT:-400}" slagen bench --json "$OUT/bench.json" $refs ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ;;
+    tests) timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1 ;;
+  esac
+  echo "== $step: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
+done
+for step in $STEPS; do
+  echo; echo "======== $step"; tail -n 60 "$OUT/$step.log"
+done
