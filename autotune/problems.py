@@ -21,9 +21,12 @@ from slagen.autotune import cache, records, select, space, tuner
 from slagen.backends import reference as torch_backend
 from slagen.spec import KernelSpec
 
+# The kernels each backend tunes itself (TileLang delegates its block map and backward to Triton, so
+# those are tuned, stored and looked up under "triton").
 ROLE_MODULES = {"triton": {"block_map": "slagen.backends.triton.selection",
                            "forward": "slagen.backends.triton.fwd",
-                           "backward": "slagen.backends.triton.bwd"}}
+                           "backward": "slagen.backends.triton.bwd"},
+                "tilelang": {"forward": "slagen.backends.tilelang"}}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOLERANCE = {"bf16": 3e-2, "fp16": 1e-2, "fp32": 1e-3}
 
@@ -41,8 +44,8 @@ def role_module(backend: str, role: str):
     try:
         return importlib.import_module(ROLE_MODULES[backend][role])
     except KeyError:
-        raise ValueError(f"backend={backend!r} has no tunable kernels for role={role!r}; "
-                         f"tunable: {sorted(ROLE_MODULES)}") from None
+        tunable = ", ".join(f"{b}: {'/'.join(r)}" for b, r in ROLE_MODULES.items())
+        raise ValueError(f"backend={backend!r} has no tunable kernel for role={role!r} (tunable: {tunable})") from None
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -65,7 +68,7 @@ def make_problem(spec: KernelSpec, backend: str, device: torch.device, *, batch:
     q, k, v, do = (torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(4))
     tn = reference.num_blocks(seq_len, spec.block_k)
     n_crit, n_negl = reference.block_counts(tn, density, negligible if spec.has_negligible else 0.0)
-    block_map_mod = role_module(backend, "block_map")
+    block_map_mod = role_module("triton", "block_map")
     maps = list(block_map_mod.block_map(q, k, n_crit, n_negl, spec.block_q, spec.block_k))
     if spec.role == "block_map":
         want = maps[0]
@@ -90,7 +93,7 @@ def make_problem(spec: KernelSpec, backend: str, device: torch.device, *, batch:
             _require(err < tol, f"forward rel. error {err:.2e} vs the reference (allowed {tol:g})")
         return Problem(spec, lambda cfg: mod.forward(q, k, v, maps, weight, bias, False, config=cfg, **cfg_args),
                        check, mod.default_config(spec), mod)
-    fwd_mod = role_module(backend, "forward")
+    fwd_mod = role_module(backend, "forward")  # the backward reads what this backend's forward saves
     o, lse, o_lin, den = fwd_mod.forward(q, k, v, maps, weight, bias, True, **cfg_args)
     wants = torch_backend.backward(do[:, :1].float(), *[t.float() for t in head0], None, None, None, None, maps0,
                                    weight, bias, **cfg_args)

@@ -1,22 +1,480 @@
-"""The ``tilelang`` backend (Hopper, sm90) — its kernels are not written yet (issue: TileLang backend).
+"""The ``tilelang`` backend: SLA forward kernels for Hopper (sm90, compiled for sm_90a) through TileLang.
 
-Until they are, this backend reports itself unavailable: ``backend="auto"`` passes over it and an
-explicit ``backend="tilelang"`` raises with this reason.
+Forward (templates/tilelang/forward.py.j2, rendered per KernelSpec and imported through slagen.codegen):
+  1. linear branch only — ``sla_prepass``, grid (chunks, H, B): per-chunk partials of the per-head totals
+     H = Σ φ(K)ᵀV (D×D) and Z = Σ φ(K), fp32, summed over chunks here (deterministic, no atomics). Scope
+     'marginal' also writes each key block's h_j = φ(K_j)ᵀV_j (input dtype) and z_j; then one batched GEMM
+     of the 0/1 "excluded" mask (critical + negligible) with h gives ΔH_i = Σ_{j excluded} h_j for every
+     query block (and Z_i = Z − Σ z_j likewise) — a dense (T_m×T_n)·(T_n×D²) product that is cheaper on
+     Hopper than subtracting φ(K_j)ᵀV_j inside the sparse loop, and makes negligible blocks free.
+  2. ``sla_forward``, grid (ceil(Lq / tile_m), H, B): one TMA + warp-specialised ``T.Pipelined`` loop over
+     the row's critical key blocks (online softmax, exp2, fp32), then the linear epilogue
+     O^l = φ(Q_i)H_i / (φ(Q_i)Z_i + eps) — scope 'all': H_i = H with Proj folded in when o_lin need not be
+     saved; scope 'marginal': H_i = H − ΔH_i — and one store of O = O^s + Proj(O^l).
+Every length and every stride of q, k, v and o is a run-time value (one compile per spec × tunables ×
+{save, Proj weight, bias}); inputs may be any (B, H, L, D) views with unit stride on D whose other strides
+are multiples of 16 bytes (bhld, blhd viewed as bhld, slices of a fused qkv tensor), as TMA requires —
+anything else raises a ValueError (no hidden copies).
+
+``block_map`` and ``backward`` have no TileLang kernels yet: they delegate to the Triton backend
+(``slagen.backends.triton.block_map`` / ``.backward``), which runs on the same GPU; so a model trained with
+``backend="tilelang"`` runs the TileLang forward and the Triton block map and backward. Compiled kernels
+go to TileLang's cache inside slagen's cache dir (``<cache dir>/tilelang``; TILELANG_CACHE_DIR is pointed
+there while slagen compiles). TileLang is imported at the first availability check or compile, not at
+import time. Tunables: :func:`default_config` / :func:`check_config` (the autotuner's interface);
+``forward(..., config=...)`` overrides them per call; :func:`build` compiles without a GPU.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import math
+import os
+import threading
+from typing import Dict, Optional, Tuple
 
-REASON = "the TileLang kernels are not implemented in this version of slagen; use backend='triton'"
+import torch
+
+from slagen import codegen
+from slagen.paths import cache_dir
+from slagen.spec import KernelSpec
+
+HEAD_DIMS = (64, 128)
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+TARGET = {"kind": "cuda", "arch": "sm_90a"}
+FEATURE_MAPS = ("softmax", "elu", "relu", "none")
+SCOPES = ("marginal", "all")
+
+# Tunables per head dim. tile_m / tile_n: query rows per CTA / keys per loop step (dividing block_q /
+# block_k); num_warps: consumer warps (4 or 8; warp specialisation adds a producer warpgroup); num_stages:
+# TMA pipeline depth; pre_*: the linear pre-pass; warp_specialized: False sets TL_DISABLE_WARP_SPECIALIZED and
+# TL_DISABLE_TMA_LOWER (a slow fallback, ~4x, for the Hopper warp-specialisation bugs TileLang has had; it
+# needs num_stages = pre_stages = 1). d=128 defaults measured on an H200 (B=1, H=12, L=32760, 128x64 blocks):
+# num_stages 2/3/4 time the same; pre_tile 128 beats 64 for scope 'all' (0.115 vs 0.16 ms).
+_DEFAULTS: Dict[int, dict] = {
+    64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
+             warp_specialized=True),
+    128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
+              warp_specialized=True),
+}
+SHARED_MEMORY = 227 * 1024
+
+_LOCK = threading.RLock()
+_KERNELS: Dict[tuple, object] = {}
+_KEY_LOCKS: Dict[tuple, threading.Lock] = {}
+_CACHE_SAVED: Optional[str] = None
+_DUMMIES: Dict[tuple, Tuple[torch.Tensor, ...]] = {}
+_IMPORT_ERROR: Optional[str] = None
+_IMPORT_CHECKED = False
 
 
-def unavailable_reason(device, spec) -> Optional[str]:
-    return REASON
+# ----------------------------------------------------------------------------------------------------
+# Availability
+# ----------------------------------------------------------------------------------------------------
+
+def tilelang_import_error() -> Optional[str]:
+    """Why ``import tilelang`` fails here, or None (checked once per process)."""
+    global _IMPORT_ERROR, _IMPORT_CHECKED
+    if not _IMPORT_CHECKED:
+        try:
+            import tilelang  # noqa: F401
+        except Exception as err:  # ImportError, or a broken install (tvm-ffi mismatch, missing libs)
+            _IMPORT_ERROR = (f"tilelang is not importable ({type(err).__name__}: {err}); install "
+                             f"tilelang==0.1.15 and apache-tvm-ffi<0.1.13")
+        _IMPORT_CHECKED = True
+    return _IMPORT_ERROR
 
 
-def block_map(*args, **kwargs):
-    raise RuntimeError(REASON)
+def _triton():
+    from slagen.backends import triton as triton_backend
+    return triton_backend
 
 
-forward = backward = block_map
+def unavailable_reason(device: torch.device, spec: KernelSpec) -> Optional[str]:
+    """Why the TileLang backend cannot serve ``spec`` on ``device``, or None when it can.
+
+    The forward runs TileLang kernels (CUDA device of capability 9.0, head_dim 64 or 128, bf16/fp16); the
+    block map and the backward are delegated to the Triton backend, so they need what it needs.
+    """
+    if device.type != "cuda":
+        return (f"the TileLang backend runs on Hopper GPUs only (CUDA capability 9.0, e.g. H100/H200); "
+                f"got device type {device.type!r}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) != (9, 0):
+        return (f"the TileLang backend needs a Hopper GPU (CUDA capability 9.0, sm_90a); this GPU is "
+                f"sm{major}{minor}: use backend='triton'")
+    if spec.arch != "sm90":
+        return f"the TileLang backend compiles for sm90 only; the spec asks for arch={spec.arch!r}"
+    if spec.role in ("block_map", "backward"):
+        reason = _triton().unavailable_reason(device, spec)
+        return None if reason is None else f"TileLang delegates role {spec.role!r} to Triton, which cannot: {reason}"
+    missing = tilelang_import_error()
+    if missing:
+        return missing
+    if spec.head_dim not in HEAD_DIMS:
+        return (f"head_dim={spec.head_dim} is not supported by the TileLang kernels; allowed: "
+                f"{', '.join(map(str, HEAD_DIMS))} (use backend='triton' for others)")
+    if spec.dtype not in ("bf16", "fp16"):
+        return f"dtype={spec.dtype!r} is not supported by the TileLang kernels; allowed: bf16, fp16"
+    # Training through this backend uses the delegated block map and backward.
+    reason = _triton().unavailable_reason(device, spec.replace(role="backward"))
+    if reason is not None:
+        return f"the TileLang backend delegates its block map and backward to Triton, which cannot: {reason}"
+    return None
+
+
+def block_map(q, k, n_crit: int, n_negl: int, block_q: int, block_k: int):
+    """Delegated to the Triton backend (no TileLang selection kernel yet)."""
+    return _triton().block_map(q, k, n_crit, n_negl, block_q, block_k)
+
+
+def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg):
+    """Delegated to the Triton backend (no TileLang backward yet); it reads the lse / o_lin / den this
+    backend's forward saves, which follow the same contract (natural-log LSE, O^l before Proj, fp32 den)."""
+    return _triton().backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tunables
+# ----------------------------------------------------------------------------------------------------
+
+def default_config(spec: KernelSpec) -> dict:
+    """Default tunables of ``spec``'s forward (see ``_DEFAULTS``), clipped to the selection blocks."""
+    if spec.head_dim not in _DEFAULTS:
+        raise ValueError(f"head_dim={spec.head_dim} is not supported by the TileLang kernels; allowed: "
+                         f"{', '.join(map(str, HEAD_DIMS))}")
+    cfg = dict(_DEFAULTS[spec.head_dim])
+    cfg["tile_m"] = min(cfg["tile_m"], spec.block_q)
+    cfg["tile_n"] = min(cfg["tile_n"], spec.block_k)
+    if spec.scope == "marginal":   # per-block h_j: the pre-pass tile divides block_k
+        cfg["pre_tile"] = min(cfg["pre_tile"], spec.block_k)
+    if cfg["tile_m"] < 128:
+        cfg["num_warps"] = 4         # 64-row tiles: one consumer warpgroup (8 warps fail layout inference)
+    return cfg
+
+
+def shared_bytes(cfg: dict, spec: KernelSpec) -> int:
+    """Upper bound of the forward kernel's shared memory (TileLang may alias epilogue buffers)."""
+    esize, d, m = 2, spec.head_dim, cfg["tile_m"]
+    linear = spec.feature_map is not None
+    w = esize * d * d if linear else 0               # Proj weight, loaded before the loop
+    loop = esize * m * d + esize * 2 * cfg["tile_n"] * d * cfg["num_stages"] + w
+    epilogue = (esize * m * d + esize * d * d + w + 4 * m) if linear else 0   # φ(Q), H_i, W, den
+    return max(loop, epilogue) + 1024
+
+
+def check_config(cfg: dict, spec: KernelSpec) -> None:
+    """Raise ValueError naming the first invalid tunable of ``cfg`` for ``spec``."""
+    allowed = set(_DEFAULTS[128])
+    unknown = set(cfg) - allowed
+    if unknown:
+        raise ValueError(f"config has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    missing = allowed - set(cfg)
+    if missing:
+        raise ValueError(f"config lacks keys {sorted(missing)}")
+
+    def choice(name, options, divides=None):
+        val = cfg[name]
+        if isinstance(val, bool) or val not in options or (divides and divides % val):
+            extra = f" dividing {divides}" if divides else ""
+            raise ValueError(f"config[{name!r}]={val!r} is not supported; allowed: "
+                             f"{', '.join(map(str, options))}{extra}")
+
+    choice("tile_m", (64, 128), spec.block_q)
+    choice("tile_n", (32, 64, 128), spec.block_k)
+    choice("num_warps", (4, 8))
+    choice("num_stages", (1, 2, 3, 4))
+    choice("pre_tile", (32, 64, 128), spec.block_k if spec.scope == "marginal" else None)
+    choice("pre_warps", (4, 8))
+    choice("pre_stages", (1, 2, 3))
+    if not isinstance(cfg["warp_specialized"], bool):
+        raise ValueError(f"config['warp_specialized']={cfg['warp_specialized']!r} must be True or False")
+    if not cfg["warp_specialized"] and (cfg["num_stages"], cfg["pre_stages"]) != (1, 1):
+        raise ValueError("config warp_specialized=False needs num_stages=1 and pre_stages=1 (TileLang 0.1.15's "
+                         "software pipeliner emits a run-time wait count for a run-time trip count, which fails "
+                         "codegen)")
+    if cfg["tile_m"] == 64 and cfg["num_warps"] == 8:
+        raise ValueError("config tile_m=64 with num_warps=8 is not supported (TileLang layout inference "
+                         "rejects it); use num_warps=4")
+    need = shared_bytes(cfg, spec)
+    if need > SHARED_MEMORY:
+        raise ValueError(f"config needs about {need // 1024} KiB of shared memory; sm90 has "
+                         f"{SHARED_MEMORY // 1024} KiB per block")
+
+
+def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
+    cfg = default_config(spec)
+    if config:
+        cfg.update(config)
+    check_config(cfg, spec)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compilation
+# ----------------------------------------------------------------------------------------------------
+
+_CACHE_USERS = 0
+
+
+@contextlib.contextmanager
+def _tilelang_cache():
+    """Point TileLang's kernel cache at ``<slagen cache dir>/tilelang`` while slagen compiles (restored
+    when the last concurrent compile ends; TileLang reads the variable at each access)."""
+    global _CACHE_USERS, _CACHE_SAVED
+    path = str(cache_dir() / "tilelang")
+    with _LOCK:
+        if _CACHE_USERS == 0:
+            _CACHE_SAVED = os.environ.get("TILELANG_CACHE_DIR")
+        _CACHE_USERS += 1
+        os.environ["TILELANG_CACHE_DIR"] = path
+    try:
+        yield path
+    finally:
+        with _LOCK:
+            _CACHE_USERS -= 1
+            if _CACHE_USERS == 0:
+                if _CACHE_SAVED is None:
+                    os.environ.pop("TILELANG_CACHE_DIR", None)
+                else:
+                    os.environ["TILELANG_CACHE_DIR"] = _CACHE_SAVED
+
+
+def pass_configs(warp_specialized: bool = True) -> dict:
+    import tilelang
+    cfg = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
+    if not warp_specialized:    # (warp specialisation off alone fails codegen in 0.1.15 for these kernels)
+        cfg[tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED] = True
+        cfg[tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER] = True
+    return cfg
+
+
+def _compile(key: tuple, make, warp_specialized: bool):
+    """Compile (once per process and key) the prim_func ``make()`` for sm_90a; TileLang's disk cache
+    makes a new process's compile a load. Different keys may compile in parallel threads."""
+    kernel = _KERNELS.get(key)
+    if kernel is not None:
+        return kernel
+    with _LOCK:
+        key_lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with key_lock:
+        kernel = _KERNELS.get(key)
+        if kernel is None:
+            missing = tilelang_import_error()
+            if missing:
+                raise RuntimeError(missing)
+            import tilelang
+            with _tilelang_cache():
+                kernel = tilelang.compile(make(), target=TARGET, pass_configs=pass_configs(warp_specialized))
+            _KERNELS[key] = kernel
+        return kernel
+
+
+def _module(spec: KernelSpec):
+    """The rendered template module of ``spec`` (rendering serialised: codegen's temp file is per process)."""
+    with _LOCK:
+        return codegen.load(spec, "tilelang")
+
+
+def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bool = False,
+                   has_bias: bool = False):
+    """The compiled forward kernel of ``spec`` for tunables ``cfg`` and the epilogue flags."""
+    linear = spec.feature_map is not None
+    save, has_w, has_bias = (bool(save) and linear, bool(has_w) and linear, bool(has_bias) and linear)
+    args = dict(tile_m=cfg["tile_m"], tile_n=cfg["tile_n"], threads=32 * cfg["num_warps"],
+                num_stages=cfg["num_stages"], save=save, has_w=has_w, has_bias=has_bias)
+    key = ("forward", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
+    mod = _module(spec)
+    return _compile(key, lambda: mod.forward_kernel(**args), cfg["warp_specialized"])
+
+
+def prepass_kernel(spec: KernelSpec, cfg: dict):
+    """The compiled linear pre-pass of ``spec`` (linear branch only)."""
+    if spec.feature_map is None:
+        raise ValueError("a sparse-only spec (feature_map=None) has no linear pre-pass")
+    args = dict(tile=cfg["pre_tile"], threads=32 * cfg["pre_warps"], num_stages=cfg["pre_stages"])
+    key = ("prepass", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
+    mod = _module(spec)
+    return _compile(key, lambda: mod.prepass_kernel(**args), cfg["warp_specialized"])
+
+
+def build(spec: KernelSpec, config: Optional[dict] = None, *, variants: str = "all") -> list:
+    """Compile ``spec``'s kernels without running them (no GPU needed); returns the JITKernels.
+
+    variants: 'all' — every epilogue variant {save} × {Proj weight} × {bias} plus the pre-pass; 'default'
+    — the inference variant without Proj plus the pre-pass.
+    """
+    cfg = _resolve_config(spec, config)
+    linear = spec.feature_map is not None
+    flags = [(False, False, False)]
+    if linear and variants == "all":
+        flags = [(s, w, b) for s in (False, True) for w in (False, True) for b in (False, True)]
+    out = [forward_kernel(spec, cfg, save=s, has_w=w, has_bias=b) for s, w, b in flags]
+    if linear:
+        out.append(prepass_kernel(spec, cfg))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch
+# ----------------------------------------------------------------------------------------------------
+
+def kernel_spec(q: torch.Tensor, *, block_q: int, block_k: int, feature_map: str, scope: str,
+                has_negligible: bool) -> KernelSpec:
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map={feature_map!r} is not supported; allowed: {', '.join(FEATURE_MAPS)}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} is not supported; allowed: {', '.join(SCOPES)}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q.dtype={q.dtype} is not supported by the TileLang kernels; allowed: bfloat16, "
+                         f"float16 (cast, or use backend='triton' / 'torch')")
+    return KernelSpec(arch="sm90", head_dim=q.shape[-1], block_q=block_q, block_k=block_k,
+                      feature_map=feature_map, scope=scope, has_negligible=has_negligible,
+                      dtype=DTYPES[q.dtype], role="forward")
+
+
+def _check_tma(name: str, x: torch.Tensor) -> None:
+    """TMA needs unit stride on D, 16-byte aligned base and 16-byte multiple strides."""
+    esize = x.element_size()
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride on the head dimension, got strides {tuple(x.stride())}")
+    bad = [s for s, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1 and (s * esize) % 16]
+    if bad or x.data_ptr() % 16:
+        raise ValueError(f"{name} (strides {tuple(x.stride())}, {esize}-byte elements) cannot be read by the "
+                         f"TileLang kernels: TMA needs a 16-byte aligned base and strides that are multiples of "
+                         f"16 bytes; pass a .contiguous() tensor or use backend='triton'")
+    if sum((n - 1) * s for n, s in zip(x.shape, x.stride()) if n > 0) >= 2 ** 31:
+        raise ValueError(f"{name} spans 2**31 elements or more, beyond the TileLang kernels' 32-bit strides")
+
+
+def _check_inputs(q, k, v, maps, proj_weight, proj_bias) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q must be (B, H, Lq, D) and k, v (B, H, Lk, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and D")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device.type != "cuda" or k.device != q.device or v.device != q.device:
+        raise ValueError(f"the TileLang kernels need q, k, v on one CUDA device; got {q.device}, {k.device}, "
+                         f"{v.device}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head_dim={q.shape[-1]} is not supported by the TileLang kernels; allowed: "
+                         f"{', '.join(map(str, HEAD_DIMS))}")
+    if len(maps) != 9:
+        raise ValueError(f"maps must be the 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS), got {len(maps)}")
+    d = q.shape[-1]
+    for name, t, shape in (("proj_weight", proj_weight, (d, d)), ("proj_bias", proj_bias, (d,))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tma(name, x)
+
+
+def _dummies(device: torch.device, dtype: torch.dtype, d: int):
+    """1-element stand-ins for the epilogue inputs a variant does not read (their shapes are free)."""
+    key = (device, dtype, d)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = (torch.zeros((1, 1), dtype=dtype, device=device),
+                         torch.zeros((1,), dtype=torch.float32, device=device),
+                         torch.zeros((1, 1, 1, d), dtype=dtype, device=device),
+                         torch.zeros((1, 1, 1), dtype=torch.float32, device=device))
+    return _DUMMIES[key]
+
+
+def _chunks(n_tiles: int, bh: int, device: torch.device) -> Tuple[int, int]:
+    """(chunks per head, tiles per chunk) for the pre-pass: about two CTAs per SM, no empty chunk."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, min(n_tiles, math.ceil(2 * sms / max(bh, 1))))
+    per = math.ceil(n_tiles / want)
+    return math.ceil(n_tiles / per), per
+
+
+def linear_totals(spec: KernelSpec, cfg: dict, k: torch.Tensor, v: torch.Tensor):
+    """(H (B,H,D,D), Z (B,H,D)) fp32 sums over all keys, and for scope 'marginal' the per-tile terms
+    (h_t (B,H,n_tiles,D,D) in k's dtype, z_t (B,H,n_tiles,D) fp32), else (None, None)."""
+    B, H, lk, d = k.shape
+    tile = cfg["pre_tile"]
+    n_tiles = math.ceil(lk / tile)
+    n_chunks, _ = _chunks(n_tiles, B * H, k.device)
+    hp = torch.empty((B, H, n_chunks, d, d), dtype=torch.float32, device=k.device)
+    zp = torch.empty((B, H, n_chunks, d), dtype=torch.float32, device=k.device)
+    args = [k, v, hp, zp]
+    ht = zt = None
+    if spec.scope == "marginal":
+        ht = torch.empty((B, H, n_tiles, d, d), dtype=k.dtype, device=k.device)
+        zt = torch.empty((B, H, n_tiles, d), dtype=torch.float32, device=k.device)
+        args += [ht, zt]
+    prepass_kernel(spec, cfg)(*args)
+    if n_chunks == 1:
+        return hp[:, :, 0], zp[:, :, 0], ht, zt
+    return hp.sum(2), zp.sum(2), ht, zt
+
+
+def excluded_sums(spec: KernelSpec, cfg: dict, z: torch.Tensor, ht: torch.Tensor, zt: torch.Tensor,
+                  mask: torch.Tensor):
+    """(ΔH (B,H,T_m,D,D) in h's dtype, Z_i (B,H,T_m,D) fp32): Σ h_j and Z − Σ z_j over the blocks j
+    excluded from each query block's linear branch (mask != 0: critical or negligible), as GEMMs."""
+    B, H, n_tiles, d = zt.shape
+    tm, tn = mask.shape[-2:]
+    r = spec.block_k // cfg["pre_tile"]
+    if r > 1:   # pre-pass tiles -> selection blocks
+        pad = tn * r - n_tiles
+        ht = (torch.nn.functional.pad(ht, (0, 0, 0, 0, 0, pad)).view(B, H, tn, r, d, d)
+              .sum(3, dtype=torch.float32).to(ht.dtype))
+        zt = torch.nn.functional.pad(zt, (0, 0, 0, pad)).view(B, H, tn, r, d).sum(3)
+    excl = mask != 0
+    dh = torch.matmul(excl.to(ht.dtype), ht.reshape(B, H, tn, d * d)).view(B, H, tm, d, d)
+    return dh, z[:, :, None, :] - torch.matmul(excl.to(torch.float32), zt)
+
+
+def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,
+            config: Optional[dict] = None):
+    """SLA forward on the TileLang kernels; returns (o, lse, o_lin, den) as slagen.backends describes.
+
+    q (B, H, Lq, D), k and v (B, H, Lk, D): views with unit stride on D and 16-byte multiple strides;
+    maps the 9 BlockMap tensors; proj_weight (D, D) and proj_bias (D,) or None; config overrides of
+    :func:`default_config`.
+    """
+    _check_inputs(q, k, v, maps, proj_weight, proj_bias)
+    spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
+                       has_negligible=maps[5].shape[-1] > 0)
+    if config is None:
+        from slagen.autotune import select
+        config = select.config_for(spec, "tilelang", q.device, k.shape[-2],
+                                   maps[1].shape[-1] / max(maps[0].shape[-1], 1))
+    cfg = _resolve_config(spec, config)
+    B, H, lq, d = q.shape
+    linear = spec.feature_map is not None
+    save = bool(save) and linear
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, lq), dtype=torch.float32, device=q.device)
+    o_lin = q.new_empty((B, H, lq, d)) if save else q.new_empty((0,))
+    den = q.new_empty((B, H, lq), dtype=torch.float32) if save else q.new_empty((0,), dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse, o_lin, den
+    crit_count = maps[2].to(torch.int32).contiguous()
+    args = [q, k, v, o, lse, maps[1].to(torch.int32).contiguous(), crit_count]
+    has_w = proj_weight is not None
+    if linear:
+        h_tot, z_tot, ht, zt = linear_totals(spec, cfg, k, v)
+        if has_w and spec.scope == "all" and not save:
+            # Proj folds into the per-head constant: φ(Q)(H Wᵀ)/den = (φ(Q)H/den) Wᵀ (SLA.md §6).
+            h_tot = torch.matmul(h_tot, proj_weight.to(torch.float32).t())
+            has_w = False
+        w_dummy, b_dummy, olin_dummy, den_dummy = _dummies(q.device, q.dtype, d)
+        args.append(h_tot.contiguous())
+        if spec.scope == "marginal":
+            dh, z_i = excluded_sums(spec, cfg, z_tot, ht, zt, maps[0])
+            n_excl = crit_count + maps[6].to(torch.int32) if spec.has_negligible else crit_count
+            args += [z_i.contiguous(), dh, n_excl.contiguous()]
+        else:
+            args.append(z_tot.contiguous())
+        args.append(proj_weight.to(q.dtype).contiguous() if has_w else w_dummy)
+        args.append(proj_bias.to(torch.float32).contiguous() if proj_bias is not None else b_dummy)
+        args += [o_lin if save else olin_dummy, den if save else den_dummy, float(eps)]
+    args.append(float(scale))
+    kernel = forward_kernel(spec, cfg, save=save, has_w=has_w, has_bias=proj_bias is not None)
+    with torch.cuda.device(q.device):
+        kernel(*args)
+    return o, lse, o_lin, den

@@ -17,7 +17,9 @@ from slagen import codegen
 from slagen.paths import cache_dir, shared_cache_dirs
 from slagen.spec import ROLES, KernelSpec, parse_arch, parse_dtype, parse_feature_map, parse_scope
 
-BUILD_BACKENDS = ("triton",)  # backends whose templates exist in this version
+# The kernel roles each backend renders from its own templates (TileLang delegates its block map and
+# backward to Triton).
+TEMPLATE_ROLES = {"triton": ROLES, "tilelang": ("forward",)}
 
 
 def _version() -> str:
@@ -141,28 +143,56 @@ def spec_grid(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles
 @click.option("--emit", type=click.Path(file_okay=False, path_type=Path),
               help="Also copy the generated sources into this directory.")
 def build(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, backend, tune, seq_lens, emit):
-    """Render (and, where the toolchain allows, compile) every kernel of a spec grid into the cache."""
+    """Render every kernel of a spec grid into the cache; compile what this machine's toolchain can.
+
+    Triton kernels are rendered and imported (Triton compiles them on the GPU at first use); TileLang
+    kernels (sm90 forward) are compiled to sm_90a cubins, which needs only tilelang and nvcc, no GPU.
+    """
     if tune:
-        raise click.UsageError("--tune: autotuning is not part of this version of slagen yet")
-    if backend == "tilelang":
-        raise click.UsageError("--backend tilelang: the TileLang templates are not part of this version yet")
+        raise click.UsageError("--tune: tune on a GPU host with `slagen tune` (same spec options, plus --seq-len)")
     try:
         specs = spec_grid(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
-    names = BUILD_BACKENDS if backend == "auto" else (backend,)
-    click.echo(f"building {len(specs) * len(names)} kernel sources for {arch} into {cache_dir() / 'generated'}")
-    with click.progressbar([(s, b) for s in specs for b in names], label="rendering",
-                           item_show_func=lambda item: item and item[0].uri(item[1])) as bar:
+    jobs = [(s, "triton") for s in specs] if backend in ("auto", "triton") else []
+    if backend in ("auto", "tilelang"):
+        why_not = _tilelang_build_blocker(arch)
+        if why_not and backend == "tilelang":
+            raise click.UsageError(f"--backend tilelang: {why_not}")
+        if why_not:
+            click.echo(f"note: not building TileLang kernels: {why_not}")
+        else:
+            tl_specs = [s for s in specs if s.role in TEMPLATE_ROLES["tilelang"] and s.dtype in ("bf16", "fp16")
+                        and s.head_dim in (64, 128)]
+            jobs += [(s, "tilelang") for s in tl_specs]
+            if len(tl_specs) < len([s for s in specs if s.role == "forward"]):
+                click.echo("note: TileLang serves bf16/fp16 forwards of head dim 64/128; the rest build for Triton only")
+    click.echo(f"building {len(jobs)} kernels for {arch} into {cache_dir() / 'generated'}")
+    with click.progressbar(jobs, label="building", item_show_func=lambda item: item and item[0].uri(item[1])) as bar:
         for spec, name in bar:
-            path = codegen.write(spec, name)
-            codegen.import_file(path)
+            if name == "tilelang":
+                from slagen.backends import tilelang as tl_backend
+                tl_backend.build(spec)
+                path = codegen.source_path(spec, name)
+            else:
+                path = codegen.write(spec, name)
+                codegen.import_file(path)
             if emit:
                 emit.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, emit / path.name)
     if emit:
         click.echo(f"sources copied to {emit}")
-    click.echo("Triton kernels compile on first use on the GPU (JIT); nothing else to compile for these backends.")
+    click.echo("done: Triton kernels compile on the GPU at first use; TileLang kernels are compiled to sm_90a.")
+
+
+def _tilelang_build_blocker(arch: str):
+    """Why TileLang kernels cannot be built here for ``arch``, or None."""
+    if arch != "sm90":
+        return f"TileLang kernels target sm90 only (asked for {arch})"
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        return "nvcc is not on PATH (TileLang compiles sm_90a cubins with it)"
+    from slagen.backends import tilelang as tl_backend
+    return tl_backend.tilelang_import_error()
 
 
 @main.group("cache")
@@ -276,7 +306,8 @@ def cache_clear(yes, everything):
 
 
 @main.command()
-@click.option("--backend", default="triton", show_default=True, type=click.Choice(["triton"]))
+@click.option("--backend", default="triton", show_default=True, type=click.Choice(["triton", "tilelang"]),
+              help="tilelang tunes its forward; its block map and backward are Triton's (tune them with triton).")
 @click.option("--head-dim", "head_dims", default="128", show_default=True, callback=_csv(int))
 @click.option("--dtype", "dtypes", default="bf16", show_default=True, callback=_csv(parse_dtype))
 @click.option("--block", "blocks", default="128x64", show_default=True, callback=_csv(_block))
@@ -304,7 +335,7 @@ def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, 
     arch = device_arch(device)
     try:
         specs = [s for s in spec_grid(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles)
-                 if s.role in roles]
+                 if s.role in roles and s.role in problems.ROLE_MODULES[backend]]
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
     click.echo(f"tuning {len(specs)} kernels x {len(seq_lens)} lengths on {torch.cuda.get_device_name(device)} "

@@ -1,0 +1,349 @@
+"""The TileLang backend (backends/tilelang.py, templates/tilelang/forward.py.j2).
+
+CPU: tunables and their validation, availability reasons, input checks, the glue's GEMM of the excluded
+blocks against an explicit sum, every template variant renders to valid Python, and a few specs really
+compile to sm_90a with nvcc (TMA loads, wgmma, warp specialisation with setmaxnreg in the CUDA source).
+Set SLAGEN_TILELANG_FULL_GRID=1 to compile the whole grid (d 64/128 × bf16/fp16 × feature maps and
+sparse-only × scopes × negligible on/off, ~50 compiles) instead of the CI subset.
+
+GPU (marker gpu, Hopper only): the TileLang forward vs the torch reference (fp32, same inputs) at video
+lengths with outputs poisoned (NaN) first; rel. err < 2e-2. tools/check_tilelang.py runs these helpers.
+"""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures
+import itertools
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from slagen import codegen, reference
+from slagen.backends import reference as torch_backend
+from slagen.backends import tilelang as tl_backend
+from slagen.blockmap import BlockMap
+from slagen.spec import KernelSpec
+
+TOL = 2e-2
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _tilelang_missing():
+    return tl_backend.tilelang_import_error()
+
+
+def _nvcc_missing():
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        return "nvcc is not installed (TileLang compiles sm_90a kernels with it)"
+    return None
+
+
+def _is_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+needs_compiler = pytest.mark.skipif(bool(_tilelang_missing() or _nvcc_missing()),
+                                    reason=str(_tilelang_missing() or _nvcc_missing()))
+needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="needs a Hopper GPU (CUDA capability 9.0)")
+
+
+def spec_of(d=128, dtype="bf16", fmap="softmax", scope="marginal", negl=False, block=(128, 64)):
+    return KernelSpec(arch="sm90", head_dim=d, block_q=block[0], block_k=block[1], feature_map=fmap, scope=scope,
+                      has_negligible=negl, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: tunables, availability, input checks, glue math
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d", tl_backend.HEAD_DIMS)
+@pytest.mark.parametrize("block", [(64, 64), (128, 64), (128, 128), (64, 32)])
+@pytest.mark.parametrize("fmap,scope", [("softmax", "marginal"), ("elu", "all"), (None, "marginal")])
+def test_default_config_is_valid(d, block, fmap, scope):
+    spec = spec_of(d=d, fmap=fmap, scope=scope, block=block)
+    cfg = tl_backend.default_config(spec)
+    tl_backend.check_config(cfg, spec)
+    assert block[0] % cfg["tile_m"] == 0 and block[1] % cfg["tile_n"] == 0
+    if scope == "marginal":
+        assert block[1] % cfg["pre_tile"] == 0
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(tile_m=96), "tile_m"), (dict(tile_m=256), "tile_m"), (dict(tile_n=128), "tile_n"),
+    (dict(num_warps=6), "num_warps"), (dict(num_stages=0), "num_stages"), (dict(tile_m=64, num_warps=8), "num_warps=4"),
+    (dict(warp_specialized=False), "num_stages=1"), (dict(warp_specialized=False, num_stages=1), "pre_stages=1"), (dict(warp_specialized="yes"), "warp_specialized"),
+    (dict(pre_tile=128), "pre_tile"), (dict(bogus=1), "unknown keys"),
+])
+def test_bad_config_is_a_clear_error(change, match):
+    spec = spec_of(scope="marginal", block=(128, 64))
+    cfg = {**tl_backend.default_config(spec), **change}
+    with pytest.raises(ValueError, match=match):
+        tl_backend.check_config(cfg, spec)
+    big = spec_of(block=(128, 128))
+    with pytest.raises(ValueError, match="shared memory"):
+        tl_backend.check_config({**tl_backend.default_config(big), "tile_n": 128, "num_stages": 4}, big)
+
+
+def test_unavailable_reasons():
+    spec = spec_of()
+    assert "Hopper" in tl_backend.unavailable_reason(torch.device("cpu"), spec)
+    if torch.cuda.is_available() and not _is_hopper():
+        assert "capability 9.0" in tl_backend.unavailable_reason(torch.device("cuda"), spec)
+    if _is_hopper():
+        dev = torch.device("cuda")
+        assert "head_dim=32" in tl_backend.unavailable_reason(dev, spec.replace(head_dim=32))
+        assert "fp32" in tl_backend.unavailable_reason(dev, spec.replace(dtype="fp32"))
+        if not _tilelang_missing():
+            assert tl_backend.unavailable_reason(dev, spec) is None
+
+
+def test_forward_rejects_what_tma_cannot_read():
+    maps = [torch.zeros(1)] * 9
+    q = torch.zeros(1, 2, 16, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA"):
+        tl_backend.forward(q, q, q, maps, None, None, False, block_q=64, block_k=64, scale=0.125,
+                           feature_map="none", scope="marginal", eps=1e-5)
+    base = torch.zeros(1, 2, 16, 68, dtype=torch.bfloat16)[..., :64]      # rows of 136 bytes
+    with pytest.raises(ValueError, match="16 bytes"):
+        tl_backend._check_tma("k", base)
+    with pytest.raises(ValueError, match="unit stride"):
+        tl_backend._check_tma("k", torch.zeros(1, 2, 64, 16, dtype=torch.bfloat16).transpose(-1, -2))
+    tl_backend._check_tma("q", torch.zeros(1, 16, 2, 64, dtype=torch.bfloat16).transpose(1, 2))   # blhd view
+    qkv = torch.zeros(1, 16, 3, 2, 64, dtype=torch.bfloat16)
+    tl_backend._check_tma("q", qkv[:, :, 1].transpose(1, 2))                                       # fused qkv
+
+
+@pytest.mark.parametrize("pre_tile,block_k", [(64, 64), (32, 64), (64, 128)])
+def test_excluded_sums_match_an_explicit_sum(pre_tile, block_k):
+    g = torch.Generator().manual_seed(0)
+    B, H, d, lk, tm = 1, 2, 8, 5 * block_k - 3, 3
+    tn = math.ceil(lk / block_k)
+    n_tiles = math.ceil(lk / pre_tile)
+    ht = torch.randn(B, H, n_tiles, d, d, generator=g)
+    zt = torch.randn(B, H, n_tiles, d, generator=g)
+    z = torch.randn(B, H, d, generator=g)
+    mask = torch.randint(-1, 2, (B, H, tm, tn), generator=g).to(torch.int8)
+    spec = spec_of(block=(64, block_k))
+    dh, zi = tl_backend.excluded_sums(spec, dict(pre_tile=pre_tile), z, ht, zt, mask)
+    r = block_k // pre_tile
+    for i in range(tm):
+        excl = [j for j in range(tn) if mask[0, 1, i, j] != 0]
+        tiles = [t for j in excl for t in range(j * r, min((j + 1) * r, n_tiles))]
+        want_h = ht[0, 1, tiles].sum(0) if tiles else torch.zeros(d, d)
+        want_z = z[0, 1] - (zt[0, 1, tiles].sum(0) if tiles else 0)
+        torch.testing.assert_close(dh[0, 1, i], want_h, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(zi[0, 1, i], want_z, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: rendering and compiling for sm_90a
+# ----------------------------------------------------------------------------------------------------
+
+GRID = [spec_of(d=d, dtype=dt, fmap=fm, scope=sc, negl=ng)
+        for d, dt, fm, sc, ng in itertools.product((64, 128), ("bf16", "fp16"), ("softmax", "elu", "relu", None),
+                                                   ("marginal", "all"), (False, True))
+        if fm is not None or (sc == "marginal" and not ng)]
+
+
+@pytest.mark.parametrize("spec", GRID + [spec_of(block=b) for b in ((64, 64), (128, 128), (64, 32))],
+                         ids=lambda s: s.canonical)
+def test_template_renders_valid_python(spec):
+    text = codegen.render(spec, "tilelang")
+    tree = ast.parse(text)
+    names = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert "forward_kernel" in names
+    assert ("prepass_kernel" in names) == (spec.feature_map is not None)
+    assert f"HEAD_DIM = {spec.head_dim}" in text and f"BLOCK_K = {spec.block_k}" in text
+
+
+# (spec, epilogue flags): the CI subset covers both head dims and dtypes, every feature map, sparse-only,
+# both scopes, negligible on/off and every epilogue flag; 8 compiles.
+CI_COMPILES = [
+    (spec_of(d=128, fmap=None), {}),
+    (spec_of(d=128, fmap="softmax", scope="marginal", negl=True), dict(save=True, has_w=True, has_bias=True)),
+    (spec_of(d=128, fmap="softmax", scope="all"), {}),
+    (spec_of(d=64, dtype="fp16", fmap="elu", scope="marginal"), dict(has_bias=True)),
+    (spec_of(d=64, fmap="relu", scope="all", negl=True), dict(save=True, has_w=True)),
+]
+FULL = os.environ.get("SLAGEN_TILELANG_FULL_GRID") == "1"
+COMPILES = [(s, dict(save=True, has_w=True, has_bias=True)) for s in GRID] if FULL else CI_COMPILES
+
+
+def _assert_hopper_source(src: str, what: str):
+    assert "tl::tma_load" in src, f"{what}: no TMA loads in the generated CUDA"
+    assert "wgmma" in src, f"{what}: no wgmma in the generated CUDA"
+    assert "warpgroup_reg_alloc" in src, f"{what}: not warp-specialised (no setmaxnreg)"
+
+
+@needs_compiler
+@pytest.mark.parametrize("spec,flags", COMPILES, ids=lambda x: x.canonical if isinstance(x, KernelSpec) else
+                         "-".join(k for k, v in sorted(x.items()) if v) or "plain")
+def test_forward_compiles_for_sm90a(spec, flags):
+    cfg = tl_backend.default_config(spec)
+    kernel = tl_backend.forward_kernel(spec, cfg, **flags)
+    _assert_hopper_source(kernel.get_kernel_source(), "forward")
+    cache = tl_backend.cache_dir() / "tilelang"
+    assert cache.is_dir() and any(cache.rglob("*.cu")), "TileLang's cache is not inside slagen's cache dir"
+
+
+@needs_compiler
+@pytest.mark.parametrize("spec", [spec_of(d=128, scope="marginal"), spec_of(d=64, fmap="elu", scope="all")],
+                         ids=lambda s: s.canonical)
+def test_prepass_compiles_for_sm90a(spec):
+    kernel = tl_backend.prepass_kernel(spec, tl_backend.default_config(spec))
+    _assert_hopper_source(kernel.get_kernel_source(), "pre-pass")
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: against the reference (helpers shared with tools/check_tilelang.py)
+# ----------------------------------------------------------------------------------------------------
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.float(), want.float()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def poison_allocator(nbytes: int, device) -> None:
+    """Fill the caching allocator's free blocks with NaN, so that an output a kernel fails to write shows."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    x.fill_(float("nan"))
+    del x
+
+
+def make_mask(B, H, tm, tn, n_crit, negl, device, gen):
+    """A random class mask with n_crit critical blocks per row (an int, 'all' = every block, 'topk' = 5 %)
+    and floor(negl · T_n) negligible ones; 'mixed' gives rows 0, 1 and 2 critical blocks in turn."""
+    scores = torch.rand(B, H, tm, tn, device=device, generator=gen)
+    if n_crit == "mixed":
+        one, two = reference.classify(scores, 1, 0), reference.classify(scores, min(2, tn), 0)
+        row = (torch.arange(tm, device=device) % 3)[:, None]
+        return torch.where(row == 1, one, torch.where(row == 2, two, torch.zeros_like(one)))
+    c = tn if n_crit == "all" else reference.block_counts(tn, 0.05, 0.0)[0] if n_crit == "topk" else min(n_crit, tn)
+    return reference.classify(scores, c, min(int(math.floor(negl * tn)), tn - c))
+
+
+def make_qkv(B, H, lq, lk, d, dtype, layout, device, gen):
+    """q, k, v as (B, H, L, D) views: contiguous 'bhld', 'blhd' transposed, or slices of a fused 'qkv'."""
+    if layout == "bhld":
+        return [torch.randn(B, H, n, d, device=device, dtype=dtype, generator=gen) for n in (lq, lk, lk)]
+    if layout == "blhd":
+        return [torch.randn(B, n, H, d, device=device, dtype=dtype, generator=gen).transpose(1, 2)
+                for n in (lq, lk, lk)]
+    qkv = torch.randn(B, lq, 3, H, d, device=device, dtype=dtype, generator=gen)
+    return [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+
+
+def run_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="marginal", negl=0.0, n_crit="topk",
+             block=(128, 64), layout="bhld", proj=True, save=True, seed=0, Lk=None, config=None) -> dict:
+    """One TileLang forward vs the reference (fp32, same inputs); returns {output: rel. err}.
+
+    Raises AssertionError when o's layout/dtype is wrong or the non-finite pattern (NaN anywhere, -inf LSE
+    rows) differs from the reference's."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    lk = Lk or L
+    bq, bk = block
+    q, k, v = make_qkv(B, H, L, lk, d, DT[dtype], layout, dev, gen)
+    mask = make_mask(B, H, reference.num_blocks(L, bq), reference.num_blocks(lk, bk), n_crit, negl, dev, gen)
+    maps = list(BlockMap.from_mask(mask, block_q=bq, block_k=bk).tensors())
+    linear = fmap != "none"
+    w = b = None
+    if linear and proj:
+        w = torch.randn(d, d, device=dev, generator=gen) / math.sqrt(d)
+        b = torch.randn(d, device=dev, generator=gen) * 0.1
+    cfg = dict(block_q=bq, block_k=bk, scale=d ** -0.5, feature_map=fmap, scope=scope, eps=reference.EPS)
+    poison_allocator(8 * q.numel() * 4, dev)
+    o, lse, o_lin, den = tl_backend.forward(q, k, v, maps, w, b, save, config=config, **cfg)
+    torch.cuda.synchronize()
+    ro, rlse, ro_lin, rden = torch_backend.forward(q.float(), k.float(), v.float(), maps, w, b, True, **cfg)
+    assert o.dtype == q.dtype and o.stride() == torch.empty_like(q).stride(), (o.dtype, o.stride(), q.stride())
+    fin = torch.isfinite(rlse)
+    assert torch.equal(fin, torch.isfinite(lse)), "rows with -inf LSE differ from the reference"
+    assert not torch.isnan(o).any(), f"{int(torch.isnan(o).sum())} NaN in o"
+    errs = {"o": rel_err(o, ro)}
+    if fin.any():
+        errs["lse"] = rel_err(lse[fin], rlse[fin])
+    if linear and save:
+        assert o_lin.shape == q.shape and den.shape == q.shape[:-1]
+        errs["o_lin"] = rel_err(o_lin, ro_lin) if ro_lin.norm() > 0 else float(o_lin.float().norm())
+        errs["den"] = rel_err(den, rden)
+    else:
+        assert o_lin.numel() == 0 and den.numel() == 0
+    return errs
+
+
+GPU_CASES = (
+    [dict(L=L, d=d, scope=sc, negl=ng, n_crit=c)
+     for L, c in ((77, 1), (77, 2), (77, "all"), (4096, 1), (4096, 2), (4096, "all"), (32760, 1), (32760, 2),
+                  (32760, "topk"))
+     for d in (64, 128) for sc in ("marginal", "all") for ng in (0.0, 0.1)]
+    + [dict(L=32760, d=128, scope="marginal", negl=0.1, n_crit="all", H=1),
+       dict(L=75600, H=1, scope="marginal", negl=0.1, n_crit="topk"),
+       dict(L=75600, H=1, fmap="none", n_crit="topk"),
+       dict(L=4096, fmap="none", n_crit="mixed"), dict(L=4096, scope="marginal", n_crit="mixed"),
+       dict(L=4096, fmap="elu", scope="marginal", negl=0.1, n_crit=2), dict(L=4096, fmap="relu", scope="all"),
+       dict(L=4096, fmap="elu", scope="all", proj=False, save=False), dict(L=4096, scope="all", save=False),
+       dict(L=4096, scope="marginal", save=False), dict(L=4096, dtype="fp16", negl=0.1),
+       dict(L=4096, layout="blhd"), dict(L=4096, layout="qkv", scope="all", save=False),
+       dict(L=1000, Lk=3001, negl=0.1, n_crit=2), dict(L=4096, block=(64, 64)), dict(L=4096, block=(128, 128)),
+       dict(L=4096, d=64, block=(64, 32), fmap="elu"), dict(L=4096, B=2, H=3, scope="all"),
+       dict(L=4096, config=dict(num_stages=3)), dict(L=4096, config=dict(warp_specialized=False, num_stages=1, pre_stages=1)),
+       dict(L=4096, fmap="none", config=dict(tile_m=64, num_warps=4)),
+       dict(L=4096, block=(128, 128), config=dict(tile_n=64, pre_tile=64))])
+
+
+def kernels_of(case: dict):
+    """(spec, tunables, epilogue flags) of the kernels ``run_case(**case)`` launches."""
+    fmap = case.get("fmap", "softmax")
+    spec = spec_of(d=case.get("d", 128), dtype=case.get("dtype", "bf16"), fmap=None if fmap == "none" else fmap,
+                   scope=case.get("scope", "marginal"), negl=case.get("negl", 0.0) > 0,
+                   block=case.get("block", (128, 64)))
+    linear = spec.feature_map is not None
+    proj, save = case.get("proj", True) and linear, case.get("save", True) and linear
+    cfg = {**tl_backend.default_config(spec), **(case.get("config") or {})}
+    return spec, cfg, dict(save=save, has_w=proj and not (spec.scope == "all" and not save), has_bias=proj)
+
+
+def precompile(cases, workers: int = 8) -> list:
+    """Compile every kernel ``cases`` need in parallel threads (nvcc runs as subprocesses); returns the
+    failures as (description, exception) pairs."""
+    jobs = {}
+    for case in cases:
+        spec, cfg, flags = kernels_of(case)
+        jobs[(spec, tuple(sorted(cfg.items())), tuple(sorted(flags.items())))] = (spec, cfg, flags)
+
+    def one(job):
+        spec, cfg, flags = job
+        tl_backend.forward_kernel(spec, cfg, **flags)
+        if spec.feature_map is not None:
+            tl_backend.prepass_kernel(spec, cfg)
+    failures = []
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(one, job): job for job in jobs.values()}
+        for fut in concurrent.futures.as_completed(futures):
+            if fut.exception() is not None:
+                spec, cfg, flags = futures[fut]
+                failures.append((f"{spec.canonical} {flags} {cfg}", fut.exception()))
+    return failures
+
+
+@pytest.fixture(scope="module")
+def gpu_kernels():
+    """Compile the GPU cases' kernels up front, in parallel (a failure shows in its case)."""
+    precompile(GPU_CASES, workers=min(16, os.cpu_count() or 1))
+
+
+def case_id(c: dict) -> str:
+    return "-".join(f"{k}{v}" for k, v in c.items()).replace(" ", "")
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_gpu_forward_matches_reference(case, gpu_kernels):
+    errs = run_case(**case)
+    assert max(errs.values()) < TOL, errs
