@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
+import logging
 import os
 import platform
 import shutil
@@ -162,6 +163,7 @@ def build(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, ba
         if why_not:
             click.echo(f"note: not building TileLang kernels: {why_not}")
         else:
+            logging.getLogger("tilelang").setLevel(logging.WARNING)  # one line per compile drowns the bar
             tl_specs = [s for s in specs if s.role in TEMPLATE_ROLES["tilelang"] and s.dtype in ("bf16", "fp16")
                         and s.head_dim in (64, 128)]
             jobs += [(s, "tilelang") for s in tl_specs]
