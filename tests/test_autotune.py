@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from slagen.autotune import bundle, cache, records, space, tuner
@@ -230,3 +231,60 @@ def test_cli_cache_commands(user, tmp_path):
     bad.write_text("nope")
     result = runner.invoke(main, ["cache", "import", str(bad)])
     assert result.exit_code == 1 and "cannot read bundle" in result.output
+
+
+def test_runtime_lookup_uses_the_tuned_record_and_memoises(user, monkeypatch):
+    from slagen.autotune import select
+    spec = KernelSpec(arch="sm90", head_dim=128, block_q=128, block_k=64)
+    monkeypatch.setattr(select, "gpu_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.delenv("SLAGEN_AUTOTUNE", raising=False)
+    select.forget()
+    device = torch.device("cuda", 0)          # never touched: the GPU name is patched above
+    assert select.config_for(spec, "triton", device, 32760, 25 / 512) is None
+    cache.save([rec(0.5, num_warps=4)])
+    select.forget()
+    assert select.config_for(spec, "triton", device, 32760, 25 / 512) == {"num_warps": 4}
+    assert select.config_for(spec, "triton", device, 8000, 25 / 512) is None        # another bucket
+    assert select.config_for(spec, "triton", torch.device("cpu"), 32760, 0.05) is None
+    select.forget()
+
+
+def test_slagen_autotune_tunes_once_on_first_use(user, monkeypatch):
+    from slagen.autotune import problems, select
+    spec = KernelSpec(arch="sm90", head_dim=128, block_q=128, block_k=64)
+    monkeypatch.setattr(select, "gpu_name", lambda device: "NVIDIA H100 80GB HBM3")
+    calls = []
+
+    def fake_tune(spec_, backend, device, seq_len, density):
+        calls.append((spec_, backend, seq_len))
+        return tuner.TuneResult(best={"num_warps": 8}, best_ms=1.0, default_ms=2.0, outcomes=[])
+    monkeypatch.setattr(problems, "tune_and_store", fake_tune)
+    select.forget()
+    monkeypatch.setenv("SLAGEN_AUTOTUNE", "1")
+    for _ in range(3):
+        assert select.config_for(spec, "triton", torch.device("cuda", 0), 32760, 0.05) == {"num_warps": 8}
+    assert calls == [(spec, "triton", 32760)]
+    select.forget()
+
+
+@pytest.mark.parametrize("role", ["block_map", "forward", "backward"])
+def test_tuning_problem_checks_candidates_against_the_reference(role):
+    """The real problem builder on CPU (Triton interpreter): the default passes its reference check, a
+    corrupted output is rejected, and the tuner keeps the correct candidate."""
+    from slagen.autotune import problems
+    spec = KernelSpec(arch="sm80", head_dim=16, block_q=16, block_k=16, dtype="fp32", role=role,
+                      has_negligible=True, feature_map=None if role == "block_map" else "softmax")
+    problem = problems.make_problem(spec, "triton", torch.device("cpu"), heads=1, seq_len=70, density=0.3,
+                                    negligible=0.2)
+    good = problem.run(problem.default)
+    problem.check(good)
+    bad = tuple(t.clone() for t in good)
+    if role == "block_map":
+        bad[0].neg_()
+    else:
+        bad[0].add_(1.0)
+    with pytest.raises(AssertionError):
+        problem.check(bad)
+    configs = space.candidates(spec, problem.default, problem.module.check_config)[:2]
+    result = tuner.tune(configs, problem.run, problem.check, time_ms=lambda fn: 1.0)
+    assert not result.failures and result.best == problem.default
