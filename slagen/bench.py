@@ -8,7 +8,6 @@ SLA rows include the block map and the linear branch. Dense-equivalent TFLOP/s =
 
 from __future__ import annotations
 
-import json
 import subprocess
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -193,7 +192,3 @@ def table(result: dict) -> str:
                      f"{dense_tf} | {sparse_tf} | {num(r['peak_mib'], 0)} | {r['note']} |")
     return "\n".join(lines)
 
-
-def save_json(result: dict, path: str) -> None:
-    with open(path, "w") as fh:
-        json.dump(result, fh, indent=1)

@@ -360,7 +360,8 @@ def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, 
 
 
 @main.command()
-@click.option("--seq-len", default=32760, show_default=True, type=int)
+@click.option("--seq-len", "seq_lens", default="32760", show_default=True, callback=_csv(int),
+              help="Sequence lengths, comma-separated (one table each: e.g. 8192,16384,32760,75600).")
 @click.option("--heads", default=12, show_default=True, type=int)
 @click.option("--batch", default=1, show_default=True, type=int)
 @click.option("--head-dim", default=128, show_default=True, type=int)
@@ -373,23 +374,31 @@ def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, 
 @click.option("--backward/--no-backward", default=True, help="Also time forward+backward.")
 @click.option("--reference-sla", "reference_sla", multiple=True, metavar="LABEL=DIR",
               help="Also time the authors' thu-ml/SLA code found in DIR (holding sparse_linear_attention/).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full result as JSON.")
-def bench(seq_len, heads, batch, head_dim, topk, blocks, dtype, backends, flex, backward, reference_sla, json_path):
-    """SLA vs dense attention (SDPA cuDNN/flash) and FlexAttention on this GPU: a table (and JSON)."""
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
+def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex, backward, reference_sla, json_path):
+    """SLA vs dense attention (SDPA cuDNN/flash) and FlexAttention on this GPU: a table per length (and JSON)."""
+    import json
+
     import torch
 
     from slagen import bench as bench_mod
     if not torch.cuda.is_available():
         raise click.ClickException("slagen bench needs a CUDA GPU (none is visible to torch)")
-    result = bench_mod.run(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, topk=topk, blocks=blocks,
-                           dtype=dtype, backends=[b.strip() for b in backends.split(",") if b.strip()], flex=flex,
-                           backward=backward, echo=click.echo,
-                           reference_sla=[tuple(item.split("=", 1)) if "=" in item else (item, item)
-                                          for item in reference_sla])
-    click.echo("")
-    click.echo(bench_mod.table(result))
+    refs = [tuple(item.split("=", 1)) if "=" in item else (item, item) for item in reference_sla]
+    results = []
+    for seq_len in seq_lens:
+        click.echo(f"== L={seq_len}")
+        results.append(bench_mod.run(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, topk=topk,
+                                     blocks=blocks, dtype=dtype, backward=backward, flex=flex, echo=click.echo,
+                                     backends=[b.strip() for b in backends.split(",") if b.strip()],
+                                     reference_sla=refs))
+        torch.cuda.empty_cache()
+    for result in results:
+        click.echo("")
+        click.echo(bench_mod.table(result))
     if json_path:
-        bench_mod.save_json(result, json_path)
+        with open(json_path, "w") as fh:
+            json.dump(results, fh, indent=1)
         click.echo(f"\nJSON written to {json_path}")
 
 

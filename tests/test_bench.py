@@ -1,0 +1,35 @@
+"""The bench table (ratios, components) from a recorded result, and the GPU-only commands' errors on CPU."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from slagen import bench
+from slagen.cli import main
+
+
+def row(name, fwd, fb=None, group="", component=False, sparse_flops=None):
+    return dict(name=name, group=group, fwd_ms=fwd, fwd_bwd_ms=fb, peak_mib=100.0, sparse_flops=sparse_flops,
+                component=component, note="")
+
+
+def test_table_ratios_to_cudnn_and_flex_of_the_same_blocks():
+    result = {"header": dict(device="GPU", clocks="-", B=1, H=12, L=32760, D=128, dtype="bf16", topk=0.05,
+                             torch="x", slagen="y"),
+              "rows": [row("dense SDPA cuDNN", 10.0, 40.0),
+                       row("slagen-triton block map [128x64, 25/512]", 0.1, group="128x64", component=True),
+                       row("slagen-triton SLA all [128x64]", 1.0, 5.0, "128x64", sparse_flops=322e9),
+                       row("FlexAttention same blocks [128x64]", 2.0, 4.0, "128x64")]}
+    lines = bench.table(result).splitlines()
+    sla = next(line for line in lines if "SLA all" in line).split("|")
+    assert [c.strip() for c in sla[2:8]] == ["1.000", "5.000", "10.00", "8.00", "2.00", "0.80"]
+    assert sla[9].strip() == "322"                       # sparse TFLOP/s = 322 GFLOP / 1 ms
+    block_map = next(line for line in lines if "block map" in line)
+    assert "part of every SLA row" in block_map and "10.00" not in block_map
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without a GPU gets")
+def test_gpu_commands_say_they_need_a_gpu():
+    for cmd in (["bench"], ["tune"]):
+        result = CliRunner().invoke(main, cmd)
+        assert result.exit_code == 1 and "needs a CUDA GPU" in result.output
