@@ -36,6 +36,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from slagen import codegen
+from slagen.backends import linear_terms
 from slagen.paths import cache_dir
 from slagen.spec import KernelSpec
 
@@ -382,21 +383,13 @@ def _dummies(device: torch.device, dtype: torch.dtype, d: int):
     return _DUMMIES[key]
 
 
-def _chunks(n_tiles: int, bh: int, device: torch.device) -> Tuple[int, int]:
-    """(chunks per head, tiles per chunk) for the pre-pass: about two CTAs per SM, no empty chunk."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, min(n_tiles, math.ceil(2 * sms / max(bh, 1))))
-    per = math.ceil(n_tiles / want)
-    return math.ceil(n_tiles / per), per
-
-
 def linear_totals(spec: KernelSpec, cfg: dict, k: torch.Tensor, v: torch.Tensor):
     """(H (B,H,D,D), Z (B,H,D)) fp32 sums over all keys, and for scope 'marginal' the per-tile terms
     (h_t (B,H,n_tiles,D,D) in k's dtype, z_t (B,H,n_tiles,D) fp32), else (None, None)."""
     B, H, lk, d = k.shape
     tile = cfg["pre_tile"]
     n_tiles = math.ceil(lk / tile)
-    n_chunks, _ = _chunks(n_tiles, B * H, k.device)
+    n_chunks, _ = linear_terms.prepass_chunks(n_tiles, B * H, k.device)
     hp = torch.empty((B, H, n_chunks, d, d), dtype=torch.float32, device=k.device)
     zp = torch.empty((B, H, n_chunks, d), dtype=torch.float32, device=k.device)
     args = [k, v, hp, zp]
@@ -406,26 +399,17 @@ def linear_totals(spec: KernelSpec, cfg: dict, k: torch.Tensor, v: torch.Tensor)
         zt = torch.empty((B, H, n_tiles, d), dtype=torch.float32, device=k.device)
         args += [ht, zt]
     prepass_kernel(spec, cfg)(*args)
-    if n_chunks == 1:
-        return hp[:, :, 0], zp[:, :, 0], ht, zt
-    return hp.sum(2), zp.sum(2), ht, zt
+    return (*linear_terms.chunk_totals(hp, zp), ht, zt)
 
 
 def excluded_sums(spec: KernelSpec, cfg: dict, z: torch.Tensor, ht: torch.Tensor, zt: torch.Tensor,
                   mask: torch.Tensor):
     """(ΔH (B,H,T_m,D,D) in h's dtype, Z_i (B,H,T_m,D) fp32): Σ h_j and Z − Σ z_j over the blocks j
-    excluded from each query block's linear branch (mask != 0: critical or negligible), as GEMMs."""
-    B, H, n_tiles, d = zt.shape
-    tm, tn = mask.shape[-2:]
-    r = spec.block_k // cfg["pre_tile"]
-    if r > 1:   # pre-pass tiles -> selection blocks
-        pad = tn * r - n_tiles
-        ht = (torch.nn.functional.pad(ht, (0, 0, 0, 0, 0, pad)).view(B, H, tn, r, d, d)
-              .sum(3, dtype=torch.float32).to(ht.dtype))
-        zt = torch.nn.functional.pad(zt, (0, 0, 0, pad)).view(B, H, tn, r, d).sum(3)
-    excl = mask != 0
-    dh = torch.matmul(excl.to(ht.dtype), ht.reshape(B, H, tn, d * d)).view(B, H, tm, d, d)
-    return dh, z[:, :, None, :] - torch.matmul(excl.to(torch.float32), zt)
+    excluded from each query block's linear branch (mask != 0: critical or negligible), as GEMMs
+    (slagen.backends.linear_terms.excluded_sums; the pre-pass tiles of ``pre_tile`` keys are summed into
+    selection blocks first)."""
+    return linear_terms.excluded_sums(z, ht, zt, mask, per_block=spec.block_k // cfg["pre_tile"],
+                                      out_dtype=ht.dtype)
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,

@@ -1,11 +1,17 @@
 """Glue of the Triton SLA forward (templates/triton/forward.py.j2): spec, tunables, launches.
 
-Two launches per call (one without a linear branch):
+Two launches per call (one without a linear branch), plus torch GEMMs for scope 'marginal' with 'gemm':
   1. ``sla_linear_totals_kernel`` (linear branch only), grid (n_chunks, B·H): per-chunk partials of the
      per-head totals H = Σ_all keys φ(K)ᵀV (D×D) and Z = Σ φ(K) (D), fp32; summed over chunks here
-     (deterministic, no atomics).
-  2. ``sla_forward_kernel``, grid (ceil(Lq / tile_m), B·H): sparse branch over the critical blocks,
-     linear branch from the totals (minus on-chip corrections for scope 'marginal'), Proj, one store of O.
+     (deterministic, no atomics). Scope 'marginal' with config['marginal'] = 'gemm' (the default): the
+     chunks are whole key blocks and the kernel also writes every block's h_j = φ(K_j)ᵀV_j and z_j.
+  2. 'gemm' only: slagen.backends.linear_terms.excluded_sums — one batched GEMM of the class mask's
+     excluded (critical + negligible) blocks against the stacked h_j gives ΔH_i = Σ_{j excluded} h_j (fp32)
+     for every query block, and Z_i = Z − Σ z_j (the TileLang backend's formulation, shared code).
+  3. ``sla_forward_kernel``, grid (ceil(Lq / tile_m), B·H): sparse branch over the critical blocks,
+     linear epilogue from the totals — scope 'marginal': H_i = H − ΔH_i ('gemm': the key loop is scope
+     'all''s, negligible blocks cost nothing) or on-chip corrections φ(Q_i)φ(K_j)ᵀV_j of the critical and
+     negligible tiles ('onchip': no temporaries, twice the loop's MMAs) — Proj, one store of O.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from slagen import codegen
+from slagen.backends import linear_terms
 from slagen.dispatch import device_arch
 from slagen.spec import KernelSpec
 
@@ -23,6 +30,7 @@ FEATURE_MAPS = ("softmax", "elu", "relu", "none")
 SCOPES = ("marginal", "all")
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FP32_DOTS = ("tf32", "tf32x3", "ieee")
+MARGINAL_MODES = ("gemm", "onchip")
 
 # Default tunables per (arch, head_dim), chosen from offline compiles (shared memory, registers, spills
 # inside the key loop): (tile_m, tile_n, num_warps, num_stages, epi_k, pre_warps). Shared memory: sm80
@@ -38,28 +46,39 @@ _TABLE: Dict[Tuple[str, int], Tuple[int, int, int, int, int, int]] = {
     ("sm90", 16): (128, 64, 4, 3, 16, 4), ("sm90", 32): (128, 64, 8, 3, 32, 4),
     ("sm90", 64): (128, 64, 8, 3, 16, 4), ("sm90", 128): (128, 64, 8, 3, 32, 8),
 }
-# With scope 'marginal' the on-chip corrections double the loop's MMAs and live accumulators: at D=128 a
-# 32-key tile keeps the loop free of register spills.
+# With scope 'marginal' and marginal='onchip' the corrections double the loop's MMAs and live accumulators:
+# at D=128 a 32-key tile keeps the loop free of register spills ('gemm' runs scope 'all''s loop).
 _MARGINAL_TILE_N = {128: 32}
 
 
-def default_config(spec: KernelSpec) -> dict:
-    """Default tunables of ``spec``'s forward on its arch.
+def _gemm_marginal(spec: KernelSpec, cfg: dict) -> bool:
+    return spec.feature_map is not None and spec.scope == "marginal" and cfg["marginal"] == "gemm"
+
+
+def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
+    """Default tunables of ``spec``'s forward on its arch (for marginal mode ``marginal``, default 'gemm').
 
     Keys: tile_m / tile_n (query rows / keys per tile of the main kernel, powers of two dividing block_q /
     block_k), num_warps, num_stages (main kernel), epi_k (columns of φ(Q) per step of the linear epilogue),
     pre_tile / pre_warps (pre-pass: key rows per step, warps), fp32_dot (precision of the fp32 dots
-    φ(Q)·H and O^l·Wᵀ: 'tf32' | 'tf32x3' | 'ieee').
+    φ(Q)·H and O^l·Wᵀ: 'tf32' | 'tf32x3' | 'ieee'), marginal (scope 'marginal' only, ignored otherwise:
+    'gemm' — excluded-block sums ΔH_i from one batched GEMM, the key loop of scope 'all'; temporaries per
+    head: T_n·D² h_j in the input dtype and T_m·D² fp32 ΔH, ~420 MB at B·H = 12, L = 32760, D = 128, bf16,
+    128×64 blocks; 'onchip' — corrections inside the key loop: no temporaries, twice the loop's MMAs).
     """
+    mode = marginal if marginal in MARGINAL_MODES else MARGINAL_MODES[0]
     tile_m, tile_n, warps, stages, epi_k, pre_warps = _TABLE[(spec.arch, spec.head_dim)]
     pre_tile = 64
-    if spec.feature_map is not None and spec.scope == "marginal":
+    linear_marginal = spec.feature_map is not None and spec.scope == "marginal"
+    if linear_marginal and mode == "onchip":
         tile_n = _MARGINAL_TILE_N.get(spec.head_dim, tile_n)
     if spec.dtype == "fp32":          # fp32 operands need twice the shared memory and registers
         tile_m, tile_n, pre_tile = tile_m // 2, max(tile_n // 2, 16), pre_tile // 2
+    if linear_marginal and mode == "gemm":
+        pre_tile = min(pre_tile, spec.block_k)    # the pre-pass steps through whole key blocks
     return dict(tile_m=min(tile_m, spec.block_q), tile_n=min(tile_n, spec.block_k), num_warps=warps,
                 num_stages=stages, epi_k=min(epi_k, spec.head_dim), pre_tile=pre_tile, pre_warps=pre_warps,
-                fp32_dot="tf32")
+                fp32_dot="tf32", marginal=mode)
 
 
 def check_config(cfg: dict, spec: KernelSpec) -> None:
@@ -83,6 +102,12 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError(f"config['num_stages']={cfg['num_stages']!r} must be a positive int")
     if cfg["fp32_dot"] not in FP32_DOTS:
         raise ValueError(f"config['fp32_dot']={cfg['fp32_dot']!r} is not supported; allowed: {', '.join(FP32_DOTS)}")
+    if cfg["marginal"] not in MARGINAL_MODES:
+        raise ValueError(f"config['marginal']={cfg['marginal']!r} is not supported; allowed: "
+                         f"{', '.join(MARGINAL_MODES)}")
+    if _gemm_marginal(spec, cfg) and cfg["pre_tile"] > spec.block_k:
+        raise ValueError(f"config['pre_tile']={cfg['pre_tile']} must be <= block_k={spec.block_k} with "
+                         f"marginal='gemm' (the pre-pass writes one h_j per key block)")
 
 
 def kernel_spec(q: torch.Tensor, *, block_q: int, block_k: int, feature_map: str, scope: str,
@@ -117,39 +142,55 @@ def _check_inputs(q, k, v, maps, proj_weight, proj_bias) -> None:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _prepass_chunks(bh: int, lk: int, tile: int, device: torch.device) -> int:
-    """Chunks per head for the pre-pass: about two programs per SM, at least one key tile per chunk."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(math.ceil(2 * sms / bh), math.ceil(lk / tile)))
-
-
-def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-head H = Σ φ(K)ᵀV (B·H, D, D) and Z = Σ φ(K) (B·H, D), fp32, over all Lk keys."""
+# Where the per-block h_j of marginal='gemm' come from: the Triton pre-pass, which loads every K, V row for
+# the totals anyway. At the headline shape (B·H = 12, L = 32760, D = 128, bf16, 64-key blocks, T_n = 512)
+# it adds only the h_j writes, 12·512·128²·2 B = 201 MB (~0.04 ms at 4.8 TB/s), and 0 FLOPs (the totals'
+# 2·L·D² = 12.9 GFLOP MMAs already produce each block's partial: h_j is the accumulator of one block, H
+# stays an fp32 sum of the unrounded h_j). A torch version would materialise φ(K) (L·D, +100 MB written and
+# read back), run a (T_n·B·H)-batched (D×64)·(64×D) bmm (12.9 GFLOP again, with its own read of K, V = 201 MB)
+# and a sum over T_n for H (another read of the h_j): ≥ 3× the bytes for the same result.
+# The h_j are stored in the input dtype (bf16 on GPUs): that is the precision of the MMA operands φ(K_j), V_j
+# they come from (relative rounding 2^-9 per element, on the ~5-15 % excluded part of H_i, far inside the
+# 2e-2 bf16 tolerance), it halves the GEMM's reads and lets cuBLAS run a bf16 tensor-core GEMM with an fp32
+# result — ΔH and the subtraction H − ΔH_i stay fp32 (an fp32 h_j would need an fp32 SIMT GEMM: ~1 ms).
+def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Optional[int] = None):
+    """Per-head H = Σ φ(K)ᵀV (B·H, D, D) and Z = Σ φ(K) (B·H, D), fp32, over all Lk keys; with ``block_k``
+    also the per-key-block terms h_j (B, H, T_n, D, D) in k's dtype and z_j (B, H, T_n, D) fp32 (else None)."""
     B, H, lk, d = k.shape
     tile = cfg["pre_tile"]
-    n_chunks = _prepass_chunks(B * H, lk, tile, k.device)
-    chunk_rows = math.ceil(math.ceil(lk / n_chunks) / tile) * tile
-    n_chunks = math.ceil(lk / chunk_rows)
+    unit = block_k or tile
+    n_units = math.ceil(lk / unit)
+    n_chunks, per = linear_terms.prepass_chunks(n_units, B * H, k.device)
     hp = torch.empty((B * H, n_chunks, d, d), dtype=torch.float32, device=k.device)
     zp = torch.empty((B * H, n_chunks, d), dtype=torch.float32, device=k.device)
+    hb = zb = None
+    if block_k:
+        hb = torch.empty((B, H, n_units, d, d), dtype=k.dtype, device=k.device)
+        zb = torch.empty((B, H, n_units, d), dtype=torch.float32, device=k.device)
     mod.sla_linear_totals_kernel[(n_chunks, B * H)](
-        k, v, hp, zp, *k.stride(), *v.stride(), H, lk, chunk_rows,
-        TILE=tile, num_warps=cfg["pre_warps"])
-    if n_chunks == 1:
-        return hp[:, 0], zp[:, 0]
-    return hp.sum(1), zp.sum(1)
+        k, v, hp, zp, hb, zb, *k.stride(), *v.stride(), H, lk, per * unit, n_units,
+        TILE=tile, BLOCKS=bool(block_k), num_warps=cfg["pre_warps"])
+    return (*linear_terms.chunk_totals(hp, zp), hb, zb)
 
 
-def _linear_args(mod, spec: KernelSpec, k, v, proj_weight, proj_bias, save: bool, cfg: dict):
-    """Pointer arguments HT, ZT, W, BIAS of the linear epilogue and its constexprs (runs the pre-pass)."""
-    ht, zt = linear_totals(mod, k, v, cfg)
+def _linear_args(mod, spec: KernelSpec, q, k, v, mask, proj_weight, proj_bias, save: bool, cfg: dict):
+    """Pointer arguments HT, ZT, (DH,) W, BIAS of the linear epilogue and its constexprs (runs the pre-pass,
+    and for marginal='gemm' the excluded-block GEMMs)."""
+    gemm = _gemm_marginal(spec, cfg)
+    ht, zt, hb, zb = linear_totals(mod, k, v, cfg, spec.block_k if gemm else None)
     w = None if proj_weight is None else proj_weight.to(torch.float32).contiguous()
     bias = None if proj_bias is None else proj_bias.to(torch.float32).contiguous()
     if w is not None and spec.scope == "all" and not save:
         ht, w = torch.matmul(ht, w.t()), None     # Proj folds into the per-head constant H (SLA.md §6)
     consts = dict(EPI_K=cfg["epi_k"], HAS_W=w is not None, HAS_BIAS=bias is not None, SAVE=save,
                   FP32_DOT=cfg["fp32_dot"])
-    return [ht, zt, w, bias], consts
+    if spec.scope != "marginal":
+        return [ht, zt, w, bias], consts
+    consts["MARGINAL_GEMM"] = gemm
+    dh = None
+    if gemm:   # ΔH (B, H, T_m, D, D) and Z_i (B, H, T_m, D), fp32, replace Z; the h_j are freed on return
+        dh, zt = linear_terms.excluded_sums(zt.view(*q.shape[:2], -1), hb, zb, mask, out_dtype=torch.float32)
+    return [ht, zt, dh, w, bias], consts
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,
@@ -165,7 +206,7 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     negl_width = maps[5].shape[-1]
     spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
                        has_negligible=negl_width > 0)
-    cfg = {**default_config(spec), **(config or {})}
+    cfg = {**default_config(spec, (config or {}).get("marginal")), **(config or {})}
     check_config(cfg, spec)
     B, H, lq, d = q.shape
     linear = spec.feature_map is not None
@@ -183,7 +224,7 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     crit_lut = maps[1].contiguous()
     args, consts = [q, k, v, o, lse], dict(TILE_M=cfg["tile_m"], TILE_N=cfg["tile_n"])
     if linear:
-        lin_args, lin_consts = _linear_args(mod, spec, k, v, proj_weight, proj_bias, save, cfg)
+        lin_args, lin_consts = _linear_args(mod, spec, q, k, v, maps[0], proj_weight, proj_bias, save, cfg)
         args += lin_args + [o_lin, den]
         consts.update(lin_consts)
     args += [crit_lut, maps[2].contiguous()]

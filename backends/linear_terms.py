@@ -1,0 +1,99 @@
+"""Torch-level terms of the linear branch shared by the Triton and TileLang forwards (SLA.md §3, §6).
+
+Both backends run a linear pre-pass kernel that sums φ(K)ᵀV over the keys; this module holds what they do
+around it in torch, once:
+
+  prepass_chunks   how many programs per head the pre-pass runs (about two per SM)
+  chunk_totals     per-head totals H = Σ_all h_j (D×D) and Z = Σ_all z_j (D) from the per-chunk partials
+  excluded_sums    scope 'marginal', GEMM formulation: for every query block i at once,
+                     ΔH_i = Σ_{j excluded} h_j   and   Z_i = Z − Σ_{j excluded} z_j
+                   where "excluded" is the class mask's critical and negligible blocks (mask != 0) and
+                   h_j = φ(K_j)ᵀV_j, z_j = Σ_rows φ(K_j) are the per-key-block terms the pre-pass wrote.
+                   The main kernel's epilogue then uses H_i = H − ΔH_i, so its key loop visits only the
+                   critical blocks and negligible blocks cost nothing.
+
+excluded_sums is one dense batched GEMM of the 0/1 mask (T_m × T_n) against the stacked h_j (T_n × D²):
+2·T_m·T_n·D² FLOPs per head, independent of the density, reading the h_j once. Accumulation is fp32 (cuBLAS
+accumulates bf16/fp16 products in fp32); the result has ``out_dtype`` (fp32 for Triton, the input dtype for
+TileLang, whose kernel reads ΔH as a tensor-core operand).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+
+def prepass_chunks(n_units: int, bh: int, device: torch.device) -> Tuple[int, int]:
+    """(chunks per head, units per chunk) for a pre-pass over ``n_units`` key units (tiles or blocks) of each
+    of ``bh`` heads: about two programs per SM (a CPU counts as 2 SMs: the interpreter tests split a head into
+    several chunks), no empty chunk, at least one unit per chunk."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    want = max(1, min(n_units, math.ceil(2 * sms / max(bh, 1))))
+    per = math.ceil(n_units / want)
+    return math.ceil(n_units / per), per
+
+
+def chunk_totals(hp: torch.Tensor, zp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(H (..., D, D), Z (..., D)) from per-chunk partials hp (..., n_chunks, D, D), zp (..., n_chunks, D)
+    (summed here, in a fixed order: deterministic, no atomics in the kernels)."""
+    if hp.shape[-3] == 1:
+        return hp[..., 0, :, :], zp[..., 0, :]
+    return hp.sum(-3), zp.sum(-2)
+
+
+def _tiles_to_blocks(h: torch.Tensor, z: torch.Tensor, per_block: int, n_blocks: int):
+    """Sum groups of ``per_block`` consecutive pre-pass tiles into selection blocks (the last group may be
+    short); the D×D sums run in fp32 and return in h's dtype."""
+    lead, n_tiles, d = h.shape[:-3], h.shape[-3], h.shape[-1]
+    pad = n_blocks * per_block - n_tiles
+    h = (torch.nn.functional.pad(h, (0, 0, 0, 0, 0, pad)).view(*lead, n_blocks, per_block, d, d)
+         .sum(-3, dtype=torch.float32).to(h.dtype))
+    z = torch.nn.functional.pad(z, (0, 0, 0, pad)).view(*lead, n_blocks, per_block, d).sum(-2)
+    return h, z
+
+
+_HAS_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
+
+
+def mask_matmul(sel: torch.Tensor, terms: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """sel (..., T_m, T_n) of 0/1 (bool) times terms (..., T_n, N), accumulated in fp32, as ``out_dtype``.
+
+    The 0/1 mask is exact in every dtype, so the operands are sel in terms' dtype and terms as they are:
+    bf16/fp16 terms with an fp32 result use one tensor-core GEMM with fp32 output (cuBLAS, torch.bmm's
+    out_dtype), never an fp32 copy of the terms; on CPU (no such kernel there) the product runs in fp32.
+    """
+    if out_dtype == terms.dtype:
+        return torch.matmul(sel.to(terms.dtype), terms)
+    half = terms.dtype in (torch.float16, torch.bfloat16)
+    if terms.is_cuda and half and out_dtype == torch.float32 and not _HAS_BMM_OUT_DTYPE:
+        # torch without aten::bmm.dtype (older than 2.8): the GEMM in the terms' dtype (cuBLAS still
+        # accumulates in fp32; only the stored sum is rounded, as the TileLang backend does), then fp32.
+        return torch.matmul(sel.to(terms.dtype), terms).to(out_dtype)
+    if terms.is_cuda and half and out_dtype == torch.float32:
+        lead, (tm, tn), n = sel.shape[:-2], sel.shape[-2:], terms.shape[-1]
+        out = torch.bmm(sel.to(terms.dtype).reshape(-1, tm, tn), terms.reshape(-1, tn, n), out_dtype=out_dtype)
+        return out.view(*lead, tm, n)
+    return torch.matmul(sel.to(torch.float32), terms.to(torch.float32)).to(out_dtype)
+
+
+def excluded_sums(z_total: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tensor, *,
+                  per_block: int = 1, out_dtype: Optional[torch.dtype] = None):
+    """(ΔH (..., T_m, D, D) in ``out_dtype`` (default: h_terms' dtype), Z_i (..., T_m, D) fp32).
+
+    ΔH_i = Σ_{j excluded} h_j and Z_i = Z − Σ_{j excluded} z_j over the key blocks excluded from query block
+    i's linear branch (mask != 0: critical or negligible). mask (..., T_m, T_n) is the int8 class mask;
+    z_total (..., D) the per-head Z; h_terms (..., n, D, D) and z_terms (..., n, D) the pre-pass's per-unit
+    terms, ``per_block`` consecutive units (key tiles) per selection block of the mask (n ≤ T_n·per_block).
+    """
+    tm, tn = mask.shape[-2:]
+    d = z_terms.shape[-1]
+    if per_block > 1:
+        h_terms, z_terms = _tiles_to_blocks(h_terms, z_terms, per_block, tn)
+    excl = mask != 0
+    lead = h_terms.shape[:-3]
+    dh = mask_matmul(excl, h_terms.reshape(*lead, tn, d * d), out_dtype or h_terms.dtype)
+    z_i = z_total[..., None, :] - torch.matmul(excl.to(torch.float32), z_terms.to(torch.float32))
+    return dh.view(*dh.shape[:-2], tm, d, d), z_i
