@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Optional, Sequence
 
 NAMES = ("torch", "triton", "tilelang")
 _MODULES = {"torch": "slagen.backends.reference", "triton": "slagen.backends.triton",
@@ -33,3 +34,23 @@ def get(name: str) -> ModuleType:
     if name not in _MODULES:
         raise ValueError(f"backend={name!r} is not known; allowed: auto, {', '.join(NAMES)}")
     return importlib.import_module(_MODULES[name])
+
+
+def check_forward_inputs(q, k, v, maps: Sequence, proj_weight: Optional[object], proj_bias: Optional[object]) -> None:
+    """The contract-level checks every kernel backend's forward makes (shapes, dtypes, the 9 map tensors,
+    Proj shapes); each backend adds what only it needs (devices, strides, head dims)."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q must be (B, H, Lq, D) and k, v (B, H, Lk, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and D")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-2] < 1 or k.shape[-2] < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got Lq={q.shape[-2]}, Lk={k.shape[-2]}")
+    if len(maps) != 9:
+        raise ValueError(f"maps must be the 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS), got {len(maps)}")
+    d = q.shape[-1]
+    for name, t, shape in (("proj_weight", proj_weight, (d, d)), ("proj_bias", proj_bias, (d,))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")

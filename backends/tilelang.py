@@ -36,7 +36,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from slagen import codegen
-from slagen.backends import linear_terms
+from slagen.backends import check_forward_inputs, linear_terms
 from slagen.paths import cache_dir
 from slagen.spec import KernelSpec
 
@@ -349,25 +349,13 @@ def _check_tma(name: str, x: torch.Tensor) -> None:
 
 
 def _check_inputs(q, k, v, maps, proj_weight, proj_bias) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"q must be (B, H, Lq, D) and k, v (B, H, Lk, D); got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and D")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_forward_inputs(q, k, v, maps, proj_weight, proj_bias)
     if q.device.type != "cuda" or k.device != q.device or v.device != q.device:
         raise ValueError(f"the TileLang kernels need q, k, v on one CUDA device; got {q.device}, {k.device}, "
                          f"{v.device}")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head_dim={q.shape[-1]} is not supported by the TileLang kernels; allowed: "
                          f"{', '.join(map(str, HEAD_DIMS))}")
-    if len(maps) != 9:
-        raise ValueError(f"maps must be the 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS), got {len(maps)}")
-    d = q.shape[-1]
-    for name, t, shape in (("proj_weight", proj_weight, (d, d)), ("proj_bias", proj_bias, (d,))):
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tma(name, x)
 

@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from slagen import codegen
-from slagen.backends import linear_terms
+from slagen.backends import check_forward_inputs, linear_terms
 from slagen.dispatch import device_arch
 from slagen.spec import KernelSpec
 
@@ -124,24 +124,6 @@ def kernel_spec(q: torch.Tensor, *, block_q: int, block_k: int, feature_map: str
                       has_negligible=has_negligible, dtype=DTYPES[q.dtype], role="forward")
 
 
-def _check_inputs(q, k, v, maps, proj_weight, proj_bias) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"q must be (B, H, Lq, D) and k, v (B, H, Lk, D); got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and D")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-2] < 1 or k.shape[-2] < 1:
-        raise ValueError(f"sequence lengths must be >= 1, got Lq={q.shape[-2]}, Lk={k.shape[-2]}")
-    if len(maps) != 9:
-        raise ValueError(f"maps must be the 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS), got {len(maps)}")
-    d = q.shape[-1]
-    for name, t, shape in (("proj_weight", proj_weight, (d, d)), ("proj_bias", proj_bias, (d,))):
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-
-
 # Where the per-block h_j of marginal='gemm' come from: the Triton pre-pass, which loads every K, V row for
 # the totals anyway. At the headline shape (B·H = 12, L = 32760, D = 128, bf16, 64-key blocks, T_n = 512)
 # it adds only the h_j writes, 12·512·128²·2 B = 201 MB (~0.04 ms at 4.8 TB/s), and 0 FLOPs (the totals'
@@ -202,7 +184,7 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     o has q's dtype and stride order; lse float32 (B, H, Lq) natural log; o_lin (B, H, Lq, D) in q's dtype
     and den float32 (B, H, Lq) when ``save`` and a linear branch, else empty.
     """
-    _check_inputs(q, k, v, maps, proj_weight, proj_bias)
+    check_forward_inputs(q, k, v, maps, proj_weight, proj_bias)
     negl_width = maps[5].shape[-1]
     spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
                        has_negligible=negl_width > 0)
