@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -25,9 +25,13 @@ def gpu_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
-def config_for(spec: KernelSpec, backend: str, device: torch.device, seq_len: int,
-               density: float) -> Optional[dict]:
-    """The tuned config of ``spec`` for this GPU and shape bucket, or None (use the default)."""
+def config_for(spec: KernelSpec, backend: str, device: torch.device, seq_len: int, density: float,
+               check: Optional[Callable[[dict, KernelSpec], object]] = None) -> Optional[dict]:
+    """The tuned config of ``spec`` for this GPU and shape bucket, or None (use the default).
+
+    ``check`` (the backend's check_config) vets a stored config first: one the kernel no longer accepts
+    (written by another version of its template) is reported once and not used.
+    """
     if device.type != "cuda":
         return None
     key = (spec, backend, device.index, records.shape_bucket(seq_len, density))
@@ -36,6 +40,13 @@ def config_for(spec: KernelSpec, backend: str, device: torch.device, seq_len: in
     gpu, bucket = gpu_name(device), key[-1]
     found = cache.lookup(spec.canonical, backend, gpu, spec.arch, bucket)
     config = found[0]["config"] if found else None
+    if config is not None and check is not None:
+        try:
+            check(config, spec)
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("slagen: ignoring the tuned config of %s from the %s cache: %s", spec.canonical,
+                        found[1], err)
+            config = found = None
     if found:
         log.debug("slagen: %s on %s [%s]: tuned config from the %s cache", spec.canonical, gpu, bucket, found[1])
     elif os.environ.get("SLAGEN_AUTOTUNE") == "1":

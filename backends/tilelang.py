@@ -414,7 +414,7 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     if config is None:
         from slagen.autotune import select
         config = select.config_for(spec, "tilelang", q.device, k.shape[-2],
-                                   maps[1].shape[-1] / max(maps[0].shape[-1], 1))
+                                   maps[1].shape[-1] / max(maps[0].shape[-1], 1), check=check_config)
     cfg = _resolve_config(spec, config)
     B, H, lq, d = q.shape
     linear = spec.feature_map is not None

@@ -248,6 +248,12 @@ def test_runtime_lookup_uses_the_tuned_record_and_memoises(user, monkeypatch):
     assert select.config_for(spec, "triton", torch.device("cpu"), 32760, 0.05) is None
     select.forget()
 
+    def check(cfg, spec_):
+        if cfg.get("num_warps") == 4:
+            raise ValueError("config has unknown keys")
+    assert select.config_for(spec, "triton", device, 32760, 25 / 512, check=check) is None   # stale: not used
+    select.forget()
+
 
 def test_slagen_autotune_tunes_once_on_first_use(user, monkeypatch):
     from slagen.autotune import problems, select

@@ -66,6 +66,9 @@ CASES = [
     (1, 2, 100, 77, 16, 16, 32, 1, 2),     # n_crit + n_negl = T_n: nothing marginal
     (2, 2, 64, 96, 16, 32, 32, 2, 1),      # whole blocks only
     (1, 1, 600, 1000, 16, 16, 16, 6, 6),   # T_m = 38 (several programs), T_n = 63 (padded to 64)
+    (1, 2, 600, 1000, 16, 16, 16, 40, 20), # thresholds among the negative scores
+    (1, 1, 40, 10, 16, 16, 16, 1, 0),      # T_n = 1
+    (1, 1, 90, 3000, 16, 16, 16, 9, 18),   # T_n = 188: several key-pooling groups, 2 score tiles wide
 ]
 
 
@@ -103,10 +106,30 @@ def test_strided_inputs():
 def test_small_tiles_config():
     """Tunables change the tiling (more loop trips everywhere), never the result."""
     q, k = make_qk(1, 2, 600, 1000, 32, seed=11)
-    config = dict(pool_rows=8, pool_group=3, score_rows=16, score_cols=16, score_dchunk=16, select_elems=64,
-                  col_rows=8, col_cols=4)
+    config = dict(pool_rows=8, pool_qgroup=3, pool_kprogs=5, pool_stages=3, score_rows=16, score_cols=16,
+                  score_dchunk=16, score_parts=2, select_rows=3, select_chunk=32, col_rows=8, col_cols=4)
     assert_equal_maps(selection.block_map(q, k, 5, 9, 16, 16, config=config),
                       torch_backend.block_map(q, k, 5, 9, 16, 16))
+
+
+def test_plan_launches_one_by_one():
+    """plan() gives the outputs and the four launches (what tools/bench_blockmap.py times), in order."""
+    q, k = make_qk(1, 2, 77, 130, 16, seed=4)
+    out, launches = selection.plan(q, k, 2, 3, 16, 16)
+    assert [name for name, _ in launches] == ["pool", "scores", "select", "column"]
+    for _, launch in launches:
+        launch()
+    assert_equal_maps(out, torch_backend.block_map(q, k, 2, 3, 16, 16))
+
+
+def test_rows_longer_than_a_chunk():
+    """Rows of several select chunks (the last one partial), ties straddling both thresholds across chunks."""
+    patterns = [i % 7 for i in range(150)]             # T_n = 150 (ld 160): 5 chunks of 32; 21-22 ties each
+    q, _ = make_qk(1, 2, 70, 150 * 16, 16, seed=12)
+    k = tied_keys(1, 2, 150 * 16, 16, 16, patterns, seed=13)
+    for n_crit, n_negl in ((30, 50), (1, 149 - 21), (150, 0), (7, 11)):
+        got = selection.block_map(q, k, n_crit, n_negl, 16, 16, config=dict(select_chunk=32))
+        assert_equal_maps(got, torch_backend.block_map(q, k, n_crit, n_negl, 16, 16))
 
 
 def tied_keys(b, h, lk, d, block_k, patterns, *, seed):
@@ -117,13 +140,15 @@ def tied_keys(b, h, lk, d, block_k, patterns, *, seed):
     return k.expand(b, h, -1, -1).contiguous()
 
 
-@pytest.mark.parametrize("n_crit,n_negl", [(1, 1), (2, 3), (4, 0)])
-def test_exact_ties_prefer_smaller_index(n_crit, n_negl):
+@pytest.mark.parametrize("config", [None, dict(select_rows=2, select_chunk=32, pool_kprogs=3)],
+                         ids=["default", "small"])
+@pytest.mark.parametrize("n_crit,n_negl", [(1, 1), (2, 3), (4, 0), (5, 3)])
+def test_exact_ties_prefer_smaller_index(n_crit, n_negl, config):
     patterns = [0, 1, 0, 2, 1, 0, 2, 1]                 # every score appears 2 or 3 times in a row
     q, _ = make_qk(2, 2, 77, 8 * 16, 16, seed=5)
-    q[0, 0, :16] = 0.0                                  # a query block whose scores are all zero
+    q[0, 0, :16] = 0.0                                  # a query block whose scores are all zero (+-0.0)
     k = tied_keys(2, 2, 8 * 16, 16, 16, patterns, seed=6)
-    got = selection.block_map(q, k, n_crit, n_negl, 16, 16)
+    got = selection.block_map(q, k, n_crit, n_negl, 16, 16, config=config)
     assert_equal_maps(got, torch_backend.block_map(q, k, n_crit, n_negl, 16, 16))
     first = got[1][0, 0, 0]                             # the all-zero row: the first n_crit blocks win
     assert first.tolist() == list(range(n_crit))
@@ -185,43 +210,72 @@ def test_default_configs_are_valid(arch, head_dim):
 
 # Compiles (no launch) the kernels for a GPU target in a child process without TRITON_INTERPRET, through
 # Triton's bundled LLVM and ptxas: catches lowering errors the interpreter cannot see, on CPU-only CI.
+# Arguments are specialised as a launch on contiguous video-sized inputs would be (unit stride on D, 16-byte
+# divisible pointers and q/k strides); the child reruns Triton's ptxas with -v on each kernel's PTX and
+# prints "name registers spill_bytes", and checks that lengths and counts are not value-specialised.
 _COMPILE = r"""
-import sys
+import re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 from slagen import codegen
 from slagen.backends.triton import selection
 from slagen.spec import KernelSpec
 
-cap, t_n = int(sys.argv[1]), int(sys.argv[2])
+cap, chunk, negl = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 spec = KernelSpec(arch=f"sm{cap}", head_dim=128, block_q=128, block_k=64, feature_map=None,
-                  has_negligible=True, dtype="bf16", role="block_map")
+                  has_negligible=negl, dtype="bf16", role="block_map")
 cfg, mod = selection.default_config(spec), codegen.load(spec, "triton")
-ptr = dict(q="*bf16", k="*bf16", mask="*i8", q_mean="*fp32", k_mean="*fp32", k_part="*fp32",
-           key_mean="*fp32", scores="*fp32")
+ptr = dict(q="*bf16", k="*bf16", mask="*i8", q_mean="*fp32", k_mean="*fp32", k_part="*fp32", keys="*i32")
+runtime = {"BH", "H", "Lq", "Lk", "T_m", "T_n", "q_per", "k_per", "n_qprog", "n_kprog", "n_parts", "n_tiles_n",
+           "n_crit", "n_negl"}
+aligned = {"sqb", "sqh", "sql", "skb", "skh", "skl", "ld"}  # ld: T_n rounded up to 16
 
 def build(fn, warps, stages=1, **constexprs):
+    if "sqd" in fn.arg_names:
+        constexprs = dict(constexprs, sqd=1, skd=1)
     sig = {a: "constexpr" if a in constexprs else ptr.get(a, "*i32" if "lut" in a or "count" in a else "i32")
            for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", cap, 32),
-                   options=dict(num_warps=warps, num_stages=stages))
+    unspecialised = {p.name for p in fn.params if p.do_not_specialize}
+    assert runtime & set(fn.arg_names) <= unspecialised, (fn.__name__, runtime & set(fn.arg_names) - unspecialised)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if sig[a].startswith("*") or a in aligned}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", cap, 32),
+                            options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as src:
+        src.write(kernel.asm["ptx"])
+        src.flush()
+        log = subprocess.run([get_ptxas(cap).path, "-v", "-lineinfo", "--regAllocOptLevel=2",
+                              f"--gpu-name=sm_{cap}{'a' if cap == 90 else ''}", src.name, "-o", src.name + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    print(fn.__name__, regs, spill)
 
-build(mod.pool_kernel, cfg["pool_warps"], ROWS=cfg["pool_rows"], GROUP=cfg["pool_group"])
-build(mod.select_kernel, cfg["score_warps"], cfg["score_stages"], ROWS=cfg["score_rows"], COLS=cfg["score_cols"],
-      DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"], SEL_ROWS=selection.select_rows(cfg, t_n), TN_PAD=t_n)
+build(mod.pool_kernel, cfg["pool_warps"], cfg["pool_stages"], ROWS=cfg["pool_rows"], STAGES=cfg["pool_stages"])
+build(mod.scores_kernel, cfg["score_warps"], cfg["score_stages"], BM=cfg["score_rows"], BN=cfg["score_cols"],
+      DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"], PARTS=cfg["score_parts"])
+build(mod.select_kernel, 1, ROWS=cfg["select_rows"], CH=chunk or cfg["select_chunk"])
 build(mod.column_kernel, cfg["col_warps"], ROWS=cfg["col_rows"], COLS=cfg["col_cols"])
 """
 
 
-@pytest.mark.parametrize("cap,tn_pad", [(80, 2048), (90, 512)])
-def test_kernels_compile_for_gpu(cap, tn_pad, tmp_path):
+@pytest.mark.parametrize("cap,chunk,negl", [(80, 0, True), (80, 0, False), (90, 0, True), (90, 0, False),
+                                            (90, 256, True), (90, 1024, True)])
+def test_kernels_compile_for_gpu(cap, chunk, negl, tmp_path):
+    """The d=128 kernels compile for sm80/sm90 with their default configs (chunk 0) and larger select chunks,
+    with no register spills."""
     pytest.importorskip("triton.backends.nvidia")
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     env.update(SLAGEN_CACHE_DIR=str(tmp_path / "slagen"), TRITON_CACHE_DIR=str(tmp_path / "triton"))
-    run = subprocess.run([sys.executable, "-c", _COMPILE, str(cap), str(tn_pad)], env=env, capture_output=True,
-                         text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run([sys.executable, "-c", _COMPILE, str(cap), str(chunk), str(int(negl))], env=env,
+                         capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-3000:]
+    usage = {name: (int(regs), int(spill)) for name, regs, spill in (line.split() for line in run.stdout.splitlines())}
+    assert set(usage) == {"pool_kernel", "scores_kernel", "select_kernel", "column_kernel"}, run.stdout
+    assert all(spill == 0 for _, spill in usage.values()), f"register spills (name: registers, spill bytes): {usage}"
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -281,11 +335,11 @@ def test_gpu_exact_ties():
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_new_length_does_not_recompile():
-    """Lengths are run-time values: a new length with T_n in the same power-of-two bucket reuses the kernels."""
+    """Lengths are run-time values: a new length reuses the kernels."""
     from slagen import codegen
     q, k = make_qk(1, 2, 32760, 32760, 128, seed=1, dtype=torch.bfloat16, device="cuda")
     mod = codegen.load(selection.kernel_spec(q, 64, 64, True), "triton")
-    kernels = (mod.pool_kernel, mod.select_kernel, mod.column_kernel)
+    kernels = (mod.pool_kernel, mod.scores_kernel, mod.select_kernel, mod.column_kernel)
     if not all(hasattr(fn, "device_caches") for fn in kernels):
         pytest.skip("this Triton version does not expose JITFunction.device_caches")
     selection.block_map(q, k, 25, 51, 64, 64)

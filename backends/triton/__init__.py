@@ -32,17 +32,17 @@ def unavailable_reason(device: torch.device, spec: KernelSpec) -> Optional[str]:
     return None
 
 
-def _tuned(spec: KernelSpec, q: torch.Tensor, seq_len: int, density: float) -> Optional[dict]:
+def _tuned(role_module, spec: KernelSpec, q: torch.Tensor, seq_len: int, density: float) -> Optional[dict]:
     """The tuned config of ``spec`` for this GPU and shape (slagen.autotune.select), or None: default."""
     from slagen.autotune import select
-    return select.config_for(spec, "triton", q.device, seq_len, density)
+    return select.config_for(spec, "triton", q.device, seq_len, density, check=role_module.check_config)
 
 
 def block_map(q, k, n_crit, n_negl, block_q, block_k):
     from slagen.backends.triton import selection
     spec = selection.kernel_spec(q, block_q, block_k, n_negl > 0)
     t_n = -(-k.shape[-2] // block_k)
-    config = _tuned(spec, q, k.shape[-2], n_crit / t_n)
+    config = _tuned(selection, spec, q, k.shape[-2], n_crit / t_n)
     return selection.block_map(q, k, n_crit, n_negl, block_q, block_k, config=config)
 
 
@@ -56,12 +56,12 @@ def _spec_and_density(role_module, q, maps, cfg) -> tuple:
 def forward(q, k, v, maps, proj_weight, proj_bias, save, **cfg):
     from slagen.backends.triton import fwd
     spec, density = _spec_and_density(fwd, q, maps, cfg)
-    config = _tuned(spec, q, k.shape[-2], density)
+    config = _tuned(fwd, spec, q, k.shape[-2], density)
     return fwd.forward(q, k, v, maps, proj_weight, proj_bias, save, config=config, **cfg)
 
 
 def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg):
     from slagen.backends.triton import bwd
     spec, density = _spec_and_density(bwd, q, maps, cfg)
-    config = _tuned(spec, q, k.shape[-2], density)
+    config = _tuned(bwd, spec, q, k.shape[-2], density)
     return bwd.backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, config=config, **cfg)

@@ -1,20 +1,25 @@
 """Glue of the Triton block map (templates/triton/block_map.py.j2): spec, tunables, launches.
 
-Three launches per call, all accumulating in fp32 whatever the input dtype, no atomics (deterministic):
-  1. ``pool_kernel``, grid (ceil(T_m / G) + ceil(T_n / G), B·H): block means q̄ (T_m, D) and k̄ (T_n, D)
-     and per-group key sums (G = ``pool_group`` blocks per program), read once from q and k.
-  2. ``select_kernel``, grid (ceil(T_m / score_rows), B·H): key mean from the group sums, scores
-     S = q̄ (k̄ − mean K)ᵀ into an fp32 scratch (B·H, T_m, T_n), then per row an exact radix select on an
-     order-preserving int32 image of the scores (early exit once the k-th is isolated; ties: smaller key
-     index first) giving the int8 mask, the row lists (ascending, via a prefix sum) and their counts.
-  3. ``column_kernel``, grid (ceil(T_n / col_cols), B·H): column lists of both classes from the mask
+Four launches per call, all accumulating in fp32 whatever the input dtype, no atomics (deterministic):
+  1. ``pool_kernel``, 1-D grid ((n_kprog + n_qprog) * B·H): block means q̄ (T_m, D), k̄ (T_n, D) and the
+     row sums of ``n_kprog <= pool_kprogs`` key groups per (b, h), read once from q and k. The key programs
+     (ceil(T_n / n_kprog) blocks each) are first in the grid; then ``pool_qgroup`` query blocks per program.
+  2. ``scores_kernel``, grid (tiles, B·H): key mean from the group sums, S = q̄ (k̄ − mean K)ᵀ per
+     (score_rows x score_cols) tile (fp32), stored as its order-preserving int32 image in a scratch
+     (B·H, T_m, ld), rows padded to ld = T_n rounded up to 16 with INT32_MIN.
+  3. ``select_kernel``, grid (ceil(T_m / select_rows), B·H), one warp per program: one row at a time,
+     read in chunks of ``select_chunk`` keys once per pass (L1 after the first): an exact radix select of
+     both thresholds at once on the int32 keys (early exit once both are isolated; ties: smaller key index
+     first), then one more read giving the int8 mask, the row lists (ascending, via prefix sums) and their
+     counts. Every reduction is within the warp; registers do not depend on T_n.
+  4. ``column_kernel``, grid (ceil(T_n / col_cols), B·H): column lists of both classes from the mask
      (prefix sums down the columns), -1 padded, and their counts.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -27,43 +32,41 @@ from slagen.spec import BLOCK_SIZES, KernelSpec
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 SCORE_DOTS = ("tf32x3", "ieee")  # plain tf32 (~1e-3 relative) would reorder blocks far from ties
 
-# Tunables per arch. Shared memory (sm80 ~163 KB, sm86/sm89 ~99 KB, sm90 ~227 KB) is not the limit here:
-# the score dots take score_dchunk columns of D at a time (~10 KB). Registers are: the selection keeps
-# ~16 scores per thread (select_elems = 512 * score_warps), pooling <= 64 elements per thread (ptxas -v
-# of every arch x head_dim default: <= 177 registers, spills <= 12 bytes).
-_ARCH = {
-    "sm80": dict(pool_warps=4, pool_group=8, score_rows=16, score_warps=4, score_stages=1, select_elems=2048,
-                 col_rows=32, col_cols=64, col_warps=4),
-    "sm86": dict(pool_warps=4, pool_group=8, score_rows=16, score_warps=4, score_stages=1, select_elems=2048,
-                 col_rows=32, col_cols=64, col_warps=4),
-    "sm89": dict(pool_warps=4, pool_group=8, score_rows=16, score_warps=4, score_stages=1, select_elems=2048,
-                 col_rows=32, col_cols=64, col_warps=4),
-    "sm90": dict(pool_warps=8, pool_group=8, score_rows=16, score_warps=8, score_stages=1, select_elems=4096,
-                 col_rows=32, col_cols=64, col_warps=4),
-}
-# (arch, head_dim) -> (pool_rows cap: rows per pooling load, score_cols: key blocks per score tile,
-#                      score_dchunk: columns of D per score dot)
-_BY_HEAD_DIM: Dict[Tuple[str, int], Tuple[int, int, int]] = {
-    **{(arch, d): (8192 // d, 64, min(32, d)) for arch in ("sm80", "sm86", "sm89") for d in HEAD_DIMS},
-    **{("sm90", d): (16384 // d, 64, min(32, d)) for d in HEAD_DIMS},
-}
+# Tunables per arch. Shared memory is not the limit (pooling stages 16 KB per block in flight, the score
+# dots score_dchunk columns of D per operand). Registers are (ptxas -v of the d=128 kernels, Triton 3.9 /
+# 3.6, see tests/test_triton_blockmap.py): pooling 94 / 80 (4 warps, 64 elements per thread per load),
+# scores 212 / 216 on sm90 (128x128 tile, 8 warps, wgmma; sm80's mma needs the 64x128 tile, 203),
+# selection 128 / 167 on sm90 with the negligible class, 80 / 113 without (one warp, rows of up to 512
+# keys in registers), columns 108 / 80; none spills.
+_COMMON = dict(pool_warps=4, pool_stages=2, pool_kprogs=32, score_rows=128, score_cols=128, score_warps=8,
+               score_stages=1, score_parts=32, select_rows=1, select_chunk=512, col_rows=64, col_cols=16,
+               col_warps=4)
+_ARCH = {"sm90": dict(_COMMON), **{arch: dict(_COMMON, score_rows=64) for arch in ("sm80", "sm86", "sm89")}}
+# (arch, head_dim) -> (pool_rows cap: rows per pooling load, score_dchunk: columns of D per score dot)
+_BY_HEAD_DIM: Dict[Tuple[str, int], Tuple[int, int]] = {
+    (arch, d): (8192 // d, min(32, d)) for arch in _ARCH for d in HEAD_DIMS}
+# rows of queries per pooling program (pool_qgroup = this // block_q, at least 1)
+_POOL_Q_ROWS = 128
 
 
 def default_config(spec: KernelSpec) -> dict:
     """Default tunables of the block map of ``spec`` on its arch.
 
-    Keys: pool_rows (rows per pooling load, divides both blocks), pool_group (blocks per pooling program),
-    pool_warps; score_rows (query blocks per select program, >= 16 for the dot), score_cols (key blocks per
-    score tile), score_dchunk (columns of D per score dot), score_dot (input precision of the fp32 score
-    dots: 'tf32x3' tensor cores or 'ieee' FMA), score_warps, score_stages; select_elems (scores
-    per selection step: rows x next_pow2(T_n)); col_rows x col_cols (mask tile of the column-list kernel),
-    col_warps.
+    Keys: pool_rows (rows per pooling load, divides both blocks), pool_qgroup (query blocks per pooling
+    program), pool_kprogs (at most this many key-pooling programs per (b, h); their group sums give the key
+    mean), pool_warps, pool_stages (blocks of a pooling program in flight: cp.async pipelining of its block
+    loop); score_rows x score_cols (score tile per program, >= 16 for the dot), score_dchunk
+    (columns of D per score dot), score_dot (input precision of the fp32 score dots: 'tf32x3' tensor
+    cores or 'ieee' FMA), score_parts (group sums per load of the key mean), score_warps, score_stages;
+    select_rows (query-block rows per selection program, one after the other), select_chunk (keys per
+    load of the one-warp selection program, 32..1024; a row of up to this many stays in registers);
+    col_rows x col_cols (mask tile of the column-list kernel, col_cols key blocks per program), col_warps.
     """
     if spec.head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim={spec.head_dim} is not supported by the Triton block map; allowed: {HEAD_DIMS}")
-    pool_cap, score_cols, score_dchunk = _BY_HEAD_DIM[(spec.arch, spec.head_dim)]
-    return dict(_ARCH[spec.arch], pool_rows=min(spec.block_q, spec.block_k, pool_cap), score_cols=score_cols,
-                score_dchunk=score_dchunk, score_dot="tf32x3")
+    pool_cap, score_dchunk = _BY_HEAD_DIM[(spec.arch, spec.head_dim)]
+    return dict(_ARCH[spec.arch], pool_rows=min(spec.block_q, spec.block_k, pool_cap),
+                pool_qgroup=max(1, _POOL_Q_ROWS // spec.block_q), score_dchunk=score_dchunk, score_dot="tf32x3")
 
 
 def check_config(cfg: dict, spec: KernelSpec) -> None:
@@ -77,13 +80,13 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError(f"config has unknown keys {sorted(unknown)}; allowed: {sorted(default_config(spec))}")
     pow2("pool_rows", 1, min(spec.block_q, spec.block_k))
     pow2("score_dchunk", 16, spec.head_dim)
-    for name, lo, hi in (("score_rows", 16, 256), ("score_cols", 16, 256),
-                         ("select_elems", 1, 1 << 17), ("col_rows", 1, 4096), ("col_cols", 1, 4096),
+    for name, lo, hi in (("score_rows", 16, 256), ("score_cols", 16, 256), ("score_parts", 1, 1024),
+                         ("select_chunk", 32, 1024), ("col_rows", 1, 4096), ("col_cols", 1, 4096),
                          ("pool_warps", 1, 16), ("score_warps", 1, 16), ("col_warps", 1, 16)):
         pow2(name, lo, hi)
     if cfg["score_dot"] not in SCORE_DOTS:
         raise ValueError(f"config['score_dot']={cfg['score_dot']!r} is not supported; allowed: {', '.join(SCORE_DOTS)}")
-    for name in ("pool_group", "score_stages"):
+    for name in ("pool_qgroup", "pool_kprogs", "pool_stages", "score_stages", "select_rows"):
         val = cfg[name]
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"config[{name!r}]={val!r} must be a positive int")
@@ -124,11 +127,6 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def select_rows(cfg: dict, tn_pad: int) -> int:
-    """Rows per selection step of select_kernel: select_elems // next_pow2(T_n), within [1, score_rows]."""
-    return max(1, min(cfg["score_rows"], cfg["select_elems"] // tn_pad))
-
-
 def _outputs(B: int, H: int, t_m: int, t_n: int, n_crit: int, n_negl: int, device) -> Tuple[torch.Tensor, ...]:
     """Uninitialised BlockMap tensors in the order of slagen.blockmap.LUT_FIELDS (every slot gets written)."""
     i32 = dict(dtype=torch.int32, device=device)
@@ -146,15 +144,12 @@ def _scratch(device, **shapes) -> Dict[str, torch.Tensor]:
     return {name: t.view(shape) for (name, shape), t in zip(shapes.items(), flat)}
 
 
-def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
-              config: Optional[dict] = None) -> Tuple[torch.Tensor, ...]:
-    """The 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS) of q (B, H, Lq, D) and k (B, H, Lk, D).
-
-    n_crit key blocks per query block are critical and n_negl negligible (SLA.md §1); ``config`` overrides
-    entries of :func:`default_config`. Returns mask int8 (B, H, T_m, T_n); crit_lut (B, H, T_m, n_crit),
-    crit_count (B, H, T_m), crit_col_lut (B, H, T_n, T_m), crit_col_count (B, H, T_n), and the same four
-    for the negligible class (negl_lut width n_negl), all int32 and contiguous.
-    """
+def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
+         config: Optional[dict] = None) -> Tuple[Tuple[torch.Tensor, ...], List[Tuple[str, Callable[[], None]]]]:
+    """Allocate the outputs and scratch of a block map and return (outputs, launches): the 9 BlockMap
+    tensors (uninitialised until the launches ran) and the four kernel launches in order, as
+    (name, zero-argument callable) pairs (names pool, scores, select, column). tools/bench_blockmap.py
+    times them one by one; :func:`block_map` runs them."""
     t_n = num_blocks(k.shape[2], block_k) if k.dim() == 4 else 0
     _check_inputs(q, k, n_crit, n_negl, t_n)
     spec = kernel_spec(q, block_q, block_k, n_negl > 0)
@@ -164,24 +159,55 @@ def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_
     Lk, t_m, bh = k.shape[2], num_blocks(Lq, block_q), B * H
     out = _outputs(B, H, t_m, t_n, n_crit, n_negl, q.device)
     if bh == 0:
-        return out
+        return out, []
     mask, crit_lut, crit_count, crit_col, crit_col_count, negl_lut, negl_count, negl_col, negl_col_count = out
     mod = codegen.load(spec, "triton")
-    group, rows, tn_pad = cfg["pool_group"], cfg["score_rows"], _next_pow2(t_n)
-    n_qg, n_parts, grid_m = -(-t_m // group), -(-t_n // group), -(-t_m // rows)
-    work = _scratch(q.device, q_mean=(bh, t_m, D), k_mean=(bh, t_n, D), k_part=(bh, n_parts, D),
-                    key_mean=(bh, grid_m, D), scores=(bh, t_m, t_n))
-    mod.pool_kernel[(n_qg + n_parts, bh)](
-        q, k, work["q_mean"], work["k_mean"], work["k_part"], *q.stride(), *k.stride(),
-        H, Lq, Lk, t_m, t_n, n_qg, n_parts, ROWS=cfg["pool_rows"], GROUP=group, num_warps=cfg["pool_warps"])
-    mod.select_kernel[(grid_m, bh)](
-        work["q_mean"], work["k_mean"], work["k_part"], work["key_mean"], work["scores"],
-        mask, crit_lut, crit_count, negl_lut, negl_count, Lk, t_m, t_n, n_parts, n_crit, n_negl,
-        ROWS=rows, COLS=cfg["score_cols"], DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"],
-        SEL_ROWS=select_rows(cfg, tn_pad), TN_PAD=tn_pad,
-        num_warps=cfg["score_warps"], num_stages=cfg["score_stages"])
-    cols = min(cfg["col_cols"], tn_pad)
-    mod.column_kernel[(-(-t_n // cols), bh)](
-        mask, crit_col, crit_col_count, negl_col, negl_col_count, t_m, t_n,
-        ROWS=cfg["col_rows"], COLS=cols, num_warps=cfg["col_warps"])
+    q_per = cfg["pool_qgroup"]
+    k_per = -(-t_n // min(cfg["pool_kprogs"], t_n))
+    n_qprog, n_kprog = -(-t_m // q_per), -(-t_n // k_per)
+    bm, bn = cfg["score_rows"], cfg["score_cols"]
+    n_tiles_m, n_tiles_n = -(-t_m // bm), -(-t_n // bn)
+    sel_rows, cols = cfg["select_rows"], min(cfg["col_cols"], _next_pow2(t_n))
+    ld = -(-t_n // 16) * 16  # key rows padded to 16 (INT32_MIN) for 16-byte loads
+    work = _scratch(q.device, q_mean=(bh, t_m, D), k_mean=(bh, t_n, D), k_part=(bh, n_kprog, D),
+                    keys=(bh, t_m, ld))
+    keys = work["keys"].view(torch.int32)  # the scores' order-preserving int32 image
+
+    def pool():
+        mod.pool_kernel[((n_kprog + n_qprog) * bh,)](
+            q, k, work["q_mean"], work["k_mean"], work["k_part"], *q.stride(), *k.stride(),
+            bh, H, Lq, Lk, t_m, t_n, q_per, k_per, n_qprog, n_kprog, ROWS=cfg["pool_rows"],
+            STAGES=cfg["pool_stages"], num_warps=cfg["pool_warps"], num_stages=cfg["pool_stages"])
+
+    def scores():
+        mod.scores_kernel[(n_tiles_m * n_tiles_n, bh)](
+            work["q_mean"], work["k_mean"], work["k_part"], keys, Lk, t_m, t_n, ld, n_kprog, n_tiles_n,
+            BM=bm, BN=bn, DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"], PARTS=cfg["score_parts"],
+            num_warps=cfg["score_warps"], num_stages=cfg["score_stages"])
+
+    def select():
+        mod.select_kernel[(-(-t_m // sel_rows), bh)](
+            keys, mask, crit_lut, crit_count, negl_lut, negl_count, t_m, t_n, ld, n_crit, n_negl,
+            ROWS=sel_rows, CH=cfg["select_chunk"], num_warps=1)
+
+    def column():
+        mod.column_kernel[(-(-t_n // cols), bh)](
+            mask, crit_col, crit_col_count, negl_col, negl_col_count, t_m, t_n,
+            ROWS=cfg["col_rows"], COLS=cols, num_warps=cfg["col_warps"])
+
+    return out, [("pool", pool), ("scores", scores), ("select", select), ("column", column)]
+
+
+def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
+              config: Optional[dict] = None) -> Tuple[torch.Tensor, ...]:
+    """The 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS) of q (B, H, Lq, D) and k (B, H, Lk, D).
+
+    n_crit key blocks per query block are critical and n_negl negligible (SLA.md §1); ``config`` overrides
+    entries of :func:`default_config`. Returns mask int8 (B, H, T_m, T_n); crit_lut (B, H, T_m, n_crit),
+    crit_count (B, H, T_m), crit_col_lut (B, H, T_n, T_m), crit_col_count (B, H, T_n), and the same four
+    for the negligible class (negl_lut width n_negl), all int32 and contiguous.
+    """
+    out, launches = plan(q, k, n_crit, n_negl, block_q, block_k, config)
+    for _, launch in launches:
+        launch()
     return out
