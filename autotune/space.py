@@ -21,7 +21,9 @@ OPTIONS: Dict[str, Sequence] = {
     "block_n": (32, 64, 128),
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3, 4),
+    "marginal": ("gemm", "onchip"),     # how the Triton forward forms marginal-scope corrections
 }
+RELEVANT = {"marginal": lambda spec: spec.scope == "marginal" and spec.feature_map is not None}
 
 
 def shared_bytes(cfg: dict, spec: KernelSpec) -> int:
@@ -40,7 +42,7 @@ def candidates(spec: KernelSpec, default: dict, check: Callable[[dict, KernelSpe
     out = [dict(default)]
     limit = SHARED_MEMORY[spec.arch]
     for name, sub in groups:
-        keys = [k for k in OPTIONS if k in sub]
+        keys = [k for k in OPTIONS if k in sub and RELEVANT.get(k, lambda _: True)(spec)]
         for values in itertools.product(*(OPTIONS[k] for k in keys)):
             new_sub = {**sub, **dict(zip(keys, values))}
             cfg = new_sub if name is None else {**default, name: new_sub}

@@ -294,3 +294,12 @@ def test_tuning_problem_checks_candidates_against_the_reference(role):
     configs = space.candidates(spec, problem.default, problem.module.check_config)[:2]
     result = tuner.tune(configs, problem.run, problem.check, time_ms=lambda fn: 1.0)
     assert not result.failures and result.best == problem.default
+
+
+def test_search_space_varies_the_marginal_mode_only_where_it_matters():
+    from slagen.backends.triton import fwd
+    for scope, fmap, want in (("marginal", "softmax", {"gemm", "onchip"}), ("all", "softmax", {"gemm"}),
+                              ("marginal", None, {"gemm"})):
+        spec = KernelSpec(arch="sm90", head_dim=128, block_q=128, block_k=64, scope=scope, feature_map=fmap)
+        got = space.candidates(spec, fwd.default_config(spec), fwd.check_config)
+        assert {c["marginal"] for c in got} == want
