@@ -54,3 +54,14 @@ def check_forward_inputs(q, k, v, maps: Sequence, proj_weight: Optional[object],
     for name, t, shape in (("proj_weight", proj_weight, (d, d)), ("proj_bias", proj_bias, (d,))):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def call_spec(q, dtypes: dict, backend: str, **fields):
+    """The KernelSpec of a call: head_dim and dtype from q (``dtypes`` maps the torch dtypes a backend
+    serves to spec names), the rest from ``fields`` (arch, block sizes, feature_map, scope, role, ...),
+    validated by KernelSpec itself."""
+    from slagen.spec import KernelSpec
+    if q.dtype not in dtypes:
+        allowed = ", ".join(str(t).replace("torch.", "") for t in dtypes)
+        raise ValueError(f"q.dtype={q.dtype} is not supported by the {backend} kernels; allowed: {allowed}")
+    return KernelSpec(head_dim=q.shape[-1], dtype=dtypes[q.dtype], **fields)

@@ -36,15 +36,13 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from slagen import codegen
-from slagen.backends import check_forward_inputs, linear_terms
+from slagen.backends import call_spec, check_forward_inputs, linear_terms
 from slagen.paths import cache_dir
 from slagen.spec import KernelSpec
 
 HEAD_DIMS = (64, 128)
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 TARGET = {"kind": "cuda", "arch": "sm_90a"}
-FEATURE_MAPS = ("softmax", "elu", "relu", "none")
-SCOPES = ("marginal", "all")
 
 # Tunables per head dim. tile_m / tile_n: query rows per CTA / keys per loop step (dividing block_q /
 # block_k); num_warps: consumer warps (4 or 8; warp specialisation adds a producer warpgroup); num_stages:
@@ -322,16 +320,9 @@ def build(spec: KernelSpec, config: Optional[dict] = None, *, variants: str = "a
 
 def kernel_spec(q: torch.Tensor, *, block_q: int, block_k: int, feature_map: str, scope: str,
                 has_negligible: bool) -> KernelSpec:
-    if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"feature_map={feature_map!r} is not supported; allowed: {', '.join(FEATURE_MAPS)}")
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r} is not supported; allowed: {', '.join(SCOPES)}")
-    if q.dtype not in DTYPES:
-        raise ValueError(f"q.dtype={q.dtype} is not supported by the TileLang kernels; allowed: bfloat16, "
-                         f"float16 (cast, or use backend='triton' / 'torch')")
-    return KernelSpec(arch="sm90", head_dim=q.shape[-1], block_q=block_q, block_k=block_k,
-                      feature_map=feature_map, scope=scope, has_negligible=has_negligible,
-                      dtype=DTYPES[q.dtype], role="forward")
+    """The forward KernelSpec of a call (always sm90: the kernels are compiled for sm_90a)."""
+    return call_spec(q, DTYPES, "TileLang", arch="sm90", block_q=block_q, block_k=block_k, feature_map=feature_map,
+                     scope=scope, has_negligible=has_negligible, role="forward")
 
 
 def _check_tma(name: str, x: torch.Tensor) -> None:

@@ -22,12 +22,10 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from slagen import codegen
-from slagen.backends import check_forward_inputs, linear_terms
+from slagen.backends import call_spec, check_forward_inputs, linear_terms
 from slagen.dispatch import device_arch
 from slagen.spec import KernelSpec
 
-FEATURE_MAPS = ("softmax", "elu", "relu", "none")
-SCOPES = ("marginal", "all")
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FP32_DOTS = ("tf32", "tf32x3", "ieee")
 MARGINAL_MODES = ("gemm", "onchip")
@@ -113,15 +111,8 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
 def kernel_spec(q: torch.Tensor, *, block_q: int, block_k: int, feature_map: str, scope: str,
                 has_negligible: bool) -> KernelSpec:
     """The forward KernelSpec of a call (CPU tensors map to sm80, the interpreter's generic kernels)."""
-    if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"feature_map={feature_map!r} is not supported; allowed: {', '.join(FEATURE_MAPS)}")
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r} is not supported; allowed: {', '.join(SCOPES)}")
-    if q.dtype not in DTYPES:
-        raise ValueError(f"q.dtype={q.dtype} is not supported; allowed: bfloat16, float16, float32")
-    return KernelSpec(arch=device_arch(q.device) or "sm80", head_dim=q.shape[-1], block_q=block_q,
-                      block_k=block_k, feature_map=feature_map, scope=scope,
-                      has_negligible=has_negligible, dtype=DTYPES[q.dtype], role="forward")
+    return call_spec(q, DTYPES, "Triton", arch=device_arch(q.device) or "sm80", block_q=block_q, block_k=block_k,
+                     feature_map=feature_map, scope=scope, has_negligible=has_negligible, role="forward")
 
 
 # Where the per-block h_j of marginal='gemm' come from: the Triton pre-pass, which loads every K, V row for
