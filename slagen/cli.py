@@ -79,7 +79,7 @@ def info():
     import torch
 
     from slagen import backends
-    from slagen.dispatch import device_arch, spec_for
+    from slagen.dispatch import device_arch, resolve, spec_for
 
     click.echo(f"slagen      {_version()}")
     click.echo(f"python      {platform.python_version()} ({sys.executable})")
@@ -99,6 +99,8 @@ def info():
         click.echo(f"device      {dev} {label} [{arch}]")
         for line in served:
             click.echo(f"              {line}")
+        click.echo(f"              backend='auto' picks: {resolve('auto', dev, spec, why)} "
+                   f"(for head_dim 128, {'bf16' if dev.type == 'cuda' else 'fp32'}, blocks 64x64)")
     click.echo(f"cache dir   {cache_dir()}")
     for path in shared_cache_dirs():
         click.echo(f"shared      {path} (read-only)")
