@@ -6,7 +6,8 @@ Shapes (T_m = ceil(Lq / block_q), T_n = ceil(Lk / block_k)), all int32 except ``
   crit_count      (B, H, T_m)
   crit_col_lut    (B, H, T_n, T_m)  per key block, the query blocks that chose it as critical, ascending
   crit_col_count  (B, H, T_n)
-  negl_lut, negl_count, negl_col_lut, negl_col_count: the same for the negligible class (W_n may be 0)
+  negl_lut, negl_count, negl_col_lut, negl_col_count: the same for the negligible class (W_n may be 0;
+                  without a negligible class negl_col_lut is (B, H, T_n, 0): no T_n × T_m table of -1s)
 Slots past a row's count hold -1 and are never read by a kernel.
 """
 
@@ -40,7 +41,7 @@ def lists_from_mask(mask: torch.Tensor, crit_width: int, negl_width: int) -> Tup
     crit_lut, crit_count = class_lists(mask, 1, crit_width)
     crit_col_lut, crit_col_count = class_lists(cols, 1, mask.shape[-2])
     negl_lut, negl_count = class_lists(mask, -1, negl_width)
-    negl_col_lut, negl_col_count = class_lists(cols, -1, mask.shape[-2])
+    negl_col_lut, negl_col_count = class_lists(cols, -1, mask.shape[-2] if negl_width else 0)
     return (mask, crit_lut, crit_count, crit_col_lut, crit_col_count,
             negl_lut, negl_count, negl_col_lut, negl_col_count)
 

@@ -38,7 +38,7 @@ def _(q, k, topk, negligible, block_q, block_k, backend):
             q.new_empty((B, H, tm, n_crit), **i32), q.new_empty((B, H, tm), **i32),
             q.new_empty((B, H, tn, tm), **i32), q.new_empty((B, H, tn), **i32),
             q.new_empty((B, H, tm, n_negl), **i32), q.new_empty((B, H, tm), **i32),
-            q.new_empty((B, H, tn, tm), **i32), q.new_empty((B, H, tn), **i32))
+            q.new_empty((B, H, tn, tm if n_negl else 0), **i32), q.new_empty((B, H, tn), **i32))
 
 
 def _cfg(block_q, block_k, scale, feature_map, scope, eps):

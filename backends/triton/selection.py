@@ -134,7 +134,7 @@ def _outputs(B: int, H: int, t_m: int, t_n: int, n_crit: int, n_negl: int, devic
             torch.empty((B, H, t_m, n_crit), **i32), torch.empty((B, H, t_m), **i32),
             torch.empty((B, H, t_n, t_m), **i32), torch.empty((B, H, t_n), **i32),
             torch.empty((B, H, t_m, n_negl), **i32), torch.empty((B, H, t_m), **i32),
-            torch.empty((B, H, t_n, t_m), **i32), torch.empty((B, H, t_n), **i32))
+            torch.empty((B, H, t_n, t_m if n_negl else 0), **i32), torch.empty((B, H, t_n), **i32))
 
 
 def _scratch(device, **shapes) -> Dict[str, torch.Tensor]:
