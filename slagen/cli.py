@@ -177,7 +177,7 @@ def build(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, ba
             if name == "tilelang":
                 from slagen.backends import tilelang as tl_backend
                 tl_backend.build(spec)
-                path = codegen.source_path(spec, name)
+                path = Path(codegen.load(spec, name).__file__)   # the file the compiled kernels came from
             else:
                 path = codegen.write(spec, name)
                 codegen.import_file(path)

@@ -89,7 +89,8 @@ class KernelSpec:
       block_k:       key rows per selection block
       feature_map:   'softmax' | 'elu' | 'relu' | None (sparse-only: no linear branch)
       scope:         'marginal' (the paper) | 'all' (thu-ml/SLA main)
-      has_negligible: whether the negligible class (k_l > 0) exists
+      has_negligible: whether the negligible class (k_l > 0) exists (kept only where it changes the result:
+                     the block map, and a marginal-scope linear branch)
       dtype:         'bf16' | 'fp16' | 'fp32' (fp32 serves the CPU interpreter tests)
       role:          'block_map' | 'forward' | 'backward'
     """
@@ -116,6 +117,15 @@ class KernelSpec:
             raise ValueError(f"has_negligible={self.has_negligible!r} must be True or False")
         set_("dtype", parse_dtype(self.dtype))
         _check_choice("role", self.role, ROLES)
+        # Fields that do not change what the role computes are normalised, so that equal computations have
+        # equal specs (one generated module, one tuning record): the block map has no linear branch; the
+        # scope means nothing without a linear branch; the negligible class only shapes a marginal branch.
+        if self.role == "block_map":
+            set_("feature_map", None)
+        if self.feature_map is None:
+            set_("scope", "marginal")
+        if self.role != "block_map" and (self.feature_map is None or self.scope == "all"):
+            set_("has_negligible", False)
 
     @property
     def canonical(self) -> str:

@@ -15,9 +15,9 @@ def test_dtype_spellings(text, want):
 
 
 def test_canonical_hash_and_round_trip():
-    spec = KernelSpec(arch="9.0a", head_dim=64, block_q=128, block_k=64, feature_map="elu", scope="all",
+    spec = KernelSpec(arch="9.0a", head_dim=64, block_q=128, block_k=64, feature_map="elu", scope="marginal",
                       has_negligible=True, dtype="float16", role="backward")
-    assert spec.canonical == "backward_sm90_d64_b128x64_elu_all_negl_fp16"
+    assert spec.canonical == "backward_sm90_d64_b128x64_elu_marginal_negl_fp16"
     assert KernelSpec.from_canonical(spec.canonical) == spec
     assert hash(spec) == hash(KernelSpec.from_canonical(spec.canonical))
     assert len(spec.short_hash) == 12 and spec.short_hash != spec.replace(dtype="bf16").short_hash
@@ -45,3 +45,12 @@ def test_spec_is_frozen():
 def test_errors_name_field_value_and_allowed(field, value, words):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         KernelSpec(**{field: value})
+
+
+def test_fields_that_do_not_change_the_computation_are_normalised():
+    base = dict(arch="sm90", head_dim=128, block_q=128, block_k=64)
+    assert KernelSpec(**base, scope="all", has_negligible=True).has_negligible is False
+    assert KernelSpec(**base, feature_map=None, scope="all", has_negligible=True) == KernelSpec(**base, feature_map=None)
+    block_map = KernelSpec(**base, feature_map="elu", scope="all", has_negligible=True, role="block_map")
+    assert (block_map.feature_map, block_map.scope, block_map.has_negligible) == (None, "marginal", True)
+    assert KernelSpec(**base, scope="marginal", has_negligible=True).has_negligible is True

@@ -103,16 +103,10 @@ def check_config(config: dict, spec: KernelSpec) -> dict:
 
 def kernel_spec(q: torch.Tensor, *, block_q: int, block_k: int, feature_map: Optional[str], scope: str,
                 has_negligible: bool) -> KernelSpec:
-    """The backward KernelSpec of a call on q's device and dtype (CPU maps to sm80).
-
-    has_negligible only matters to scope 'marginal' with a linear branch; it is dropped otherwise so that
-    equivalent calls share one compiled module.
-    """
+    """The backward KernelSpec of a call on q's device and dtype (CPU maps to sm80)."""
     if q.dtype not in _DTYPES:
         raise ValueError(f"q has dtype {q.dtype}; the Triton backward supports bfloat16, float16, float32")
-    arch = device_arch(q.device) or "sm80"
-    has_negligible = bool(has_negligible and feature_map is not None and scope == "marginal")
-    return KernelSpec(arch=arch, head_dim=q.shape[-1], block_q=block_q, block_k=block_k,
+    return KernelSpec(arch=device_arch(q.device) or "sm80", head_dim=q.shape[-1], block_q=block_q, block_k=block_k,
                       feature_map=feature_map, scope=scope, has_negligible=has_negligible,
                       dtype=_DTYPES[q.dtype], role="backward")
 
