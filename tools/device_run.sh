@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install slagen, check every backend against the reference, benchmark,
 # and (with GPU_TESTS=1) run the gpu-marked tests. Logs and tables go to $OUT; the tables print last.
-#   STEPS="check bench tests"  which steps to run      TL=1  unpack the TileLang bundle (.device/)
+#   STEPS="check bench tests blockmap"  which steps   TL=1  unpack the TileLang bundle (.device/)
+#   (blockmap: tools/bench_blockmap.py, launch by launch; BLOCKMAP_ARGS e.g. "--baseline .baselines/bm_old"
+#    after `python tools/bench_blockmap.py --export-baseline d186c39 .baselines/bm_old` here, carried along)
 #   CHECK_ARGS, BENCH_ARGS, TEST_ARGS                  extra arguments for each step
 set -u
 OUT=${OUT:-/tmp/slagen-out}
@@ -24,6 +26,7 @@ for step in $STEPS; do
     check) timeout "${CHECK_TIMEOUT:-240}" slagen check --seq-len 32760 --heads 2 ${CHECK_ARGS:-} >"$OUT/check.log" 2>&1 ;;
     bench) timeout "${BENCH_TIMEOUT:-400}" slagen bench --json "$OUT/bench.json" $refs ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ;;
     tests) timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1 ;;
+    blockmap) timeout "${BLOCKMAP_TIMEOUT:-200}" python3 tools/bench_blockmap.py --json "$OUT/blockmap.json" ${BLOCKMAP_ARGS:-} >"$OUT/blockmap.log" 2>&1 ;;
   esac
   echo "== $step: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
 done
