@@ -44,6 +44,13 @@ def _check_ratio(name: str, value) -> float:
     return float(value)
 
 
+def _check_ratios(topk, negligible) -> Tuple[float, float]:
+    topk, negligible = _check_ratio("topk", topk), _check_ratio("negligible", negligible)
+    if topk + negligible > 1.0:
+        raise ValueError(f"topk + negligible = {topk + negligible} must be <= 1")
+    return topk, negligible
+
+
 def _check_block(name: str, value) -> int:
     if isinstance(value, bool) or value not in BLOCK_SIZES:
         raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(str, BLOCK_SIZES))}")
@@ -92,9 +99,7 @@ def block_map(q: Tensor, k: Tensor, *, topk: float = 0.05, negligible: float = 0
     layout = _check_layout(layout)
     qb, kb = _to_bhld(q, "q", layout), _to_bhld(k, "k", layout)
     _check_qk(qb, kb)
-    topk, negligible = _check_ratio("topk", topk), _check_ratio("negligible", negligible)
-    if topk + negligible > 1.0:
-        raise ValueError(f"topk + negligible = {topk + negligible} must be <= 1")
+    topk, negligible = _check_ratios(topk, negligible)
     block_q, block_k = _check_block("block_q", block_q), _check_block("block_k", block_k)
     name = _resolve_backend(backend, qb, block_q=block_q, block_k=block_k, role="block_map",
                             has_negligible=negligible > 0)
@@ -165,9 +170,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, topk: float = 0.05, negligible
         raise ValueError(f"eps={eps!r} must be a positive number")
     _check_proj(proj_weight, proj_bias, d, qb.device, feature_map)
     if block_map is None:
-        topk, negligible = _check_ratio("topk", topk), _check_ratio("negligible", negligible)
-        if topk + negligible > 1.0:
-            raise ValueError(f"topk + negligible = {topk + negligible} must be <= 1")
+        topk, negligible = _check_ratios(topk, negligible)
         has_negligible = negligible > 0
     else:
         _check_block_map(block_map, qb, kb, block_q, block_k)

@@ -109,20 +109,15 @@ def info():
 
 
 def spec_grid(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles) -> List[KernelSpec]:
-    """Every KernelSpec of the grid, one per role; block-map specs are deduplicated (they only depend
-    on arch, head dim, blocks, negligible on/off and dtype)."""
+    """Every distinct KernelSpec of the grid, one per role (KernelSpec normalises the fields a role does not
+    depend on, so e.g. one block-map spec serves every feature map and scope)."""
     specs = []
-    for d, dt, (bq, bk), fm, sc, ng in itertools.product(head_dims, dtypes, blocks, feature_maps, scopes,
-                                                          negligibles):
-        for role in ROLES:
-            if role == "block_map":
-                spec = KernelSpec(arch=arch, head_dim=d, block_q=bq, block_k=bk, feature_map=None,
-                                  scope="marginal", has_negligible=ng, dtype=dt, role=role)
-            else:
-                spec = KernelSpec(arch=arch, head_dim=d, block_q=bq, block_k=bk, feature_map=fm, scope=sc,
-                                  has_negligible=ng, dtype=dt, role=role)
-            if spec not in specs:
-                specs.append(spec)
+    for d, dt, (bq, bk), fm, sc, ng, role in itertools.product(head_dims, dtypes, blocks, feature_maps, scopes,
+                                                              negligibles, ROLES):
+        spec = KernelSpec(arch=arch, head_dim=d, block_q=bq, block_k=bk, feature_map=fm, scope=sc,
+                          has_negligible=ng, dtype=dt, role=role)
+        if spec not in specs:
+            specs.append(spec)
     return specs
 
 

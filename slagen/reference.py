@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from slagen.blockmap import class_lists
+
 EPS = 1e-5  # the linear branch's denominator epsilon (SLA.md §3)
 
 
@@ -101,19 +103,6 @@ def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"feature_map={name!r} is not supported; allowed: softmax, elu, relu")
 
 
-def critical_lists(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """For each query block, its critical key blocks ascending: (lut (B,H,T_m,W) int64, valid (same, bool)).
-
-    W is the largest count of any row (at least 1); slots past a row's count are not valid.
-    """
-    crit = mask == 1
-    n = mask.shape[-1]
-    key = (~crit).long() * n + torch.arange(n, device=mask.device)
-    width = max(int(crit.sum(-1).max().item()) if crit.numel() else 0, 1)
-    lut = torch.sort(key, dim=-1).values[..., :width]
-    return lut % n, lut < n
-
-
 def sparse_branch(q, k, v, mask, *, block_q, block_k, scale, chunk=64):
     """O^s and its natural-log LSE (SLA.md §2) on (B, H, L, D) inputs in the compute dtype.
 
@@ -127,8 +116,9 @@ def sparse_branch(q, k, v, mask, *, block_q, block_k, scale, chunk=64):
     kb = pad_rows(k, block_k).unflatten(-2, (Tn, block_k)).flatten(0, 1)      # (BH, Tn, bk, D)
     vb = pad_rows(v, block_k).unflatten(-2, (Tn, block_k)).flatten(0, 1)
     key_ok = (torch.arange(Tn * block_k, device=q.device) < Lk).view(Tn, block_k)
-    lut, slot_ok = critical_lists(mask)
-    lut, slot_ok = lut.flatten(0, 1), slot_ok.flatten(0, 1)                    # (BH, Tm, W)
+    width = max(int((mask == 1).sum(-1).max()) if mask.numel() else 0, 1)
+    lut = class_lists(mask, 1, width)[0].flatten(0, 1).long()                 # (BH, Tm, W), -1 past the count
+    slot_ok, lut = lut >= 0, lut.clamp_min(0)
     bh = torch.arange(lut.shape[0], device=q.device)[:, None, None]
     outs, lses = [], []
     for i0 in range(0, Tm, chunk):
