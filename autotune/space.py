@@ -9,7 +9,7 @@ kernel at a time (the others keep their defaults), which keeps the space linear 
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from slagen.spec import KernelSpec
 
@@ -54,3 +54,13 @@ def candidates(spec: KernelSpec, default: dict, check: Callable[[dict, KernelSpe
                 continue
             out.append(cfg)
     return out
+
+
+def spread(configs: List[dict], limit: Optional[int]) -> List[dict]:
+    """At most ``limit`` of ``configs``: the first (the default) and an even spread of the others
+    (all of them when ``limit`` is None or not smaller than their number)."""
+    if limit is None or len(configs) <= limit:
+        return list(configs)
+    rest = configs[1:]
+    picks = limit - 1
+    return [configs[0]] + [rest[(i * len(rest)) // picks] for i in range(picks)]

@@ -320,8 +320,11 @@ def cache_clear(yes, everything):
 @click.option("--topk", default=0.05, show_default=True, type=float, help="Density to tune at.")
 @click.option("--heads", default=12, show_default=True, type=int)
 @click.option("--batch", default=1, show_default=True, type=int)
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Time at most this many candidates per kernel: the default config, then an even spread of "
+                   "the rest of the space (for a quick tune; the full space can take minutes per kernel).")
 def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, roles, seq_lens, topk, heads,
-         batch):
+         batch, limit):
     """Autotune kernels on the local GPU and store the winners in the user tuning cache."""
     import torch
 
@@ -342,7 +345,7 @@ def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, 
     for spec in specs:
         for seq_len in seq_lens:
             mod = problems.role_module(backend, spec.role)
-            configs = space.candidates(spec, mod.default_config(spec), mod.check_config)
+            configs = space.spread(space.candidates(spec, mod.default_config(spec), mod.check_config), limit)
             with click.progressbar(length=len(configs), label=f"{spec.canonical} L={seq_len}",
                                    show_eta=True) as bar:
                 result = problems.tune_and_store(spec, backend, device, seq_len=seq_len, density=topk,

@@ -303,3 +303,14 @@ def test_search_space_varies_the_marginal_mode_only_where_it_matters():
         spec = KernelSpec(arch="sm90", head_dim=128, block_q=128, block_k=64, scope=scope, feature_map=fmap)
         got = space.candidates(spec, fwd.default_config(spec), fwd.check_config)
         assert {c["marginal"] for c in got} == want
+
+
+@pytest.mark.parametrize("limit", [None, 1, 2, 5, 9, 10, 50])
+def test_spread_keeps_the_default_and_samples_the_rest_evenly(limit):
+    configs = [{"i": i} for i in range(10)]
+    got = space.spread(configs, limit)
+    assert got[0] == {"i": 0}
+    assert len(got) == (10 if limit is None else min(limit, 10))
+    assert len({c["i"] for c in got}) == len(got)  # no config twice
+    if limit == 5:
+        assert [c["i"] for c in got] == [0, 1, 3, 5, 7]
