@@ -61,13 +61,13 @@ def _need(rec: dict, field: str, kind, where: str):
 
 
 def _check_config_values(config: dict, where: str, nested_ok: bool) -> None:
-    """A config maps names to ints or strings, or (one level) to such maps, one per kernel."""
+    """A config maps names to ints, strings or booleans, or (one level) to such maps, one per kernel."""
     for name, value in config.items():
         if nested_ok and isinstance(name, str) and isinstance(value, dict):
             _check_config_values(value, f"{where} config[{name!r}]", nested_ok=False)
-        elif not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise RecordError(f"{where}: config entries must map names to ints or strings (or, one level deep, "
-                              f"to such maps), got {name!r}: {value!r}")
+        elif not isinstance(name, str) or not isinstance(value, (int, str)):  # bool is an int
+            raise RecordError(f"{where}: config entries must map names to ints, strings or booleans (or, one "
+                              f"level deep, to such maps), got {name!r}: {value!r}")
 
 
 def validate(rec: Any, where: str = "record") -> dict:

@@ -80,11 +80,17 @@ def test_invalid_record_is_skipped_and_the_rest_used(user):
 
 
 @pytest.mark.parametrize("field,value", [("spec", "forward_sm90_d96_b64x64_softmax_marginal_nonegl_bf16"),
-                                         ("config", {"num_warps": True}), ("config", {"x": [1]}),
+                                         ("config", {"num_warps": 1.5}), ("config", {"x": [1]}),
                                          ("meta", {"slagen": "1"}), ("created", float("nan"))])
 def test_schema_rejects(field, value):
     with pytest.raises(records.RecordError):
         records.validate(dict(rec(), **{field: value}))
+
+
+def test_schema_takes_boolean_knobs():
+    """TileLang's forward config has warp_specialized: True; its tuning record must store and load."""
+    r = dict(rec(), config={"tile_m": 128, "warp_specialized": True, "dq": {"flag": False}})
+    assert records.validate(r)["config"] == r["config"]
 
 
 def _writer(args):
