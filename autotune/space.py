@@ -22,8 +22,10 @@ OPTIONS: Dict[str, Sequence] = {
     "num_warps": (4, 8),
     "num_stages": (1, 2, 3, 4),
     "marginal": ("gemm", "onchip"),     # how the Triton forward forms marginal-scope corrections
+    "marginal_states": ("gemm", "gather"),  # how the Triton backward forms them (its 'prep' kernels)
 }
-RELEVANT = {"marginal": lambda spec: spec.scope == "marginal" and spec.feature_map is not None}
+_HAS_MARGINAL = lambda spec: spec.scope == "marginal" and spec.feature_map is not None  # noqa: E731
+RELEVANT = {"marginal": _HAS_MARGINAL, "marginal_states": _HAS_MARGINAL}
 
 
 def shared_bytes(cfg: dict, spec: KernelSpec) -> int:

@@ -142,13 +142,29 @@ def test_handmade_mask_edge_cases(scope, fmap, negl):
     check(p, cfg, 1e-4)
 
 
+@pytest.mark.parametrize("negl", [0.0, 0.25])
+def test_marginal_states_gather_and_gemm_agree_with_the_reference(negl):
+    """Both ways of forming the marginal-scope states (prep.marginal_states) give the reference gradients."""
+    p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=16, block_k=32, feature_map="softmax", scope="marginal",
+                          negligible=negl, weight=True, bias=False, seed=21)
+    spec = bwd.kernel_spec(p["q"], block_q=16, block_k=32, feature_map="softmax", scope="marginal",
+                           has_negligible=negl > 0)
+    got = {}
+    for mode in bwd.MARGINAL_STATES:
+        config = bwd.default_config(spec)
+        config["prep"]["marginal_states"] = mode
+        got[mode] = check(p, cfg, 1e-4, config=config)
+    for name, a, b in zip(GRADS[:4], got["gemm"], got["gather"]):   # q, k, v, proj_weight (no bias here)
+        assert rel(a, b) < 1e-4, name
+
+
 def test_non_default_tiles():
     """Sub-tiled programs and inner steps (tiles smaller than the selection blocks), small prep chunks."""
     p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=32, block_k=32, feature_map="softmax", scope="marginal",
                           negligible=0.25, weight=True, bias=True, seed=2)
     config = {"dq": dict(block_m=16, block_n=16, num_warps=4, num_stages=1),
               "dkdv": dict(block_m=16, block_n=16, num_warps=4, num_stages=1),
-              "prep": dict(rows=16, chunk=3, num_warps=4, num_stages=1)}
+              "prep": dict(rows=16, chunk=3, num_warps=4, num_stages=1, marginal_states="gather")}
     check(p, cfg, 1e-4, config=config)
 
 
@@ -167,6 +183,11 @@ def test_clear_errors():
         bad = bwd.default_config(bwd.kernel_spec(p["q"], block_q=16, block_k=16, feature_map="softmax",
                                                  scope="marginal", has_negligible=False))
         bad["dq"]["block_m"] = 24
+        triton_grads(p, cfg, bad)
+    with pytest.raises(ValueError, match="prep.marginal_states='fast'"):
+        bad = bwd.default_config(bwd.kernel_spec(p["q"], block_q=16, block_k=16, feature_map="softmax",
+                                                 scope="marginal", has_negligible=False))
+        bad["prep"]["marginal_states"] = "fast"
         triton_grads(p, cfg, bad)
     with pytest.raises(ValueError, match="o_lin must have shape"):
         triton_grads(dict(p, o_lin=p["q"].new_empty((0,))), cfg)

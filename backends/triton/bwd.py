@@ -10,7 +10,8 @@ The backward runs five kernels of one generated module (see the template's docst
 3. ``_proj_grads`` (only with a projection): per-chunk fp32 partials of dW = Σ dO^T O^l and db = Σ dO.
 4. ``_dq_kernel`` (grid (T_m * block_q/BLOCK_M, B*H)) and 5. ``_dkdv_kernel`` (grid (T_n * block_k/BLOCK_N,
    B*H)): the FlashAttention-2 backward over the row / column lookup tables, each starting from its linear
-   term (formed from the totals minus the excluded blocks' states, gathered through the same tables).
+   term: the totals minus the excluded blocks' states, summed by one batched mask GEMM per kernel in the glue
+   (config prep.marginal_states='gemm', the default) or gathered through the same tables ('gather').
 
 Everything is deterministic (no atomics: partials are reduced with torch sums in fixed order).
 """
@@ -25,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from slagen import codegen
+from slagen.backends import linear_terms
 from slagen.dispatch import device_arch
 from slagen.spec import KernelSpec, parse_feature_map, parse_scope
 
@@ -44,6 +46,7 @@ _TILES = {
 }
 _TILES["sm89"] = _TILES["sm86"]
 _PREP_CHUNK = 8      # selection blocks per program of the state / proj kernels
+MARGINAL_STATES = ("gemm", "gather")
 LOG2E = 1.4426950408889634
 
 
@@ -53,7 +56,10 @@ def default_config(spec: KernelSpec) -> dict:
     dq: block_m query rows per program (divides block_q), block_n key rows per inner step (divides block_k);
     dkdv: block_n key rows per program, block_m query rows per inner step; each with num_warps, num_stages.
     prep (the state and proj kernels): rows per inner step (divides both blocks), chunk (selection blocks
-    per program), num_warps, num_stages.
+    per program), num_warps, num_stages, and marginal_states (scope 'marginal' only): 'gemm' (default) forms
+    every query block's ΔH_i and key block's ΔG_j with one batched mask GEMM each (fp32 temporaries of
+    B·H·T_m·D² and B·H·T_n·D², one at a time), 'gather' sums the listed states inside the dq / dkdv kernels
+    (no temporaries; every program reads its count × D² states: ~2.4 GB each at the headline shape).
     """
     _check_head_dim(spec)
     dq_m, dq_n, kv_n, kv_m, warps, stages = _TILES[spec.arch][spec.head_dim]
@@ -67,7 +73,7 @@ def default_config(spec: KernelSpec) -> dict:
         "dq": dict(block_m=min(dq_m, bq), block_n=min(dq_n, bk), num_warps=warps, num_stages=stages),
         "dkdv": dict(block_n=min(kv_n, bk), block_m=min(kv_m, bq), num_warps=warps, num_stages=stages),
         "prep": dict(rows=prep_rows, chunk=_PREP_CHUNK, num_warps=8 if spec.head_dim == 128 else 4,
-                     num_stages=1),
+                     num_stages=1, marginal_states="gemm"),
     }
 
 
@@ -95,6 +101,9 @@ def check_config(config: dict, spec: KernelSpec) -> dict:
                          f"({sorted(default_config(spec))} with their sub-keys); missing {err}") from None
     for name, value, block in tiles:
         _check_tile(name, value, block)
+    if prep.get("marginal_states", "gemm") not in MARGINAL_STATES:
+        raise ValueError(f"config prep.marginal_states={prep['marginal_states']!r} is not supported; allowed: "
+                         f"{', '.join(MARGINAL_STATES)}")
     for name, value in launch:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"config {name}={value!r} must be a positive int")
@@ -192,6 +201,13 @@ class _Call:
     def bias_args(self):
         return (self.bias, self.bias.stride(0)) if self.bias is not None else (self.lse, 0)
 
+    def gemm_states(self) -> bool:
+        return self.marginal and self.cfg["prep"].get("marginal_states", "gemm") == "gemm"
+
+    def marginal_consts(self) -> dict:
+        """The dq / dkdv kernels' GEMM_STATES constexpr (scope 'marginal' only)."""
+        return dict(GEMM_STATES=self.gemm_states()) if self.marginal else {}
+
     def prep_launch(self):
         return dict(num_warps=self.cfg["prep"]["num_warps"], num_stages=self.cfg["prep"]["num_stages"])
 
@@ -256,6 +272,17 @@ def _empty(c: _Call) -> torch.Tensor:
     return c.q.new_empty((0,), dtype=torch.float32)
 
 
+def _excluded_states(c: _Call, total_vec, mats, vecs, mask):
+    """(ΔM (n, D, D) fp32, the vector state minus its excluded part (n, D) fp32), n = B*H*rows of ``mask``:
+    the per-block states ``mats`` / ``vecs`` (one per column of mask (B, H, rows, cols)) summed over each
+    row's excluded (mask != 0) columns by one batched GEMM (slagen.backends.linear_terms.excluded_sums)."""
+    B, H = c.q.shape[:2]
+    cols, D = mask.shape[-1], c.D
+    dm, v = linear_terms.excluded_sums(total_vec.view(B, H, D), mats.view(B, H, cols, D, D),
+                                       vecs.view(B, H, cols, D), mask, out_dtype=torch.float32)
+    return dm.reshape(-1, D, D), v.reshape(-1, D)
+
+
 def _dq(c: _Call, ds, dl, h, z, hsum, zsum) -> torch.Tensor:
     """Launch ``_dq_kernel`` over the row LUT; returns dq like q."""
     dq = torch.empty_like(c.q)
@@ -266,7 +293,8 @@ def _dq(c: _Call, ds, dl, h, z, hsum, zsum) -> torch.Tensor:
         *c.q.stride(), *c.k.stride(), *c.v.stride(), *c.do.stride(), *dq.stride(), *c.lse.stride(),
         *c.den.stride(), *lut.stride(), *count.stride(), *nlut.stride(), *ncount.stride(),
         c.H, c.Lq, c.Lk, c.Tn, c.scale, c.scale * LOG2E,
-        BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], num_warps=t["num_warps"], num_stages=t["num_stages"])
+        BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], num_warps=t["num_warps"], num_stages=t["num_stages"],
+        **c.marginal_consts())
     return dq
 
 
@@ -280,7 +308,8 @@ def _dkdv(c: _Call, ds, g, gz, gsum, gzsum):
         *c.q.stride(), *c.k.stride(), *c.v.stride(), *c.do.stride(), *dk.stride(), *dv.stride(),
         *c.lse.stride(), *lut.stride(), *count.stride(), *nlut.stride(), *ncount.stride(),
         c.H, c.Lq, c.Lk, c.Tm, c.scale, c.scale * LOG2E,
-        BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], num_warps=t["num_warps"], num_stages=t["num_stages"])
+        BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], num_warps=t["num_warps"], num_stages=t["num_stages"],
+        **c.marginal_consts())
     return dk, dv
 
 
@@ -315,6 +344,11 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj
         gsum, gzsum = _totals(c, g, gz)
         if proj_weight is not None or proj_bias is not None:
             dw, db = _proj_grads(c)
-    dq = _dq(c, ds, dl, h, z, hsum, zsum)
-    dk, dv = _dkdv(c, ds, g, gz, gsum, gzsum)
+    if c.gemm_states():   # one fp32 temporary at a time: ΔH, Z_i for dq, then ΔG, g_j for dk / dv
+        dq = _dq(c, ds, dl, *_excluded_states(c, zsum, h, z, c.maps[0]), hsum, zsum)
+        del h, z
+        dk, dv = _dkdv(c, ds, *_excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)), gsum, gzsum)
+    else:
+        dq = _dq(c, ds, dl, h, z, hsum, zsum)
+        dk, dv = _dkdv(c, ds, g, gz, gsum, gzsum)
     return dq, dk, dv, dw, db
