@@ -57,8 +57,9 @@ def default_config(spec: KernelSpec) -> dict:
     dkdv: block_n key rows per program, block_m query rows per inner step; each with num_warps, num_stages.
     prep (the state and proj kernels): rows per inner step (divides both blocks), chunk (selection blocks
     per program), num_warps, num_stages, and marginal_states (scope 'marginal' only): 'gemm' (default) forms
-    every query block's ΔH_i and key block's ΔG_j with one batched mask GEMM each (fp32 temporaries of
-    B·H·T_m·D² and B·H·T_n·D², one at a time), 'gather' sums the listed states inside the dq / dkdv kernels
+    every query block's ΔH_i and key block's ΔG_j with one batched mask GEMM each (temporaries of
+    B·H·T_m·D² and B·H·T_n·D² in the states' dtype, one at a time), 'gather' sums the listed states inside the
+    dq / dkdv kernels
     (no temporaries; every program reads its count × D² states: ~2.4 GB each at the headline shape).
     """
     _check_head_dim(spec)
@@ -273,13 +274,15 @@ def _empty(c: _Call) -> torch.Tensor:
 
 
 def _excluded_states(c: _Call, total_vec, mats, vecs, mask):
-    """(ΔM (n, D, D) fp32, the vector state minus its excluded part (n, D) fp32), n = B*H*rows of ``mask``:
-    the per-block states ``mats`` / ``vecs`` (one per column of mask (B, H, rows, cols)) summed over each
-    row's excluded (mask != 0) columns by one batched GEMM (slagen.backends.linear_terms.excluded_sums)."""
+    """(ΔM (n, D, D), the vector state minus its excluded part (n, D) fp32), n = B*H*rows of ``mask``: the
+    per-block states ``mats`` / ``vecs`` (one per column of mask (B, H, rows, cols)) summed over each row's
+    excluded (mask != 0) columns by one batched GEMM (slagen.backends.linear_terms.excluded_sums), fp32
+    accumulation. ΔM is stored like the states (bf16 for bf16/fp16 inputs: it is the small excluded part the
+    kernels subtract from the fp32 totals, and it halves the temporary, 201 MB for ΔG at the headline shape)."""
     B, H = c.q.shape[:2]
     cols, D = mask.shape[-1], c.D
     dm, v = linear_terms.excluded_sums(total_vec.view(B, H, D), mats.view(B, H, cols, D, D),
-                                       vecs.view(B, H, cols, D), mask, out_dtype=torch.float32)
+                                       vecs.view(B, H, cols, D), mask, out_dtype=mats.dtype)
     return dm.reshape(-1, D, D), v.reshape(-1, D)
 
 
