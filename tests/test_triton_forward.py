@@ -190,6 +190,23 @@ def test_marginal_modes(mode, fmap, negligible, proj):
         check_all(out, ref, CPU_TOL, save, True)
 
 
+@pytest.mark.parametrize("epilogue", ["split", "fused"])
+@pytest.mark.parametrize("scope,negligible", [("marginal", 0.2), ("marginal", 0.0), ("all", 0.2)])
+@pytest.mark.parametrize("fmap", ["softmax", "elu", "relu"])
+def test_epilogues(epilogue, scope, negligible, fmap):
+    """The linear branch in its own kernel ('split') or in the main kernel's epilogue ('fused'), with and
+    without Proj and saving, odd lengths, 16-row query blocks (the linear kernel's tile is the block)."""
+    torch.manual_seed(9)
+    q, k, v = make_inputs(2, 2, 77, 149, 16)
+    for bq, proj in ((16, True), (32, False)):
+        maps = make_maps(q, k, 0.25, negligible, bq, 32)
+        w, b = make_proj(16, proj, proj)
+        cfg = dict(block_q=bq, block_k=32, scale=0.25, feature_map=fmap, scope=scope, eps=1e-5)
+        for save in (True, False):
+            out, ref = run_both(q, k, v, maps, w, b, save, config=dict(epilogue=epilogue), **cfg)
+            check_all(out, ref, CPU_TOL, save, True)
+
+
 def test_marginal_modes_agree_bitwise_on_the_sparse_branch():
     """'gemm' runs scope 'all''s key loop: the sparse branch (LSE) is the same computation in both modes."""
     torch.manual_seed(8)
@@ -446,11 +463,12 @@ from slagen.backends.triton import fwd
 from slagen.spec import KernelSpec
 
 cap, scope, mode, has_w, save = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1", sys.argv[5] == "1"
+epilogue = sys.argv[6]
 spec = KernelSpec(arch=f"sm{cap}", head_dim=128, block_q=128, block_k=64, feature_map="softmax", scope=scope,
                   has_negligible=True, dtype="bf16")
 cfg, mod = fwd.default_config(spec, mode), codegen.load(spec, "triton")
 RUN_TIME = {"n_heads", "Lq", "Lk", "n_qblocks", "crit_width", "negl_width", "n_kblocks", "chunk_rows"}
-FP32 = {"LSE", "HT", "ZT", "DH", "W", "BIAS", "DEN", "HP", "ZP", "ZB"}
+FP32 = {"LSE", "HT", "ZT", "DH", "W", "BIAS", "DEN", "HP", "ZP", "ZB", "ADD"}
 
 
 def build(fn, warps, stages, **consts):
@@ -477,11 +495,13 @@ def build(fn, warps, stages, **consts):
     print(f"LOOP_SPILL_OPS {fn.__name__} {loop_spills}", flush=True)
 
 
-consts = dict(TILE_M=cfg["tile_m"], TILE_N=cfg["tile_n"], EPI_K=cfg["epi_k"], HAS_W=has_w, HAS_BIAS=has_w,
-              SAVE=save, FP32_DOT=cfg["fp32_dot"])
+lin = dict(EPI_K=cfg["epi_k"], HAS_W=has_w, HAS_BIAS=has_w, SAVE=save, FP32_DOT=cfg["fp32_dot"])
+consts = dict(TILE_M=cfg["tile_m"], TILE_N=cfg["tile_n"], SPLIT=epilogue == "split", **lin)
 if scope == "marginal":
     consts["MARGINAL_GEMM"] = mode == "gemm"
 build(mod.sla_forward_kernel, cfg["num_warps"], cfg["num_stages"], **consts)
+if epilogue == "split":
+    build(mod.sla_linear_kernel, cfg["pre_warps"], 1, TILE_M=64, **lin)
 build(mod.sla_linear_totals_kernel, cfg["pre_warps"], 1, TILE=cfg["pre_tile"],
       BLOCKS=scope == "marginal" and mode == "gemm")
 """
@@ -498,20 +518,25 @@ def compile_report(tmp_path, *args):
     text = run.stdout + run.stderr
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
     loops = {name: int(n) for name, n in re.findall(r"LOOP_SPILL_OPS (\w+) (-?\d+)", text)}
-    assert len(spills) == 2 and list(loops) == ["sla_forward_kernel", "sla_linear_totals_kernel"], text[-3000:]
+    assert len(spills) == len(loops) and {"sla_forward_kernel", "sla_linear_totals_kernel"} <= set(loops), \
+        text[-3000:]
     return {name: (spill, loops[name]) for name, spill in zip(loops, spills)}
 
 
+@pytest.mark.parametrize("epilogue", fwd.EPILOGUES)
 @pytest.mark.parametrize("has_w,save", [(True, False), (True, True), (False, False)],
                          ids=["proj", "proj-save", "noproj"])
-def test_sm90_d128_gemm_forward_compiles_without_loop_spills(has_w, save, tmp_path):
+def test_sm90_d128_gemm_forward_compiles_without_loop_spills(has_w, save, epilogue, tmp_path):
     """sm90, d=128, 128x64 blocks, bf16, negligible class, marginal='gemm', default tunables: no spill in the
-    key loop or the pre-pass; at most a few one-time epilogue spills (Triton 3.9: 52-80 bytes per thread,
-    as many as scope 'all''s kernel, whose whole-kernel register use is 255 too)."""
+    key loop or the pre-pass. 'fused': at most a few one-time epilogue spills (Triton 3.9: 52-80 bytes per
+    thread, as many as scope 'all''s kernel, whose whole-kernel register use is 255 too); 'split': none in the
+    main kernel (its epilogue is one load and add) nor in sla_linear_kernel."""
     pytest.importorskip("triton.backends.nvidia")
-    report = compile_report(tmp_path, 90, "marginal", "gemm", int(has_w), int(save))
+    report = compile_report(tmp_path, 90, "marginal", "gemm", int(has_w), int(save), epilogue)
     fwd_spill, fwd_loop = report["sla_forward_kernel"]
     pre_spill, pre_loop = report["sla_linear_totals_kernel"]
     assert pre_spill == 0, report
     assert fwd_loop <= 0 and pre_loop <= 0, report
-    assert fwd_spill <= 128, report
+    assert fwd_spill <= (128 if epilogue == "fused" else 0), report
+    assert ("sla_linear_kernel" in report) == (epilogue == "split"), report
+    assert report.get("sla_linear_kernel", (0, 0)) == (0, 0) or report["sla_linear_kernel"] == (0, -1), report

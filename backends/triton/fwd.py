@@ -8,10 +8,15 @@ Two launches per call (one without a linear branch), plus torch GEMMs for scope 
   2. 'gemm' only: slagen.backends.linear_terms.excluded_sums — one batched GEMM of the class mask's
      excluded (critical + negligible) blocks against the stacked h_j gives ΔH_i = Σ_{j excluded} h_j (fp32)
      for every query block, and Z_i = Z − Σ z_j (the TileLang backend's formulation, shared code).
-  3. ``sla_forward_kernel``, grid (ceil(Lq / tile_m), B·H): sparse branch over the critical blocks,
-     linear epilogue from the totals — scope 'marginal': H_i = H − ΔH_i ('gemm': the key loop is scope
-     'all''s, negligible blocks cost nothing) or on-chip corrections φ(Q_i)φ(K_j)ᵀV_j of the critical and
-     negligible tiles ('onchip': no temporaries, twice the loop's MMAs) — Proj, one store of O.
+  3. config['epilogue'] = 'split' (the default; not with marginal='onchip'): ``sla_linear_kernel``, grid
+     (ceil(Lq / 64), B·H): the linear branch alone, ADD = Proj(O^l) (fp32, B·H·Lq·D: 201 MB at the headline
+     shape), plus O^l and den when saving for the backward.
+  4. ``sla_forward_kernel``, grid (ceil(Lq / tile_m), B·H): sparse branch over the critical blocks, then
+     'split': O = O^s + ADD; 'fused': the linear epilogue from the totals in the same kernel — scope
+     'marginal': H_i = H − ΔH_i ('gemm': the key loop is scope 'all''s, negligible blocks cost nothing) or
+     on-chip corrections φ(Q_i)φ(K_j)ᵀV_j of the critical and negligible tiles ('onchip': no temporaries,
+     twice the loop's MMAs) — and Proj; one store of O. 'split' keeps the fused epilogue's registers (255 per
+     thread with spills at D = 128 on sm90) out of the key loop's kernel.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from slagen.spec import KernelSpec
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FP32_DOTS = ("tf32", "tf32x3", "ieee")
 MARGINAL_MODES = ("gemm", "onchip")
+EPILOGUES = ("split", "fused")
+_LIN_TILE = 64     # query rows per program of sla_linear_kernel (at most block_q)
 
 # Default tunables per (arch, head_dim), chosen from offline compiles (shared memory, registers, spills
 # inside the key loop): (tile_m, tile_n, num_warps, num_stages, epi_k, pre_warps). Shared memory: sm80
@@ -62,7 +69,9 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
     φ(Q)·H and O^l·Wᵀ: 'tf32' | 'tf32x3' | 'ieee'), marginal (scope 'marginal' only, ignored otherwise:
     'gemm' — excluded-block sums ΔH_i from one batched GEMM, the key loop of scope 'all'; temporaries per
     head: T_n·D² h_j in the input dtype and T_m·D² fp32 ΔH, ~420 MB at B·H = 12, L = 32760, D = 128, bf16,
-    128×64 blocks; 'onchip' — corrections inside the key loop: no temporaries, twice the loop's MMAs).
+    128×64 blocks; 'onchip' — corrections inside the key loop: no temporaries, twice the loop's MMAs),
+    epilogue (linear branch only: 'split' — a separate kernel computes Proj(O^l) into an fp32 temporary that
+    the main kernel adds; 'fused' — in the main kernel's epilogue; marginal='onchip' is always fused).
     """
     mode = marginal if marginal in MARGINAL_MODES else MARGINAL_MODES[0]
     tile_m, tile_n, warps, stages, epi_k, pre_warps = _TABLE[(spec.arch, spec.head_dim)]
@@ -76,7 +85,7 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
         pre_tile = min(pre_tile, spec.block_k)    # the pre-pass steps through whole key blocks
     return dict(tile_m=min(tile_m, spec.block_q), tile_n=min(tile_n, spec.block_k), num_warps=warps,
                 num_stages=stages, epi_k=min(epi_k, spec.head_dim), pre_tile=pre_tile, pre_warps=pre_warps,
-                fp32_dot="tf32", marginal=mode)
+                fp32_dot="tf32", marginal=mode, epilogue="split")
 
 
 def check_config(cfg: dict, spec: KernelSpec) -> None:
@@ -103,6 +112,8 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
     if cfg["marginal"] not in MARGINAL_MODES:
         raise ValueError(f"config['marginal']={cfg['marginal']!r} is not supported; allowed: "
                          f"{', '.join(MARGINAL_MODES)}")
+    if cfg["epilogue"] not in EPILOGUES:
+        raise ValueError(f"config['epilogue']={cfg['epilogue']!r} is not supported; allowed: {', '.join(EPILOGUES)}")
     if _gemm_marginal(spec, cfg) and cfg["pre_tile"] > spec.block_k:
         raise ValueError(f"config['pre_tile']={cfg['pre_tile']} must be <= block_k={spec.block_k} with "
                          f"marginal='gemm' (the pre-pass writes one h_j per key block)")
@@ -146,24 +157,45 @@ def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Opt
     return (*linear_terms.chunk_totals(hp, zp), hb, zb)
 
 
-def _linear_args(mod, spec: KernelSpec, q, k, v, mask, proj_weight, proj_bias, save: bool, cfg: dict):
-    """Pointer arguments HT, ZT, (DH,) W, BIAS of the linear epilogue and its constexprs (runs the pre-pass,
-    and for marginal='gemm' the excluded-block GEMMs)."""
+def split_epilogue(spec: KernelSpec, cfg: dict) -> bool:
+    """Whether the linear branch runs in sla_linear_kernel (config epilogue='split', never with 'onchip')."""
+    onchip = spec.scope == "marginal" and cfg["marginal"] == "onchip"
+    return spec.feature_map is not None and cfg["epilogue"] == "split" and not onchip
+
+
+def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, save: bool, o_lin, den,
+                 cfg: dict):
+    """Pointer arguments HT, ZT, (DH,) W, BIAS, OLIN, DEN, ADD of the main kernel's linear branch and its
+    constexprs. Runs the pre-pass, for marginal='gemm' the excluded-block GEMMs, and for epilogue='split'
+    sla_linear_kernel (which writes ADD, and O^l / den when saving)."""
     gemm = _gemm_marginal(spec, cfg)
     ht, zt, hb, zb = linear_totals(mod, k, v, cfg, spec.block_k if gemm else None)
     w = None if proj_weight is None else proj_weight.to(torch.float32).contiguous()
     bias = None if proj_bias is None else proj_bias.to(torch.float32).contiguous()
     if w is not None and spec.scope == "all" and not save:
         ht, w = torch.matmul(ht, w.t()), None     # Proj folds into the per-head constant H (SLA.md §6)
+    split = split_epilogue(spec, cfg)
     consts = dict(EPI_K=cfg["epi_k"], HAS_W=w is not None, HAS_BIAS=bias is not None, SAVE=save,
                   FP32_DOT=cfg["fp32_dot"])
-    if spec.scope != "marginal":
-        return [ht, zt, w, bias], consts
-    consts["MARGINAL_GEMM"] = gemm
+    marginal = spec.scope == "marginal"
     dh = None
     if gemm:   # ΔH (B, H, T_m, D, D) and Z_i (B, H, T_m, D), fp32, replace Z; the h_j are freed on return
-        dh, zt = linear_terms.excluded_sums(zt.view(*q.shape[:2], -1), hb, zb, mask, out_dtype=torch.float32)
-    return [ht, zt, dh, w, bias], consts
+        dh, zt = linear_terms.excluded_sums(zt.view(*q.shape[:2], -1), hb, zb, maps[0], out_dtype=torch.float32)
+    B, H, lq, d = q.shape
+    add = None
+    if split:
+        add = torch.empty((B * H, lq, d), dtype=torch.float32, device=q.device)
+        tile = min(_LIN_TILE, spec.block_q)
+        counts = [dh, maps[2].contiguous(), maps[6].contiguous()] if marginal else []
+        ints = [H, lq, maps[0].shape[-2]] + ([maps[0].shape[-1]] if marginal else [])
+        mod.sla_linear_kernel[(math.ceil(lq / tile), B * H)](
+            q, ht, zt, *counts, w, bias, o_lin, den, add, *q.stride(), *ints, float(cfg["eps"]),
+            TILE_M=tile, **consts, num_warps=cfg["pre_warps"])
+    consts["SPLIT"] = split
+    if marginal:
+        consts["MARGINAL_GEMM"] = gemm
+        return [ht, zt, dh, w, bias, o_lin, den, add], consts
+    return [ht, zt, w, bias, o_lin, den, add], consts
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,
@@ -197,8 +229,9 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     crit_lut = maps[1].contiguous()
     args, consts = [q, k, v, o, lse], dict(TILE_M=cfg["tile_m"], TILE_N=cfg["tile_n"])
     if linear:
-        lin_args, lin_consts = _linear_args(mod, spec, q, k, v, maps[0], proj_weight, proj_bias, save, cfg)
-        args += lin_args + [o_lin, den]
+        lin_args, lin_consts = _linear_args(mod, spec, q, k, v, maps, proj_weight, proj_bias, save, o_lin, den,
+                                            dict(cfg, eps=eps))
+        args += lin_args
         consts.update(lin_consts)
     args += [crit_lut, maps[2].contiguous()]
     if negl_loop:
