@@ -23,7 +23,9 @@ OPTIONS: Dict[str, Sequence] = {
     "num_stages": (1, 2, 3, 4),
     "marginal": ("gemm", "onchip"),     # how the Triton forward forms marginal-scope corrections
     "marginal_states": ("gemm", "gather"),  # how the Triton backward forms them (its 'prep' kernels)
-    "epilogue": ("split", "fused"),     # the Triton forward's linear branch: its own kernel or the epilogue
+    "epilogue": ("split", "fused"),
+    "pre_stages": (1, 2, 3),             # the Triton forward's pre-pass
+    "pre_per_sm": (2, 4, 8),     # the Triton forward's linear branch: its own kernel or the epilogue
 }
 _HAS_MARGINAL = lambda spec: spec.scope == "marginal" and spec.feature_map is not None  # noqa: E731
 RELEVANT = {"marginal": _HAS_MARGINAL, "marginal_states": _HAS_MARGINAL,

@@ -26,12 +26,12 @@ from typing import Optional, Tuple
 import torch
 
 
-def prepass_chunks(n_units: int, bh: int, device: torch.device) -> Tuple[int, int]:
+def prepass_chunks(n_units: int, bh: int, device: torch.device, per_sm: int = 2) -> Tuple[int, int]:
     """(chunks per head, units per chunk) for a pre-pass over ``n_units`` key units (tiles or blocks) of each
-    of ``bh`` heads: about two programs per SM (a CPU counts as 2 SMs: the interpreter tests split a head into
-    several chunks), no empty chunk, at least one unit per chunk."""
+    of ``bh`` heads: about ``per_sm`` programs per SM (a CPU counts as 2 SMs: the interpreter tests split a
+    head into several chunks), no empty chunk, at least one unit per chunk."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    want = max(1, min(n_units, math.ceil(2 * sms / max(bh, 1))))
+    want = max(1, min(n_units, math.ceil(per_sm * sms / max(bh, 1))))
     per = math.ceil(n_units / want)
     return math.ceil(n_units / per), per
 

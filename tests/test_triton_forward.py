@@ -502,7 +502,7 @@ if scope == "marginal":
 build(mod.sla_forward_kernel, cfg["num_warps"], cfg["num_stages"], **consts)
 if epilogue == "split":
     build(mod.sla_linear_kernel, cfg["pre_warps"], 1, TILE_M=64, **lin)
-build(mod.sla_linear_totals_kernel, cfg["pre_warps"], 1, TILE=cfg["pre_tile"],
+build(mod.sla_linear_totals_kernel, cfg["pre_warps"], cfg["pre_stages"], TILE=cfg["pre_tile"],
       BLOCKS=scope == "marginal" and mode == "gemm")
 """
 

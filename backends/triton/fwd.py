@@ -65,7 +65,8 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
 
     Keys: tile_m / tile_n (query rows / keys per tile of the main kernel, powers of two dividing block_q /
     block_k), num_warps, num_stages (main kernel), epi_k (columns of φ(Q) per step of the linear epilogue),
-    pre_tile / pre_warps (pre-pass: key rows per step, warps), fp32_dot (precision of the fp32 dots
+    pre_tile / pre_warps / pre_stages / pre_per_sm (pre-pass: key rows per step, warps, software-pipeline
+    stages, programs per SM over all heads), fp32_dot (precision of the fp32 dots
     φ(Q)·H and O^l·Wᵀ: 'tf32' | 'tf32x3' | 'ieee'), marginal (scope 'marginal' only, ignored otherwise:
     'gemm' — excluded-block sums ΔH_i from one batched GEMM, the key loop of scope 'all'; temporaries per
     head: T_n·D² h_j in the input dtype and T_m·D² fp32 ΔH, ~420 MB at B·H = 12, L = 32760, D = 128, bf16,
@@ -85,7 +86,7 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
         pre_tile = min(pre_tile, spec.block_k)    # the pre-pass steps through whole key blocks
     return dict(tile_m=min(tile_m, spec.block_q), tile_n=min(tile_n, spec.block_k), num_warps=warps,
                 num_stages=stages, epi_k=min(epi_k, spec.head_dim), pre_tile=pre_tile, pre_warps=pre_warps,
-                fp32_dot="tf32", marginal=mode, epilogue="split")
+                fp32_dot="tf32", marginal=mode, epilogue="split", pre_stages=2, pre_per_sm=2)
 
 
 def check_config(cfg: dict, spec: KernelSpec) -> None:
@@ -105,8 +106,10 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
     pow2("pre_tile", 16, 256)
     pow2("num_warps", 1, 16)
     pow2("pre_warps", 1, 16)
-    if isinstance(cfg["num_stages"], bool) or not isinstance(cfg["num_stages"], int) or cfg["num_stages"] < 1:
-        raise ValueError(f"config['num_stages']={cfg['num_stages']!r} must be a positive int")
+    pow2("pre_per_sm", 1, 64)
+    for name in ("num_stages", "pre_stages"):
+        if isinstance(cfg[name], bool) or not isinstance(cfg[name], int) or cfg[name] < 1:
+            raise ValueError(f"config[{name!r}]={cfg[name]!r} must be a positive int")
     if cfg["fp32_dot"] not in FP32_DOTS:
         raise ValueError(f"config['fp32_dot']={cfg['fp32_dot']!r} is not supported; allowed: {', '.join(FP32_DOTS)}")
     if cfg["marginal"] not in MARGINAL_MODES:
@@ -144,7 +147,7 @@ def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Opt
     tile = cfg["pre_tile"]
     unit = block_k or tile
     n_units = math.ceil(lk / unit)
-    n_chunks, per = linear_terms.prepass_chunks(n_units, B * H, k.device)
+    n_chunks, per = linear_terms.prepass_chunks(n_units, B * H, k.device, cfg["pre_per_sm"])
     hp = torch.empty((B * H, n_chunks, d, d), dtype=torch.float32, device=k.device)
     zp = torch.empty((B * H, n_chunks, d), dtype=torch.float32, device=k.device)
     hb = zb = None
@@ -153,7 +156,7 @@ def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Opt
         zb = torch.empty((B, H, n_units, d), dtype=torch.float32, device=k.device)
     mod.sla_linear_totals_kernel[(n_chunks, B * H)](
         k, v, hp, zp, hb, zb, *k.stride(), *v.stride(), H, lk, per * unit, n_units,
-        TILE=tile, BLOCKS=bool(block_k), num_warps=cfg["pre_warps"])
+        TILE=tile, BLOCKS=bool(block_k), num_warps=cfg["pre_warps"], num_stages=cfg["pre_stages"])
     return (*linear_terms.chunk_totals(hp, zp), hb, zb)
 
 
