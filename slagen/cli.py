@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
+import json
 import logging
 import os
 import platform
@@ -234,7 +235,6 @@ def cache_ls():
 @click.argument("pattern")
 def cache_show(pattern):
     """Print the records whose spec, GPU or bucket contains PATTERN, as JSON."""
-    import json
     hits = [dict(r, source=label, usable=usable) for label, r, usable in _all_records()
             if pattern in r["spec"] or pattern in r["gpu"] or pattern in r["bucket"]]
     if not hits:
@@ -323,14 +323,26 @@ def cache_clear(yes, everything):
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Time at most this many candidates per kernel: the default config, then an even spread of "
                    "the rest of the space (for a quick tune; the full space can take minutes per kernel).")
+@click.option("--config", "configs", multiple=True, metavar="JSON",
+              help="Time the default config and exactly these instead of the search space (repeatable): JSON "
+                   "objects of overrides, e.g. '{\"epilogue\": \"fused\"}' or, for the nested backward config, "
+                   "'{\"dkdv\": {\"block_m\": 32}}'. Invalid ones are reported and skipped.")
 def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, roles, seq_lens, topk, heads,
-         batch, limit):
+         batch, limit, configs):
     """Autotune kernels on the local GPU and store the winners in the user tuning cache."""
     import torch
 
     from slagen.autotune import cache, problems, space
     from slagen.dispatch import device_arch
 
+    overrides = []
+    for text in configs:
+        try:
+            overrides.append(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise click.BadParameter(f"{text!r} is not JSON: {err}", param_hint="--config") from None
+        if not isinstance(overrides[-1], dict):
+            raise click.BadParameter(f"{text!r} must be a JSON object", param_hint="--config")
     if not torch.cuda.is_available():
         raise click.ClickException("slagen tune needs a CUDA GPU (none is visible to torch)")
     device = torch.device("cuda", torch.cuda.current_device())
@@ -345,18 +357,49 @@ def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, 
     for spec in specs:
         for seq_len in seq_lens:
             mod = problems.role_module(backend, spec.role)
-            configs = space.spread(space.candidates(spec, mod.default_config(spec), mod.check_config), limit)
-            with click.progressbar(length=len(configs), label=f"{spec.canonical} L={seq_len}",
+            default = mod.default_config(spec)
+            if overrides:
+                picked = [default] + [c for c in (_override(default, o, mod.check_config, spec) for o in overrides)
+                                      if c is not None and c != default]
+            else:
+                picked = space.spread(space.candidates(spec, default, mod.check_config), limit)
+            with click.progressbar(length=len(picked), label=f"{spec.canonical} L={seq_len}",
                                    show_eta=True) as bar:
                 result = problems.tune_and_store(spec, backend, device, seq_len=seq_len, density=topk,
-                                                 batch=batch, heads=heads, configs=configs,
+                                                 batch=batch, heads=heads, configs=picked,
                                                  progress=lambda i, outcome: bar.update(1))
             best = ", ".join(f"{k}={v}" for k, v in sorted(result.best.items()))
             click.echo(f"  winner {best}: {result.best_ms:.3f} ms vs default {result.default_ms:.3f} ms "
-                       f"({result.speedup:.2f}x); {len(result.failures)} of {len(configs)} candidates failed")
+                       f"({result.speedup:.2f}x); {len(result.failures)} of {len(picked)} candidates failed")
+            if overrides:   # the user's own candidates: every time, as differences from the default
+                for outcome in result.outcomes:
+                    diff = {key: val for key, val in outcome.config.items() if val != default.get(key)} or "default"
+                    timing = f"{outcome.time_ms:.3f} ms" if outcome.time_ms is not None else outcome.error
+                    click.echo(f"    {json.dumps(diff)}: {timing}")
             for outcome in result.failures[:3]:
                 click.echo(f"    skipped {outcome.config}: {outcome.error}")
     click.echo(f"stored in {cache.records_path()}")
+
+
+def _override(default: dict, override: dict, check, spec):
+    """``default`` with ``override`` applied (one level deep for nested configs), or None (reported) when the
+    kernel's check_config rejects the result or the override names keys the kernel does not have."""
+    cfg = {key: dict(val) if isinstance(val, dict) else val for key, val in default.items()}
+    for key, val in override.items():
+        if key not in cfg or isinstance(cfg[key], dict) != isinstance(val, dict):
+            click.echo(f"  --config {json.dumps(override)}: {key!r} is not a {spec.role} tunable "
+                       f"(keys: {', '.join(cfg)}); skipped")
+            return None
+        if isinstance(val, dict):
+            cfg[key].update(val)
+        else:
+            cfg[key] = val
+    try:
+        check(cfg, spec)
+    except (ValueError, KeyError, TypeError) as err:
+        click.echo(f"  --config {json.dumps(override)}: {err}; skipped")
+        return None
+    return cfg
 
 
 @main.command()
@@ -377,7 +420,6 @@ def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, 
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
 def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex, backward, reference_sla, json_path):
     """SLA vs dense attention (SDPA cuDNN/flash) and FlexAttention on this GPU: a table per length (and JSON)."""
-    import json
 
     import torch
 

@@ -4,6 +4,7 @@ from click.testing import CliRunner
 
 import slagen
 from slagen.cli import main
+from slagen.spec import KernelSpec
 
 
 def test_version():
@@ -61,3 +62,27 @@ def test_build_compiles_tilelang_for_sm90a_without_a_gpu(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "out").iterdir()] == [
         "tilelang_forward_sm90_d128_b64x64_none_marginal_nonegl_bf16.py"]
     assert any((tmp_path / "cache" / "tilelang").rglob("*")), "TileLang's kernel cache should live in slagen's"
+
+
+def test_tune_config_overrides_are_checked_before_any_gpu_work():
+    runner = CliRunner()
+    bad = runner.invoke(main, ["tune", "--config", "{not json"])
+    assert bad.exit_code == 2 and "is not JSON" in bad.output
+    bad = runner.invoke(main, ["tune", "--config", "[1, 2]"])
+    assert bad.exit_code == 2 and "must be a JSON object" in bad.output
+
+
+def test_tune_config_override_merges_into_the_default():
+    from slagen.backends.triton import bwd, fwd
+    from slagen.cli import _override
+    spec = KernelSpec(arch="sm90", head_dim=128, block_q=128, block_k=64, role="forward")
+    default = fwd.default_config(spec)
+    got = _override(default, {"epilogue": "fused", "pre_per_sm": 4}, fwd.check_config, spec)
+    assert got == {**default, "epilogue": "fused", "pre_per_sm": 4} and default["epilogue"] == "split"
+    assert _override(default, {"no_such_knob": 1}, fwd.check_config, spec) is None
+    assert _override(default, {"tile_m": 48}, fwd.check_config, spec) is None
+    bspec = spec.replace(role="backward")
+    bdefault = bwd.default_config(bspec)
+    got = _override(bdefault, {"dkdv": {"block_m": 32}}, bwd.check_config, bspec)
+    assert got["dkdv"] == {**bdefault["dkdv"], "block_m": 32} and got["dq"] == bdefault["dq"]
+    assert _override(bdefault, {"dkdv": 32}, bwd.check_config, bspec) is None
