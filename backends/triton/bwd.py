@@ -45,6 +45,9 @@ _TILES = {
              64: (64, 64, 64, 64, 4, 2), 128: (64, 64, 32, 64, 8, 2)},
 }
 _TILES["sm89"] = _TILES["sm86"]
+# Measured exceptions for the dk/dv kernel's warps (H200, B=1 H=12 L=32760, 128x64 blocks, softmax marginal,
+# `slagen tune --config`: the whole backward 5.30 ms with 4 warps vs 5.95 ms with 8; docs/perf-notes.md).
+_DKDV_WARPS = {("sm90", 128): 4}
 _PREP_CHUNK = 8      # selection blocks per program of the state / proj kernels
 MARGINAL_STATES = ("gemm", "gather")
 LOG2E = 1.4426950408889634
@@ -64,6 +67,7 @@ def default_config(spec: KernelSpec) -> dict:
     """
     _check_head_dim(spec)
     dq_m, dq_n, kv_n, kv_m, warps, stages = _TILES[spec.arch][spec.head_dim]
+    kv_warps = _DKDV_WARPS.get((spec.arch, spec.head_dim), warps)
     prep_rows = 64 if spec.head_dim < 128 else 32 if spec.arch == "sm90" else 16
     if spec.dtype == "fp32":          # fp32 operands take twice the shared memory and registers
         dq_m, dq_n, kv_n, kv_m, prep_rows = (max(t // 2, 16) for t in (dq_m, dq_n, kv_n, kv_m, prep_rows))
@@ -72,7 +76,7 @@ def default_config(spec: KernelSpec) -> dict:
     prep_rows = min(prep_rows, bq, bk)
     return {
         "dq": dict(block_m=min(dq_m, bq), block_n=min(dq_n, bk), num_warps=warps, num_stages=stages),
-        "dkdv": dict(block_n=min(kv_n, bk), block_m=min(kv_m, bq), num_warps=warps, num_stages=stages),
+        "dkdv": dict(block_n=min(kv_n, bk), block_m=min(kv_m, bq), num_warps=kv_warps, num_stages=stages),
         "prep": dict(rows=prep_rows, chunk=_PREP_CHUNK, num_warps=8 if spec.head_dim == 128 else 4,
                      num_stages=1, marginal_states="gemm"),
     }
