@@ -2,12 +2,16 @@
 # One call on the GPU machine: install slagen, check every backend against the reference, benchmark,
 # and (with GPU_TESTS=1) run the gpu-marked tests. Logs and tables go to $OUT; the tables print last.
 #   STEPS="check bench tests blockmap profile tune"  which steps   TL=1  unpack the TileLang bundle (.device/)
-#   (profile: tools/profile_sla.py, host vs GPU time per call; tune: `slagen tune` per backend with
-#    TUNE_ARGS (e.g. "--limit 8"), then a second process that must find the tuned configs)
+#   (profile: tools/profile_sla.py, host vs GPU time per call; tune: `slagen tune` for the triton forward and
+#    backward with the candidates of tools/tune_candidates.sh (or TRITON_TUNE_ARGS="--limit 8"), the tilelang
+#    forward with TILELANG_TUNE_ARGS (e.g. "--limit 3"), then a second process that must find the tuned
+#    configs; steps after it (bench) use the tuned configs)
 #   (blockmap: tools/bench_blockmap.py, launch by launch; BLOCKMAP_ARGS e.g. "--baseline .baselines/bm_old"
 #    after `python tools/bench_blockmap.py --export-baseline d186c39 .baselines/bm_old` here, carried along)
 #   CHECK_ARGS, BENCH_ARGS, TEST_ARGS                  extra arguments for each step
 set -u
+source "$(dirname "$0")/tune_candidates.sh"
+[ -n "${TRITON_TUNE_ARGS_TEXT:-}" ] && read -r -a TRITON_TUNE_ARGS <<<"$TRITON_TUNE_ARGS_TEXT"
 OUT=${OUT:-/tmp/slagen-out}
 mkdir -p "$OUT"
 STEPS=${STEPS:-"check bench"}
@@ -29,9 +33,9 @@ for step in $STEPS; do
     bench) timeout "${BENCH_TIMEOUT:-400}" slagen bench --json "$OUT/bench.json" $refs ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ;;
     tests) timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1 ;;
     profile) timeout "${PROFILE_TIMEOUT:-200}" python3 tools/profile_sla.py ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1 ;;
-    tune) ( timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend triton --role forward,backward ${TUNE_ARGS:-} &&
-            timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend tilelang --role forward ${TUNE_ARGS:-} &&
-            slagen cache ls && SLAGEN_LOG=debug python3 tools/tuned_lookup.py ) >"$OUT/tune.log" 2>&1 ;;
+    tune) ( timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend triton --role forward,backward "${TRITON_TUNE_ARGS[@]}" &&
+            timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend tilelang --role forward ${TILELANG_TUNE_ARGS:-} &&
+            slagen cache ls && python3 tools/tuned_lookup.py ) >"$OUT/tune.log" 2>&1 ;;
     blockmap) timeout "${BLOCKMAP_TIMEOUT:-200}" python3 tools/bench_blockmap.py --json "$OUT/blockmap.json" ${BLOCKMAP_ARGS:-} >"$OUT/blockmap.log" 2>&1 ;;
   esac
   echo "== $step: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
