@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 from typing import Callable, Optional
 
 import torch
@@ -33,11 +34,15 @@ TOLERANCE = {"bf16": 3e-2, "fp16": 1e-2, "fp32": 1e-3}
 
 @dataclasses.dataclass
 class Problem:
+    """A tuning problem: ``run(config)`` on real inputs, ``check(output)`` against the reference, and, where
+    the backend can compile a config without running it on any thread, ``compile(config)`` (TileLang; Triton
+    compiles at a kernel's first launch, which is not reliably thread-safe: triton-lang/triton#5933)."""
     spec: KernelSpec
     run: Callable[[dict], object]
     check: Callable[[object], None]
     default: dict
     module: object
+    compile: Optional[Callable[[dict], object]] = None
 
 
 def role_module(backend: str, role: str):
@@ -91,8 +96,12 @@ def make_problem(spec: KernelSpec, backend: str, device: torch.device, *, batch:
         def check(out):
             err = rel_err(out[0][:, :1], want)
             _require(err < tol, f"forward rel. error {err:.2e} vs the reference (allowed {tol:g})")
+        compile_only = None
+        if hasattr(mod, "compile_for_call"):
+            def compile_only(cfg):
+                return mod.compile_for_call(spec, cfg, save=False, has_w=weight is not None, has_bias=bias is not None)
         return Problem(spec, lambda cfg: mod.forward(q, k, v, maps, weight, bias, False, config=cfg, **cfg_args),
-                       check, mod.default_config(spec), mod)
+                       check, mod.default_config(spec), mod, compile_only)
     fwd_mod = role_module(backend, "forward")  # the backward reads what this backend's forward saves
     o, lse, o_lin, den = fwd_mod.forward(q, k, v, maps, weight, bias, True, **cfg_args)
     wants = torch_backend.backward(do[:, :1].float(), *[t.float() for t in head0], None, None, None, None, maps0,
@@ -112,15 +121,23 @@ def time_ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
+def compile_jobs(jobs: Optional[int] = None) -> int:
+    """Threads compiling candidates before they are timed: ``jobs``, default the CPU count (at most 8)."""
+    return max(1, jobs if jobs is not None else min(8, os.cpu_count() or 1))
+
+
 def tune_and_store(spec: KernelSpec, backend: str, device: torch.device, *, seq_len: int, density: float,
                    batch: int = 1, heads: int = 12, negligible: float = 0.1,
                    progress: Optional[Callable[[int, tuner.Outcome], None]] = None,
-                   configs: Optional[list] = None) -> tuner.TuneResult:
-    """Tune ``spec`` on ``device`` at this shape, store the winner in the user cache, return the result."""
+                   configs: Optional[list] = None, jobs: Optional[int] = None) -> tuner.TuneResult:
+    """Tune ``spec`` on ``device`` at this shape, store the winner in the user cache, return the result
+    (where the problem can compile without running, candidates compile on ``compile_jobs(jobs)`` threads
+    first)."""
     problem = make_problem(spec, backend, device, batch=batch, heads=heads, seq_len=seq_len, density=density,
                            negligible=negligible)
     configs = configs or space.candidates(spec, problem.default, problem.module.check_config)
-    result = tuner.tune(configs, problem.run, problem.check, time_ms, progress)
+    result = tuner.tune(configs, problem.run, problem.check, time_ms, progress, compile=problem.compile,
+                        jobs=compile_jobs(jobs))
     bucket = records.shape_bucket(seq_len, density)
     cache.save([tuner.record(spec.canonical, backend, select.gpu_name(device), spec.arch, bucket, result,
                              records.stack_meta())])

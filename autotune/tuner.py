@@ -2,12 +2,17 @@
 
 Backend-agnostic: a *problem* gives ``run(config) -> output`` and ``check(output) -> None`` (raises on a
 wrong result); the tuner never lets a failing or wrong candidate win, and reports why each one lost.
+
+Where the problem gives a ``compile(config)`` that builds a candidate's kernels without running them (TileLang:
+lowering + nvcc, seconds per kernel), all candidates first compile on ``jobs`` threads; running, checking and
+timing then happen one candidate at a time, and only what fails there counts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Optional
 
 
@@ -34,13 +39,34 @@ class TuneResult:
         return [o for o in self.outcomes if o.error]
 
 
+def _error(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+
+def compile_all(configs: List[dict], compile: Callable[[dict], object], jobs: int) -> None:
+    """Compile every config on ``jobs`` threads. Errors are not verdicts here: tune() runs each candidate
+    afterwards (a failed compile fails again there, and is reported with the others)."""
+    def attempt(cfg):
+        try:
+            compile(cfg)
+        except Exception:   # noqa: BLE001 - see the docstring
+            pass
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(attempt, configs))
+
+
 def tune(configs: List[dict], run: Callable[[dict], object], check: Callable[[object], None],
          time_ms: Callable[[Callable[[], object]], float],
-         progress: Optional[Callable[[int, Outcome], None]] = None) -> TuneResult:
+         progress: Optional[Callable[[int, Outcome], None]] = None,
+         compile: Optional[Callable[[dict], object]] = None, jobs: int = 1) -> TuneResult:
     """Try ``configs`` (the first is the default); return the fastest correct one.
 
-    Raises RuntimeError if the default config itself fails (then nothing is trustworthy).
+    compile, jobs: with a compile-only callable and jobs > 1, every candidate compiles on that many threads
+    before they run one by one. Raises RuntimeError if the default config itself fails (then nothing is
+    trustworthy).
     """
+    if compile is not None and jobs > 1:
+        compile_all(configs, compile, jobs)
     outcomes = []
     for i, cfg in enumerate(configs):
         outcome = Outcome(cfg)
@@ -48,7 +74,7 @@ def tune(configs: List[dict], run: Callable[[dict], object], check: Callable[[ob
             check(run(cfg))                        # compiles on first run; wrong results never win
             outcome.time_ms = float(time_ms(lambda cfg=cfg: run(cfg)))
         except Exception as err:                   # skip and report: one bad candidate is not fatal
-            outcome.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            outcome.error = _error(err)
         outcomes.append(outcome)
         if progress:
             progress(i, outcome)

@@ -141,7 +141,9 @@ def spec_grid(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles
 @click.option("--seq-len", "seq_lens", multiple=True, type=int, help="Sequence lengths to tune for.")
 @click.option("--emit", type=click.Path(file_okay=False, path_type=Path),
               help="Also copy the generated sources into this directory.")
-def build(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, backend, tune, seq_lens, emit):
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Kernels built at once (threads; TileLang compiles overlap). Default: the CPU count, at most 8.")
+def build(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, backend, tune, seq_lens, emit, jobs):
     """Render every kernel of a spec grid into the cache; compile what this machine's toolchain can.
 
     Triton kernels are rendered and imported (Triton compiles them on the GPU at first use); TileLang
@@ -153,7 +155,7 @@ def build(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, ba
         specs = spec_grid(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
-    jobs = [(s, "triton") for s in specs] if backend in ("auto", "triton") else []
+    items = [(s, "triton") for s in specs] if backend in ("auto", "triton") else []
     if backend in ("auto", "tilelang"):
         why_not = _tilelang_build_blocker(arch)
         if why_not and backend == "tilelang":
@@ -164,22 +166,32 @@ def build(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, ba
             logging.getLogger("tilelang").setLevel(logging.WARNING)  # one line per compile drowns the bar
             tl_specs = [s for s in specs if s.role in TEMPLATE_ROLES["tilelang"] and s.dtype in ("bf16", "fp16")
                         and s.head_dim in (64, 128)]
-            jobs += [(s, "tilelang") for s in tl_specs]
+            items += [(s, "tilelang") for s in tl_specs]
             if len(tl_specs) < len([s for s in specs if s.role == "forward"]):
                 click.echo("note: TileLang serves bf16/fp16 forwards of head dim 64/128; the rest build for Triton only")
-    click.echo(f"building {len(jobs)} kernels for {arch} into {cache_dir() / 'generated'}")
-    with click.progressbar(jobs, label="building", item_show_func=lambda item: item and item[0].uri(item[1])) as bar:
-        for spec, name in bar:
-            if name == "tilelang":
-                from slagen.backends import tilelang as tl_backend
-                tl_backend.build(spec)
-                path = Path(codegen.load(spec, name).__file__)   # the file the compiled kernels came from
-            else:
-                path = codegen.write(spec, name)
-                codegen.import_file(path)
-            if emit:
-                emit.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, emit / path.name)
+    threads = jobs or min(8, os.cpu_count() or 1)
+    click.echo(f"building {len(items)} kernels for {arch} into {cache_dir() / 'generated'} ({threads} at a time)")
+
+    def build_one(item):
+        spec, name = item
+        if name == "tilelang":
+            from slagen.backends import tilelang as tl_backend
+            tl_backend.build(spec)
+            path = Path(codegen.load(spec, name).__file__)   # the file the compiled kernels came from
+        else:
+            path = codegen.write(spec, name)
+            codegen.import_file(path)
+        if emit:
+            emit.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, emit / path.name)
+        return item
+
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    with click.progressbar(length=len(items), label="building",
+                           item_show_func=lambda item: item and item[0].uri(item[1])) as bar, \
+            ThreadPoolExecutor(max_workers=threads) as pool:
+        for done in as_completed([pool.submit(build_one, item) for item in items]):
+            bar.update(1, done.result())
     if emit:
         click.echo(f"sources copied to {emit}")
     click.echo("done: Triton kernels compile on the GPU at first use; TileLang kernels are compiled to sm_90a.")
@@ -323,12 +335,15 @@ def cache_clear(yes, everything):
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Time at most this many candidates per kernel: the default config, then an even spread of "
                    "the rest of the space (for a quick tune; the full space can take minutes per kernel).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Threads compiling TileLang candidates before they are timed one by one (default: the CPU "
+                   "count, at most 8). Triton compiles each candidate at its first launch, one at a time.")
 @click.option("--config", "configs", multiple=True, metavar="JSON",
               help="Time the default config and exactly these instead of the search space (repeatable): JSON "
                    "objects of overrides, e.g. '{\"epilogue\": \"fused\"}' or, for the nested backward config, "
                    "'{\"dkdv\": {\"block_m\": 32}}'. Invalid ones are reported and skipped.")
 def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, roles, seq_lens, topk, heads,
-         batch, limit, configs):
+         batch, limit, jobs, configs):
     """Autotune kernels on the local GPU and store the winners in the user tuning cache."""
     import torch
 
@@ -363,10 +378,13 @@ def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, 
                                       if c is not None and c != default]
             else:
                 picked = space.spread(space.candidates(spec, default, mod.check_config), limit)
+            threads = problems.compile_jobs(jobs) if backend == "tilelang" else 1
+            click.echo(f"{spec.canonical} L={seq_len}: {len(picked)} candidates"
+                       + (f", compiled on {threads} threads first" if threads > 1 else ""))
             with click.progressbar(length=len(picked), label=f"{spec.canonical} L={seq_len}",
                                    show_eta=True) as bar:
                 result = problems.tune_and_store(spec, backend, device, seq_len=seq_len, density=topk,
-                                                 batch=batch, heads=heads, configs=picked,
+                                                 batch=batch, heads=heads, configs=picked, jobs=jobs,
                                                  progress=lambda i, outcome: bar.update(1))
             best = ", ".join(f"{k}={v}" for k, v in sorted(result.best.items()))
             click.echo(f"  winner {best}: {result.best_ms:.3f} ms vs default {result.default_ms:.3f} ms "

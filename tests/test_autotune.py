@@ -217,6 +217,47 @@ def test_tuner_skips_failures_and_wrong_results_and_keeps_the_fastest():
         tuner.tune([{"w": 2}], run, check, time_ms=lambda fn: 1.0)
 
 
+def test_tuner_compiles_candidates_on_threads_first():
+    """With a compile-only callable and jobs > 1 every candidate compiles on a thread pool before the serial
+    runs; only failures of the serial run count (w=2 fails to compile on the pool only, w=5 fails to run);
+    the result equals the serial tuner's."""
+    import threading
+    import time as _time
+    configs = [{"w": w} for w in range(1, 7)]
+    compiled, threads, lock = [], set(), threading.Lock()
+
+    def compile_only(cfg):
+        _time.sleep(0.05)              # long enough for the pool to use several threads
+        with lock:
+            compiled.append(cfg["w"])
+            threads.add(threading.get_ident())
+        if cfg["w"] == 2:
+            raise RuntimeError("a transient failure")
+
+    def run(cfg):
+        if cfg["w"] == 5:
+            raise RuntimeError("ptxas: too many resources")
+        return "right"
+
+    timed = []
+
+    def time_ms(fn):
+        timed.append(fn.__defaults__[0]["w"])
+        return {1: 3.0, 2: 2.0, 3: 1.5, 4: 1.0, 6: 4.0}[fn.__defaults__[0]["w"]]
+    result = tuner.tune(configs, run, lambda out: None, time_ms, compile=compile_only, jobs=3)
+    assert sorted(compiled) == [1, 2, 3, 4, 5, 6] and len(threads) > 1
+    assert timed == [1, 2, 3, 4, 6] and result.best == {"w": 4}
+    assert [o.config["w"] for o in result.failures] == [5] and "too many resources" in result.failures[0].error
+    compiled.clear()
+    assert tuner.tune(configs, run, lambda out: None, time_ms, compile=compile_only, jobs=1).best == result.best
+    assert compiled == []               # one thread: nothing is compiled ahead
+
+
+def test_compile_jobs():
+    from slagen.autotune import problems
+    assert problems.compile_jobs(3) == 3 and 1 <= problems.compile_jobs() <= 8
+
+
 def test_cli_cache_commands(user, tmp_path):
     runner = CliRunner()
     assert runner.invoke(main, ["cache", "path"]).output.strip() == str(user)

@@ -25,7 +25,7 @@ def test_info_lists_versions_backends_and_cache(tmp_path, monkeypatch):
 def test_build_renders_the_grid_and_emits_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("SLAGEN_CACHE_DIR", str(tmp_path / "cache"))
     result = CliRunner().invoke(main, ["build", "--arch", "9.0a", "--head-dim", "64,128", "--scope", "marginal,all",
-                                       "--backend", "triton", "--emit", str(tmp_path / "out")])
+                                       "--backend", "triton", "--emit", str(tmp_path / "out"), "--jobs", "3"])
     assert result.exit_code == 0, result.output
     emitted = sorted(p.name for p in (tmp_path / "out").iterdir())
     # 2 head dims x (1 block map + 2 scopes x (forward + backward))

@@ -198,6 +198,19 @@ def test_prepass_compiles_for_sm90a(spec):
     _assert_hopper_source(kernel.get_kernel_source(), "pre-pass")
 
 
+@needs_compiler
+def test_compile_for_call_builds_the_variant_a_call_launches():
+    """The autotuner's compile-only step: scope 'all' without saving folds W into H (the kernel has no W),
+    with saving the kernel applies W; both come with the pre-pass; compiled once (memoised)."""
+    spec = spec_of(d=64, fmap="elu", scope="all")
+    cfg = tl_backend.default_config(spec)
+    folded = tl_backend.compile_for_call(spec, None, save=False, has_w=True, has_bias=True)
+    assert folded[0] is tl_backend.forward_kernel(spec, cfg, save=False, has_w=False, has_bias=True)
+    assert folded[1] is tl_backend.prepass_kernel(spec, cfg)
+    saving = tl_backend.compile_for_call(spec, None, save=True, has_w=True, has_bias=False)
+    assert saving[0] is tl_backend.forward_kernel(spec, cfg, save=True, has_w=True, has_bias=False)
+
+
 # ----------------------------------------------------------------------------------------------------
 # GPU: against the reference (helpers shared with tools/check_tilelang.py)
 # ----------------------------------------------------------------------------------------------------
