@@ -64,4 +64,4 @@ def call_spec(q, dtypes: dict, backend: str, **fields):
     if q.dtype not in dtypes:
         allowed = ", ".join(str(t).replace("torch.", "") for t in dtypes)
         raise ValueError(f"q.dtype={q.dtype} is not supported by the {backend} kernels; allowed: {allowed}")
-    return KernelSpec(head_dim=q.shape[-1], dtype=dtypes[q.dtype], **fields)
+    return KernelSpec.of(head_dim=q.shape[-1], dtype=dtypes[q.dtype], **fields)

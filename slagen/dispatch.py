@@ -36,7 +36,7 @@ def spec_for(device: torch.device, dtype: torch.dtype, **fields) -> Tuple[Option
     if dtype not in names:
         return None, f"dtype {dtype} has no generated kernels (bfloat16, float16, float32 do)"
     try:
-        return KernelSpec(arch=arch, dtype=names[dtype], **fields), ""
+        return KernelSpec.of(arch=arch, dtype=names[dtype], **fields), ""
     except ValueError as err:
         return None, str(err)
 

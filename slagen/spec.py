@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from typing import Optional
+from typing import Dict, Optional
 
 ARCHS = ("sm80", "sm86", "sm89", "sm90")
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -147,6 +147,19 @@ class KernelSpec:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    def of(cls, **fields) -> "KernelSpec":
+        """``KernelSpec(**fields)``, memoised: the per-call paths (dispatch, each backend role) build the same
+        few specs at every call, and validation is most of a call's Python time in slagen. Field types are
+        part of the key, so an invalid spelling (``has_negligible=1``) is still rejected."""
+        key = tuple(sorted((name, type(val), val) for name, val in fields.items()))
+        spec = _SPECS.get(key)
+        if spec is None:
+            if len(_SPECS) >= 4096:    # a bound, never reached by real use (a few specs per model)
+                _SPECS.clear()
+            spec = _SPECS[key] = cls(**fields)
+        return spec
+
+    @classmethod
     def from_canonical(cls, text: str) -> "KernelSpec":
         """Inverse of :attr:`canonical`."""
         m = re.fullmatch(r"(block_map|forward|backward)_(sm\d+)_d(\d+)_b(\d+)x(\d+)_(\w+?)_(marginal|all)_"
@@ -156,3 +169,6 @@ class KernelSpec:
         role, arch, d, bq, bk, fmap, scope, negl, dtype = m.groups()
         return cls(arch=arch, head_dim=int(d), block_q=int(bq), block_k=int(bk), feature_map=fmap,
                    scope=scope, has_negligible=(negl == "negl"), dtype=dtype, role=role)
+
+
+_SPECS: Dict[tuple, KernelSpec] = {}   # KernelSpec.of's memo (a dict: torch.compile traces it without warnings)

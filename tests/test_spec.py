@@ -54,3 +54,13 @@ def test_fields_that_do_not_change_the_computation_are_normalised():
     block_map = KernelSpec(**base, feature_map="elu", scope="all", has_negligible=True, role="block_map")
     assert (block_map.feature_map, block_map.scope, block_map.has_negligible) == (None, "marginal", True)
     assert KernelSpec(**base, scope="marginal", has_negligible=True).has_negligible is True
+
+
+def test_memoised_constructor_returns_one_validated_spec():
+    a = KernelSpec.of(arch="sm_90a", head_dim=128, block_q=128, block_k=64, has_negligible=True)
+    assert a == KernelSpec(arch="sm90", head_dim=128, block_q=128, block_k=64, has_negligible=True)
+    assert KernelSpec.of(arch="sm_90a", head_dim=128, block_q=128, block_k=64, has_negligible=True) is a
+    with pytest.raises(ValueError, match="has_negligible=1"):     # 1 == True, but not a valid spelling
+        KernelSpec.of(arch="sm_90a", head_dim=128, block_q=128, block_k=64, has_negligible=1)
+    with pytest.raises(ValueError, match="head_dim=96"):
+        KernelSpec.of(head_dim=96)

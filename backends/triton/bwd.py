@@ -120,7 +120,7 @@ def kernel_spec(q: torch.Tensor, *, block_q: int, block_k: int, feature_map: Opt
     """The backward KernelSpec of a call on q's device and dtype (CPU maps to sm80)."""
     if q.dtype not in _DTYPES:
         raise ValueError(f"q has dtype {q.dtype}; the Triton backward supports bfloat16, float16, float32")
-    return KernelSpec(arch=device_arch(q.device) or "sm80", head_dim=q.shape[-1], block_q=block_q, block_k=block_k,
+    return KernelSpec.of(arch=device_arch(q.device) or "sm80", head_dim=q.shape[-1], block_q=block_q, block_k=block_k,
                       feature_map=feature_map, scope=scope, has_negligible=has_negligible,
                       dtype=_DTYPES[q.dtype], role="backward")
 

@@ -101,7 +101,7 @@ def kernel_spec(q: torch.Tensor, block_q: int, block_k: int, has_negligible: boo
     for name, val in (("block_q", block_q), ("block_k", block_k)):
         if isinstance(val, bool) or val not in BLOCK_SIZES:
             raise ValueError(f"{name}={val!r} is not supported; allowed: {', '.join(map(str, BLOCK_SIZES))}")
-    return KernelSpec(arch=device_arch(q.device) or "sm80", head_dim=q.shape[-1], block_q=block_q,
+    return KernelSpec.of(arch=device_arch(q.device) or "sm80", head_dim=q.shape[-1], block_q=block_q,
                       block_k=block_k, feature_map=None, has_negligible=has_negligible, dtype=DTYPES[q.dtype],
                       role="block_map")
 
