@@ -25,7 +25,10 @@ def test_table_ratios_to_cudnn_and_flex_of_the_same_blocks():
     assert [c.strip() for c in sla[2:8]] == ["1.000", "5.000", "10.00", "8.00", "2.00", "0.80"]
     assert sla[9].strip() == "322"                       # sparse TFLOP/s = 322 GFLOP / 1 ms
     block_map = next(line for line in lines if "block map" in line)
-    assert "part of every SLA row" in block_map and "10.00" not in block_map
+    assert "part of every SLA row" in block_map and "10.00" not in block_map and "GPU time" not in block_map
+    result["rows"][1]["gpu_ms"] = 0.0125
+    block_map = next(line for line in bench.table(result).splitlines() if "block map" in line)
+    assert "GPU time 0.013 ms (CUDA graph)" in block_map
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without a GPU gets")
