@@ -23,7 +23,7 @@ OPTIONS: Dict[str, Sequence] = {
     "num_stages": (1, 2, 3, 4),
     "marginal": ("gemm", "onchip"),     # how the Triton forward forms marginal-scope corrections
     "marginal_states": ("gemm", "gather"),  # how the Triton backward forms them (its 'prep' kernels)
-    "epilogue": ("split", "fused"),
+    "epilogue": ("fused", "split", "lowp"),
     "pre_stages": (1, 2, 3),             # the Triton forward's pre-pass
     "pre_per_sm": (2, 4, 8),     # the Triton forward's linear branch: its own kernel or the epilogue
 }

@@ -5,6 +5,7 @@ around it in torch, once:
 
   prepass_chunks   how many programs per head the pre-pass runs (about two per SM)
   chunk_totals     per-head totals H = Σ_all h_j (D×D) and Z = Σ_all z_j (D) from the per-chunk partials
+  marginal_sums    the same sums over the marginal blocks directly (H_i, Z_i), for the low-precision epilogue
   excluded_sums    scope 'marginal', GEMM formulation: for every query block i at once,
                      ΔH_i = Σ_{j excluded} h_j   and   Z_i = Z − Σ_{j excluded} z_j
                    where "excluded" is the class mask's critical and negligible blocks (mask != 0) and
@@ -79,6 +80,25 @@ def mask_matmul(sel: torch.Tensor, terms: torch.Tensor, out_dtype: torch.dtype) 
     return torch.matmul(sel.to(torch.float32), terms.to(torch.float32)).to(out_dtype)
 
 
+def _selected_sums(sel: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tensor, out_dtype: torch.dtype):
+    """(Σ_{j sel} h_j (..., T_m, D, D) in out_dtype, Σ_{j sel} z_j (..., T_m, D) fp32) for a 0/1 mask sel
+    (..., T_m, T_n) over per-block terms h_terms (..., T_n, D, D), z_terms (..., T_n, D)."""
+    tm, tn = sel.shape[-2:]
+    d = z_terms.shape[-1]
+    lead = h_terms.shape[:-3]
+    h = mask_matmul(sel, h_terms.reshape(*lead, tn, d * d), out_dtype)
+    z = torch.matmul(sel.to(torch.float32), z_terms.to(torch.float32))
+    return h.view(*h.shape[:-2], tm, d, d), z
+
+
+def marginal_sums(h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tensor, *,
+                  out_dtype: Optional[torch.dtype] = None):
+    """(H_i (..., T_m, D, D) in ``out_dtype`` (default h_terms'), Z_i (..., T_m, D) fp32): the per-block terms
+    summed over each query block's marginal key blocks (mask == 0) directly — the form the low-precision
+    epilogues read (an empty marginal set gives exact zeros). Accumulation fp32, one rounding at the end."""
+    return _selected_sums(mask == 0, h_terms, z_terms, out_dtype or h_terms.dtype)
+
+
 def excluded_sums(z_total: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tensor, *,
                   per_block: int = 1, out_dtype: Optional[torch.dtype] = None):
     """(ΔH (..., T_m, D, D) in ``out_dtype`` (default: h_terms' dtype), Z_i (..., T_m, D) fp32).
@@ -88,12 +108,7 @@ def excluded_sums(z_total: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.T
     z_total (..., D) the per-head Z; h_terms (..., n, D, D) and z_terms (..., n, D) the pre-pass's per-unit
     terms, ``per_block`` consecutive units (key tiles) per selection block of the mask (n ≤ T_n·per_block).
     """
-    tm, tn = mask.shape[-2:]
-    d = z_terms.shape[-1]
     if per_block > 1:
-        h_terms, z_terms = _tiles_to_blocks(h_terms, z_terms, per_block, tn)
-    excl = mask != 0
-    lead = h_terms.shape[:-3]
-    dh = mask_matmul(excl, h_terms.reshape(*lead, tn, d * d), out_dtype or h_terms.dtype)
-    z_i = z_total[..., None, :] - torch.matmul(excl.to(torch.float32), z_terms.to(torch.float32))
-    return dh.view(*dh.shape[:-2], tm, d, d), z_i
+        h_terms, z_terms = _tiles_to_blocks(h_terms, z_terms, per_block, mask.shape[-1])
+    dh, dz = _selected_sums(mask != 0, h_terms, z_terms, out_dtype or h_terms.dtype)
+    return dh, z_total[..., None, :] - dz

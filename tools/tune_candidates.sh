@@ -2,9 +2,8 @@
 # the headline shape (`slagen tune --config`; each override is checked against the kernel's check_config and
 # reported when it does not apply). Measured outcomes: docs/perf-notes.md.
 TRITON_TUNE_ARGS=(
-  --config '{"epi_k": 64}' --config '{"epi_k": 128}' --config '{"pre_stages": 3}'
-  --config '{"tile_m": 64, "num_stages": 2}'
-  --config '{"dkdv": {"num_stages": 3}}' --config '{"dkdv": {"block_m": 128}}'
-  --config '{"dkdv": {"block_m": 32}}' --config '{"dq": {"num_warps": 4}}'
-  --config '{"dq": {"num_stages": 3}}'
+  --config '{"epilogue": "lowp"}' --config '{"epilogue": "lowp", "num_stages": 2}' --config '{"pre_stages": 3}'
+  --config '{"epilogue": "split"}'
+  --config '{"dq": {"num_stages": 3}}' --config '{"dkdv": {"num_stages": 3}}'
+  --config '{"dkdv": {"block_n": 32}}'
 )

@@ -12,7 +12,8 @@ Two launches per call (one without a linear branch), plus torch GEMMs for scope 
      (ceil(Lq / 64), B·H): the linear branch alone, ADD = Proj(O^l) (fp32, B·H·Lq·D: 201 MB at the headline
      shape), plus O^l and den when saving for the backward.
   4. ``sla_forward_kernel``, grid (ceil(Lq / tile_m), B·H): sparse branch over the critical blocks, then
-     'split': O = O^s + ADD; 'fused': the linear epilogue from the totals in the same kernel — scope
+     'split': O = O^s + ADD; 'lowp': O = O^s + Proj(φ(Q_i)H_i / den) with H_i formed in the glue (one
+     input-dtype MMA); 'fused': the linear epilogue from the totals in the same kernel — scope
      'marginal': H_i = H − ΔH_i ('gemm': the key loop is scope 'all''s, negligible blocks cost nothing) or
      on-chip corrections φ(Q_i)φ(K_j)ᵀV_j of the critical and negligible tiles ('onchip': no temporaries,
      twice the loop's MMAs) — and Proj; one store of O. 'split' keeps the fused epilogue's registers (255 per
@@ -35,7 +36,7 @@ from slagen.spec import KernelSpec
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FP32_DOTS = ("tf32", "tf32x3", "ieee")
 MARGINAL_MODES = ("gemm", "onchip")
-EPILOGUES = ("fused", "split")
+EPILOGUES = ("fused", "split", "lowp")
 _LIN_TILE = 64     # query rows per program of sla_linear_kernel (at most block_q)
 
 # Default tunables per (arch, head_dim), chosen from offline compiles (shared memory, registers, spills
@@ -72,8 +73,11 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
     'gemm' — excluded-block sums ΔH_i from one batched GEMM, the key loop of scope 'all'; temporaries per
     head: T_n·D² h_j in the input dtype and T_m·D² fp32 ΔH, ~420 MB at B·H = 12, L = 32760, D = 128, bf16,
     128×64 blocks; 'onchip' — corrections inside the key loop: no temporaries, twice the loop's MMAs),
-    epilogue (linear branch only: 'split' — a separate kernel computes Proj(O^l) into an fp32 temporary that
-    the main kernel adds; 'fused' — in the main kernel's epilogue; marginal='onchip' is always fused).
+    epilogue (linear branch only: 'fused' — in the main kernel's epilogue, fp32 (tf32) chunks of φ(Q)·H_i;
+    'split' — a separate kernel computes Proj(O^l) into an fp32 temporary that the main kernel adds;
+    marginal='onchip' is always fused; 'lowp' — the glue forms H_i (marginal blocks' h_j summed by a mask
+    GEMM, or the per-head H) in the input dtype and the epilogue is one MMA over D with input-dtype operands
+    and fp32 accumulation, as the TileLang backend does; needs marginal='gemm').
     """
     mode = marginal if marginal in MARGINAL_MODES else MARGINAL_MODES[0]
     tile_m, tile_n, warps, stages, epi_k, pre_warps = _TABLE[(spec.arch, spec.head_dim)]
@@ -118,6 +122,8 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
                          f"{', '.join(MARGINAL_MODES)}")
     if cfg["epilogue"] not in EPILOGUES:
         raise ValueError(f"config['epilogue']={cfg['epilogue']!r} is not supported; allowed: {', '.join(EPILOGUES)}")
+    if cfg["epilogue"] == "lowp" and spec.scope == "marginal" and cfg["marginal"] != "gemm":
+        raise ValueError("config['epilogue']='lowp' reads H_i formed by the mask GEMM: it needs marginal='gemm'")
     if _gemm_marginal(spec, cfg) and cfg["pre_tile"] > spec.block_k:
         raise ValueError(f"config['pre_tile']={cfg['pre_tile']} must be <= block_k={spec.block_k} with "
                          f"marginal='gemm' (the pre-pass writes one h_j per key block)")
@@ -179,11 +185,17 @@ def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, s
     if w is not None and spec.scope == "all" and not save:
         ht, w = torch.matmul(ht, w.t()), None     # Proj folds into the per-head constant H (SLA.md §6)
     split = split_epilogue(spec, cfg)
+    lowp = cfg["epilogue"] == "lowp"
     consts = dict(EPI_K=cfg["epi_k"], HAS_W=w is not None, HAS_BIAS=bias is not None, SAVE=save,
                   FP32_DOT=cfg["fp32_dot"])
     marginal = spec.scope == "marginal"
     dh = None
-    if gemm:   # ΔH (B, H, T_m, D, D) and Z_i (B, H, T_m, D), fp32, replace Z; the h_j are freed on return
+    if lowp and gemm:   # H_i = Σ_{j marginal} h_j (B·H·T_m, D, D) in q's dtype, Z_i fp32, replace H and Z
+        h_i, z_i = linear_terms.marginal_sums(hb, zb, maps[0], out_dtype=q.dtype)
+        ht, zt = h_i.reshape(-1, q.shape[-1], q.shape[-1]), z_i.reshape(-1, q.shape[-1])
+    elif lowp:          # scope 'all': the per-head H (Proj folded in when not saving) as an MMA operand
+        ht = ht.to(q.dtype)
+    elif gemm:   # ΔH (B, H, T_m, D, D) and Z_i (B, H, T_m, D), fp32, replace Z; the h_j are freed on return
         dh, zt = linear_terms.excluded_sums(zt.view(*q.shape[:2], -1), hb, zb, maps[0], out_dtype=torch.float32)
     B, H, lq, d = q.shape
     add = None
@@ -195,7 +207,7 @@ def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, s
         mod.sla_linear_kernel[(math.ceil(lq / tile), B * H)](
             q, ht, zt, *counts, w, bias, o_lin, den, add, *q.stride(), *ints, float(cfg["eps"]),
             TILE_M=tile, **consts, num_warps=cfg["pre_warps"])
-    consts["SPLIT"] = split
+    consts.update(SPLIT=split, LOWP=lowp)
     if marginal:
         consts["MARGINAL_GEMM"] = gemm
         return [ht, zt, dh, w, bias, o_lin, den, add], consts
