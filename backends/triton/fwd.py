@@ -176,8 +176,9 @@ def split_epilogue(spec: KernelSpec, cfg: dict) -> bool:
 def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, save: bool, o_lin, den,
                  cfg: dict):
     """Pointer arguments HT, ZT, (DH,) W, BIAS, OLIN, DEN, ADD of the main kernel's linear branch and its
-    constexprs. Runs the pre-pass, for marginal='gemm' the excluded-block GEMMs, and for epilogue='split'
-    sla_linear_kernel (which writes ADD, and O^l / den when saving)."""
+    constexprs. Runs the pre-pass, for marginal='gemm' the excluded-block GEMM (epilogue 'lowp': the
+    marginal-block GEMM forming H_i in q's dtype instead), and for epilogue='split' sla_linear_kernel (which
+    writes ADD, and O^l / den when saving)."""
     gemm = _gemm_marginal(spec, cfg)
     ht, zt, hb, zb = linear_totals(mod, k, v, cfg, spec.block_k if gemm else None)
     w = None if proj_weight is None else proj_weight.to(torch.float32).contiguous()
