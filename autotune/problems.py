@@ -12,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-import os
 from typing import Callable, Optional
 
 import torch
 
-from slagen import reference
+from slagen import codegen, reference
 from slagen.autotune import cache, records, select, space, tuner
 from slagen.backends import reference as torch_backend
 from slagen.spec import KernelSpec
@@ -121,23 +120,18 @@ def time_ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def compile_jobs(jobs: Optional[int] = None) -> int:
-    """Threads compiling candidates before they are timed: ``jobs``, default the CPU count (at most 8)."""
-    return max(1, jobs if jobs is not None else min(8, os.cpu_count() or 1))
-
-
 def tune_and_store(spec: KernelSpec, backend: str, device: torch.device, *, seq_len: int, density: float,
                    batch: int = 1, heads: int = 12, negligible: float = 0.1,
                    progress: Optional[Callable[[int, tuner.Outcome], None]] = None,
                    configs: Optional[list] = None, jobs: Optional[int] = None) -> tuner.TuneResult:
     """Tune ``spec`` on ``device`` at this shape, store the winner in the user cache, return the result
-    (where the problem can compile without running, candidates compile on ``compile_jobs(jobs)`` threads
-    first)."""
+    (where the problem can compile without running, candidates compile on
+    ``slagen.codegen.compile_threads(jobs)`` threads first)."""
     problem = make_problem(spec, backend, device, batch=batch, heads=heads, seq_len=seq_len, density=density,
                            negligible=negligible)
     configs = configs or space.candidates(spec, problem.default, problem.module.check_config)
     result = tuner.tune(configs, problem.run, problem.check, time_ms, progress, compile=problem.compile,
-                        jobs=compile_jobs(jobs))
+                        jobs=codegen.compile_threads(jobs))
     bucket = records.shape_bucket(seq_len, density)
     cache.save([tuner.record(spec.canonical, backend, select.gpu_name(device), spec.arch, bucket, result,
                              records.stack_meta())])

@@ -23,13 +23,14 @@ OPTIONS: Dict[str, Sequence] = {
     "num_stages": (1, 2, 3, 4),
     "marginal": ("gemm", "onchip"),     # how the Triton forward forms marginal-scope corrections
     "marginal_states": ("gemm", "gather"),  # how the Triton backward forms them (its 'prep' kernels)
-    "epilogue": ("fused", "split", "lowp"),
-    "pre_stages": (1, 2, 3),             # the Triton forward's pre-pass
-    "pre_per_sm": (2, 4, 8),     # the Triton forward's linear branch: its own kernel or the epilogue
+    "epilogue": ("fused", "split", "lowp"),  # the Triton forward's linear epilogue
+    "pre_stages": (1, 2, 3),             # the Triton forward's linear pre-pass
+    "pre_per_sm": (2, 4, 8),
 }
+_HAS_LINEAR = lambda spec: spec.feature_map is not None  # noqa: E731
 _HAS_MARGINAL = lambda spec: spec.scope == "marginal" and spec.feature_map is not None  # noqa: E731
-RELEVANT = {"marginal": _HAS_MARGINAL, "marginal_states": _HAS_MARGINAL,
-            "epilogue": lambda spec: spec.feature_map is not None}
+RELEVANT = {"marginal": _HAS_MARGINAL, "marginal_states": _HAS_MARGINAL, "epilogue": _HAS_LINEAR,
+            "pre_stages": _HAS_LINEAR, "pre_per_sm": _HAS_LINEAR}
 
 
 def shared_bytes(cfg: dict, spec: KernelSpec) -> int:

@@ -331,7 +331,7 @@ def build(spec: KernelSpec, config: Optional[dict] = None, *, variants: str = "a
     makers = [functools.partial(forward_kernel, spec, cfg, save=s, has_w=w, has_bias=b) for s, w, b in flags]
     if linear:
         makers.append(functools.partial(prepass_kernel, spec, cfg))
-    with ThreadPoolExecutor(max_workers=jobs or min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=codegen.compile_threads(jobs)) as pool:
         return list(pool.map(lambda make: make(), makers))
 
 

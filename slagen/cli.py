@@ -169,7 +169,7 @@ def build(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, ba
             items += [(s, "tilelang") for s in tl_specs]
             if len(tl_specs) < len([s for s in specs if s.role == "forward"]):
                 click.echo("note: TileLang serves bf16/fp16 forwards of head dim 64/128; the rest build for Triton only")
-    threads = jobs or min(8, os.cpu_count() or 1)
+    threads = codegen.compile_threads(jobs)
     click.echo(f"building {len(items)} kernels for {arch} into {cache_dir() / 'generated'} ({threads} at a time)")
 
     def build_one(item):
@@ -378,7 +378,7 @@ def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, 
                                       if c is not None and c != default]
             else:
                 picked = space.spread(space.candidates(spec, default, mod.check_config), limit)
-            threads = problems.compile_jobs(jobs) if backend == "tilelang" else 1
+            threads = codegen.compile_threads(jobs) if backend == "tilelang" else 1
             click.echo(f"{spec.canonical} L={seq_len}: {len(picked)} candidates"
                        + (f", compiled on {threads} threads first" if threads > 1 else ""))
             with click.progressbar(length=len(picked), label=f"{spec.canonical} L={seq_len}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import sys
 import threading
 from pathlib import Path
@@ -87,6 +88,11 @@ def import_file(path: Path) -> ModuleType:
             raise
         _MODULES[path] = module
         return module
+
+
+def compile_threads(jobs: Optional[int] = None) -> int:
+    """Threads that compile kernels at once: ``jobs``, by default the CPU count (at most 8)."""
+    return max(1, jobs if jobs is not None else min(8, os.cpu_count() or 1))
 
 
 def load(spec: KernelSpec, backend: str) -> ModuleType:

@@ -253,9 +253,9 @@ def test_tuner_compiles_candidates_on_threads_first():
     assert compiled == []               # one thread: nothing is compiled ahead
 
 
-def test_compile_jobs():
-    from slagen.autotune import problems
-    assert problems.compile_jobs(3) == 3 and 1 <= problems.compile_jobs() <= 8
+def test_compile_threads():
+    from slagen import codegen
+    assert codegen.compile_threads(3) == 3 and 1 <= codegen.compile_threads() <= 8
 
 
 def test_cli_cache_commands(user, tmp_path):

@@ -356,6 +356,9 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="pre_tile.*block_k=16.*marginal='gemm'"):
         fwd.forward(q, k, v, maps, None, None, False, config=dict(pre_tile=32), **cfg)
     fwd.forward(q, k, v, maps, None, None, False, config=dict(pre_tile=32, marginal="onchip"), **cfg)
+    for epilogue in ("split", "lowp"):
+        with pytest.raises(ValueError, match=f"epilogue'\\]='{epilogue}'.*needs marginal='gemm'"):
+            fwd.forward(q, k, v, maps, None, None, False, config=dict(marginal="onchip", epilogue=epilogue), **cfg)
 
 
 # --------------------------------------------------------------------------------------------------

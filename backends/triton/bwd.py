@@ -62,8 +62,8 @@ def default_config(spec: KernelSpec) -> dict:
     per program), num_warps, num_stages, and marginal_states (scope 'marginal' only): 'gemm' (default) forms
     every query block's ΔH_i and key block's ΔG_j with one batched mask GEMM each (temporaries of
     B·H·T_m·D² and B·H·T_n·D² in the states' dtype, one at a time), 'gather' sums the listed states inside the
-    dq / dkdv kernels
-    (no temporaries; every program reads its count × D² states: ~2.4 GB each at the headline shape).
+    dq / dkdv kernels (no temporaries; every program reads its count × D² states: ~2.4 GB each at the
+    headline shape).
     """
     _check_head_dim(spec)
     dq_m, dq_n, kv_n, kv_m, warps, stages = _TILES[spec.arch][spec.head_dim]
@@ -120,9 +120,9 @@ def kernel_spec(q: torch.Tensor, *, block_q: int, block_k: int, feature_map: Opt
     """The backward KernelSpec of a call on q's device and dtype (CPU maps to sm80)."""
     if q.dtype not in _DTYPES:
         raise ValueError(f"q has dtype {q.dtype}; the Triton backward supports bfloat16, float16, float32")
-    return KernelSpec.of(arch=device_arch(q.device) or "sm80", head_dim=q.shape[-1], block_q=block_q, block_k=block_k,
-                      feature_map=feature_map, scope=scope, has_negligible=has_negligible,
-                      dtype=_DTYPES[q.dtype], role="backward")
+    return KernelSpec.of(arch=device_arch(q.device) or "sm80", head_dim=q.shape[-1], block_q=block_q,
+                         block_k=block_k, feature_map=feature_map, scope=scope, has_negligible=has_negligible,
+                         dtype=_DTYPES[q.dtype], role="backward")
 
 
 def _check_inputs(do, q, k, v, o, lse, o_lin, den, maps, linear: bool, block_q: int, block_k: int) -> None:
@@ -351,7 +351,7 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj
         gsum, gzsum = _totals(c, g, gz)
         if proj_weight is not None or proj_bias is not None:
             dw, db = _proj_grads(c)
-    if c.gemm_states():   # one fp32 temporary at a time: ΔH, Z_i for dq, then ΔG, g_j for dk / dv
+    if c.gemm_states():   # one temporary at a time: ΔH, Z_i for dq, then ΔG, g_j for dk / dv
         dq = _dq(c, ds, dl, *_excluded_states(c, zsum, h, z, c.maps[0]), hsum, zsum)
         del h, z
         dk, dv = _dkdv(c, ds, *_excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)), gsum, gzsum)

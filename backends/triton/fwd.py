@@ -75,9 +75,9 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
     128×64 blocks; 'onchip' — corrections inside the key loop: no temporaries, twice the loop's MMAs),
     epilogue (linear branch only: 'fused' — in the main kernel's epilogue, fp32 (tf32) chunks of φ(Q)·H_i;
     'split' — a separate kernel computes Proj(O^l) into an fp32 temporary that the main kernel adds;
-    marginal='onchip' is always fused; 'lowp' — the glue forms H_i (marginal blocks' h_j summed by a mask
+    'lowp' — the glue forms H_i (marginal blocks' h_j summed by a mask
     GEMM, or the per-head H) in the input dtype and the epilogue is one MMA over D with input-dtype operands
-    and fp32 accumulation, as the TileLang backend does; needs marginal='gemm').
+    and fp32 accumulation, as the TileLang backend does; 'split' and 'lowp' need marginal='gemm').
     """
     mode = marginal if marginal in MARGINAL_MODES else MARGINAL_MODES[0]
     tile_m, tile_n, warps, stages, epi_k, pre_warps = _TABLE[(spec.arch, spec.head_dim)]
@@ -122,8 +122,9 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
                          f"{', '.join(MARGINAL_MODES)}")
     if cfg["epilogue"] not in EPILOGUES:
         raise ValueError(f"config['epilogue']={cfg['epilogue']!r} is not supported; allowed: {', '.join(EPILOGUES)}")
-    if cfg["epilogue"] == "lowp" and spec.scope == "marginal" and cfg["marginal"] != "gemm":
-        raise ValueError("config['epilogue']='lowp' reads H_i formed by the mask GEMM: it needs marginal='gemm'")
+    if cfg["epilogue"] != "fused" and spec.scope == "marginal" and cfg["marginal"] != "gemm":
+        raise ValueError(f"config['epilogue']={cfg['epilogue']!r} reads the linear terms formed by the mask GEMM: "
+                         f"it needs marginal='gemm' (marginal='onchip' is always fused)")
     if _gemm_marginal(spec, cfg) and cfg["pre_tile"] > spec.block_k:
         raise ValueError(f"config['pre_tile']={cfg['pre_tile']} must be <= block_k={spec.block_k} with "
                          f"marginal='gemm' (the pre-pass writes one h_j per key block)")
@@ -167,12 +168,6 @@ def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Opt
     return (*linear_terms.chunk_totals(hp, zp), hb, zb)
 
 
-def split_epilogue(spec: KernelSpec, cfg: dict) -> bool:
-    """Whether the linear branch runs in sla_linear_kernel (config epilogue='split', never with 'onchip')."""
-    onchip = spec.scope == "marginal" and cfg["marginal"] == "onchip"
-    return spec.feature_map is not None and cfg["epilogue"] == "split" and not onchip
-
-
 def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, save: bool, o_lin, den,
                  cfg: dict):
     """Pointer arguments HT, ZT, (DH,) W, BIAS, OLIN, DEN, ADD of the main kernel's linear branch and its
@@ -185,8 +180,7 @@ def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, s
     bias = None if proj_bias is None else proj_bias.to(torch.float32).contiguous()
     if w is not None and spec.scope == "all" and not save:
         ht, w = torch.matmul(ht, w.t()), None     # Proj folds into the per-head constant H (SLA.md §6)
-    split = split_epilogue(spec, cfg)
-    lowp = cfg["epilogue"] == "lowp"
+    split, lowp = cfg["epilogue"] == "split", cfg["epilogue"] == "lowp"
     consts = dict(EPI_K=cfg["epi_k"], HAS_W=w is not None, HAS_BIAS=bias is not None, SAVE=save,
                   FP32_DOT=cfg["fp32_dot"])
     marginal = spec.scope == "marginal"

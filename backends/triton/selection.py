@@ -102,8 +102,8 @@ def kernel_spec(q: torch.Tensor, block_q: int, block_k: int, has_negligible: boo
         if isinstance(val, bool) or val not in BLOCK_SIZES:
             raise ValueError(f"{name}={val!r} is not supported; allowed: {', '.join(map(str, BLOCK_SIZES))}")
     return KernelSpec.of(arch=device_arch(q.device) or "sm80", head_dim=q.shape[-1], block_q=block_q,
-                      block_k=block_k, feature_map=None, has_negligible=has_negligible, dtype=DTYPES[q.dtype],
-                      role="block_map")
+                         block_k=block_k, feature_map=None, has_negligible=has_negligible, dtype=DTYPES[q.dtype],
+                         role="block_map")
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, t_n: int) -> None:
