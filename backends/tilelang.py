@@ -16,9 +16,15 @@ Every length and every stride of q, k, v and o is a run-time value (one compile 
 are multiples of 16 bytes (bhld, blhd viewed as bhld, slices of a fused qkv tensor), as TMA requires —
 anything else raises a ValueError (no hidden copies).
 
-``block_map`` and ``backward`` have no TileLang kernels yet: they delegate to the Triton backend
-(``slagen.backends.triton.block_map`` / ``.backward``), which runs on the same GPU; so a model trained with
-``backend="tilelang"`` runs the TileLang forward and the Triton block map and backward. Compiled kernels
+``block_map`` has no TileLang kernel yet: it delegates to the Triton backend, which runs on the same GPU.
+``backward`` picks by its config's ``"backward"`` knob (the config of the role-'backward' spec):
+  'triton' (default, the GPU-validated path) — the whole Triton backward (``slagen.backends.triton.backward``);
+  'tilelang' — the Triton backward's state kernels with their sparse loops switched off
+     (``slagen.backends.triton.backward_linear_part``: D^s, the linear-branch terms of dQ, dK, dV, and dW,
+     db), then the sparse branch on two TileLang kernels (templates/tilelang/backward.py.j2): ``sla_dq``
+     over the row LUT and ``sla_dkdv`` over the column LUT, each one TMA + warp-specialised pipelined loop
+     that starts from the linear term. Not yet validated on a GPU.
+Compiled kernels
 go to TileLang's cache inside slagen's cache dir (``<cache dir>/tilelang``; TILELANG_CACHE_DIR is pointed
 there while slagen compiles). TileLang is imported at the first availability check or compile, not at
 import time. Tunables: :func:`default_config` / :func:`check_config` (the autotuner's interface);
@@ -58,6 +64,18 @@ _DEFAULTS: Dict[int, dict] = {
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
               warp_specialized=True),
 }
+# Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
+# docstring); dq: tile_m query rows per CTA (divides block_q), tile_n keys per loop step (divides block_k);
+# dkdv: tile_n keys per CTA (divides block_k; 64 rows per consumer warpgroup), tile_m query rows per step
+# (divides block_q). Starting points (register use checked with ptxas: dq 168, dkdv 240 per thread, no
+# spills at d=128), not measured optima.
+_BWD_DEFAULTS: Dict[int, dict] = {
+    d: {"backward": "triton", "warp_specialized": True,
+        "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2),
+        "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2)}
+    for d in (64, 128)
+}
+BACKWARDS = ("triton", "tilelang")
 SHARED_MEMORY = 227 * 1024
 
 _LOCK = threading.RLock()
@@ -95,7 +113,8 @@ def unavailable_reason(device: torch.device, spec: KernelSpec) -> Optional[str]:
     """Why the TileLang backend cannot serve ``spec`` on ``device``, or None when it can.
 
     The forward runs TileLang kernels (CUDA device of capability 9.0, head_dim 64 or 128, bf16/fp16); the
-    block map and the backward are delegated to the Triton backend, so they need what it needs.
+    block map and the backward are delegated to the Triton backend (the backward's opt-in 'tilelang' path
+    still runs the Triton state kernels), so they need what it needs.
     """
     if device.type != "cuda":
         return (f"the TileLang backend runs on Hopper GPUs only (CUDA capability 9.0, e.g. H100/H200); "
@@ -129,21 +148,18 @@ def block_map(q, k, n_crit: int, n_negl: int, block_q: int, block_k: int):
     return _triton().block_map(q, k, n_crit, n_negl, block_q, block_k)
 
 
-def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg):
-    """Delegated to the Triton backend (no TileLang backward yet); it reads the lse / o_lin / den this
-    backend's forward saves, which follow the same contract (natural-log LSE, O^l before Proj, fp32 den)."""
-    return _triton().backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Tunables
 # ----------------------------------------------------------------------------------------------------
 
 def default_config(spec: KernelSpec) -> dict:
-    """Default tunables of ``spec``'s forward (see ``_DEFAULTS``), clipped to the selection blocks."""
+    """Default tunables of ``spec`` (see ``_DEFAULTS``, and ``_BWD_DEFAULTS`` for role 'backward'), clipped
+    to the selection blocks."""
     if spec.head_dim not in _DEFAULTS:
         raise ValueError(f"head_dim={spec.head_dim} is not supported by the TileLang kernels; allowed: "
                          f"{', '.join(map(str, HEAD_DIMS))}")
+    if spec.role == "backward":
+        return _default_backward_config(spec)
     cfg = dict(_DEFAULTS[spec.head_dim])
     cfg["tile_m"] = min(cfg["tile_m"], spec.block_q)
     cfg["tile_n"] = min(cfg["tile_n"], spec.block_k)
@@ -164,23 +180,33 @@ def shared_bytes(cfg: dict, spec: KernelSpec) -> int:
     return max(loop, epilogue) + 1024
 
 
-def check_config(cfg: dict, spec: KernelSpec) -> None:
-    """Raise ValueError naming the first invalid tunable of ``cfg`` for ``spec``."""
-    allowed = set(_DEFAULTS[128])
+def _check_keys(cfg: dict, allowed: set, where: str = "config") -> None:
     unknown = set(cfg) - allowed
     if unknown:
-        raise ValueError(f"config has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise ValueError(f"{where} has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
     missing = allowed - set(cfg)
     if missing:
-        raise ValueError(f"config lacks keys {sorted(missing)}")
+        raise ValueError(f"{where} lacks keys {sorted(missing)}")
 
+
+def _chooser(cfg: dict, where: str = "config"):
+    """``choice(name, options, divides=None)``: raise unless cfg[name] is one of options (dividing ``divides``)."""
     def choice(name, options, divides=None):
         val = cfg[name]
         if isinstance(val, bool) or val not in options or (divides and divides % val):
             extra = f" dividing {divides}" if divides else ""
-            raise ValueError(f"config[{name!r}]={val!r} is not supported; allowed: "
+            raise ValueError(f"{where}[{name!r}]={val!r} is not supported; allowed: "
                              f"{', '.join(map(str, options))}{extra}")
+    return choice
 
+
+def check_config(cfg: dict, spec: KernelSpec) -> None:
+    """Raise ValueError naming the first invalid tunable of ``cfg`` for ``spec`` (either role)."""
+    if spec.role == "backward":
+        _check_backward_config(cfg, spec)
+        return
+    _check_keys(cfg, set(_DEFAULTS[128]))
+    choice = _chooser(cfg)
     choice("tile_m", (64, 128), spec.block_q)
     choice("tile_n", (32, 64, 128), spec.block_k)
     choice("num_warps", (4, 8))
@@ -203,10 +229,61 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
                          f"{SHARED_MEMORY // 1024} KiB per block")
 
 
+def _default_backward_config(spec: KernelSpec) -> dict:
+    base = _BWD_DEFAULTS[spec.head_dim]
+    dq, kv = dict(base["dq"]), dict(base["dkdv"])
+    dq["tile_m"], dq["tile_n"] = min(dq["tile_m"], spec.block_q), min(dq["tile_n"], spec.block_k)
+    kv["tile_m"], kv["tile_n"] = min(kv["tile_m"], spec.block_q), min(kv["tile_n"], spec.block_k)
+    if dq["tile_m"] < 128:
+        dq["num_warps"] = 4
+    return {**base, "dq": dq, "dkdv": kv}
+
+
+def backward_shared_bytes(part: dict, spec: KernelSpec, kernel: str) -> int:
+    """Shared memory of a backward kernel (``kernel`` 'dq' or 'dkdv', ``part`` its tunables): the CTA's own
+    two tiles (Q, dO or K, V) plus num_stages pairs of the streamed tiles, bf16/fp16."""
+    own, streamed = (part["tile_m"], part["tile_n"]) if kernel == "dq" else (part["tile_n"], part["tile_m"])
+    return 2 * spec.head_dim * 2 * (own + streamed * part["num_stages"]) + 1024
+
+
+def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
+    """Validate a role-'backward' config; the kernel tunables only matter (and are checked) for 'tilelang'."""
+    _check_keys(cfg, set(_BWD_DEFAULTS[128]))
+    if cfg["backward"] not in BACKWARDS:
+        raise ValueError(f"config['backward']={cfg['backward']!r} is not supported; allowed: {', '.join(BACKWARDS)}")
+    if not isinstance(cfg["warp_specialized"], bool):
+        raise ValueError(f"config['warp_specialized']={cfg['warp_specialized']!r} must be True or False")
+    if cfg["backward"] == "triton":
+        return
+    for kernel, rows, other in (("dq", "tile_m", "tile_n"), ("dkdv", "tile_n", "tile_m")):
+        part, where = cfg[kernel], f"config[{kernel!r}]"
+        if not isinstance(part, dict):
+            raise ValueError(f"{where} must be a dict of tunables, got {part!r}")
+        _check_keys(part, set(_BWD_DEFAULTS[128][kernel]), where)
+        choice = _chooser(part, where)
+        # The CTA's own rows are the wgmma M dimension: 64 per consumer warpgroup.
+        choice(rows, (64, 128), spec.block_q if kernel == "dq" else spec.block_k)
+        choice(other, (32, 64, 128), spec.block_k if kernel == "dq" else spec.block_q)
+        choice("num_warps", (4, 8))
+        choice("num_stages", (1, 2, 3, 4))
+        if part[rows] == 64 and part["num_warps"] == 8:
+            raise ValueError(f"{where}: {rows}=64 with num_warps=8 is not supported (TileLang layout inference "
+                             f"rejects it); use num_warps=4")
+        if not cfg["warp_specialized"] and part["num_stages"] != 1:
+            raise ValueError(f"config warp_specialized=False needs {kernel} num_stages=1 (TileLang 0.1.15's "
+                             f"software pipeliner fails codegen for a run-time trip count)")
+        need = backward_shared_bytes(part, spec, kernel)
+        if need > SHARED_MEMORY:
+            raise ValueError(f"{where} needs about {need // 1024} KiB of shared memory; sm90 has "
+                             f"{SHARED_MEMORY // 1024} KiB per block")
+
+
 def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
+    """The defaults of ``spec`` updated with ``config`` (per kernel for the backward's 'dq' / 'dkdv'
+    parts), validated."""
     cfg = default_config(spec)
-    if config:
-        cfg.update(config)
+    for name, value in (config or {}).items():
+        cfg[name] = {**cfg[name], **value} if isinstance(cfg.get(name), dict) and isinstance(value, dict) else value
     check_config(cfg, spec)
     return cfg
 
@@ -297,6 +374,18 @@ def prepass_kernel(spec: KernelSpec, cfg: dict):
     key = ("prepass", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     return _compile(key, lambda: mod.prepass_kernel(**args), cfg["warp_specialized"])
+
+
+def backward_kernel(spec: KernelSpec, cfg: dict, kernel: str):
+    """The compiled sparse-branch backward kernel ``kernel`` ('dq' or 'dkdv') of the role-'backward' ``spec``
+    for the backward tunables ``cfg`` (its ``cfg[kernel]`` part and ``warp_specialized``)."""
+    part = cfg[kernel]
+    args = dict(tile_m=part["tile_m"], tile_n=part["tile_n"], threads=32 * part["num_warps"],
+                num_stages=part["num_stages"])
+    key = (kernel, spec, tuple(sorted(args.items())), cfg["warp_specialized"])
+    mod = _module(spec)
+    make = mod.dq_kernel if kernel == "dq" else mod.dkdv_kernel
+    return _compile(key, lambda: make(**args), cfg["warp_specialized"])
 
 
 def _kernel_has_w(spec: KernelSpec, save: bool, has_w: bool) -> bool:
@@ -461,3 +550,47 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     with torch.cuda.device(q.device):
         kernel(*args)
     return o, lse, o_lin, den
+
+
+def backward_spec(q: torch.Tensor, maps, *, block_q: int, block_k: int, feature_map: str, scope: str) -> KernelSpec:
+    """The role-'backward' KernelSpec of a call (sm90), which keys the backward's config."""
+    return call_spec(q, DTYPES, "TileLang", arch="sm90", block_q=block_q, block_k=block_k, feature_map=feature_map,
+                     scope=scope, has_negligible=maps[5].shape[-1] > 0, role="backward")
+
+
+def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, block_q, block_k, scale,
+             feature_map, scope, eps, config: Optional[dict] = None):
+    """SLA backward (SLA.md §5); returns (dq, dk, dv, dw, db) as slagen.backends describes.
+
+    config["backward"] (default: the tuned or default config of :func:`backward_spec`) picks the path:
+    'triton' runs the Triton backward; 'tilelang' runs the Triton state kernels for D^s and the linear-branch
+    terms, then the sparse branch on the TileLang dq / dkdv kernels. It reads the lse / o_lin / den that
+    either backend's forward saves (natural-log LSE, O^l before Proj, fp32 den). The TileLang path needs q,
+    k, v readable by TMA (see :func:`_check_tma`); a dO that is not is copied.
+    """
+    cfg_args = dict(block_q=block_q, block_k=block_k, scale=scale, feature_map=feature_map, scope=scope, eps=eps)
+    spec = backward_spec(q, maps, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope)
+    if config is None:
+        from slagen.autotune import select
+        config = select.config_for(spec, "tilelang", q.device, k.shape[-2],
+                                   maps[1].shape[-1] / max(maps[0].shape[-1], 1), check=check_config)
+    cfg = _resolve_config(spec, config)
+    if cfg["backward"] == "triton" or q.numel() == 0 or k.numel() == 0:
+        return _triton().backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg_args)
+    _check_inputs(q, k, v, maps, proj_weight, proj_bias)
+    try:
+        _check_tma("do", do)
+    except ValueError:      # dO comes from autograd (possibly an expanded or sliced view): copy it
+        do = do.contiguous()
+    ds, dq_lin, dk_lin, dv_lin, dw, db = _triton().backward_linear_part(
+        do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg_args)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = [q, k, v, do, lse.contiguous(), ds]
+    row_lut = [maps[1].to(torch.int32).contiguous(), maps[2].to(torch.int32).contiguous()]
+    col_lut = [maps[3].to(torch.int32).contiguous(), maps[4].to(torch.int32).contiguous()]
+    lin_q = [dq_lin] if spec.feature_map is not None else []
+    lin_kv = [dk_lin, dv_lin] if spec.feature_map is not None else []
+    with torch.cuda.device(q.device):
+        backward_kernel(spec, cfg, "dq")(*common, *row_lut, *lin_q, dq, float(scale))
+        backward_kernel(spec, cfg, "dkdv")(*common, *col_lut, *lin_kv, dk, dv, float(scale))
+    return dq, dk, dv, dw, db

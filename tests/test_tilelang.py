@@ -8,6 +8,10 @@ sparse-only × scopes × negligible on/off, ~50 compiles) instead of the CI subs
 
 GPU (marker gpu, Hopper only): the TileLang forward vs the torch reference (fp32, same inputs) at video
 lengths with outputs poisoned (NaN) first; rel. err < 2e-2. tools/check_tilelang.py runs these helpers.
+
+Backward (config "backward": "tilelang", templates/tilelang/backward.py.j2): CPU — its config and errors,
+every variant renders, the dq / dkdv kernels compile to sm_90a; GPU — dq, dk, dv vs the reference and vs the
+Triton backward (rel. err < 3e-2), buffers poisoned first.
 """
 
 from __future__ import annotations
@@ -360,3 +364,128 @@ def case_id(c: dict) -> str:
 def test_gpu_forward_matches_reference(case, gpu_kernels):
     errs = run_case(**case)
     assert max(errs.values()) < TOL, errs
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward (sparse branch on TileLang, the rest on the Triton state kernels)
+# ----------------------------------------------------------------------------------------------------
+
+BWD_TOL = 3e-2
+
+
+def bwd_spec_of(**kw):
+    return spec_of(**kw).replace(role="backward")
+
+
+def test_backward_config_defaults_to_triton_and_checks_the_tilelang_tiles():
+    spec = bwd_spec_of(block=(128, 64))
+    cfg = tl_backend.default_config(spec)
+    assert cfg["backward"] == "triton"
+    tl_backend.check_config({**cfg, "backward": "tilelang"}, spec)
+    small = bwd_spec_of(block=(64, 32))
+    tl_backend.check_config(tl_backend.default_config(small), small)      # the Triton path ignores the tiles
+    bad = [({"backward": "cuda"}, "backward"), ({"bogus": 1}, "unknown keys"),
+           ({"dkdv": {"tile_n": 32}}, "tile_n"), ({"dq": {"tile_m": 64, "num_warps": 8}}, "num_warps=4"),
+           ({"warp_specialized": False}, "num_stages=1"), ({"dq": {"num_stages": 9}}, "num_stages")]
+    for change, match in bad:
+        with pytest.raises(ValueError, match=match):
+            tl_backend._resolve_config(spec, {"backward": "tilelang", **change})
+    with pytest.raises(ValueError, match="tile_n"):
+        tl_backend._resolve_config(small, {"backward": "tilelang"})
+
+
+BWD_GRID = [bwd_spec_of(d=d, dtype=dt, fmap=fm, scope=sc, negl=ng)
+            for d, dt, fm, sc, ng in itertools.product((64, 128), ("bf16", "fp16"), ("softmax", "elu", None),
+                                                       ("marginal", "all"), (False, True))
+            if fm is not None or (sc == "marginal" and not ng)]
+
+
+@pytest.mark.parametrize("spec", BWD_GRID + [bwd_spec_of(block=b) for b in ((64, 64), (128, 128))],
+                         ids=lambda s: s.canonical)
+def test_backward_template_renders_valid_python(spec):
+    text = codegen.render(spec, "tilelang")
+    names = {n.name for n in ast.parse(text).body if isinstance(n, ast.FunctionDef)}
+    assert names == {"dq_kernel", "dkdv_kernel"}
+    assert ("DQL: T.Tensor" in text) == (spec.feature_map is not None)
+
+
+# (spec, config overrides): both head dims and dtypes, a linear branch and sparse-only, other tiles, and the
+# fallback without warp specialisation; 5 specs × 2 kernels.
+BWD_COMPILES = [
+    (bwd_spec_of(d=128, fmap="softmax", scope="marginal", negl=True), {}),
+    (bwd_spec_of(d=128, fmap=None), {}),
+    (bwd_spec_of(d=64, dtype="fp16", fmap="elu", scope="all"), {}),
+    (bwd_spec_of(d=64, fmap=None, block=(64, 128)), dict(dkdv=dict(tile_n=128, num_warps=8), dq=dict(tile_n=128))),
+    (bwd_spec_of(d=128, fmap="relu", scope="all"),
+     dict(warp_specialized=False, dq=dict(num_stages=1), dkdv=dict(num_stages=1))),
+]
+
+
+@needs_compiler
+@pytest.mark.parametrize("spec,change", BWD_COMPILES, ids=lambda x: x.canonical if isinstance(x, KernelSpec) else
+                         "-".join(sorted(x)) or "default")
+def test_backward_compiles_for_sm90a(spec, change):
+    cfg = tl_backend._resolve_config(spec, {"backward": "tilelang", **change})
+    for kernel in ("dq", "dkdv"):
+        src = tl_backend.backward_kernel(spec, cfg, kernel).get_kernel_source()
+        if cfg["warp_specialized"]:
+            _assert_hopper_source(src, f"backward {kernel}")
+        else:
+            assert "wgmma" in src, f"backward {kernel}: no wgmma in the generated CUDA"
+
+
+def run_backward_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="marginal", negl=0.0,
+                      n_crit="topk", block=(128, 64), layout="bhld", proj=True, seed=0, config=None) -> dict:
+    """One TileLang backward (config backward='tilelang') after the TileLang forward, vs the reference's
+    gradients (fp32, same inputs) and the Triton backward of the same saved tensors; returns {name: rel. err}.
+    dW, db (the Triton state kernels in both paths) must equal the Triton backward's bitwise."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    bq, bk = block
+    q, k, v = make_qkv(B, H, L, L, d, DT[dtype], layout, dev, gen)
+    do = make_qkv(B, H, L, L, d, DT[dtype], layout, dev, gen)[0]
+    tm = reference.num_blocks(L, bq)
+    mask = make_mask(B, H, tm, reference.num_blocks(L, bk), n_crit, negl, dev, gen)
+    maps = list(BlockMap.from_mask(mask, block_q=bq, block_k=bk).tensors())
+    linear = fmap != "none"
+    w = b = None
+    if linear and proj:
+        w = torch.randn(d, d, device=dev, generator=gen) / math.sqrt(d)
+        b = torch.randn(d, device=dev, generator=gen) * 0.1
+    cfg = dict(block_q=bq, block_k=bk, scale=d ** -0.5, feature_map=fmap, scope=scope, eps=reference.EPS)
+    saved = tl_backend.forward(q, k, v, maps, w, b, True, **cfg)
+    poison_allocator(16 * q.numel() * 4, dev)
+    got = tl_backend.backward(do, q, k, v, *saved, maps, w, b, config={"backward": "tilelang", **(config or {})},
+                              **cfg)
+    torch.cuda.synchronize()
+    poison_allocator(16 * q.numel() * 4, dev)
+    tri = tl_backend.backward(do, q, k, v, *saved, maps, w, b, config={"backward": "triton"}, **cfg)
+    want = torch_backend.backward(do.float(), q.float(), k.float(), v.float(), None, None, None, None, maps, w, b,
+                                  **cfg)
+    errs = {}
+    for name, g, t, r, x in zip(("dq", "dk", "dv"), got, tri, want, (q, k, v)):
+        assert g.dtype == x.dtype and g.shape == x.shape and g.stride() == torch.empty_like(x).stride(), name
+        assert torch.isfinite(g).all(), f"{name}: {int((~torch.isfinite(g)).sum())} non-finite values"
+        errs[name] = rel_err(g, r)
+        errs[f"{name}_vs_triton"] = rel_err(g, t)
+    for name, g, t in zip(("dw", "db"), got[3:], tri[3:]):
+        assert torch.equal(g, t), f"{name} differs from the Triton backward's"
+    return errs
+
+
+BWD_GPU_CASES = (
+    [dict(L=L, d=d, layout=lo, fmap=fm, scope="marginal", negl=0.1 if fm != "none" else 0.0)
+     for L in (77, 4096, 32760) for d in (64, 128) for lo in ("bhld", "blhd") for fm in ("softmax", "none")]
+    + [dict(L=4096, fmap="elu", scope="all"), dict(L=4096, n_crit="mixed"), dict(L=4096, n_crit=1),
+       dict(L=4096, n_crit="all", H=1), dict(L=4096, block=(64, 64)), dict(L=4096, dtype="fp16"),
+       dict(L=1000, d=64, n_crit=2), dict(L=4096, layout="qkv", scope="all"),
+       dict(L=4096, config=dict(warp_specialized=False, dq=dict(num_stages=1), dkdv=dict(num_stages=1)))])
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("case", BWD_GPU_CASES, ids=case_id)
+def test_gpu_backward_matches_reference_and_triton(case):
+    errs = run_backward_case(**case)
+    assert max(errs.values()) < BWD_TOL, errs

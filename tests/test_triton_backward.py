@@ -113,6 +113,27 @@ def test_linear_branch_alone(scope):
         assert rel(got - sgot, want - swant) < 1e-4, name
 
 
+@pytest.mark.parametrize("scope,negl", [("marginal", 0.25), ("all", 0.0)])
+def test_linear_part_is_the_backward_without_its_sparse_loops(scope, negl):
+    """bwd.linear_part (the TileLang backward's first half): D^s, the linear branch's dq/dk/dv (fp32; full
+    minus sparse-only gradients) and the very dW, db of the full backward; None terms when sparse-only."""
+    args = dict(scope=scope, negligible=negl, seed=7)
+    p, cfg = make_problem(feature_map="elu", weight=True, bias=True, **args)
+    sparse_p, sparse_cfg = make_problem(feature_map="none", **args)     # same q, k, v, dO and block map
+    ds, *lin, dw, db = bwd.linear_part(*(p[name] for name in ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps",
+                                                               "proj_weight", "proj_bias")), **cfg)
+    full, sparse = triton_grads(p, cfg), triton_grads(sparse_p, sparse_cfg)
+    for name, got, f, s, x in zip(GRADS, lin, full, sparse, (p["q"], p["k"], p["v"])):
+        assert got.dtype == torch.float32 and got.shape == x.shape and got.is_contiguous(), name
+        assert rel(got, f - s) < 1e-4, name
+    assert torch.equal(dw, full[3]) and torch.equal(db, full[4])
+    want_ds = (sparse_p["do"] * sparse_p["o"]).sum(-1)                 # rowsum(dO ⊙ O^s)
+    assert ds.shape == p["lse"].shape and rel(ds, want_ds) < 1e-5
+    sparse_terms = bwd.linear_part(*(sparse_p[name] for name in ("do", "q", "k", "v", "o", "lse", "o_lin", "den",
+                                                                  "maps", "proj_weight", "proj_bias")), **sparse_cfg)
+    assert sparse_terms[1:4] == (None, None, None) and rel(sparse_terms[0], want_ds) < 1e-5
+
+
 def handmade_mask(B, H, tm, tn, negl):
     """A random class mask where query block 0 has no critical block and query block 1 no marginal block;
     with negligible blocks also the last (partial) key block is chosen by no query block."""

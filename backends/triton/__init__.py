@@ -60,8 +60,21 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, **cfg):
     return fwd.forward(q, k, v, maps, proj_weight, proj_bias, save, config=config, **cfg)
 
 
-def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg):
+def _backward_config(q, k, maps, cfg) -> Optional[dict]:
     from slagen.backends.triton import bwd
     spec, density = _spec_and_density(bwd, q, maps, cfg)
-    config = _tuned(bwd, spec, q, k.shape[-2], density)
-    return bwd.backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, config=config, **cfg)
+    return _tuned(bwd, spec, q, k.shape[-2], density)
+
+
+def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg):
+    from slagen.backends.triton import bwd
+    return bwd.backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
+                        config=_backward_config(q, k, maps, cfg), **cfg)
+
+
+def backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg):
+    """The backward without its sparse loops (slagen.backends.triton.bwd.linear_part), tuned config:
+    (ds, dq_lin, dk_lin, dv_lin, dw, db) for a backend that runs the sparse branch itself."""
+    from slagen.backends.triton import bwd
+    return bwd.linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
+                            config=_backward_config(q, k, maps, cfg), **cfg)

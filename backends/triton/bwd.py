@@ -13,6 +13,9 @@ The backward runs five kernels of one generated module (see the template's docst
    term: the totals minus the excluded blocks' states, summed by one batched mask GEMM per kernel in the glue
    (config prep.marginal_states='gemm', the default) or gathered through the same tables ('gather').
 
+:func:`backward` runs all five; :func:`linear_part` runs the same kernels with the sparse loops of 4 and 5
+switched off (their SPARSE constexpr), for a backend that computes the sparse branch itself (TileLang).
+
 Everything is deterministic (no atomics: partials are reduced with torch sums in fixed order).
 """
 
@@ -163,6 +166,9 @@ class _Call:
     """The tensors and sizes one backward call passes to its kernels (absent ones replaced by stand-ins
     that the generated code never reads, so that every kernel has one signature).
 
+    ``sparse`` False: the dq / dkdv kernels skip their sparse loops and write the linear-branch terms alone
+    into fp32 (B, H, L, D) buffers.
+
     Derived in __post_init__: Lq, Lk, D, H, BH (= B*H), Tm, Tn, linear, marginal, state_dtype, total_dtype.
     """
 
@@ -181,6 +187,7 @@ class _Call:
     w: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
     scale: float
+    sparse: bool = True
 
     def __post_init__(self):
         B, H, self.Lq, self.D = self.q.shape
@@ -209,9 +216,14 @@ class _Call:
     def gemm_states(self) -> bool:
         return self.marginal and self.cfg["prep"].get("marginal_states", "gemm") == "gemm"
 
-    def marginal_consts(self) -> dict:
-        """The dq / dkdv kernels' GEMM_STATES constexpr (scope 'marginal' only)."""
-        return dict(GEMM_STATES=self.gemm_states()) if self.marginal else {}
+    def loop_consts(self) -> dict:
+        """The dq / dkdv kernels' SPARSE and (scope 'marginal' only) GEMM_STATES constexprs."""
+        return dict(SPARSE=self.sparse, **(dict(GEMM_STATES=self.gemm_states()) if self.marginal else {}))
+
+    def grad_like(self, x: torch.Tensor) -> torch.Tensor:
+        """The dq / dk / dv output buffer for input ``x``: like x, or fp32 contiguous for the linear terms
+        alone (``sparse`` False)."""
+        return torch.empty_like(x) if self.sparse else torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
     def prep_launch(self):
         return dict(num_warps=self.cfg["prep"]["num_warps"], num_stages=self.cfg["prep"]["num_stages"])
@@ -291,8 +303,8 @@ def _excluded_states(c: _Call, total_vec, mats, vecs, mask):
 
 
 def _dq(c: _Call, ds, dl, h, z, hsum, zsum) -> torch.Tensor:
-    """Launch ``_dq_kernel`` over the row LUT; returns dq like q."""
-    dq = torch.empty_like(c.q)
+    """Launch ``_dq_kernel`` over the row LUT; returns dq (:meth:`_Call.grad_like` q)."""
+    dq = c.grad_like(c.q)
     t = c.cfg["dq"]
     lut, count, nlut, ncount = c.maps[1], c.maps[2], c.maps[5], c.maps[6]
     c.mod._dq_kernel[(c.Tm * (c.spec.block_q // t["block_m"]), c.BH)](
@@ -301,13 +313,14 @@ def _dq(c: _Call, ds, dl, h, z, hsum, zsum) -> torch.Tensor:
         *c.den.stride(), *lut.stride(), *count.stride(), *nlut.stride(), *ncount.stride(),
         c.H, c.Lq, c.Lk, c.Tn, c.scale, c.scale * LOG2E,
         BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], num_warps=t["num_warps"], num_stages=t["num_stages"],
-        **c.marginal_consts())
+        **c.loop_consts())
     return dq
 
 
 def _dkdv(c: _Call, ds, g, gz, gsum, gzsum):
-    """Launch ``_dkdv_kernel`` over the column LUT (one program per key-block slice); returns (dk, dv)."""
-    dk, dv = torch.empty_like(c.k), torch.empty_like(c.v)
+    """Launch ``_dkdv_kernel`` over the column LUT (one program per key-block slice); returns (dk, dv)
+    (:meth:`_Call.grad_like` k, v)."""
+    dk, dv = c.grad_like(c.k), c.grad_like(c.v)
     t = c.cfg["dkdv"]
     lut, count, nlut, ncount = c.maps[3], c.maps[4], c.maps[7], c.maps[8]
     c.mod._dkdv_kernel[(c.Tn * (c.spec.block_k // t["block_n"]), c.BH)](
@@ -316,8 +329,47 @@ def _dkdv(c: _Call, ds, g, gz, gsum, gzsum):
         *c.lse.stride(), *lut.stride(), *count.stride(), *nlut.stride(), *ncount.stride(),
         c.H, c.Lq, c.Lk, c.Tm, c.scale, c.scale * LOG2E,
         BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], num_warps=t["num_warps"], num_stages=t["num_stages"],
-        **c.marginal_consts())
+        **c.loop_consts())
     return dk, dv
+
+
+def _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, block_q, block_k, scale,
+             feature_map, scope, config, sparse) -> _Call:
+    """Validate a backward call and bundle it (see :func:`backward` for the arguments)."""
+    fmap, scope = parse_feature_map(feature_map), parse_scope(scope)
+    if fmap is None and (proj_weight is not None or proj_bias is not None):
+        raise ValueError("proj_weight/proj_bias were given but feature_map='none' has no linear branch")
+    _check_inputs(do, q, k, v, o, lse, o_lin, den, maps, fmap is not None, block_q, block_k)
+    spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=fmap, scope=scope,
+                       has_negligible=maps[5].shape[-1] > 0)
+    _check_head_dim(spec)
+    cfg = check_config(copy.deepcopy(config) if config is not None else default_config(spec), spec)
+    return _Call(spec, cfg, codegen.load(spec, "triton"), q, k, v, do, o, lse, o_lin, den, maps, proj_weight,
+                 proj_bias, float(scale), sparse)
+
+
+def _run(c: _Call):
+    """All kernels of one call: (dq, dk, dv, dw, db, ds). With ``c.sparse`` False and no linear branch the
+    dq / dkdv kernels have nothing to do and dq, dk, dv are None."""
+    ds, dl, g, gz = _query_state(c)
+    h = z = hsum = zsum = gsum = gzsum = c.lse
+    dw, db = _empty(c), _empty(c)
+    if c.linear:
+        h, z = _key_state(c)
+        hsum, zsum = _totals(c, h, z)
+        gsum, gzsum = _totals(c, g, gz)
+        if c.w is not None or c.bias is not None:
+            dw, db = _proj_grads(c)
+    if not (c.sparse or c.linear):
+        return None, None, None, dw, db, ds
+    if c.gemm_states():   # one temporary at a time: ΔH, Z_i for dq, then ΔG, g_j for dk / dv
+        dq = _dq(c, ds, dl, *_excluded_states(c, zsum, h, z, c.maps[0]), hsum, zsum)
+        del h, z
+        dk, dv = _dkdv(c, ds, *_excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)), gsum, gzsum)
+    else:
+        dq = _dq(c, ds, dl, h, z, hsum, zsum)
+        dk, dv = _dkdv(c, ds, g, gz, gsum, gzsum)
+    return dq, dk, dv, dw, db, ds
 
 
 def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj_weight, proj_bias, *,
@@ -332,30 +384,24 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj
     :func:`default_config`). Returns (dq, dk, dv, dw, db): dq/dk/dv like q/k/v (same dtype and stride
     order), dw/db in the dtypes of proj_weight/proj_bias, or empty float32 tensors when those are None.
     """
-    fmap, scope = parse_feature_map(feature_map), parse_scope(scope)
-    if fmap is None and (proj_weight is not None or proj_bias is not None):
-        raise ValueError("proj_weight/proj_bias were given but feature_map='none' has no linear branch")
-    _check_inputs(do, q, k, v, o, lse, o_lin, den, maps, fmap is not None, block_q, block_k)
-    spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=fmap, scope=scope,
-                       has_negligible=maps[5].shape[-1] > 0)
-    _check_head_dim(spec)
-    cfg = check_config(copy.deepcopy(config) if config is not None else default_config(spec), spec)
-    c = _Call(spec, cfg, codegen.load(spec, "triton"), q, k, v, do, o, lse, o_lin, den, maps, proj_weight,
-              proj_bias, float(scale))
-    ds, dl, g, gz = _query_state(c)
-    h = z = hsum = zsum = gsum = gzsum = c.lse
-    dw, db = _empty(c), _empty(c)
-    if c.linear:
-        h, z = _key_state(c)
-        hsum, zsum = _totals(c, h, z)
-        gsum, gzsum = _totals(c, g, gz)
-        if proj_weight is not None or proj_bias is not None:
-            dw, db = _proj_grads(c)
-    if c.gemm_states():   # one temporary at a time: ΔH, Z_i for dq, then ΔG, g_j for dk / dv
-        dq = _dq(c, ds, dl, *_excluded_states(c, zsum, h, z, c.maps[0]), hsum, zsum)
-        del h, z
-        dk, dv = _dkdv(c, ds, *_excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)), gsum, gzsum)
-    else:
-        dq = _dq(c, ds, dl, h, z, hsum, zsum)
-        dk, dv = _dkdv(c, ds, g, gz, gsum, gzsum)
-    return dq, dk, dv, dw, db
+    c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
+                 scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=True)
+    return _run(c)[:5]
+
+
+def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj_weight, proj_bias, *,
+                 block_q: int, block_k: int, scale: float, feature_map: Optional[str], scope: str, eps: float,
+                 config: Optional[dict] = None):
+    """Everything of :func:`backward` except the sparse branch's FlashAttention loops, for a backend that
+    runs those itself: (ds, dq_lin, dk_lin, dv_lin, dw, db).
+
+    ds: D^s = rowsum(dO ⊙ O^s), fp32 (B, H, Lq) (contiguous); dq_lin (B, H, Lq, D), dk_lin and dv_lin
+    (B, H, Lk, D): the linear branch's gradients, fp32 contiguous, or None for a sparse-only call
+    (feature_map 'none'); dw, db as :func:`backward` returns them. Then dq = dq_lin + scale·Σ dS K,
+    dk = dk_lin + scale·Σ dSᵀQ and dv = dv_lin + Σ PᵀdO over the critical blocks. Arguments as for
+    :func:`backward`; the same kernels run, their sparse loops switched off (SPARSE=False).
+    """
+    c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
+                 scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=False)
+    dq, dk, dv, dw, db, ds = _run(c)
+    return ds.view(lse.shape), dq, dk, dv, dw, db
