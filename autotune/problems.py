@@ -21,12 +21,13 @@ from slagen.autotune import cache, records, select, space, tuner
 from slagen.backends import reference as torch_backend
 from slagen.spec import KernelSpec
 
-# The kernels each backend tunes itself (TileLang delegates its block map and backward to Triton, so
-# those are tuned, stored and looked up under "triton").
+# The kernels each backend tunes itself (TileLang delegates its block map to Triton, so it is tuned,
+# stored and looked up under "triton"; TileLang's backward config picks Triton's backward or its own
+# sparse loops, and a Triton backward is tuned under "triton").
 ROLE_MODULES = {"triton": {"block_map": "slagen.backends.triton.selection",
                            "forward": "slagen.backends.triton.fwd",
                            "backward": "slagen.backends.triton.bwd"},
-                "tilelang": {"forward": "slagen.backends.tilelang"}}
+                "tilelang": {"forward": "slagen.backends.tilelang", "backward": "slagen.backends.tilelang"}}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOLERANCE = {"bf16": 3e-2, "fp16": 1e-2, "fp32": 1e-3}
 

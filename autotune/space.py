@@ -26,6 +26,7 @@ OPTIONS: Dict[str, Sequence] = {
     "epilogue": ("fused", "split", "lowp"),  # the Triton forward's linear epilogue
     "pre_stages": (1, 2, 3),             # the Triton forward's linear pre-pass
     "pre_per_sm": (2, 4, 8),
+    "backward": ("triton", "tilelang"),  # the TileLang backend's backward: Triton's, or its own sparse loops
 }
 _HAS_LINEAR = lambda spec: spec.feature_map is not None  # noqa: E731
 _HAS_MARGINAL = lambda spec: spec.scope == "marginal" and spec.feature_map is not None  # noqa: E731

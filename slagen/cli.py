@@ -389,13 +389,10 @@ def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, 
             best = ", ".join(f"{k}={v}" for k, v in sorted(result.best.items()))
             click.echo(f"  winner {best}: {result.best_ms:.3f} ms vs default {result.default_ms:.3f} ms "
                        f"({result.speedup:.2f}x); {len(result.failures)} of {len(picked)} candidates failed")
-            if overrides:   # the user's own candidates: every time, as differences from the default
-                for outcome in result.outcomes:
-                    diff = {key: val for key, val in outcome.config.items() if val != default.get(key)} or "default"
-                    timing = f"{outcome.time_ms:.3f} ms" if outcome.time_ms is not None else outcome.error
-                    click.echo(f"    {json.dumps(diff)}: {timing}")
-            for outcome in result.failures[:3]:
-                click.echo(f"    skipped {outcome.config}: {outcome.error}")
+            for outcome in result.outcomes:
+                diff = {key: val for key, val in outcome.config.items() if val != default.get(key)} or "default"
+                timing = f"{outcome.time_ms:.3f} ms" if outcome.time_ms is not None else outcome.error
+                click.echo(f"    {json.dumps(diff)}: {timing}")
     click.echo(f"stored in {cache.records_path()}")
 
 

@@ -361,3 +361,14 @@ def test_spread_keeps_the_default_and_samples_the_rest_evenly(limit):
     assert len({c["i"] for c in got}) == len(got)  # no config twice
     if limit == 5:
         assert [c["i"] for c in got] == [0, 1, 3, 5, 7]
+
+
+def test_tilelang_backward_space_times_both_implementations():
+    pytest.importorskip("tilelang", reason="the TileLang backend's config module needs tilelang installed")
+    from slagen.autotune import problems
+    from slagen.backends import tilelang as tl_backend
+    assert problems.role_module("tilelang", "backward") is tl_backend
+    spec = KernelSpec(arch="sm90", head_dim=128, block_q=128, block_k=64, role="backward")
+    got = space.candidates(spec, tl_backend.default_config(spec), tl_backend.check_config)
+    assert got[0] == tl_backend.default_config(spec)
+    assert [c["backward"] for c in got] == ["triton", "tilelang"]

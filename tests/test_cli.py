@@ -78,7 +78,7 @@ def test_tune_config_override_merges_into_the_default():
     spec = KernelSpec(arch="sm90", head_dim=128, block_q=128, block_k=64, role="forward")
     default = fwd.default_config(spec)
     got = _override(default, {"epilogue": "split", "pre_per_sm": 4}, fwd.check_config, spec)
-    assert got == {**default, "epilogue": "split", "pre_per_sm": 4} and default["epilogue"] == "fused"
+    assert got == {**default, "epilogue": "split", "pre_per_sm": 4} and default["epilogue"] == "lowp"
     assert _override(default, {"no_such_knob": 1}, fwd.check_config, spec) is None
     assert _override(default, {"tile_m": 48}, fwd.check_config, spec) is None
     bspec = spec.replace(role="backward")

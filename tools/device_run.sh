@@ -8,7 +8,8 @@
 #    configs; steps after it (bench) use the tuned configs)
 #   (blockmap: tools/bench_blockmap.py, launch by launch; BLOCKMAP_ARGS e.g. "--baseline .baselines/bm_old"
 #    after `python tools/bench_blockmap.py --export-baseline d186c39 .baselines/bm_old` here, carried along)
-#   CHECK_ARGS, BENCH_ARGS, TEST_ARGS                  extra arguments for each step
+#   TRITON_ROLES / TILELANG_ROLES (default forward,backward): the roles the tune step tunes per backend
+#   CHECK_ARGS, BENCH_ARGS, TEST_ARGS                  extra arguments for each step; TEST_K: pytest -k expression
 set -u
 source "$(dirname "$0")/tune_candidates.sh"
 [ -n "${TRITON_TUNE_ARGS_TEXT:-}" ] && read -r -a TRITON_TUNE_ARGS <<<"$TRITON_TUNE_ARGS_TEXT"
@@ -31,10 +32,10 @@ for step in $STEPS; do
   case $step in
     check) timeout "${CHECK_TIMEOUT:-240}" slagen check --seq-len 32760 --heads 2 ${CHECK_ARGS:-} >"$OUT/check.log" 2>&1 ;;
     bench) timeout "${BENCH_TIMEOUT:-400}" slagen bench --json "$OUT/bench.json" $refs ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ;;
-    tests) timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1 ;;
+    tests) timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1 ;;
     profile) timeout "${PROFILE_TIMEOUT:-200}" python3 tools/profile_sla.py ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1 ;;
-    tune) ( timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend triton --role forward,backward "${TRITON_TUNE_ARGS[@]}" &&
-            timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend tilelang --role forward ${TILELANG_TUNE_ARGS:-} &&
+    tune) ( timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend triton --role "${TRITON_ROLES:-forward,backward}" "${TRITON_TUNE_ARGS[@]}" &&
+            timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend tilelang --role "${TILELANG_ROLES:-forward,backward}" ${TILELANG_TUNE_ARGS:-} &&
             slagen cache ls && python3 tools/tuned_lookup.py ) >"$OUT/tune.log" 2>&1 ;;
     blockmap) timeout "${BLOCKMAP_TIMEOUT:-200}" python3 tools/bench_blockmap.py --json "$OUT/blockmap.json" ${BLOCKMAP_ARGS:-} >"$OUT/blockmap.log" 2>&1 ;;
   esac

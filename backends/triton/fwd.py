@@ -8,8 +8,8 @@ Two launches per call (one without a linear branch), plus torch GEMMs for scope 
   2. 'gemm' only: slagen.backends.linear_terms.excluded_sums — one batched GEMM of the class mask's
      excluded (critical + negligible) blocks against the stacked h_j gives ΔH_i = Σ_{j excluded} h_j (fp32)
      for every query block, and Z_i = Z − Σ z_j (the TileLang backend's formulation, shared code).
-  3. config['epilogue'] = 'split' (not with marginal='onchip'; 'fused' is the default): ``sla_linear_kernel``, grid
-     (ceil(Lq / 64), B·H): the linear branch alone, ADD = Proj(O^l) (fp32, B·H·Lq·D: 201 MB at the headline
+  3. config['epilogue'] = 'split' (not with marginal='onchip'; the default is 'lowp' on sm90, 'fused'
+     elsewhere): ``sla_linear_kernel``, grid (ceil(Lq / 64), B·H): the linear branch alone, ADD = Proj(O^l) (fp32, B·H·Lq·D: 201 MB at the headline
      shape), plus O^l and den when saving for the backward.
   4. ``sla_forward_kernel``, grid (ceil(Lq / tile_m), B·H): sparse branch over the critical blocks, then
      'split': O = O^s + ADD; 'lowp': O = O^s + Proj(φ(Q_i)H_i / den) with H_i formed in the glue (one
@@ -77,7 +77,9 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
     'split' — a separate kernel computes Proj(O^l) into an fp32 temporary that the main kernel adds;
     'lowp' — the glue forms H_i (marginal blocks' h_j summed by a mask
     GEMM, or the per-head H) in the input dtype and the epilogue is one MMA over D with input-dtype operands
-    and fp32 accumulation, as the TileLang backend does; 'split' and 'lowp' need marginal='gemm').
+    and fp32 accumulation, as the TileLang backend does; 'split' and 'lowp' need marginal='gemm'). The
+    default epilogue is 'lowp' on sm90 in bf16/fp16 (H200, headline shape: 1.48 vs 1.76 ms fused,
+    docs/perf-notes.md), 'fused' elsewhere (not measured there).
     """
     mode = marginal if marginal in MARGINAL_MODES else MARGINAL_MODES[0]
     tile_m, tile_n, warps, stages, epi_k, pre_warps = _TABLE[(spec.arch, spec.head_dim)]
@@ -91,7 +93,11 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
         pre_tile = min(pre_tile, spec.block_k)    # the pre-pass steps through whole key blocks
     return dict(tile_m=min(tile_m, spec.block_q), tile_n=min(tile_n, spec.block_k), num_warps=warps,
                 num_stages=stages, epi_k=min(epi_k, spec.head_dim), pre_tile=pre_tile, pre_warps=pre_warps,
-                fp32_dot="tf32", marginal=mode, epilogue="fused", pre_stages=2, pre_per_sm=2)
+                fp32_dot="tf32", marginal=mode, epilogue=_default_epilogue(spec, mode), pre_stages=2, pre_per_sm=2)
+
+
+def _default_epilogue(spec: KernelSpec, mode: str) -> str:
+    return "lowp" if spec.arch == "sm90" and spec.dtype != "fp32" and mode == "gemm" else "fused"
 
 
 def check_config(cfg: dict, spec: KernelSpec) -> None:
