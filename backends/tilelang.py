@@ -552,6 +552,19 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     return o, lse, o_lin, den
 
 
+def _per_query_block(lse: torch.Tensor, ds: torch.Tensor, block_q: int):
+    """LSE and D^s (fp32 (B, H, Lq)) as the dkdv kernel reads them: (B, H, T_m, block_q), padded past Lq with
+    LSE = +inf and D^s = 0 (those rows then get P = dS = 0)."""
+    B, H, lq = lse.shape
+    tm = -(-lq // block_q)
+    out = []
+    for src, pad in ((lse, float("inf")), (ds, 0.0)):
+        dst = src.new_full((B, H, tm * block_q), pad)
+        dst[..., :lq] = src.view(B, H, lq)
+        out.append(dst.view(B, H, tm, block_q))
+    return out
+
+
 def backward_spec(q: torch.Tensor, maps, *, block_q: int, block_k: int, feature_map: str, scope: str) -> KernelSpec:
     """The role-'backward' KernelSpec of a call (sm90), which keys the backward's config."""
     return call_spec(q, DTYPES, "TileLang", arch="sm90", block_q=block_q, block_k=block_k, feature_map=feature_map,
@@ -585,12 +598,12 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
     ds, dq_lin, dk_lin, dv_lin, dw, db = _triton().backward_linear_part(
         do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg_args)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = [q, k, v, do, lse.contiguous(), ds]
     row_lut = [maps[1].to(torch.int32).contiguous(), maps[2].to(torch.int32).contiguous()]
     col_lut = [maps[3].to(torch.int32).contiguous(), maps[4].to(torch.int32).contiguous()]
     lin_q = [dq_lin] if spec.feature_map is not None else []
     lin_kv = [dk_lin, dv_lin] if spec.feature_map is not None else []
     with torch.cuda.device(q.device):
-        backward_kernel(spec, cfg, "dq")(*common, *row_lut, *lin_q, dq, float(scale))
-        backward_kernel(spec, cfg, "dkdv")(*common, *col_lut, *lin_kv, dk, dv, float(scale))
+        backward_kernel(spec, cfg, "dq")(q, k, v, do, lse.contiguous(), ds, *row_lut, *lin_q, dq, float(scale))
+        backward_kernel(spec, cfg, "dkdv")(q, k, v, do, *_per_query_block(lse, ds, block_q), *col_lut, *lin_kv,
+                                           dk, dv, float(scale))
     return dq, dk, dv, dw, db

@@ -2,8 +2,8 @@
 # the headline shape (`slagen tune --config`; each override is checked against the kernel's check_config and
 # reported when it does not apply). Measured outcomes: docs/perf-notes.md.
 TRITON_TUNE_ARGS=(
-  --config '{"epilogue": "lowp"}' --config '{"epilogue": "lowp", "num_stages": 2}' --config '{"pre_stages": 3}'
-  --config '{"epilogue": "split"}'
+  --config '{"pre_stages": 3}' --config '{"pre_per_sm": 4}' --config '{"num_stages": 4}'
+  --config '{"pre_warps": 4}' --config '{"epilogue": "fused"}'
   --config '{"dq": {"num_stages": 3}}' --config '{"dkdv": {"num_stages": 3}}'
   --config '{"dkdv": {"block_n": 32}}'
 )

@@ -1,0 +1,86 @@
+"""Host (CPU) time per call of each layer of the slagen call stack, on a GPU, at a small shape.
+
+    python tools/host_overhead.py [--backend triton] [--seq-len 8192] [--cprofile 30]
+
+Each row is the wall time per call while the GPU is held busy by a sleep kernel (so no call waits for
+the GPU): the backend's kernels called directly, the torch.library operator around them, and the public
+API (block map + forward, as a user calls it). The differences are what each layer costs. Then the
+cProfile of the public call: the functions with the most own time and the most cumulative time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from profile_sla import host_ms  # noqa: E402
+
+import slagen  # noqa: E402
+from slagen import backends, ops, reference  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--seq-len", type=int, default=8192)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--cprofile", type=int, default=30)
+    args = ap.parse_args()
+    bq, bk, topk = 128, 64, 0.05
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, args.heads, args.seq_len, 128)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    be = backends.get(args.backend)
+    n_crit, n_negl = reference.block_counts(reference.num_blocks(args.seq_len, bk), topk, 0.0)
+    maps = list(be.block_map(q, k, n_crit, n_negl, bq, bk))
+    cfg = dict(block_q=bq, block_k=bk, scale=128 ** -0.5, feature_map="softmax", scope="marginal",
+               eps=reference.EPS)
+    api = dict(topk=topk, block_q=bq, block_k=bk, backend=args.backend)
+    bmap = slagen.block_map(q, k, **api)
+
+    def public():
+        with torch.no_grad():
+            return slagen.attention(q, k, v, **api)
+
+    def public_grad():
+        return slagen.attention(q.requires_grad_(True), k, v, **api)
+
+    rows = [
+        ("backend block_map (direct)", lambda: be.block_map(q, k, n_crit, n_negl, bq, bk)),
+        ("slagen::block_map op", lambda: ops.block_map_op(q, k, topk, 0.0, bq, bk, args.backend)),
+        ("slagen.block_map (public)", lambda: slagen.block_map(q, k, **api)),
+        ("backend forward (direct, map given)", lambda: be.forward(q, k, v, maps, None, None, False, **cfg)),
+        ("slagen::sla_fwd op (map given)", lambda: ops.sla_fwd(q, k, v, maps, None, None, bq, bk, 128 ** -0.5,
+                                                                "softmax", "marginal", reference.EPS, False,
+                                                                args.backend)),
+        ("slagen.attention no_grad (map given)", lambda: slagen.attention(q, k, v, block_map=bmap, **api)),
+        ("slagen.attention no_grad", public),
+        ("slagen.attention, q requires grad", public_grad),
+    ]
+    out = [(name, host_ms(fn) * 1e3) for name, fn in rows]
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(50):
+        public()
+    prof.disable()
+    torch.cuda.synchronize()
+    for key in ("tottime", "cumulative"):
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats(key).print_stats(args.cprofile)
+        print(f"\n== cProfile slagen.attention no_grad, 50 calls, by {key}\n" + s.getvalue()[-7000:])
+    print(f"\n{torch.cuda.get_device_name()} | {args.backend} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 "
+          f"| torch {torch.__version__}\n")
+    print("| layer | host µs per call |\n|---|---|")
+    for name, us in out:
+        print(f"| {name} | {us:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
