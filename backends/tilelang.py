@@ -18,12 +18,13 @@ anything else raises a ValueError (no hidden copies).
 
 ``block_map`` has no TileLang kernel yet: it delegates to the Triton backend, which runs on the same GPU.
 ``backward`` picks by its config's ``"backward"`` knob (the config of the role-'backward' spec):
-  'triton' (default, the GPU-validated path) — the whole Triton backward (``slagen.backends.triton.backward``);
-  'tilelang' — the Triton backward's state kernels with their sparse loops switched off
-     (``slagen.backends.triton.backward_linear_part``: D^s, the linear-branch terms of dQ, dK, dV, and dW,
-     db), then the sparse branch on two TileLang kernels (templates/tilelang/backward.py.j2): ``sla_dq``
-     over the row LUT and ``sla_dkdv`` over the column LUT, each one TMA + warp-specialised pipelined loop
-     that starts from the linear term. Not yet validated on a GPU.
+  'tilelang' (the default where its tiles fit the blocks: block_k a multiple of 64) — the Triton backward's
+     state kernels with their sparse loops switched off (``slagen.backends.triton.backward_linear_part``:
+     D^s, the linear-branch terms of dQ, dK, dV, and dW, db), then the sparse branch on two TileLang kernels
+     (templates/tilelang/backward.py.j2): ``sla_dq`` over the row LUT and ``sla_dkdv`` over the column LUT,
+     each one TMA + warp-specialised pipelined loop that starts from the linear term (H200, headline shape:
+     backward 4.82 ms vs 5.33 ms for 'triton', docs/perf-notes.md);
+  'triton' — the whole Triton backward (``slagen.backends.triton.backward``), the default for other blocks.
 Compiled kernels
 go to TileLang's cache inside slagen's cache dir (``<cache dir>/tilelang``; TILELANG_CACHE_DIR is pointed
 there while slagen compiles). TileLang is imported at the first availability check or compile, not at
@@ -65,12 +66,12 @@ _DEFAULTS: Dict[int, dict] = {
               warp_specialized=True),
 }
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
-# docstring); dq: tile_m query rows per CTA (divides block_q), tile_n keys per loop step (divides block_k);
-# dkdv: tile_n keys per CTA (divides block_k; 64 rows per consumer warpgroup), tile_m query rows per step
-# (divides block_q). Starting points (register use checked with ptxas: dq 168, dkdv 240 per thread, no
-# spills at d=128), not measured optima.
+# docstring; 'tilelang' becomes 'triton' for blocks its tiles do not fit); dq: tile_m query rows per CTA
+# (divides block_q), tile_n keys per loop step (divides block_k); dkdv: tile_n keys per CTA (divides block_k;
+# 64 rows per consumer warpgroup), tile_m query rows per step (divides block_q). Starting points (register
+# use checked with ptxas: dq 168, dkdv 240 per thread, no spills at d=128), not measured optima.
 _BWD_DEFAULTS: Dict[int, dict] = {
-    d: {"backward": "triton", "warp_specialized": True,
+    d: {"backward": "tilelang", "warp_specialized": True,
         "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2),
         "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2)}
     for d in (64, 128)
@@ -236,7 +237,12 @@ def _default_backward_config(spec: KernelSpec) -> dict:
     kv["tile_m"], kv["tile_n"] = min(kv["tile_m"], spec.block_q), min(kv["tile_n"], spec.block_k)
     if dq["tile_m"] < 128:
         dq["num_warps"] = 4
-    return {**base, "dq": dq, "dkdv": kv}
+    cfg = {**base, "dq": dq, "dkdv": kv}
+    try:
+        _check_backward_config(cfg, spec)
+    except ValueError:      # the TileLang tiles do not fit these blocks: the Triton backward serves them
+        cfg["backward"] = "triton"
+    return cfg
 
 
 def backward_shared_bytes(part: dict, spec: KernelSpec, kernel: str) -> int:

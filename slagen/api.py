@@ -84,7 +84,7 @@ def _resolve_backend(backend, q: Tensor, **fields) -> str:
 
 def _block_map_bhld(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,
                     backend: str) -> BlockMap:
-    tensors = ops.block_map_op(q, k, topk, negligible, block_q, block_k, backend)
+    tensors = ops.block_map(q, k, topk, negligible, block_q, block_k, backend)
     return BlockMap(*tensors, block_q=block_q, block_k=block_k)
 
 
@@ -182,6 +182,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, topk: float = 0.05, negligible
         block_map = _block_map_bhld(qb.detach(), kb.detach(), topk, negligible, block_q, block_k, name)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (qb, kb, vb, proj_weight, proj_bias))
-    o = ops.sla_fwd(qb, kb, vb, list(block_map.tensors()), proj_weight, proj_bias, block_q, block_k,
-                    float(scale), feature_map or "none", scope, float(eps), save, name)[0]
+    o = ops.forward(qb, kb, vb, list(block_map.tensors()), proj_weight, proj_bias, block_q, block_k, float(scale),
+                    feature_map or "none", scope, float(eps), save, name)
     return o if layout == "bhld" else o.transpose(1, 2)

@@ -1,9 +1,16 @@
-"""The torch.library operators of slagen: ``slagen::block_map``, ``slagen::sla_fwd``, ``slagen::sla_bwd``.
+"""The torch.library operators of slagen: ``slagen::block_map``, ``slagen::sla_fwd``, ``slagen::sla_bwd``,
+and the eager entry points the public API calls: :func:`block_map` and :func:`forward`.
 
-They take logical (B, H, L, D) tensors (any strides with unit stride on D) and a concrete backend name;
-the public API in slagen.api validates inputs and resolves ``backend="auto"`` before calling them. Fake
-(meta) implementations give torch.compile the output shapes without running a kernel, and
+The operators take logical (B, H, L, D) tensors (any strides with unit stride on D) and a concrete backend
+name; the public API in slagen.api validates inputs and resolves ``backend="auto"`` before calling them.
+Fake (meta) implementations give torch.compile the output shapes without running a kernel, and
 ``sla_fwd``'s autograd formula calls ``sla_bwd``, so a model using SLA compiles with ``fullgraph=True``.
+
+:func:`block_map` and :func:`forward` call the operators while torch.compile / torch.export trace, or when
+an input is not a plain ``torch.Tensor`` (a subclass or a fake tensor dispatches through them); otherwise
+they call the same backend functions directly (the forward through a torch.autograd.Function with the same
+backward): the operator dispatch costs ~50 µs (block map) and ~140 µs (forward) of host time per call on
+an H200 box (tools/host_overhead.py), which bounds eager calls at short lengths.
 """
 
 from __future__ import annotations
@@ -19,13 +26,18 @@ from slagen.reference import block_counts, num_blocks
 MapTensors = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
+def _block_map(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,
+               backend: str) -> MapTensors:
+    tn = num_blocks(k.shape[-2], block_k)
+    n_crit, n_negl = block_counts(tn, topk, negligible)
+    return tuple(backends.get(backend).block_map(q, k, n_crit, n_negl, block_q, block_k))
+
+
 @torch.library.custom_op("slagen::block_map", mutates_args=())
 def block_map_op(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,
                  backend: str) -> MapTensors:
     """The 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS) of q (B, H, Lq, D) and k (B, H, Lk, D)."""
-    tn = num_blocks(k.shape[-2], block_k)
-    n_crit, n_negl = block_counts(tn, topk, negligible)
-    return tuple(backends.get(backend).block_map(q, k, n_crit, n_negl, block_q, block_k))
+    return _block_map(q, k, topk, negligible, block_q, block_k, backend)
 
 
 @block_map_op.register_fake
@@ -100,3 +112,54 @@ def _backward(ctx, do, dlse, do_lin, dden):
 
 
 sla_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)   # no __torch_dispatch__ / __torch_function__ of their own
+
+
+def _direct(*tensors) -> bool:
+    """Whether a call may skip the operator dispatch: eager mode and only plain tensors (or None)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def block_map(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,
+              backend: str) -> MapTensors:
+    """``slagen::block_map``'s result (see :func:`block_map_op`), through the operator only when needed."""
+    if _direct(q, k):
+        return _block_map(q, k, topk, negligible, block_q, block_k, backend)
+    return block_map_op(q, k, topk, negligible, block_q, block_k, backend)
+
+
+class _Forward(torch.autograd.Function):
+    """The eager twin of ``slagen::sla_fwd`` with its autograd formula (same kernels, same saved tensors)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, proj_weight, proj_bias, maps, cfg, backend):
+        outputs = backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, True, **cfg)
+        ctx.save_for_backward(q, k, v, *outputs, proj_weight, proj_bias, *maps)
+        ctx.cfg, ctx.backend = cfg, backend
+        return outputs[0]
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, o_lin, den, proj_weight, proj_bias, *maps = ctx.saved_tensors
+        dq, dk, dv, dw, db = backends.get(ctx.backend).backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight,
+                                                                proj_bias, **ctx.cfg)
+        return (dq, dk, dv, dw if proj_weight is not None else None, db if proj_bias is not None else None,
+                None, None, None)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, maps: List[Tensor], proj_weight: Optional[Tensor],
+            proj_bias: Optional[Tensor], block_q: int, block_k: int, scale: float, feature_map: str, scope: str,
+            eps: float, save: bool, backend: str) -> Tensor:
+    """SLA's output O (differentiable when ``save``): ``slagen::sla_fwd`` and its autograd formula, through
+    the operator only when needed (see the module docstring)."""
+    if not _direct(q, k, v, proj_weight, proj_bias, *maps):
+        return sla_fwd(q, k, v, maps, proj_weight, proj_bias, block_q, block_k, scale, feature_map, scope, eps,
+                       save, backend)[0]
+    cfg = _cfg(block_q, block_k, scale, feature_map, scope, eps)
+    if save:
+        return _Forward.apply(q, k, v, proj_weight, proj_bias, tuple(maps), cfg, backend)
+    return backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, False, **cfg)[0]

@@ -371,4 +371,4 @@ def test_tilelang_backward_space_times_both_implementations():
     spec = KernelSpec(arch="sm90", head_dim=128, block_q=128, block_k=64, role="backward")
     got = space.candidates(spec, tl_backend.default_config(spec), tl_backend.check_config)
     assert got[0] == tl_backend.default_config(spec)
-    assert [c["backward"] for c in got] == ["triton", "tilelang"]
+    assert [c["backward"] for c in got] == ["tilelang", "triton"]

@@ -61,3 +61,39 @@ def test_module_loads_a_thu_ml_state_dict_and_uses_it():
 
 def test_sparse_only_module_has_no_parameters():
     assert list(slagen.SparseLinearAttention(8, feature_map=None).parameters()) == []
+
+
+@pytest.mark.parametrize("fmap,proj,scope", [("softmax", True, "marginal"), ("elu", False, "all"),
+                                             ("none", False, "marginal")])
+def test_eager_path_equals_the_operator_path(fmap, proj, scope):
+    """ops.forward / ops.block_map skip the operator dispatch in eager mode: same outputs and gradients,
+    bitwise, as the torch.library operators and their autograd formula."""
+    q, k, v = inputs(requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(8, 8, generator=g)) if proj else None
+    b = torch.nn.Parameter(torch.randn(8, generator=g)) if proj else None
+    maps = ops.block_map(q.detach(), k.detach(), 0.3, 0.2, 16, 16, "torch")
+    for got, want in zip(maps, ops.block_map_op(q.detach(), k.detach(), 0.3, 0.2, 16, 16, "torch")):
+        assert torch.equal(got, want)
+    args = (list(maps), w, b, 16, 16, 0.3, fmap, scope, 1e-5, True, "torch")
+    do = torch.randn(q.shape, generator=g)
+    leaves = [t for t in (q, k, v, w, b) if t is not None]
+    out = ops.forward(q, k, v, *args)
+    grads = torch.autograd.grad(out, leaves, do)
+    out_op = ops.sla_fwd(q, k, v, *args)[0]
+    grads_op = torch.autograd.grad(out_op, leaves, do)
+    assert torch.equal(out, out_op)
+    for got, want in zip(grads, grads_op):
+        assert torch.equal(got, want)
+    with torch.no_grad():
+        assert torch.equal(ops.forward(q, k, v, *args[:-2], False, "torch"), out_op)
+
+
+def test_eager_path_is_skipped_for_tensor_subclasses_and_while_compiling(monkeypatch):
+    class Sub(torch.Tensor):
+        pass
+    plain, param = torch.zeros(2), torch.nn.Parameter(torch.zeros(2))
+    assert ops._direct(plain, param, None)
+    assert not ops._direct(plain, plain.as_subclass(Sub))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not ops._direct(plain)

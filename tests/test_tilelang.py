@@ -378,12 +378,15 @@ def bwd_spec_of(**kw):
     return spec_of(**kw).replace(role="backward")
 
 
-def test_backward_config_defaults_to_triton_and_checks_the_tilelang_tiles():
+def test_backward_config_defaults_to_tilelang_where_its_tiles_fit_and_checks_them():
+    for block in ((128, 64), (64, 64), (128, 128)):
+        spec = bwd_spec_of(block=block)
+        cfg = tl_backend.default_config(spec)
+        assert cfg["backward"] == "tilelang", block
+        tl_backend.check_config(cfg, spec)
     spec = bwd_spec_of(block=(128, 64))
-    cfg = tl_backend.default_config(spec)
-    assert cfg["backward"] == "triton"
-    tl_backend.check_config({**cfg, "backward": "tilelang"}, spec)
     small = bwd_spec_of(block=(64, 32))
+    assert tl_backend.default_config(small)["backward"] == "triton"     # dkdv needs 64 keys per CTA
     tl_backend.check_config(tl_backend.default_config(small), small)      # the Triton path ignores the tiles
     bad = [({"backward": "cuda"}, "backward"), ({"bogus": 1}, "unknown keys"),
            ({"dkdv": {"tile_n": 32}}, "tile_n"), ({"dq": {"tile_m": 64, "num_warps": 8}}, "num_warps=4"),

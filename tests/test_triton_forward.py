@@ -550,7 +550,8 @@ def compile_report(tmp_path, *args):
                          ids=["proj", "proj-save", "noproj"])
 def test_sm90_d128_gemm_forward_compiles_without_loop_spills(has_w, save, epilogue, tmp_path):
     """sm90, d=128, 128x64 blocks, bf16, negligible class, marginal='gemm', default tunables: no spill in the
-    key loop or the pre-pass. 'fused': at most a few one-time epilogue spills (Triton 3.9: 52-80 bytes per
+    key loop or the pre-pass loop (the pre-pass with 3 stages spills 8 bytes once, Triton 3.9; it is still the
+    faster one on an H200: 1.449 vs 1.480 ms forward). 'fused': at most a few one-time epilogue spills (Triton 3.9: 52-80 bytes per
     thread, as many as scope 'all''s kernel, whose whole-kernel register use is 255 too); 'split': none in the
     main kernel (its epilogue is one load and add) nor in sla_linear_kernel; 'lowp': none for inference
     without Proj ((φ/den)·H_i accumulates into O), a few one-time ones with Proj or saving (Triton 3.9: 36)."""
@@ -558,7 +559,7 @@ def test_sm90_d128_gemm_forward_compiles_without_loop_spills(has_w, save, epilog
     report = compile_report(tmp_path, 90, "marginal", "gemm", int(has_w), int(save), epilogue)
     fwd_spill, fwd_loop = report["sla_forward_kernel"]
     pre_spill, pre_loop = report["sla_linear_totals_kernel"]
-    assert pre_spill == 0, report
+    assert pre_spill <= 8, report   # pre_stages 3 (the sm90 default): 8 one-time bytes outside the loop
     assert fwd_loop <= 0 and pre_loop <= 0, report
     one_time_spills = epilogue == "fused" or (epilogue == "lowp" and (has_w or save))
     assert fwd_spill <= (128 if one_time_spills else 0), report

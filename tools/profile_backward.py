@@ -54,16 +54,20 @@ def main() -> None:
             kt = kernel_times(fn)
             rows.append((what, impl, do_bench(fn, warmup=25, rep=100, return_mode="median"),
                          sum(t for _, t in kt), kt))
-            print(f"  {what} {impl}: done", flush=True)
+            print(f"  {_row(*rows[-1])}", flush=True)   # as it finishes: a cut-off run keeps its rows
         diffs = [float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(*grads.values())]
         print(f"  {what}: tilelang vs triton rel. diff dq {diffs[0]:.2e} dk {diffs[1]:.2e} dv {diffs[2]:.2e}")
 
     print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 topk={args.topk} "
           f"block {args.block} | backward alone\n")
     print("| what | backward | ms | gpu ms | kernels (ms per call) |\n|---|---|---|---|---|")
-    for what, impl, ms, gpu, kt in rows:
-        ks = "; ".join(f"{n[:40]} {t:.3f}" for n, t in kt[:8])
-        print(f"| {what} | {impl} | {ms:.3f} | {gpu:.3f} | {ks} |")
+    for row in rows:
+        print(_row(*row))
+
+
+def _row(what: str, impl: str, ms: float, gpu: float, kt: list) -> str:
+    ks = "; ".join(f"{n[:40]} {t:.3f}" for n, t in kt[:8])
+    return f"| {what} | {impl} | {ms:.3f} | {gpu:.3f} | {ks} |"
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
     GEMM, or the per-head H) in the input dtype and the epilogue is one MMA over D with input-dtype operands
     and fp32 accumulation, as the TileLang backend does; 'split' and 'lowp' need marginal='gemm'). The
     default epilogue is 'lowp' on sm90 in bf16/fp16 (H200, headline shape: 1.48 vs 1.76 ms fused,
-    docs/perf-notes.md), 'fused' elsewhere (not measured there).
+    docs/perf-notes.md), 'fused' elsewhere (not measured there); pre_stages is 3 on sm90 (1.449 vs 1.480 ms
+    with 2, same run), 2 elsewhere.
     """
     mode = marginal if marginal in MARGINAL_MODES else MARGINAL_MODES[0]
     tile_m, tile_n, warps, stages, epi_k, pre_warps = _TABLE[(spec.arch, spec.head_dim)]
@@ -93,7 +94,8 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
         pre_tile = min(pre_tile, spec.block_k)    # the pre-pass steps through whole key blocks
     return dict(tile_m=min(tile_m, spec.block_q), tile_n=min(tile_n, spec.block_k), num_warps=warps,
                 num_stages=stages, epi_k=min(epi_k, spec.head_dim), pre_tile=pre_tile, pre_warps=pre_warps,
-                fp32_dot="tf32", marginal=mode, epilogue=_default_epilogue(spec, mode), pre_stages=2, pre_per_sm=2)
+                fp32_dot="tf32", marginal=mode, epilogue=_default_epilogue(spec, mode),
+                pre_stages=3 if spec.arch == "sm90" and spec.dtype != "fp32" else 2, pre_per_sm=2)
 
 
 def _default_epilogue(spec: KernelSpec, mode: str) -> str:
