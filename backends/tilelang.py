@@ -209,7 +209,10 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
     _check_keys(cfg, set(_DEFAULTS[128]))
     choice = _chooser(cfg)
     choice("tile_m", (64, 128), spec.block_q)
-    choice("tile_n", (32, 64, 128), spec.block_k)
+    choice("tile_n", (32, 64, 128))
+    if spec.block_k % cfg["tile_n"] and cfg["tile_n"] != 2 * spec.block_k:
+        raise ValueError(f"config['tile_n']={cfg['tile_n']} must divide block_k={spec.block_k} or be 2·block_k "
+                         f"(two selected key blocks per step)")
     choice("num_warps", (4, 8))
     choice("num_stages", (1, 2, 3, 4))
     choice("pre_tile", (32, 64, 128), spec.block_k if spec.scope == "marginal" else None)

@@ -21,6 +21,7 @@ import concurrent.futures
 import itertools
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -77,7 +78,7 @@ def test_default_config_is_valid(d, block, fmap, scope):
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(tile_m=96), "tile_m"), (dict(tile_m=256), "tile_m"), (dict(tile_n=128), "tile_n"),
+    (dict(tile_m=96), "tile_m"), (dict(tile_m=256), "tile_m"), (dict(tile_n=96), "tile_n"),
     (dict(num_warps=6), "num_warps"), (dict(num_stages=0), "num_stages"), (dict(tile_m=64, num_warps=8), "num_warps=4"),
     (dict(warp_specialized=False), "num_stages=1"), (dict(warp_specialized=False, num_stages=1), "pre_stages=1"), (dict(warp_specialized="yes"), "warp_specialized"),
     (dict(pre_tile=128), "pre_tile"), (dict(bogus=1), "unknown keys"),
@@ -192,6 +193,21 @@ def test_forward_compiles_for_sm90a(spec, flags):
     _assert_hopper_source(kernel.get_kernel_source(), "forward")
     cache = tl_backend.cache_dir() / "tilelang"
     assert cache.is_dir() and any(cache.rglob("*.cu")), "TileLang's cache is not inside slagen's cache dir"
+
+
+@needs_compiler
+@pytest.mark.parametrize("spec", [spec_of(d=128, scope="marginal"), spec_of(d=64, fmap=None)],
+                         ids=lambda s: s.canonical)
+def test_forward_with_two_key_blocks_per_step_compiles_for_sm90a(spec):
+    """tile_n = 2·block_k: each half of the K / V tiles is TMA-loaded per 64-column chunk (a contiguous
+    span of the swizzled tile; TileLang 0.1.15 rejects one copy into a gapped half), 128-wide wgmma."""
+    cfg = tl_backend._resolve_config(spec, {"tile_n": 128})
+    src = tl_backend.forward_kernel(spec, cfg, save=False, has_w=False, has_bias=False).get_kernel_source()
+    _assert_hopper_source(src, "forward tile_n=128")
+    assert src.count("tl::tma_load(K_desc") == 2 * spec.head_dim // 64, "one K copy per half and chunk"
+    assert re.search(r"wgmma_ss<[^>]*, 64, 128, 16,", src), "the S = QKᵀ wgmma is not 128 keys wide"
+    with pytest.raises(ValueError, match="2·block_k"):
+        tl_backend._resolve_config(spec_of(d=128, block=(128, 32)), {"tile_n": 128})
 
 
 @needs_compiler
@@ -310,7 +326,13 @@ GPU_CASES = (
        dict(L=4096, d=64, block=(64, 32), fmap="elu"), dict(L=4096, B=2, H=3, scope="all"),
        dict(L=4096, config=dict(num_stages=3)), dict(L=4096, config=dict(warp_specialized=False, num_stages=1, pre_stages=1)),
        dict(L=4096, fmap="none", config=dict(tile_m=64, num_warps=4)),
-       dict(L=4096, block=(128, 128), config=dict(tile_n=64, pre_tile=64))])
+       dict(L=4096, block=(128, 128), config=dict(tile_n=64, pre_tile=64))]
+    # two selected key blocks per step (tile_n = 2·block_k): odd counts mask the last step's second half
+    + [dict(L=L, d=d, scope="marginal", negl=0.1, n_crit=c, config=dict(tile_n=128))
+       for L, c in ((77, 1), (77, "all"), (4096, 1), (4096, 2), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
+    + [dict(L=4096, fmap="none", n_crit="mixed", config=dict(tile_n=128)),
+       dict(L=4096, block=(64, 64), n_crit=3, config=dict(tile_n=128, tile_m=64, num_warps=4)),
+       dict(L=1000, Lk=3001, n_crit=3, config=dict(tile_n=128))])
 
 
 def kernels_of(case: dict):
