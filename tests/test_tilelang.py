@@ -270,6 +270,22 @@ def make_qkv(B, H, lq, lk, d, dtype, layout, device, gen):
     return [qkv[:, :, i].transpose(1, 2) for i in range(3)]
 
 
+def case_inputs(*, B, H, L, lk, d, dtype, layout, fmap, scope, negl, n_crit, block, proj, gen):
+    """q, k, v (make_qkv), the 9 BlockMap tensors of a make_mask mask, Proj's w, b (None without a linear
+    branch or with proj=False) and the backends' keyword arguments, on the GPU."""
+    dev = torch.device("cuda")
+    bq, bk = block
+    q, k, v = make_qkv(B, H, L, lk, d, DT[dtype], layout, dev, gen)
+    mask = make_mask(B, H, reference.num_blocks(L, bq), reference.num_blocks(lk, bk), n_crit, negl, dev, gen)
+    maps = list(BlockMap.from_mask(mask, block_q=bq, block_k=bk).tensors())
+    w = b = None
+    if fmap != "none" and proj:
+        w = torch.randn(d, d, device=dev, generator=gen) / math.sqrt(d)
+        b = torch.randn(d, device=dev, generator=gen) * 0.1
+    cfg = dict(block_q=bq, block_k=bk, scale=d ** -0.5, feature_map=fmap, scope=scope, eps=reference.EPS)
+    return q, k, v, maps, w, b, cfg
+
+
 def run_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="marginal", negl=0.0, n_crit="topk",
              block=(128, 64), layout="bhld", proj=True, save=True, seed=0, Lk=None, config=None) -> dict:
     """One TileLang forward vs the reference (fp32, same inputs); returns {output: rel. err}.
@@ -278,17 +294,9 @@ def run_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="margina
     rows) differs from the reference's."""
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(seed)
-    lk = Lk or L
-    bq, bk = block
-    q, k, v = make_qkv(B, H, L, lk, d, DT[dtype], layout, dev, gen)
-    mask = make_mask(B, H, reference.num_blocks(L, bq), reference.num_blocks(lk, bk), n_crit, negl, dev, gen)
-    maps = list(BlockMap.from_mask(mask, block_q=bq, block_k=bk).tensors())
+    q, k, v, maps, w, b, cfg = case_inputs(B=B, H=H, L=L, lk=Lk or L, d=d, dtype=dtype, layout=layout, fmap=fmap,
+                                           scope=scope, negl=negl, n_crit=n_crit, block=block, proj=proj, gen=gen)
     linear = fmap != "none"
-    w = b = None
-    if linear and proj:
-        w = torch.randn(d, d, device=dev, generator=gen) / math.sqrt(d)
-        b = torch.randn(d, device=dev, generator=gen) * 0.1
-    cfg = dict(block_q=bq, block_k=bk, scale=d ** -0.5, feature_map=fmap, scope=scope, eps=reference.EPS)
     poison_allocator(8 * q.numel() * 4, dev)
     o, lse, o_lin, den = tl_backend.forward(q, k, v, maps, w, b, save, config=config, **cfg)
     torch.cuda.synchronize()
@@ -467,18 +475,9 @@ def run_backward_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope
     dW, db (the Triton state kernels in both paths) must equal the Triton backward's bitwise."""
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(seed)
-    bq, bk = block
-    q, k, v = make_qkv(B, H, L, L, d, DT[dtype], layout, dev, gen)
+    q, k, v, maps, w, b, cfg = case_inputs(B=B, H=H, L=L, lk=L, d=d, dtype=dtype, layout=layout, fmap=fmap,
+                                           scope=scope, negl=negl, n_crit=n_crit, block=block, proj=proj, gen=gen)
     do = make_qkv(B, H, L, L, d, DT[dtype], layout, dev, gen)[0]
-    tm = reference.num_blocks(L, bq)
-    mask = make_mask(B, H, tm, reference.num_blocks(L, bk), n_crit, negl, dev, gen)
-    maps = list(BlockMap.from_mask(mask, block_q=bq, block_k=bk).tensors())
-    linear = fmap != "none"
-    w = b = None
-    if linear and proj:
-        w = torch.randn(d, d, device=dev, generator=gen) / math.sqrt(d)
-        b = torch.randn(d, device=dev, generator=gen) * 0.1
-    cfg = dict(block_q=bq, block_k=bk, scale=d ** -0.5, feature_map=fmap, scope=scope, eps=reference.EPS)
     saved = tl_backend.forward(q, k, v, maps, w, b, True, **cfg)
     poison_allocator(16 * q.numel() * 4, dev)
     got = tl_backend.backward(do, q, k, v, *saved, maps, w, b, config={"backward": "tilelang", **(config or {})},

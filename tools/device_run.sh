@@ -3,9 +3,9 @@
 # and (with GPU_TESTS=1) run the gpu-marked tests. Logs and tables go to $OUT; the tables print last.
 #   STEPS="check bench tests blockmap profile tune"  which steps   TL=1  unpack the TileLang bundle (.device/)
 #   (profile: tools/profile_sla.py, host vs GPU time per call; tune: `slagen tune` for the triton forward and
-#    backward with the candidates of tools/tune_candidates.sh (or TRITON_TUNE_ARGS="--limit 8"), the tilelang
-#    forward with TILELANG_TUNE_ARGS (e.g. "--limit 3"), then a second process that must find the tuned
-#    configs; steps after it (bench) use the tuned configs)
+#    backward with the candidates of tools/tune_candidates.sh (or TRITON_TUNE_ARGS_TEXT="--limit 8"), the
+#    tilelang forward and backward with its candidates there (or TILELANG_TUNE_ARGS, e.g. "--limit 3"), then
+#    a second process that must find the tuned configs; steps after it (bench) use the tuned configs)
 #   (blockmap: tools/bench_blockmap.py, launch by launch; BLOCKMAP_ARGS e.g. "--baseline .baselines/bm_old"
 #    after `python tools/bench_blockmap.py --export-baseline d186c39 .baselines/bm_old` here, carried along)
 #   TRITON_ROLES / TILELANG_ROLES (default forward,backward): the roles the tune step tunes per backend
@@ -35,7 +35,7 @@ for step in $STEPS; do
     tests) timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1 ;;
     profile) timeout "${PROFILE_TIMEOUT:-200}" python3 tools/profile_sla.py ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1 ;;
     tune) ( timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend triton --role "${TRITON_ROLES:-forward,backward}" "${TRITON_TUNE_ARGS[@]}" &&
-            timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend tilelang --role "${TILELANG_ROLES:-forward,backward}" ${TILELANG_TUNE_ARGS:-} &&
+            timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend tilelang --role "${TILELANG_ROLES:-forward,backward}" ${TILELANG_TUNE_ARGS:-"${TILELANG_TUNE_CANDIDATES[@]}"} &&
             slagen cache ls && python3 tools/tuned_lookup.py ) >"$OUT/tune.log" 2>&1 ;;
     blockmap) timeout "${BLOCKMAP_TIMEOUT:-200}" python3 tools/bench_blockmap.py --json "$OUT/blockmap.json" ${BLOCKMAP_ARGS:-} >"$OUT/blockmap.log" 2>&1 ;;
   esac

@@ -1,6 +1,6 @@
 """Host (CPU) time per call of each layer of the slagen call stack, on a GPU, at a small shape.
 
-    python tools/host_overhead.py [--backend triton] [--seq-len 8192] [--cprofile 30]
+    python tools/host_overhead.py [--backend triton] [--seq-len 8192] [--block 128x64] [--cprofile 30]
 
 Each row is the wall time per call while the GPU is held busy by a sleep kernel (so no call waits for
 the GPU): the backend's kernels called directly, the torch.library operator around them, and the public
@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from profile_sla import host_ms  # noqa: E402
+from profile_sla import add_shape_args, host_ms, shape_inputs  # noqa: E402
 
 import slagen  # noqa: E402
 from slagen import backends, ops, reference  # noqa: E402
@@ -29,14 +29,11 @@ from slagen import backends, ops, reference  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="triton")
-    ap.add_argument("--seq-len", type=int, default=8192)
-    ap.add_argument("--heads", type=int, default=12)
+    add_shape_args(ap, seq_len=8192)
     ap.add_argument("--cprofile", type=int, default=30)
     args = ap.parse_args()
-    bq, bk, topk = 128, 64, 0.05
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    shape = (1, args.heads, args.seq_len, 128)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    bq, bk, (q, k, v) = shape_inputs(args, 3)
+    topk = args.topk
     be = backends.get(args.backend)
     n_crit, n_negl = reference.block_counts(reference.num_blocks(args.seq_len, bk), topk, 0.0)
     maps = list(be.block_map(q, k, n_crit, n_negl, bq, bk))

@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from profile_sla import kernel_times  # noqa: E402
+from profile_sla import add_shape_args, kernel_times, shape_inputs  # noqa: E402
 
 from slagen import reference  # noqa: E402
 from slagen.backends import tilelang as tl_backend  # noqa: E402
@@ -28,17 +28,11 @@ from slagen.backends.triton import selection  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seq-len", type=int, default=32760)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--block", default="128x64")
-    ap.add_argument("--topk", type=float, default=0.05)
+    add_shape_args(ap)
     args = ap.parse_args()
     from triton.testing import do_bench
 
-    bq, bk = (int(x) for x in args.block.split("x"))
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    shape = (1, args.heads, args.seq_len, 128)
-    q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    bq, bk, (q, k, v, do) = shape_inputs(args)
     n_crit, _ = reference.block_counts(reference.num_blocks(args.seq_len, bk), args.topk, 0.0)
     maps = list(selection.block_map(q, k, n_crit, 0, bq, bk))
     rows = []

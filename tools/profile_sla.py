@@ -55,21 +55,31 @@ def kernel_times(fn, calls: int = 5) -> list:
     return sorted(totals.items(), key=lambda kv: -kv[1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", default="triton,tilelang")
-    ap.add_argument("--seq-len", type=int, default=32760)
+def add_shape_args(ap: argparse.ArgumentParser, seq_len: int = 32760) -> None:
+    """The shape options the profiling tools share (B = 1, D = 128, bf16)."""
+    ap.add_argument("--seq-len", type=int, default=seq_len)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--block", default="128x64")
     ap.add_argument("--topk", type=float, default=0.05)
+
+
+def shape_inputs(args, n: int = 4):
+    """(block_q, block_k, [n random (1, heads, seq_len, 128) bf16 CUDA tensors]) of the parsed shape args."""
+    bq, bk = (int(x) for x in args.block.split("x"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, args.heads, args.seq_len, 128)
+    return bq, bk, [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="triton,tilelang")
+    add_shape_args(ap)
     ap.add_argument("--cprofile", type=int, default=0)
     args = ap.parse_args()
     from triton.testing import do_bench
 
-    bq, bk = (int(x) for x in args.block.split("x"))
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    shape = (1, args.heads, args.seq_len, 128)
-    q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    bq, bk, (q, k, v, do) = shape_inputs(args)
     for t in (q, k, v):
         t.requires_grad_(True)
     rows = []

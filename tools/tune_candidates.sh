@@ -7,3 +7,8 @@ TRITON_TUNE_ARGS=(
   --config '{"dq": {"num_stages": 3}}' --config '{"dkdv": {"num_stages": 3}}'
   --config '{"dkdv": {"block_n": 32}}'
 )
+# The TileLang backend's candidates (its forward and backward roles; an override a role lacks is skipped):
+# two selected key blocks per forward step, and the Triton backward against the TileLang one.
+TILELANG_TUNE_CANDIDATES=(
+  --config '{"tile_n": 128}' --config '{"tile_n": 128, "num_stages": 3}' --config '{"backward": "triton"}'
+)
