@@ -114,8 +114,8 @@ def unavailable_reason(device: torch.device, spec: KernelSpec) -> Optional[str]:
     """Why the TileLang backend cannot serve ``spec`` on ``device``, or None when it can.
 
     The forward runs TileLang kernels (CUDA device of capability 9.0, head_dim 64 or 128, bf16/fp16); the
-    block map and the backward are delegated to the Triton backend (the backward's opt-in 'tilelang' path
-    still runs the Triton state kernels), so they need what it needs.
+    block map is delegated to the Triton backend and the backward runs the Triton state kernels (and, where
+    its config picks it, the whole Triton backward), so they need what it needs.
     """
     if device.type != "cuda":
         return (f"the TileLang backend runs on Hopper GPUs only (CUDA capability 9.0, e.g. H100/H200); "
@@ -140,7 +140,7 @@ def unavailable_reason(device: torch.device, spec: KernelSpec) -> Optional[str]:
     # Training through this backend uses the delegated block map and backward.
     reason = _triton().unavailable_reason(device, spec.replace(role="backward"))
     if reason is not None:
-        return f"the TileLang backend delegates its block map and backward to Triton, which cannot: {reason}"
+        return f"the TileLang backend runs its block map and backward state kernels on Triton, which cannot: {reason}"
     return None
 
 
@@ -417,18 +417,24 @@ def build(spec: KernelSpec, config: Optional[dict] = None, *, variants: str = "a
           jobs: Optional[int] = None) -> list:
     """Compile ``spec``'s kernels without running them (no GPU needed); returns the JITKernels.
 
-    variants: 'all' — every epilogue variant {save} × {Proj weight} × {bias} plus the pre-pass; 'default'
-    — the inference variant without Proj plus the pre-pass. The variants compile on ``jobs`` threads
-    (default: the CPU count, at most 8): lowering and nvcc overlap (1.7× on 2 cores).
+    Role 'forward' — variants: 'all' — every epilogue variant {save} × {Proj weight} × {bias} plus the
+    pre-pass; 'default' — the inference variant without Proj plus the pre-pass. Role 'backward': the dq and
+    dk/dv kernels when the config picks the TileLang backward (none when it picks Triton's, which compiles
+    at first use). The kernels compile on ``jobs`` threads (default: the CPU count, at most 8): lowering and
+    nvcc overlap (1.7× on 2 cores).
     """
     cfg = _resolve_config(spec, config)
-    linear = spec.feature_map is not None
-    flags = [(False, False, False)]
-    if linear and variants == "all":
-        flags = [(s, w, b) for s in (False, True) for w in (False, True) for b in (False, True)]
-    makers = [functools.partial(forward_kernel, spec, cfg, save=s, has_w=w, has_bias=b) for s, w, b in flags]
-    if linear:
-        makers.append(functools.partial(prepass_kernel, spec, cfg))
+    if spec.role == "backward":
+        makers = [functools.partial(backward_kernel, spec, cfg, kernel) for kernel in ("dq", "dkdv")
+                  if cfg["backward"] == "tilelang"]
+    else:
+        linear = spec.feature_map is not None
+        flags = [(False, False, False)]
+        if linear and variants == "all":
+            flags = [(s, w, b) for s in (False, True) for w in (False, True) for b in (False, True)]
+        makers = [functools.partial(forward_kernel, spec, cfg, save=s, has_w=w, has_bias=b) for s, w, b in flags]
+        if linear:
+            makers.append(functools.partial(prepass_kernel, spec, cfg))
     with ThreadPoolExecutor(max_workers=codegen.compile_threads(jobs)) as pool:
         return list(pool.map(lambda make: make(), makers))
 

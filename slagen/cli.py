@@ -19,9 +19,9 @@ from slagen import codegen
 from slagen.paths import cache_dir, shared_cache_dirs
 from slagen.spec import ROLES, KernelSpec, parse_arch, parse_dtype, parse_feature_map, parse_scope
 
-# The kernel roles each backend renders from its own templates (TileLang delegates its block map and
-# backward to Triton).
-TEMPLATE_ROLES = {"triton": ROLES, "tilelang": ("forward",)}
+# The kernel roles each backend renders from its own templates (TileLang delegates its block map to
+# Triton; its backward's state kernels are Triton's too).
+TEMPLATE_ROLES = {"triton": ROLES, "tilelang": ("forward", "backward")}
 
 
 def _version() -> str:
@@ -147,7 +147,8 @@ def build(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, ba
     """Render every kernel of a spec grid into the cache; compile what this machine's toolchain can.
 
     Triton kernels are rendered and imported (Triton compiles them on the GPU at first use); TileLang
-    kernels (sm90 forward) are compiled to sm_90a cubins, which needs only tilelang and nvcc, no GPU.
+    kernels (sm90 forward and backward) are compiled to sm_90a cubins, which needs only tilelang and nvcc,
+    no GPU.
     """
     if tune:
         raise click.UsageError("--tune: tune on a GPU host with `slagen tune` (same spec options, plus --seq-len)")
@@ -167,8 +168,9 @@ def build(arch, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, ba
             tl_specs = [s for s in specs if s.role in TEMPLATE_ROLES["tilelang"] and s.dtype in ("bf16", "fp16")
                         and s.head_dim in (64, 128)]
             items += [(s, "tilelang") for s in tl_specs]
-            if len(tl_specs) < len([s for s in specs if s.role == "forward"]):
-                click.echo("note: TileLang serves bf16/fp16 forwards of head dim 64/128; the rest build for Triton only")
+            if len(tl_specs) < len([s for s in specs if s.role in TEMPLATE_ROLES["tilelang"]]):
+                click.echo("note: TileLang serves bf16/fp16 forwards and backwards of head dim 64/128; the rest "
+                           "build for Triton only")
     threads = codegen.compile_threads(jobs)
     click.echo(f"building {len(items)} kernels for {arch} into {cache_dir() / 'generated'} ({threads} at a time)")
 
@@ -318,7 +320,8 @@ def cache_clear(yes, everything):
 
 @main.command()
 @click.option("--backend", default="triton", show_default=True, type=click.Choice(["triton", "tilelang"]),
-              help="tilelang tunes its forward; its block map and backward are Triton's (tune them with triton).")
+              help="tilelang tunes its forward and its backward (TileLang or Triton sparse loops); its block map "
+                   "and the backward's Triton kernels are tuned with triton.")
 @click.option("--head-dim", "head_dims", default="128", show_default=True, callback=_csv(int))
 @click.option("--dtype", "dtypes", default="bf16", show_default=True, callback=_csv(parse_dtype))
 @click.option("--block", "blocks", default="128x64", show_default=True, callback=_csv(_block))

@@ -59,9 +59,14 @@ def test_build_compiles_tilelang_for_sm90a_without_a_gpu(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["build", "--arch", "sm90", "--head-dim", "128", "--feature-map", "none",
                                        "--backend", "tilelang", "--emit", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert [p.name for p in (tmp_path / "out").iterdir()] == [
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "tilelang_backward_sm90_d128_b64x64_none_marginal_nonegl_bf16.py",
         "tilelang_forward_sm90_d128_b64x64_none_marginal_nonegl_bf16.py"]
     assert any((tmp_path / "cache" / "tilelang").rglob("*")), "TileLang's kernel cache should live in slagen's"
+    spec = KernelSpec(arch="sm90", head_dim=128, block_q=64, block_k=64, feature_map=None, role="backward")
+    built = tl_backend.build(spec)      # memoised: the kernels the build compiled, dq and dk/dv
+    assert len(built) == 2 and all("wgmma" in k.get_kernel_source() for k in built)
+    assert tl_backend.build(spec, {"backward": "triton"}) == []
 
 
 def test_tune_config_overrides_are_checked_before_any_gpu_work():
