@@ -63,19 +63,21 @@ def test_sparse_only_module_has_no_parameters():
     assert list(slagen.SparseLinearAttention(8, feature_map=None).parameters()) == []
 
 
-@pytest.mark.parametrize("fmap,proj,scope", [("softmax", True, "marginal"), ("elu", False, "all"),
-                                             ("none", False, "marginal")])
-def test_eager_path_equals_the_operator_path(fmap, proj, scope):
+@pytest.mark.parametrize("fmap,proj,scope,backend", [("softmax", True, "marginal", "torch"),
+                                                     ("elu", False, "all", "torch"),
+                                                     ("none", False, "marginal", "torch"),
+                                                     ("softmax", True, "marginal", "triton")])
+def test_eager_path_equals_the_operator_path(fmap, proj, scope, backend):
     """ops.forward / ops.block_map skip the operator dispatch in eager mode: same outputs and gradients,
-    bitwise, as the torch.library operators and their autograd formula."""
-    q, k, v = inputs(requires_grad=True)
+    bitwise, as the torch.library operators and their autograd formula (Triton: under its interpreter)."""
+    q, k, v = inputs(d=16, requires_grad=True)
     g = torch.Generator().manual_seed(1)
-    w = torch.nn.Parameter(torch.randn(8, 8, generator=g)) if proj else None
-    b = torch.nn.Parameter(torch.randn(8, generator=g)) if proj else None
-    maps = ops.block_map(q.detach(), k.detach(), 0.3, 0.2, 16, 16, "torch")
-    for got, want in zip(maps, ops.block_map_op(q.detach(), k.detach(), 0.3, 0.2, 16, 16, "torch")):
+    w = torch.nn.Parameter(torch.randn(16, 16, generator=g)) if proj else None
+    b = torch.nn.Parameter(torch.randn(16, generator=g)) if proj else None
+    maps = ops.block_map(q.detach(), k.detach(), 0.3, 0.2, 16, 16, backend)
+    for got, want in zip(maps, ops.block_map_op(q.detach(), k.detach(), 0.3, 0.2, 16, 16, backend)):
         assert torch.equal(got, want)
-    args = (list(maps), w, b, 16, 16, 0.3, fmap, scope, 1e-5, True, "torch")
+    args = (list(maps), w, b, 16, 16, 0.3, fmap, scope, 1e-5, True, backend)
     do = torch.randn(q.shape, generator=g)
     leaves = [t for t in (q, k, v, w, b) if t is not None]
     out = ops.forward(q, k, v, *args)
@@ -86,7 +88,7 @@ def test_eager_path_equals_the_operator_path(fmap, proj, scope):
     for got, want in zip(grads, grads_op):
         assert torch.equal(got, want)
     with torch.no_grad():
-        assert torch.equal(ops.forward(q, k, v, *args[:-2], False, "torch"), out_op)
+        assert torch.equal(ops.forward(q, k, v, *args[:-2], False, backend), out_op)
 
 
 def test_eager_path_is_skipped_for_tensor_subclasses_and_while_compiling(monkeypatch):
