@@ -136,14 +136,18 @@ class _Forward(torch.autograd.Function):
     """The eager twin of ``slagen::sla_fwd`` with its autograd formula (same kernels, same saved tensors)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, proj_weight, proj_bias, maps, cfg, backend):
-        outputs = backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, True, **cfg)
-        ctx.save_for_backward(q, k, v, *outputs, proj_weight, proj_bias, *maps)
-        ctx.cfg, ctx.backend = cfg, backend
-        return outputs[0]
+    def forward(q, k, v, proj_weight, proj_bias, maps, cfg, backend):
+        return tuple(backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, True, **cfg))
 
     @staticmethod
-    def backward(ctx, do):
+    def setup_context(ctx, inputs, output):   # the separate form also serves torch.func.grad
+        q, k, v, proj_weight, proj_bias, maps, cfg, backend = inputs
+        ctx.save_for_backward(q, k, v, *output, proj_weight, proj_bias, *maps)
+        ctx.cfg, ctx.backend = cfg, backend
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    def backward(ctx, do, *_):
         q, k, v, o, lse, o_lin, den, proj_weight, proj_bias, *maps = ctx.saved_tensors
         dq, dk, dv, dw, db = backends.get(ctx.backend).backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight,
                                                                 proj_bias, **ctx.cfg)
@@ -161,5 +165,5 @@ def forward(q: Tensor, k: Tensor, v: Tensor, maps: List[Tensor], proj_weight: Op
                        save, backend)[0]
     cfg = _cfg(block_q, block_k, scale, feature_map, scope, eps)
     if save:
-        return _Forward.apply(q, k, v, proj_weight, proj_bias, tuple(maps), cfg, backend)
+        return _Forward.apply(q, k, v, proj_weight, proj_bias, tuple(maps), cfg, backend)[0]
     return backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, False, **cfg)[0]

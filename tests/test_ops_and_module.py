@@ -99,3 +99,13 @@ def test_eager_path_is_skipped_for_tensor_subclasses_and_while_compiling(monkeyp
     assert not ops._direct(plain, plain.as_subclass(Sub))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not ops._direct(plain)
+
+
+def test_eager_path_serves_torch_func_grad():
+    q, k, v = inputs(d=16)
+    def loss(q_):
+        return slagen.attention(q_, k, v, topk=0.3, block_q=16, block_k=16, backend="torch").square().sum()
+    got = torch.func.grad(loss)(q)
+    q_ = q.clone().requires_grad_(True)
+    want, = torch.autograd.grad(loss(q_), q_)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6) and got.abs().sum() > 0
