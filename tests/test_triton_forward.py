@@ -121,6 +121,12 @@ CASES = [
     ("relu", "marginal", 0.2, True, False, True, 1, 1, 61, 203, 16, 16, 32, dict(pre_tile=16)),
     # scope 'all' ignores config['marginal']
     ("softmax", "all", 0.2, True, True, True, 1, 2, 77, 130, 16, 16, 32, dict(marginal="onchip")),
+    # tile_n = 2·block_k: two listed key blocks per tile; odd counts (5 key blocks: 1 critical, 1 negligible)
+    # leave the last tile half empty, partial last blocks, the negligible loop of 'onchip' too
+    ("softmax", "marginal", 0.2, True, True, True, 1, 2, 77, 130, 16, 16, 16, dict(tile_n=32)),
+    ("softmax", "marginal", 0.2, True, True, True, 1, 2, 77, 77, 16, 16, 16, dict(tile_n=32, marginal="onchip")),
+    ("none", "marginal", 0.0, False, False, True, 2, 2, 77, 130, 16, 16, 16, dict(tile_n=32)),
+    ("elu", "all", 0.0, True, False, False, 1, 2, 130, 77, 16, 32, 16, dict(tile_n=32)),
 ]
 
 
@@ -333,6 +339,14 @@ def test_default_config_is_valid(arch, head_dim):
             assert tiles["onchip"] < tiles["gemm"] == fwd.default_config(spec.replace(scope="all"))["tile_n"]
 
 
+def test_key_tile_may_span_two_blocks_up_to_128_keys():
+    for bk, ok, bad in ((16, 32, 64), (32, 64, 128), (64, 128, 256), (128, 128, 256)):
+        spec = KernelSpec(arch="sm90", head_dim=64, block_q=64, block_k=bk)
+        fwd.check_config({**fwd.default_config(spec), "tile_n": ok}, spec)
+        with pytest.raises(ValueError, match="tile_n"):
+            fwd.check_config({**fwd.default_config(spec), "tile_n": bad}, spec)
+
+
 def test_clear_errors():
     q, k, v = make_inputs(1, 1, 20, 20, 16)
     maps = make_maps(q, k, 0.5, 0.0, 16, 16)
@@ -416,6 +430,22 @@ def test_gpu_epilogues(epilogue, scope, negligible):
     cfg = dict(block_q=128, block_k=64, scale=128 ** -0.5, feature_map="softmax", scope=scope, eps=1e-5)
     for save in (True, False):
         out, ref = run_both(q, k, v, maps, w, b, save, config=dict(epilogue=epilogue), **cfg)
+        check_all(out, ref, GPU_TOL, save, True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("block,scope,negligible", [((128, 64), "marginal", 0.1), ((64, 64), "all", 0.0),
+                                                    ((64, 64), "marginal", 0.0)])
+def test_gpu_two_key_blocks_per_tile(block, scope, negligible):
+    """tile_n = 2·block_k at the headline length in bf16 (odd critical counts leave half-empty last tiles)."""
+    torch.manual_seed(12)
+    q, k, v = make_inputs(1, 2, 32760, 32760, 128, dtype=torch.bfloat16, device="cuda")
+    maps = make_maps(q, k, 0.05, negligible, *block)
+    w, b = make_proj(128, True, True, device="cuda")
+    cfg = dict(block_q=block[0], block_k=block[1], scale=128 ** -0.5, feature_map="softmax", scope=scope, eps=1e-5)
+    for save in (True, False):
+        out, ref = run_both(q, k, v, maps, w, b, save, config=dict(tile_n=2 * block[1]), **cfg)
         check_all(out, ref, GPU_TOL, save, True)
 
 

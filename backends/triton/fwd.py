@@ -66,7 +66,7 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
     """Default tunables of ``spec``'s forward on its arch (for marginal mode ``marginal``, default 'gemm').
 
     Keys: tile_m / tile_n (query rows / keys per tile of the main kernel, powers of two dividing block_q /
-    block_k), num_warps, num_stages (main kernel), epi_k (columns of φ(Q) per step of the linear epilogue),
+    block_k, or for tile_n also 2·block_k ≤ 128: two listed key blocks side by side per tile), num_warps, num_stages (main kernel), epi_k (columns of φ(Q) per step of the linear epilogue),
     pre_tile / pre_warps / pre_stages / pre_per_sm (pre-pass: key rows per step, warps, software-pipeline
     stages, programs per SM over all heads), fp32_dot (precision of the fp32 dots
     φ(Q)·H and O^l·Wᵀ: 'tf32' | 'tf32x3' | 'ieee'), marginal (scope 'marginal' only, ignored otherwise:
@@ -114,7 +114,7 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError(f"config has unknown keys {sorted(set(cfg) - allowed)} / lacks keys "
                          f"{sorted(allowed - set(cfg))}; keys: {sorted(allowed)}")
     pow2("tile_m", 16, spec.block_q)
-    pow2("tile_n", 16, spec.block_k)
+    pow2("tile_n", 16, max(spec.block_k, min(2 * spec.block_k, 128)))   # above block_k: blocks side by side
     pow2("epi_k", 8, spec.head_dim)
     pow2("pre_tile", 16, 256)
     pow2("num_warps", 1, 16)
