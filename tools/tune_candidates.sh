@@ -3,7 +3,7 @@
 # reported when it does not apply). Measured outcomes: docs/perf-notes.md.
 TRITON_TUNE_ARGS=(
   --config '{"pre_stages": 3}' --config '{"pre_per_sm": 4}' --config '{"num_stages": 4}'
-  --config '{"pre_warps": 4}' --config '{"epilogue": "fused"}'
+  --config '{"pre_warps": 4}' --config '{"epilogue": "fused"}' --config '{"tile_n": 128}'
   --config '{"dq": {"num_stages": 3}}' --config '{"dkdv": {"num_stages": 3}}'
   --config '{"dkdv": {"block_n": 32}}'
 )
