@@ -272,7 +272,13 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
         choice = _chooser(part, where)
         # The CTA's own rows are the wgmma M dimension: 64 per consumer warpgroup.
         choice(rows, (64, 128), spec.block_q if kernel == "dq" else spec.block_k)
-        choice(other, (32, 64, 128), spec.block_k if kernel == "dq" else spec.block_q)
+        if kernel == "dq":      # keys per step: dividing block_k, or two listed key blocks (2·block_k)
+            choice(other, (32, 64, 128))
+            if spec.block_k % part[other] and part[other] != 2 * spec.block_k:
+                raise ValueError(f"{where}['tile_n']={part[other]} must divide block_k={spec.block_k} or be "
+                                 f"2·block_k (two selected key blocks per step)")
+        else:
+            choice(other, (32, 64, 128), spec.block_q)
         choice("num_warps", (4, 8))
         choice("num_stages", (1, 2, 3, 4))
         if part[rows] == 64 and part["num_warps"] == 8:

@@ -211,6 +211,18 @@ def test_forward_with_two_key_blocks_per_step_compiles_for_sm90a(spec):
 
 
 @needs_compiler
+def test_dq_with_two_key_blocks_per_step_compiles_for_sm90a():
+    spec = bwd_spec_of(d=128)
+    cfg = tl_backend._resolve_config(spec, {"backward": "tilelang", "dq": {"tile_n": 128}})
+    src = tl_backend.backward_kernel(spec, cfg, "dq").get_kernel_source()
+    _assert_hopper_source(src, "dq tile_n=128")
+    assert src.count("tl::tma_load(K_desc") == 4 and src.count("tl::tma_load(V_desc") == 4
+    assert re.search(r"wgmma_ss<[^>]*, 64, 128, 16,", src), "S = QKᵀ is not 128 keys wide"
+    with pytest.raises(ValueError, match="2·block_k"):
+        tl_backend._resolve_config(bwd_spec_of(block=(128, 32)), {"backward": "tilelang", "dq": {"tile_n": 128}})
+
+
+@needs_compiler
 @pytest.mark.parametrize("spec", [spec_of(d=128, scope="marginal"), spec_of(d=64, fmap="elu", scope="all")],
                          ids=lambda s: s.canonical)
 def test_prepass_compiles_for_sm90a(spec):
@@ -504,7 +516,11 @@ BWD_GPU_CASES = (
     + [dict(L=4096, fmap="elu", scope="all"), dict(L=4096, n_crit="mixed"), dict(L=4096, n_crit=1),
        dict(L=4096, n_crit="all", H=1), dict(L=4096, block=(64, 64)), dict(L=4096, dtype="fp16"),
        dict(L=1000, d=64, n_crit=2), dict(L=4096, layout="qkv", scope="all"),
-       dict(L=4096, config=dict(warp_specialized=False, dq=dict(num_stages=1), dkdv=dict(num_stages=1)))])
+       dict(L=4096, config=dict(warp_specialized=False, dq=dict(num_stages=1), dkdv=dict(num_stages=1)))]
+    # dq with two selected key blocks per step (tile_n = 2·block_k)
+    + [dict(L=L, d=d, n_crit=c, config=dict(dq=dict(tile_n=128)))
+       for L, c in ((77, 1), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
+    + [dict(L=4096, block=(64, 64), n_crit=3, fmap="none", config=dict(dq=dict(tile_n=128)))])
 
 
 @pytest.mark.gpu

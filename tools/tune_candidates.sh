@@ -8,7 +8,8 @@ TRITON_TUNE_ARGS=(
   --config '{"dkdv": {"block_n": 32}}'
 )
 # The TileLang backend's candidates (its forward and backward roles; an override a role lacks is skipped):
-# two selected key blocks per forward step, and the Triton backward against the TileLang one.
+# two selected key blocks per forward / dq step, and the Triton backward against the TileLang one.
 TILELANG_TUNE_CANDIDATES=(
   --config '{"tile_n": 128}' --config '{"tile_n": 128, "num_stages": 3}' --config '{"backward": "triton"}'
+  --config '{"dq": {"tile_n": 128}}'
 )
