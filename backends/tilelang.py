@@ -616,15 +616,22 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
         _check_tma("do", do)
     except ValueError:      # dO comes from autograd (possibly an expanded or sliced view): copy it
         do = do.contiguous()
-    ds, dq_lin, dk_lin, dv_lin, dw, db = _triton().backward_linear_part(
-        do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg_args)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     row_lut = [maps[1].to(torch.int32).contiguous(), maps[2].to(torch.int32).contiguous()]
     col_lut = [maps[3].to(torch.int32).contiguous(), maps[4].to(torch.int32).contiguous()]
-    lin_q = [dq_lin] if spec.feature_map is not None else []
-    lin_kv = [dk_lin, dv_lin] if spec.feature_map is not None else []
-    with torch.cuda.device(q.device):
-        backward_kernel(spec, cfg, "dq")(q, k, v, do, lse.contiguous(), ds, *row_lut, *lin_q, dq, float(scale))
-        backward_kernel(spec, cfg, "dkdv")(q, k, v, do, *_per_query_block(lse, ds, block_q), *col_lut, *lin_kv,
-                                           dk, dv, float(scale))
-    return dq, dk, dv, dw, db
+
+    def sparse_dq(ds, dq_lin):          # dq_lin is freed before the dk / dv terms are formed
+        dq = torch.empty_like(q)
+        with torch.cuda.device(q.device):
+            backward_kernel(spec, cfg, "dq")(q, k, v, do, lse.contiguous(), ds, *row_lut,
+                                             *([] if dq_lin is None else [dq_lin]), dq, float(scale))
+        return dq
+
+    def sparse_dkdv(ds, dk_lin, dv_lin):
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        with torch.cuda.device(q.device):
+            backward_kernel(spec, cfg, "dkdv")(q, k, v, do, *_per_query_block(lse, ds, block_q), *col_lut,
+                                               *([] if dk_lin is None else [dk_lin, dv_lin]), dk, dv, float(scale))
+        return dk, dv
+
+    return _triton().backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
+                                          sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv, **cfg_args)

@@ -6,6 +6,7 @@ forward tensors (o, lse, o_lin, den) always come from the reference forward, so 
 """
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -113,25 +114,54 @@ def test_linear_branch_alone(scope):
         assert rel(got - sgot, want - swant) < 1e-4, name
 
 
+class SparseLoops:
+    """Stand-in for a backend's sparse loops in bwd.linear_part: records the terms it is handed (as weak
+    references for dq's, to see that it is freed before dk / dv exist) and returns them unchanged."""
+
+    def __init__(self):
+        self.calls, self.terms = [], {}
+
+    def dq(self, ds, dq_lin):
+        self.calls.append("dq")
+        self.terms["ds"] = ds
+        self.dq_ref = None if dq_lin is None else weakref.ref(dq_lin)
+        self.terms["dq"] = None if dq_lin is None else dq_lin.clone()
+        return "dq-result"
+
+    def dkdv(self, ds, dk_lin, dv_lin):
+        self.calls.append("dkdv")
+        self.dq_alive = self.dq_ref is not None and self.dq_ref() is not None
+        self.terms.update(dk=dk_lin, dv=dv_lin)
+        return "dk-result", "dv-result"
+
+
 @pytest.mark.parametrize("scope,negl", [("marginal", 0.25), ("all", 0.0)])
 def test_linear_part_is_the_backward_without_its_sparse_loops(scope, negl):
     """bwd.linear_part (the TileLang backward's first half): D^s, the linear branch's dq/dk/dv (fp32; full
-    minus sparse-only gradients) and the very dW, db of the full backward; None terms when sparse-only."""
+    minus sparse-only gradients), handed to the caller's sparse loops dq first (its term freed before the
+    dk / dv terms exist), and the very dW, db of the full backward; None terms when sparse-only."""
     args = dict(scope=scope, negligible=negl, seed=7)
     p, cfg = make_problem(feature_map="elu", weight=True, bias=True, **args)
     sparse_p, sparse_cfg = make_problem(feature_map="none", **args)     # same q, k, v, dO and block map
-    ds, *lin, dw, db = bwd.linear_part(*(p[name] for name in ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps",
-                                                               "proj_weight", "proj_bias")), **cfg)
+    names = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")
+    loops = SparseLoops()
+    got = bwd.linear_part(*(p[name] for name in names), sparse_dq=loops.dq, sparse_dkdv=loops.dkdv, **cfg)
+    assert loops.calls == ["dq", "dkdv"] and not loops.dq_alive
+    assert got[:3] == ("dq-result", "dk-result", "dv-result")
     full, sparse = triton_grads(p, cfg), triton_grads(sparse_p, sparse_cfg)
-    for name, got, f, s, x in zip(GRADS, lin, full, sparse, (p["q"], p["k"], p["v"])):
-        assert got.dtype == torch.float32 and got.shape == x.shape and got.is_contiguous(), name
-        assert rel(got, f - s) < 1e-4, name
-    assert torch.equal(dw, full[3]) and torch.equal(db, full[4])
+    for name, f, s, x in zip(GRADS, full, sparse, (p["q"], p["k"], p["v"])):
+        term = loops.terms[name]
+        assert term.dtype == torch.float32 and term.shape == x.shape and term.is_contiguous(), name
+        assert rel(term, f - s) < 1e-4, name
+    assert torch.equal(got[3], full[3]) and torch.equal(got[4], full[4])
     want_ds = (sparse_p["do"] * sparse_p["o"]).sum(-1)                 # rowsum(dO ⊙ O^s)
-    assert ds.shape == p["lse"].shape and rel(ds, want_ds) < 1e-5
-    sparse_terms = bwd.linear_part(*(sparse_p[name] for name in ("do", "q", "k", "v", "o", "lse", "o_lin", "den",
-                                                                  "maps", "proj_weight", "proj_bias")), **sparse_cfg)
-    assert sparse_terms[1:4] == (None, None, None) and rel(sparse_terms[0], want_ds) < 1e-5
+    assert loops.terms["ds"].shape == p["lse"].shape and rel(loops.terms["ds"], want_ds) < 1e-5
+    sparse_loops = SparseLoops()
+    bwd.linear_part(*(sparse_p[name] for name in names), sparse_dq=sparse_loops.dq, sparse_dkdv=sparse_loops.dkdv,
+                    **sparse_cfg)
+    assert sparse_loops.calls == ["dq", "dkdv"]
+    assert [sparse_loops.terms[n] for n in ("dq", "dk", "dv")] == [None, None, None]
+    assert rel(sparse_loops.terms["ds"], want_ds) < 1e-5
 
 
 def handmade_mask(B, H, tm, tn, negl):

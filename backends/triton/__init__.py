@@ -72,9 +72,10 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cf
                         config=_backward_config(q, k, maps, cfg), **cfg)
 
 
-def backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg):
-    """The backward without its sparse loops (slagen.backends.triton.bwd.linear_part), tuned config:
-    (ds, dq_lin, dk_lin, dv_lin, dw, db) for a backend that runs the sparse branch itself."""
+def backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, sparse_dq, sparse_dkdv,
+                         **cfg):
+    """The backward without its sparse loops (slagen.backends.triton.bwd.linear_part), tuned config, for a
+    backend whose ``sparse_dq`` / ``sparse_dkdv`` run the sparse branch: (dq, dk, dv, dw, db)."""
     from slagen.backends.triton import bwd
-    return bwd.linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
-                            config=_backward_config(q, k, maps, cfg), **cfg)
+    return bwd.linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, sparse_dq=sparse_dq,
+                           sparse_dkdv=sparse_dkdv, config=_backward_config(q, k, maps, cfg), **cfg)

@@ -348,9 +348,19 @@ def _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
                  proj_bias, float(scale), sparse)
 
 
-def _run(c: _Call):
+def _keep_dq(ds, dq):
+    return dq
+
+
+def _keep_dkdv(ds, dk, dv):
+    return dk, dv
+
+
+def _run(c: _Call, finish_dq=_keep_dq, finish_dkdv=_keep_dkdv):
     """All kernels of one call: (dq, dk, dv, dw, db, ds). With ``c.sparse`` False and no linear branch the
-    dq / dkdv kernels have nothing to do and dq, dk, dv are None."""
+    dq / dkdv kernels have nothing to do and their terms are None. ``finish_dq(ds, dq)`` and
+    ``finish_dkdv(ds, dk, dv)`` take each kernel's result as soon as it exists and return what the call
+    returns (see :func:`linear_part`)."""
     ds, dl, g, gz = _query_state(c)
     h = z = hsum = zsum = gsum = gzsum = c.lse
     dw, db = _empty(c), _empty(c)
@@ -361,14 +371,16 @@ def _run(c: _Call):
         if c.w is not None or c.bias is not None:
             dw, db = _proj_grads(c)
     if not (c.sparse or c.linear):
-        return None, None, None, dw, db, ds
+        dq = finish_dq(ds, None)
+        return (dq, *finish_dkdv(ds, None, None), dw, db, ds)
     if c.gemm_states():   # one temporary at a time: ΔH, Z_i for dq, then ΔG, g_j for dk / dv
-        dq = _dq(c, ds, dl, *_excluded_states(c, zsum, h, z, c.maps[0]), hsum, zsum)
+        dq = finish_dq(ds, _dq(c, ds, dl, *_excluded_states(c, zsum, h, z, c.maps[0]), hsum, zsum))
         del h, z
-        dk, dv = _dkdv(c, ds, *_excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)), gsum, gzsum)
+        dk, dv = finish_dkdv(ds, *_dkdv(c, ds, *_excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)),
+                                        gsum, gzsum))
     else:
-        dq = _dq(c, ds, dl, h, z, hsum, zsum)
-        dk, dv = _dkdv(c, ds, g, gz, gsum, gzsum)
+        dq = finish_dq(ds, _dq(c, ds, dl, h, z, hsum, zsum))
+        dk, dv = finish_dkdv(ds, *_dkdv(c, ds, g, gz, gsum, gzsum))
     return dq, dk, dv, dw, db, ds
 
 
@@ -390,18 +402,20 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj
 
 
 def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj_weight, proj_bias, *,
-                 block_q: int, block_k: int, scale: float, feature_map: Optional[str], scope: str, eps: float,
-                 config: Optional[dict] = None):
-    """Everything of :func:`backward` except the sparse branch's FlashAttention loops, for a backend that
-    runs those itself: (ds, dq_lin, dk_lin, dv_lin, dw, db).
+                block_q: int, block_k: int, scale: float, feature_map: Optional[str], scope: str, eps: float,
+                sparse_dq, sparse_dkdv, config: Optional[dict] = None):
+    """Everything of :func:`backward` except the sparse branch's FlashAttention loops, which a backend that
+    runs them itself supplies: returns (dq, dk, dv, dw, db).
 
+    ``sparse_dq(ds, dq_lin) -> dq`` and ``sparse_dkdv(ds, dk_lin, dv_lin) -> (dk, dv)`` are called as soon as
+    each linear term exists, the dq one first, so only one set of these fp32 temporaries is alive at a time.
     ds: D^s = rowsum(dO ⊙ O^s), fp32 (B, H, Lq) (contiguous); dq_lin (B, H, Lq, D), dk_lin and dv_lin
     (B, H, Lk, D): the linear branch's gradients, fp32 contiguous, or None for a sparse-only call
-    (feature_map 'none'); dw, db as :func:`backward` returns them. Then dq = dq_lin + scale·Σ dS K,
-    dk = dk_lin + scale·Σ dSᵀQ and dv = dv_lin + Σ PᵀdO over the critical blocks. Arguments as for
-    :func:`backward`; the same kernels run, their sparse loops switched off (SPARSE=False).
+    (feature_map 'none'). The callbacks then form dq = dq_lin + scale·Σ dS K, dk = dk_lin + scale·Σ dSᵀQ and
+    dv = dv_lin + Σ PᵀdO over the critical blocks. dw, db as :func:`backward` returns them. Other arguments as
+    for :func:`backward`; the same kernels run, their sparse loops switched off (SPARSE=False).
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
                  scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=False)
-    dq, dk, dv, dw, db, ds = _run(c)
-    return ds.view(lse.shape), dq, dk, dv, dw, db
+    return _run(c, lambda ds, dq: sparse_dq(ds.view(lse.shape), dq),
+                lambda ds, dk, dv: sparse_dkdv(ds.view(lse.shape), dk, dv))[:5]
