@@ -161,11 +161,13 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
             group = f"{bq}x{bk}"
             try:
                 from torch.nn.attention.flex_attention import flex_attention
-                mask = flex_block_mask(slagen.block_map(q, k, topk=topk, block_q=bq, block_k=bk, backend="triton"), L, L)
+                bmap_flex = slagen.block_map(q, k, topk=topk, block_q=bq, block_k=bk, backend="triton")
+                mask = flex_block_mask(bmap_flex, L, L)
                 compiled = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
                 flex_fn = lambda q_, k_, v_, mask=mask: compiled(q_, k_, v_, block_mask=mask)  # noqa: E731
+                n_crit = bmap_flex.crit_lut.shape[-1]
                 attempt(f"FlexAttention same blocks [{group}]", inference(flex_fn, q, k, v),
-                        fwd_bwd(flex_fn, q, k, v, do), group)
+                        fwd_bwd(flex_fn, q, k, v, do), group, 4 * B * H * L * min(n_crit * bk, L) * D)
             except Exception as err:
                 rows.append(dict(name=f"FlexAttention same blocks [{group}]", group=group, fwd_ms=None,
                                  fwd_bwd_ms=None, peak_mib=None, sparse_flops=None, component=False,
@@ -206,3 +208,27 @@ def table(result: dict) -> str:
                      f"{num(r.get('gpu_ms'))} | {ratio(cudnn, r, 'gpu_ms')} | {dense_tf} | {sparse_tf} | {num(r['peak_mib'], 0)} | {r['note']} |")
     return "\n".join(lines)
 
+
+
+def scaling_table(results: List[dict]) -> str:
+    """Markdown: each row's forward GPU time (CUDA graph; eager where it could not be captured) at every
+    length of ``results`` (run() results, one per length), and its time per unit of work relative to the
+    first length: 1.00 means the time grows exactly like the work — the critical blocks' L·(density·L)
+    for the sparse rows (SLA, Flex), L² for dense attention."""
+    lengths = [r["header"]["L"] for r in results]
+    names = [r["name"] for r in results[0]["rows"] if not r.get("component")]
+    lines = ["| what | " + " | ".join(f"L={n} GPU ms" for n in lengths) + " | "
+             + " | ".join(f"per work L={n}" for n in lengths[1:]) + " |",
+             "|---|" + "---|" * (2 * len(lengths) - 1)]
+    for name in names:
+        cells, per_work = [], []
+        for result in results:
+            h = result["header"]
+            row = next((r for r in result["rows"] if r["name"] == name), None)
+            ms = row and (row.get("gpu_ms") or row.get("fwd_ms"))
+            work = row and (row.get("sparse_flops") or 4 * h["B"] * h["H"] * h["L"] ** 2 * h["D"])
+            cells.append(f"{ms:.3f}" if ms else "")
+            per_work.append(ms / work if ms else None)
+        rel = [f"{x / per_work[0]:.2f}" if x and per_work[0] else "" for x in per_work[1:]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(rel) + " |")
+    return "\n".join(lines)

@@ -38,3 +38,23 @@ def test_gpu_commands_say_they_need_a_gpu():
     for cmd in (["bench"], ["tune"]):
         result = CliRunner().invoke(main, cmd)
         assert result.exit_code == 1 and "needs a CUDA GPU" in result.output
+
+
+def test_scaling_table_normalises_time_by_work():
+    def result(L, sla_ms, dense_ms):
+        header = dict(device="GPU", clocks="-", B=1, H=1, L=L, D=128, dtype="bf16", topk=0.05, torch="x", slagen="y")
+        flops = 4 * L * (L // 20) * 128                    # the critical blocks' work, ∝ L·(density·L)
+        return {"header": header,
+                "rows": [row("dense SDPA cuDNN", 2 * dense_ms, gpu=dense_ms),
+                         row("slagen-triton block map [128x64, 25/512]", 0.1, group="128x64", component=True),
+                         row("slagen-triton SLA marginal [128x64]", 9.0, group="128x64", sparse_flops=flops,
+                             gpu=sla_ms)]}
+    # dense time ×4 for L ×2 (linear in L²: 1.00); SLA time ×2 for its work ×4 (0.50)
+    text = bench.scaling_table([result(8000, 1.0, 1.0), result(16000, 2.0, 4.0)])
+    lines = text.splitlines()
+    assert lines[0].startswith("| what | L=8000 GPU ms | L=16000 GPU ms | per work L=16000 |")
+    dense = next(line for line in lines if "cuDNN" in line).split("|")
+    sla = next(line for line in lines if "SLA marginal" in line).split("|")
+    assert [c.strip() for c in dense[2:5]] == ["1.000", "4.000", "1.00"]
+    assert [c.strip() for c in sla[2:5]] == ["1.000", "2.000", "0.50"]
+    assert "block map" not in text
