@@ -201,6 +201,15 @@ def _chooser(cfg: dict, where: str = "config"):
     return choice
 
 
+def _check_keys_per_step(value, spec: KernelSpec, where: str) -> None:
+    """Keys per loop step (``where``): 32, 64 or 128 dividing block_k, or 2·block_k (two selected key blocks
+    per step, the forward's and dq's ``tile_n``)."""
+    _chooser({"tile_n": value}, where)("tile_n", (32, 64, 128))
+    if spec.block_k % value and value != 2 * spec.block_k:
+        raise ValueError(f"{where}['tile_n']={value} must divide block_k={spec.block_k} or be 2·block_k "
+                         f"(two selected key blocks per step)")
+
+
 def check_config(cfg: dict, spec: KernelSpec) -> None:
     """Raise ValueError naming the first invalid tunable of ``cfg`` for ``spec`` (either role)."""
     if spec.role == "backward":
@@ -209,10 +218,7 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
     _check_keys(cfg, set(_DEFAULTS[128]))
     choice = _chooser(cfg)
     choice("tile_m", (64, 128), spec.block_q)
-    choice("tile_n", (32, 64, 128))
-    if spec.block_k % cfg["tile_n"] and cfg["tile_n"] != 2 * spec.block_k:
-        raise ValueError(f"config['tile_n']={cfg['tile_n']} must divide block_k={spec.block_k} or be 2·block_k "
-                         f"(two selected key blocks per step)")
+    _check_keys_per_step(cfg["tile_n"], spec, "config")
     choice("num_warps", (4, 8))
     choice("num_stages", (1, 2, 3, 4))
     choice("pre_tile", (32, 64, 128), spec.block_k if spec.scope == "marginal" else None)
@@ -272,11 +278,8 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
         choice = _chooser(part, where)
         # The CTA's own rows are the wgmma M dimension: 64 per consumer warpgroup.
         choice(rows, (64, 128), spec.block_q if kernel == "dq" else spec.block_k)
-        if kernel == "dq":      # keys per step: dividing block_k, or two listed key blocks (2·block_k)
-            choice(other, (32, 64, 128))
-            if spec.block_k % part[other] and part[other] != 2 * spec.block_k:
-                raise ValueError(f"{where}['tile_n']={part[other]} must divide block_k={spec.block_k} or be "
-                                 f"2·block_k (two selected key blocks per step)")
+        if kernel == "dq":
+            _check_keys_per_step(part[other], spec, where)
         else:
             choice(other, (32, 64, 128), spec.block_q)
         choice("num_warps", (4, 8))
@@ -291,6 +294,15 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
         if need > SHARED_MEMORY:
             raise ValueError(f"{where} needs about {need // 1024} KiB of shared memory; sm90 has "
                              f"{SHARED_MEMORY // 1024} KiB per block")
+
+
+def _call_config(spec: KernelSpec, q: torch.Tensor, k: torch.Tensor, maps, config: Optional[dict]) -> dict:
+    """The resolved config of a call: ``config``, else the tuned one of this GPU and shape, else defaults."""
+    if config is None:
+        from slagen.autotune import select
+        config = select.config_for(spec, "tilelang", q.device, k.shape[-2],
+                                   maps[1].shape[-1] / max(maps[0].shape[-1], 1), check=check_config)
+    return _resolve_config(spec, config)
 
 
 def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
@@ -533,11 +545,7 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     _check_inputs(q, k, v, maps, proj_weight, proj_bias)
     spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
                        has_negligible=maps[5].shape[-1] > 0)
-    if config is None:
-        from slagen.autotune import select
-        config = select.config_for(spec, "tilelang", q.device, k.shape[-2],
-                                   maps[1].shape[-1] / max(maps[0].shape[-1], 1), check=check_config)
-    cfg = _resolve_config(spec, config)
+    cfg = _call_config(spec, q, k, maps, config)
     B, H, lq, d = q.shape
     linear = spec.feature_map is not None
     save = bool(save) and linear
@@ -604,11 +612,7 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
     """
     cfg_args = dict(block_q=block_q, block_k=block_k, scale=scale, feature_map=feature_map, scope=scope, eps=eps)
     spec = backward_spec(q, maps, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope)
-    if config is None:
-        from slagen.autotune import select
-        config = select.config_for(spec, "tilelang", q.device, k.shape[-2],
-                                   maps[1].shape[-1] / max(maps[0].shape[-1], 1), check=check_config)
-    cfg = _resolve_config(spec, config)
+    cfg = _call_config(spec, q, k, maps, config)
     if cfg["backward"] == "triton" or q.numel() == 0 or k.numel() == 0:
         return _triton().backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg_args)
     _check_inputs(q, k, v, maps, proj_weight, proj_bias)

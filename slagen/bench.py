@@ -22,6 +22,16 @@ SLA_VARIANTS = (("softmax", "marginal", "SLA marginal"), ("softmax", "all", "SLA
                 (None, "marginal", "sparse-only"))
 
 
+def dense_flops(header: dict) -> int:
+    """4·B·H·L²·D: the FLOPs of a dense attention forward at a run's shape."""
+    return 4 * header["B"] * header["H"] * header["L"] ** 2 * header["D"]
+
+
+def sparse_flops(bmap, B: int, H: int, L: int, D: int) -> int:
+    """4·B·H·L·(keys of the critical blocks per query)·D: the FLOPs of the sparse part at a block map."""
+    return 4 * B * H * L * min(bmap.crit_lut.shape[-1] * bmap.block_k, L) * D
+
+
 def median_ms(fn) -> float:
     from triton.testing import do_bench
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -140,14 +150,14 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
             bmap = slagen.block_map(q, k, **cfg)
             n_crit, tn = bmap.crit_lut.shape[-1], bmap.mask.shape[-1]
             group = f"{bq}x{bk}"
-            sparse_flops = 4 * B * H * L * min(n_crit * bk, L) * D
+            work = sparse_flops(bmap, B, H, L, D)
             attempt(f"slagen-{name} block map [{group}, {n_crit}/{tn}]",
                     lambda cfg=cfg: slagen.block_map(q, k, **cfg), group=group, component=True)
             for fmap, scope, what in SLA_VARIANTS:
                 def f(q_, k_, v_, fmap=fmap, scope=scope, cfg=cfg):
                     return slagen.attention(q_, k_, v_, feature_map=fmap, scope=scope, **cfg)
                 attempt(f"slagen-{name} {what} [{group}]", inference(f, q, k, v), fwd_bwd(f, q, k, v, do), group,
-                        sparse_flops)
+                        work)
         for label, path in reference_sla:
             group = f"{bq}x{bk}"
             try:
@@ -165,9 +175,8 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
                 mask = flex_block_mask(bmap_flex, L, L)
                 compiled = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
                 flex_fn = lambda q_, k_, v_, mask=mask: compiled(q_, k_, v_, block_mask=mask)  # noqa: E731
-                n_crit = bmap_flex.crit_lut.shape[-1]
                 attempt(f"FlexAttention same blocks [{group}]", inference(flex_fn, q, k, v),
-                        fwd_bwd(flex_fn, q, k, v, do), group, 4 * B * H * L * min(n_crit * bk, L) * D)
+                        fwd_bwd(flex_fn, q, k, v, do), group, sparse_flops(bmap_flex, B, H, L, D))
             except Exception as err:
                 rows.append(dict(name=f"FlexAttention same blocks [{group}]", group=group, fwd_ms=None,
                                  fwd_bwd_ms=None, peak_mib=None, sparse_flops=None, component=False,
@@ -180,7 +189,7 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
 def table(result: dict) -> str:
     """Markdown table of a run() result, ratios to dense cuDNN and to Flex (same block group)."""
     h, rows = result["header"], result["rows"]
-    dense_flops = 4 * h["B"] * h["H"] * h["L"] ** 2 * h["D"]
+    dense = dense_flops(h)
     cudnn = next((r for r in rows if r["name"] == "dense SDPA cuDNN"), None)
     lines = [f"{h['device']} ({h['clocks']}) | B={h['B']} H={h['H']} L={h['L']} D={h['D']} {h['dtype']} "
              f"topk={h['topk']} | torch {h['torch']}, slagen {h['slagen']}",
@@ -201,11 +210,13 @@ def table(result: dict) -> str:
             continue
         flex = next((x for x in rows if x["name"].startswith("FlexAttention") and r["group"]
                      and x["group"] == r["group"]), None)
-        dense_tf = f"{dense_flops / (r['fwd_ms'] * 1e-3) / 1e12:.0f}" if r["fwd_ms"] else ""
-        sparse_tf = f"{r['sparse_flops'] / (r['fwd_ms'] * 1e-3) / 1e12:.0f}" if r["fwd_ms"] and r["sparse_flops"] else ""
+        dense_tf = f"{dense / (r['fwd_ms'] * 1e-3) / 1e12:.0f}" if r["fwd_ms"] else ""
+        sparse_tf = (f"{r['sparse_flops'] / (r['fwd_ms'] * 1e-3) / 1e12:.0f}" if r["fwd_ms"] and r["sparse_flops"]
+                     else "")
         lines.append(f"| {r['name']} | {num(r['fwd_ms'])} | {num(r['fwd_bwd_ms'])} | {ratio(cudnn, r, 'fwd_ms')} | "
                      f"{ratio(cudnn, r, 'fwd_bwd_ms')} | {ratio(flex, r, 'fwd_ms')} | {ratio(flex, r, 'fwd_bwd_ms')} | "
-                     f"{num(r.get('gpu_ms'))} | {ratio(cudnn, r, 'gpu_ms')} | {dense_tf} | {sparse_tf} | {num(r['peak_mib'], 0)} | {r['note']} |")
+                     f"{num(r.get('gpu_ms'))} | {ratio(cudnn, r, 'gpu_ms')} | {dense_tf} | {sparse_tf} | "
+                     f"{num(r['peak_mib'], 0)} | {r['note']} |")
     return "\n".join(lines)
 
 
@@ -223,10 +234,9 @@ def scaling_table(results: List[dict]) -> str:
     for name in names:
         cells, per_work = [], []
         for result in results:
-            h = result["header"]
             row = next((r for r in result["rows"] if r["name"] == name), None)
             ms = row and (row.get("gpu_ms") or row.get("fwd_ms"))
-            work = row and (row.get("sparse_flops") or 4 * h["B"] * h["H"] * h["L"] ** 2 * h["D"])
+            work = row and (row.get("sparse_flops") or dense_flops(result["header"]))
             cells.append(f"{ms:.3f}" if ms else "")
             per_work.append(ms / work if ms else None)
         rel = [f"{x / per_work[0]:.2f}" if x and per_work[0] else "" for x in per_work[1:]]

@@ -57,13 +57,17 @@ def _cfg(block_q, block_k, scale, feature_map, scope, eps):
     return dict(block_q=block_q, block_k=block_k, scale=scale, feature_map=feature_map, scope=scope, eps=eps)
 
 
+def _forward(q, k, v, maps, proj_weight, proj_bias, save, cfg, backend) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, save, **cfg))
+
+
 @torch.library.custom_op("slagen::sla_fwd", mutates_args=())
 def sla_fwd(q: Tensor, k: Tensor, v: Tensor, maps: List[Tensor], proj_weight: Optional[Tensor],
             proj_bias: Optional[Tensor], block_q: int, block_k: int, scale: float, feature_map: str,
             scope: str, eps: float, save: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """SLA forward: (o, lse, o_lin, den) as described in slagen.backends."""
-    cfg = _cfg(block_q, block_k, scale, feature_map, scope, eps)
-    return tuple(backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, save, **cfg))
+    return _forward(q, k, v, maps, proj_weight, proj_bias, save, _cfg(block_q, block_k, scale, feature_map, scope, eps),
+                    backend)
 
 
 @sla_fwd.register_fake
@@ -137,7 +141,7 @@ class _Forward(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, proj_weight, proj_bias, maps, cfg, backend):
-        return tuple(backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, True, **cfg))
+        return _forward(q, k, v, maps, proj_weight, proj_bias, True, cfg, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):   # the separate form also serves torch.func.grad
@@ -166,4 +170,4 @@ def forward(q: Tensor, k: Tensor, v: Tensor, maps: List[Tensor], proj_weight: Op
     cfg = _cfg(block_q, block_k, scale, feature_map, scope, eps)
     if save:
         return _Forward.apply(q, k, v, proj_weight, proj_bias, tuple(maps), cfg, backend)[0]
-    return backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, False, **cfg)[0]
+    return _forward(q, k, v, maps, proj_weight, proj_bias, False, cfg, backend)[0]

@@ -357,7 +357,7 @@ def _keep_dkdv(ds, dk, dv):
 
 
 def _run(c: _Call, finish_dq=_keep_dq, finish_dkdv=_keep_dkdv):
-    """All kernels of one call: (dq, dk, dv, dw, db, ds). With ``c.sparse`` False and no linear branch the
+    """All kernels of one call: (dq, dk, dv, dw, db). With ``c.sparse`` False and no linear branch the
     dq / dkdv kernels have nothing to do and their terms are None. ``finish_dq(ds, dq)`` and
     ``finish_dkdv(ds, dk, dv)`` take each kernel's result as soon as it exists and return what the call
     returns (see :func:`linear_part`)."""
@@ -372,7 +372,7 @@ def _run(c: _Call, finish_dq=_keep_dq, finish_dkdv=_keep_dkdv):
             dw, db = _proj_grads(c)
     if not (c.sparse or c.linear):
         dq = finish_dq(ds, None)
-        return (dq, *finish_dkdv(ds, None, None), dw, db, ds)
+        return (dq, *finish_dkdv(ds, None, None), dw, db)
     if c.gemm_states():   # one temporary at a time: ΔH, Z_i for dq, then ΔG, g_j for dk / dv
         dq = finish_dq(ds, _dq(c, ds, dl, *_excluded_states(c, zsum, h, z, c.maps[0]), hsum, zsum))
         del h, z
@@ -381,7 +381,7 @@ def _run(c: _Call, finish_dq=_keep_dq, finish_dkdv=_keep_dkdv):
     else:
         dq = finish_dq(ds, _dq(c, ds, dl, h, z, hsum, zsum))
         dk, dv = finish_dkdv(ds, *_dkdv(c, ds, g, gz, gsum, gzsum))
-    return dq, dk, dv, dw, db, ds
+    return dq, dk, dv, dw, db
 
 
 def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj_weight, proj_bias, *,
@@ -398,7 +398,7 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
                  scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=True)
-    return _run(c)[:5]
+    return _run(c)
 
 
 def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj_weight, proj_bias, *,
@@ -418,4 +418,4 @@ def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], p
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
                  scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=False)
     return _run(c, lambda ds, dq: sparse_dq(ds.view(lse.shape), dq),
-                lambda ds, dk, dv: sparse_dkdv(ds.view(lse.shape), dk, dv))[:5]
+                lambda ds, dk, dv: sparse_dkdv(ds.view(lse.shape), dk, dv))

@@ -9,8 +9,8 @@ Two launches per call (one without a linear branch), plus torch GEMMs for scope 
      excluded (critical + negligible) blocks against the stacked h_j gives ΔH_i = Σ_{j excluded} h_j (fp32)
      for every query block, and Z_i = Z − Σ z_j (the TileLang backend's formulation, shared code).
   3. config['epilogue'] = 'split' (not with marginal='onchip'; the default is 'lowp' on sm90, 'fused'
-     elsewhere): ``sla_linear_kernel``, grid (ceil(Lq / 64), B·H): the linear branch alone, ADD = Proj(O^l) (fp32, B·H·Lq·D: 201 MB at the headline
-     shape), plus O^l and den when saving for the backward.
+     elsewhere): ``sla_linear_kernel``, grid (ceil(Lq / 64), B·H): the linear branch alone, ADD = Proj(O^l)
+     (fp32, B·H·Lq·D: 201 MB at the headline shape), plus O^l and den when saving for the backward.
   4. ``sla_forward_kernel``, grid (ceil(Lq / tile_m), B·H): sparse branch over the critical blocks, then
      'split': O = O^s + ADD; 'lowp': O = O^s + Proj(φ(Q_i)H_i / den) with H_i formed in the glue (one
      input-dtype MMA); 'fused': the linear epilogue from the totals in the same kernel — scope
@@ -66,7 +66,8 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
     """Default tunables of ``spec``'s forward on its arch (for marginal mode ``marginal``, default 'gemm').
 
     Keys: tile_m / tile_n (query rows / keys per tile of the main kernel, powers of two dividing block_q /
-    block_k, or for tile_n also 2·block_k ≤ 128: two listed key blocks side by side per tile), num_warps, num_stages (main kernel), epi_k (columns of φ(Q) per step of the linear epilogue),
+    block_k, or for tile_n also 2·block_k ≤ 128: two listed key blocks side by side per tile), num_warps,
+    num_stages (main kernel), epi_k (columns of φ(Q) per step of the linear epilogue),
     pre_tile / pre_warps / pre_stages / pre_per_sm (pre-pass: key rows per step, warps, software-pipeline
     stages, programs per SM over all heads), fp32_dot (precision of the fp32 dots
     φ(Q)·H and O^l·Wᵀ: 'tf32' | 'tf32x3' | 'ieee'), marginal (scope 'marginal' only, ignored otherwise:
@@ -92,14 +93,11 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
         tile_m, tile_n, pre_tile = tile_m // 2, max(tile_n // 2, 16), pre_tile // 2
     if linear_marginal and mode == "gemm":
         pre_tile = min(pre_tile, spec.block_k)    # the pre-pass steps through whole key blocks
+    hopper_16bit = spec.arch == "sm90" and spec.dtype != "fp32"    # where 'lowp' and pre_stages 3 were measured
     return dict(tile_m=min(tile_m, spec.block_q), tile_n=min(tile_n, spec.block_k), num_warps=warps,
                 num_stages=stages, epi_k=min(epi_k, spec.head_dim), pre_tile=pre_tile, pre_warps=pre_warps,
-                fp32_dot="tf32", marginal=mode, epilogue=_default_epilogue(spec, mode),
-                pre_stages=3 if spec.arch == "sm90" and spec.dtype != "fp32" else 2, pre_per_sm=2)
-
-
-def _default_epilogue(spec: KernelSpec, mode: str) -> str:
-    return "lowp" if spec.arch == "sm90" and spec.dtype != "fp32" and mode == "gemm" else "fused"
+                fp32_dot="tf32", marginal=mode, epilogue="lowp" if hopper_16bit and mode == "gemm" else "fused",
+                pre_stages=3 if hopper_16bit else 2, pre_per_sm=2)
 
 
 def check_config(cfg: dict, spec: KernelSpec) -> None:
