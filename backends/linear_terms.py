@@ -5,7 +5,8 @@ around it in torch, once:
 
   prepass_chunks   how many programs per head the pre-pass runs (about two per SM)
   chunk_totals     per-head totals H = Σ_all h_j (D×D) and Z = Σ_all z_j (D) from the per-chunk partials
-  marginal_sums    the same sums over the marginal blocks directly (H_i, Z_i), for the low-precision epilogue
+  marginal_sums    the same sums over the marginal blocks directly (H_i, Z_i), for the low-precision epilogues
+                   (TileLang's, Triton's 'lowp'): no per-head total needed
   excluded_sums    scope 'marginal', GEMM formulation: for every query block i at once,
                      ΔH_i = Σ_{j excluded} h_j   and   Z_i = Z − Σ_{j excluded} z_j
                    where "excluded" is the class mask's critical and negligible blocks (mask != 0) and
@@ -91,11 +92,14 @@ def _selected_sums(sel: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tens
     return h.view(*h.shape[:-2], tm, d, d), z
 
 
-def marginal_sums(h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tensor, *,
+def marginal_sums(h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tensor, *, per_block: int = 1,
                   out_dtype: Optional[torch.dtype] = None):
-    """(H_i (..., T_m, D, D) in ``out_dtype`` (default h_terms'), Z_i (..., T_m, D) fp32): the per-block terms
-    summed over each query block's marginal key blocks (mask == 0) directly — the form the low-precision
-    epilogues read (an empty marginal set gives exact zeros). Accumulation fp32, one rounding at the end."""
+    """(H_i (..., T_m, D, D) in ``out_dtype`` (default h_terms'), Z_i (..., T_m, D) fp32): the per-unit terms
+    (``per_block`` consecutive units per selection block, as in :func:`excluded_sums`) summed over each query
+    block's marginal key blocks (mask == 0) directly — the form the low-precision epilogues read (an empty
+    marginal set gives exact zeros). Accumulation fp32, one rounding at the end."""
+    if per_block > 1:
+        h_terms, z_terms = _tiles_to_blocks(h_terms, z_terms, per_block, mask.shape[-1])
     return _selected_sums(mask == 0, h_terms, z_terms, out_dtype or h_terms.dtype)
 
 

@@ -3,14 +3,15 @@
 Forward (templates/tilelang/forward.py.j2, rendered per KernelSpec and imported through slagen.codegen):
   1. linear branch only — ``sla_prepass``, grid (chunks, H, B): per-chunk partials of the per-head totals
      H = Σ φ(K)ᵀV (D×D) and Z = Σ φ(K), fp32, summed over chunks here (deterministic, no atomics). Scope
-     'marginal' also writes each key block's h_j = φ(K_j)ᵀV_j (input dtype) and z_j; then one batched GEMM
-     of the 0/1 "excluded" mask (critical + negligible) with h gives ΔH_i = Σ_{j excluded} h_j for every
-     query block (and Z_i = Z − Σ z_j likewise) — a dense (T_m×T_n)·(T_n×D²) product that is cheaper on
-     Hopper than subtracting φ(K_j)ᵀV_j inside the sparse loop, and makes negligible blocks free.
+     'marginal' instead writes each key tile's h_j = φ(K_j)ᵀV_j (input dtype) and z_j (no total); then one
+     batched GEMM of the 0/1 marginal mask with h gives H_i = Σ_{j marginal} h_j for every query block
+     (fp32 accumulation, rounded once to the input dtype; Z_i likewise, fp32) — a dense (T_m×T_n)·(T_n×D²)
+     product that is cheaper on Hopper than subtracting φ(K_j)ᵀV_j inside the sparse loop, and makes
+     negligible blocks free.
   2. ``sla_forward``, grid (ceil(Lq / tile_m), H, B): one TMA + warp-specialised ``T.Pipelined`` loop over
      the row's critical key blocks (online softmax, exp2, fp32), then the linear epilogue
      O^l = φ(Q_i)H_i / (φ(Q_i)Z_i + eps) — scope 'all': H_i = H with Proj folded in when o_lin need not be
-     saved; scope 'marginal': H_i = H − ΔH_i — and one store of O = O^s + Proj(O^l).
+     saved; scope 'marginal': the H_i above — and one store of O = O^s + Proj(O^l).
 Every length and every stride of q, k, v and o is a run-time value (one compile per spec × tunables ×
 {save, Proj weight, bias}); inputs may be any (B, H, L, D) views with unit stride on D whose other strides
 are multiples of 16 bytes (bhld, blhd viewed as bhld, slices of a fused qkv tensor), as TMA requires —
@@ -505,33 +506,30 @@ def _dummies(device: torch.device, dtype: torch.dtype, d: int):
     return _DUMMIES[key]
 
 
-def linear_totals(spec: KernelSpec, cfg: dict, k: torch.Tensor, v: torch.Tensor):
-    """(H (B,H,D,D), Z (B,H,D)) fp32 sums over all keys, and for scope 'marginal' the per-tile terms
-    (h_t (B,H,n_tiles,D,D) in k's dtype, z_t (B,H,n_tiles,D) fp32), else (None, None)."""
+def linear_terms_of(spec: KernelSpec, cfg: dict, k: torch.Tensor, v: torch.Tensor):
+    """The pre-pass's key-side terms. Scope 'all': (H (B,H,D,D), Z (B,H,D)), fp32 sums over all keys.
+    Scope 'marginal': (h_t (B,H,n_tiles,D,D) in k's dtype, z_t (B,H,n_tiles,D) fp32) per key tile of
+    ``pre_tile`` keys (no per-head total: the glue sums the marginal blocks' terms directly)."""
     B, H, lk, d = k.shape
     tile = cfg["pre_tile"]
     n_tiles = math.ceil(lk / tile)
     n_chunks, _ = linear_terms.prepass_chunks(n_tiles, B * H, k.device)
-    hp = torch.empty((B, H, n_chunks, d, d), dtype=torch.float32, device=k.device)
-    zp = torch.empty((B, H, n_chunks, d), dtype=torch.float32, device=k.device)
-    args = [k, v, hp, zp]
-    ht = zt = None
     if spec.scope == "marginal":
         ht = torch.empty((B, H, n_tiles, d, d), dtype=k.dtype, device=k.device)
         zt = torch.empty((B, H, n_tiles, d), dtype=torch.float32, device=k.device)
-        args += [ht, zt]
-    prepass_kernel(spec, cfg)(*args)
-    return (*linear_terms.chunk_totals(hp, zp), ht, zt)
+        prepass_kernel(spec, cfg)(k, v, ht, zt, n_chunks)
+        return ht, zt
+    hp = torch.empty((B, H, n_chunks, d, d), dtype=torch.float32, device=k.device)
+    zp = torch.empty((B, H, n_chunks, d), dtype=torch.float32, device=k.device)
+    prepass_kernel(spec, cfg)(k, v, hp, zp)
+    return linear_terms.chunk_totals(hp, zp)
 
 
-def excluded_sums(spec: KernelSpec, cfg: dict, z: torch.Tensor, ht: torch.Tensor, zt: torch.Tensor,
-                  mask: torch.Tensor):
-    """(ΔH (B,H,T_m,D,D) in h's dtype, Z_i (B,H,T_m,D) fp32): Σ h_j and Z − Σ z_j over the blocks j
-    excluded from each query block's linear branch (mask != 0: critical or negligible), as GEMMs
-    (slagen.backends.linear_terms.excluded_sums; the pre-pass tiles of ``pre_tile`` keys are summed into
-    selection blocks first)."""
-    return linear_terms.excluded_sums(z, ht, zt, mask, per_block=spec.block_k // cfg["pre_tile"],
-                                      out_dtype=ht.dtype)
+def marginal_sums(spec: KernelSpec, cfg: dict, ht: torch.Tensor, zt: torch.Tensor, mask: torch.Tensor):
+    """(H_i (B,H,T_m,D,D) in h's dtype, Z_i (B,H,T_m,D) fp32): Σ h_j and Σ z_j over each query block's
+    marginal key blocks (mask == 0), as GEMMs (slagen.backends.linear_terms.marginal_sums; the pre-pass
+    tiles of ``pre_tile`` keys are summed into selection blocks first)."""
+    return linear_terms.marginal_sums(ht, zt, mask, per_block=spec.block_k // cfg["pre_tile"])
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,
@@ -559,18 +557,16 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     args = [q, k, v, o, lse, maps[1].to(torch.int32).contiguous(), crit_count]
     has_w = _kernel_has_w(spec, save, proj_weight is not None)
     if linear:
-        h_tot, z_tot, ht, zt = linear_totals(spec, cfg, k, v)
-        if proj_weight is not None and not has_w:
-            # Proj folds into the per-head constant: φ(Q)(H Wᵀ)/den = (φ(Q)H/den) Wᵀ (SLA.md §6).
-            h_tot = torch.matmul(h_tot, proj_weight.to(torch.float32).t())
-        w_dummy, b_dummy, olin_dummy, den_dummy = _dummies(q.device, q.dtype, d)
-        args.append(h_tot.contiguous())
+        terms = linear_terms_of(spec, cfg, k, v)
         if spec.scope == "marginal":
-            dh, z_i = excluded_sums(spec, cfg, z_tot, ht, zt, maps[0])
-            n_excl = crit_count + maps[6].to(torch.int32) if spec.has_negligible else crit_count
-            args += [z_i.contiguous(), dh, n_excl.contiguous()]
+            args += marginal_sums(spec, cfg, *terms, maps[0])
         else:
-            args.append(z_tot.contiguous())
+            h_tot, z_tot = terms
+            if proj_weight is not None and not has_w:
+                # Proj folds into the per-head constant: φ(Q)(H Wᵀ)/den = (φ(Q)H/den) Wᵀ (SLA.md §6).
+                h_tot = torch.matmul(h_tot, proj_weight.to(torch.float32).t())
+            args += [h_tot.contiguous(), z_tot.contiguous()]
+        w_dummy, b_dummy, olin_dummy, den_dummy = _dummies(q.device, q.dtype, d)
         args.append(proj_weight.to(q.dtype).contiguous() if has_w else w_dummy)
         args.append(proj_bias.to(torch.float32).contiguous() if proj_bias is not None else b_dummy)
         args += [o_lin if save else olin_dummy, den if save else den_dummy, float(eps)]

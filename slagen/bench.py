@@ -2,7 +2,8 @@
 
 Every row is measured in one process on the same inputs, so ratios are fair: to dense SDPA-cuDNN and to
 FlexAttention given slagen's own critical-block list (sparse branch only: Flex has no linear branch).
-SLA rows include the block map and the linear branch. Every row's forward is also replayed from a CUDA graph
+SLA rows include the block map and the linear branch; the "sparse-only, map given" rows are given the block
+map, as Flex is (the sparse kernels alone: the like-for-like comparison with Flex). Every row's forward is also replayed from a CUDA graph
 ("fwd GPU ms"): its GPU time without the host's per-call work, which bounds eager calls at short lengths (an
 SLA forward costs ~1 ms of host time on an H200 box, tools/host_overhead.py); "GPU ×cuDNN" compares those.
 Dense-equivalent TFLOP/s = 4·B·H·L²·D / t (×3.5 for forward+backward, eager times); the sparse part's achieved
@@ -158,6 +159,11 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
                     return slagen.attention(q_, k_, v_, feature_map=fmap, scope=scope, **cfg)
                 attempt(f"slagen-{name} {what} [{group}]", inference(f, q, k, v), fwd_bwd(f, q, k, v, do), group,
                         work)
+
+            def given(q_, k_, v_, cfg=cfg, bmap=bmap):   # the sparse kernels alone, as Flex is measured
+                return slagen.attention(q_, k_, v_, feature_map=None, block_map=bmap, **cfg)
+            attempt(f"slagen-{name} sparse-only, map given [{group}]", inference(given, q, k, v),
+                    fwd_bwd(given, q, k, v, do), group, work)
         for label, path in reference_sla:
             group = f"{bq}x{bk}"
             try:

@@ -256,6 +256,8 @@ def test_prepass_per_block_terms(fmap, lk, block_k, pre_tile):
     assert rel_err(zt.view(B, H, d), phi.sum(-2)) < CPU_TOL
     h_only, z_only, none_h, none_z = fwd.linear_totals(codegen.load(spec, "triton"), k, v, cfg)
     assert none_h is None and none_z is None and torch.allclose(h_only, ht, rtol=1e-5, atol=1e-5)
+    no_h, no_z, hb2, zb2 = fwd.linear_totals(codegen.load(spec, "triton"), k, v, cfg, block_k, totals=False)
+    assert no_h is None and no_z is None and torch.equal(hb2, hb) and torch.equal(zb2, zb)
 
 
 @pytest.mark.parametrize("per_block", [1, 2, 4])
@@ -304,8 +306,8 @@ def test_tilelang_uses_the_shared_helpers():
     from slagen.backends import tilelang
     import inspect
     src = inspect.getsource(tilelang)
-    assert "linear_terms.excluded_sums" in src and "linear_terms.prepass_chunks" in src
-    assert "torch.matmul" not in inspect.getsource(tilelang.excluded_sums)
+    assert "linear_terms.marginal_sums" in src and "linear_terms.prepass_chunks" in src
+    assert "torch.matmul" not in inspect.getsource(tilelang.marginal_sums)
 
 
 def test_sparse_only_kernel_has_no_linear_code():
@@ -555,7 +557,8 @@ build(mod.sla_forward_kernel, cfg["num_warps"], cfg["num_stages"], **consts)
 if epilogue == "split":
     build(mod.sla_linear_kernel, cfg["pre_warps"], 1, TILE_M=64, **lin)
 build(mod.sla_linear_totals_kernel, cfg["pre_warps"], cfg["pre_stages"], TILE=cfg["pre_tile"],
-      BLOCKS=scope == "marginal" and mode == "gemm")
+      BLOCKS=scope == "marginal" and mode == "gemm", TOTALS=not (scope == "marginal" and mode == "gemm"
+                                                                 and epilogue == "lowp"))
 """
 
 

@@ -136,13 +136,13 @@ def bench(args) -> list:
         spec = KernelSpec(arch="sm90", head_dim=D, block_q=bq, block_k=bk, feature_map="softmax", scope=scope,
                           dtype=args.dtype)
         kcfg = tl_backend.default_config(spec)
-        attempt(f"  part: linear pre-pass, scope {scope}", lambda: tl_backend.linear_totals(spec, kcfg, k, v))
+        attempt(f"  part: linear pre-pass, scope {scope}", lambda: tl_backend.linear_terms_of(spec, kcfg, k, v))
     try:
-        _, z_tot, ht, zt = tl_backend.linear_totals(spec, kcfg, k, v)
-        attempt("  part: excluded-block GEMMs (marginal)",
-                lambda: tl_backend.excluded_sums(spec, kcfg, z_tot, ht, zt, maps[0]))
+        ht, zt = tl_backend.linear_terms_of(spec, kcfg, k, v)
+        attempt("  part: marginal-block GEMMs (marginal)",
+                lambda: tl_backend.marginal_sums(spec, kcfg, ht, zt, maps[0]))
     except Exception as err:
-        log(f"  excluded-block GEMMs: FAILED {type(err).__name__}: {str(err)[:200]}")
+        log(f"  marginal-block GEMMs: FAILED {type(err).__name__}: {str(err)[:200]}")
     try:
         import slagen
         attempt("slagen.attention(backend='tilelang'), marginal, with its block map",

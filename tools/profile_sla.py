@@ -2,6 +2,7 @@
 
     python tools/profile_sla.py                                  # headline shape, triton and tilelang
     python tools/profile_sla.py --backend triton --seq-len 32760 --block 128x64 --cprofile 25
+    python tools/profile_sla.py --only "marginal fwd,block map"          # a subset of the cases
 
 For each backend and variant (block map alone; forward of SLA marginal / all / sparse-only, with the
 block map and given a precomputed one; forward+backward) it prints:
@@ -76,7 +77,10 @@ def main() -> None:
     ap.add_argument("--backend", default="triton,tilelang")
     add_shape_args(ap)
     ap.add_argument("--cprofile", type=int, default=0)
+    ap.add_argument("--only", default="", help="comma-separated substrings: profile only the cases whose name "
+                                               "contains one (e.g. 'marginal fwd,block map')")
     args = ap.parse_args()
+    only = [part for part in args.only.split(",") if part]
     from triton.testing import do_bench
 
     bq, bk, (q, k, v, do) = shape_inputs(args)
@@ -99,12 +103,14 @@ def main() -> None:
             cases += [(f"{what} fwd", fwd), (f"{what} fwd, map given", lambda f=fwd: f(given=bmap)),
                       (f"{what} fwd+bwd", fwd_bwd)]
         for what, fn in cases:
+            if only and not any(part in what for part in only):
+                continue
             kt = kernel_times(fn)
             rows.append((name, what, do_bench(fn, warmup=25, rep=100, return_mode="median"), host_ms(fn),
                          sum(t for _, t in kt), kt))
             print(f"  {name} {what}: done", flush=True)
         if args.cprofile:
-            fn = dict(cases)["sparse-only fwd"]
+            fn = dict(cases)["sparse-only fwd"]   # (whatever --only says)
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(50):

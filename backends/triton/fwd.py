@@ -154,24 +154,29 @@ def kernel_spec(q: torch.Tensor, *, block_q: int, block_k: int, feature_map: str
 # they come from (relative rounding 2^-9 per element, on the ~5-15 % excluded part of H_i, far inside the
 # 2e-2 bf16 tolerance), it halves the GEMM's reads and lets cuBLAS run a bf16 tensor-core GEMM with an fp32
 # result — ΔH and the subtraction H − ΔH_i stay fp32 (an fp32 h_j would need an fp32 SIMT GEMM: ~1 ms).
-def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Optional[int] = None):
+def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Optional[int] = None,
+                  totals: bool = True):
     """Per-head H = Σ φ(K)ᵀV (B·H, D, D) and Z = Σ φ(K) (B·H, D), fp32, over all Lk keys; with ``block_k``
-    also the per-key-block terms h_j (B, H, T_n, D, D) in k's dtype and z_j (B, H, T_n, D) fp32 (else None)."""
+    also the per-key-block terms h_j (B, H, T_n, D, D) in k's dtype and z_j (B, H, T_n, D) fp32 (else None).
+    ``totals=False`` (with ``block_k`` only: a caller that sums the h_j itself) skips H and Z (None)."""
+    if not (totals or block_k):
+        raise ValueError("linear_totals: totals=False needs block_k (the per-block terms are all it returns)")
     B, H, lk, d = k.shape
     tile = cfg["pre_tile"]
     unit = block_k or tile
     n_units = math.ceil(lk / unit)
     n_chunks, per = linear_terms.prepass_chunks(n_units, B * H, k.device, cfg["pre_per_sm"])
-    hp = torch.empty((B * H, n_chunks, d, d), dtype=torch.float32, device=k.device)
-    zp = torch.empty((B * H, n_chunks, d), dtype=torch.float32, device=k.device)
-    hb = zb = None
+    hp = zp = hb = zb = None
+    if totals:
+        hp = torch.empty((B * H, n_chunks, d, d), dtype=torch.float32, device=k.device)
+        zp = torch.empty((B * H, n_chunks, d), dtype=torch.float32, device=k.device)
     if block_k:
         hb = torch.empty((B, H, n_units, d, d), dtype=k.dtype, device=k.device)
         zb = torch.empty((B, H, n_units, d), dtype=torch.float32, device=k.device)
     mod.sla_linear_totals_kernel[(n_chunks, B * H)](
         k, v, hp, zp, hb, zb, *k.stride(), *v.stride(), H, lk, per * unit, n_units,
-        TILE=tile, BLOCKS=bool(block_k), num_warps=cfg["pre_warps"], num_stages=cfg["pre_stages"])
-    return (*linear_terms.chunk_totals(hp, zp), hb, zb)
+        TILE=tile, BLOCKS=bool(block_k), TOTALS=totals, num_warps=cfg["pre_warps"], num_stages=cfg["pre_stages"])
+    return (*(linear_terms.chunk_totals(hp, zp) if totals else (None, None)), hb, zb)
 
 
 def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, save: bool, o_lin, den,
@@ -181,12 +186,13 @@ def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, s
     marginal-block GEMM forming H_i in q's dtype instead), and for epilogue='split' sla_linear_kernel (which
     writes ADD, and O^l / den when saving)."""
     gemm = _gemm_marginal(spec, cfg)
-    ht, zt, hb, zb = linear_totals(mod, k, v, cfg, spec.block_k if gemm else None)
+    split, lowp = cfg["epilogue"] == "split", cfg["epilogue"] == "lowp"
+    # 'lowp' with 'gemm' sums the marginal blocks' h_j directly (H_i): the per-head totals are not read
+    ht, zt, hb, zb = linear_totals(mod, k, v, cfg, spec.block_k if gemm else None, totals=not (lowp and gemm))
     w = None if proj_weight is None else proj_weight.to(torch.float32).contiguous()
     bias = None if proj_bias is None else proj_bias.to(torch.float32).contiguous()
     if w is not None and spec.scope == "all" and not save:
         ht, w = torch.matmul(ht, w.t()), None     # Proj folds into the per-head constant H (SLA.md §6)
-    split, lowp = cfg["epilogue"] == "split", cfg["epilogue"] == "lowp"
     consts = dict(EPI_K=cfg["epi_k"], HAS_W=w is not None, HAS_BIAS=bias is not None, SAVE=save,
                   FP32_DOT=cfg["fp32_dot"])
     marginal = spec.scope == "marginal"
