@@ -9,6 +9,7 @@
 #   (blockmap: tools/bench_blockmap.py, launch by launch; BLOCKMAP_ARGS e.g. "--baseline .baselines/bm_old"
 #    after `python tools/bench_blockmap.py --export-baseline d186c39 .baselines/bm_old` here, carried along)
 #   TRITON_ROLES / TILELANG_ROLES (default forward,backward): the roles the tune step tunes per backend
+#     (set to the empty string to skip that backend)
 #   CHECK_ARGS, BENCH_ARGS, TEST_ARGS                  extra arguments for each step; TEST_K: pytest -k expression
 set -u
 source "$(dirname "$0")/tune_candidates.sh"
@@ -34,8 +35,10 @@ for step in $STEPS; do
     bench) timeout "${BENCH_TIMEOUT:-400}" slagen bench --json "$OUT/bench.json" $refs ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ;;
     tests) timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1 ;;
     profile) timeout "${PROFILE_TIMEOUT:-200}" python3 tools/profile_sla.py ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1 ;;
-    tune) ( timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend triton --role "${TRITON_ROLES:-forward,backward}" "${TRITON_TUNE_ARGS[@]}" &&
-            timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend tilelang --role "${TILELANG_ROLES:-forward,backward}" ${TILELANG_TUNE_ARGS:-"${TILELANG_TUNE_CANDIDATES[@]}"} &&
+    tune) ( if [ -n "${TRITON_ROLES-forward,backward}" ]; then
+              timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend triton --role "${TRITON_ROLES:-forward,backward}" "${TRITON_TUNE_ARGS[@]}" || exit 1; fi
+            if [ -n "${TILELANG_ROLES-forward,backward}" ]; then
+              timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend tilelang --role "${TILELANG_ROLES:-forward,backward}" ${TILELANG_TUNE_ARGS:-"${TILELANG_TUNE_CANDIDATES[@]}"} || exit 1; fi
             slagen cache ls && python3 tools/tuned_lookup.py ) >"$OUT/tune.log" 2>&1 ;;
     blockmap) timeout "${BLOCKMAP_TIMEOUT:-200}" python3 tools/bench_blockmap.py --json "$OUT/blockmap.json" ${BLOCKMAP_ARGS:-} >"$OUT/blockmap.log" 2>&1 ;;
   esac
