@@ -519,7 +519,7 @@ cap, scope, mode, has_w, save = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.
 epilogue = sys.argv[6]
 spec = KernelSpec(arch=f"sm{cap}", head_dim=128, block_q=128, block_k=64, feature_map="softmax", scope=scope,
                   has_negligible=True, dtype="bf16")
-cfg, mod = fwd.default_config(spec, mode), codegen.load(spec, "triton")
+cfg, mod = fwd.default_config(spec, mode, epilogue), codegen.load(spec, "triton")
 RUN_TIME = {"n_heads", "Lq", "Lk", "n_qblocks", "crit_width", "negl_width", "n_kblocks", "chunk_rows"}
 FP32 = {"LSE", "HT", "ZT", "DH", "W", "BIAS", "DEN", "HP", "ZP", "ZB", "ADD"}
 
@@ -583,8 +583,9 @@ def compile_report(tmp_path, *args):
                          ids=["proj", "proj-save", "noproj"])
 def test_sm90_d128_gemm_forward_compiles_without_loop_spills(has_w, save, epilogue, tmp_path):
     """sm90, d=128, 128x64 blocks, bf16, negligible class, marginal='gemm', default tunables: no spill in the
-    key loop or the pre-pass loop (the pre-pass with 3 stages spills 8 bytes once, Triton 3.9; it is still the
-    faster one on an H200: 1.449 vs 1.480 ms forward). 'fused': at most a few one-time epilogue spills (Triton 3.9: 52-80 bytes per
+    key loop; the pre-pass with its totals (8 warps, 'fused' / 'split') spills 8 bytes once with 3 stages (Triton
+    3.9; still the faster one on an H200: 1.449 vs 1.480 ms forward); 'lowp''s lean pre-pass (4 warps, no totals)
+    spills 76 bytes, 23 ops in its loop (Triton 3.9), and is faster still (1.370 vs 1.427 ms). 'fused': at most a few one-time epilogue spills (Triton 3.9: 52-80 bytes per
     thread, as many as scope 'all''s kernel, whose whole-kernel register use is 255 too); 'split': none in the
     main kernel (its epilogue is one load and add) nor in sla_linear_kernel; 'lowp': none for inference
     without Proj ((φ/den)·H_i accumulates into O), a few one-time ones with Proj or saving (Triton 3.9: 36)."""
@@ -592,8 +593,11 @@ def test_sm90_d128_gemm_forward_compiles_without_loop_spills(has_w, save, epilog
     report = compile_report(tmp_path, 90, "marginal", "gemm", int(has_w), int(save), epilogue)
     fwd_spill, fwd_loop = report["sla_forward_kernel"]
     pre_spill, pre_loop = report["sla_linear_totals_kernel"]
-    assert pre_spill <= 8, report   # pre_stages 3 (the sm90 default): 8 one-time bytes outside the loop
-    assert fwd_loop <= 0 and pre_loop <= 0, report
+    if epilogue == "lowp":   # the lean pre-pass (4 warps, h_j only): measured faster despite its spills
+        assert pre_spill <= 128 and pre_loop <= 32, report
+    else:                    # 8 warps with the running totals: 8 one-time bytes outside the loop (pre_stages 3)
+        assert pre_spill <= 8 and pre_loop <= 0, report
+    assert fwd_loop <= 0, report
     one_time_spills = epilogue == "fused" or (epilogue == "lowp" and (has_w or save))
     assert fwd_spill <= (128 if one_time_spills else 0), report
     assert ("sla_linear_kernel" in report) == (epilogue == "split"), report

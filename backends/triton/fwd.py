@@ -62,8 +62,9 @@ def _gemm_marginal(spec: KernelSpec, cfg: dict) -> bool:
     return spec.feature_map is not None and spec.scope == "marginal" and cfg["marginal"] == "gemm"
 
 
-def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
-    """Default tunables of ``spec``'s forward on its arch (for marginal mode ``marginal``, default 'gemm').
+def default_config(spec: KernelSpec, marginal: Optional[str] = None, epilogue: Optional[str] = None) -> dict:
+    """Default tunables of ``spec``'s forward on its arch (for marginal mode ``marginal``, default 'gemm', and
+    the linear epilogue ``epilogue``, default per arch as below: both change other defaults).
 
     Keys: tile_m / tile_n (query rows / keys per tile of the main kernel, powers of two dividing block_q /
     block_k, or for tile_n also 2·block_k ≤ 128: two listed key blocks side by side per tile), num_warps,
@@ -81,7 +82,8 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
     and fp32 accumulation, as the TileLang backend does; 'split' and 'lowp' need marginal='gemm'). The
     default epilogue is 'lowp' on sm90 in bf16/fp16 (H200, headline shape: 1.48 vs 1.76 ms fused,
     docs/perf-notes.md), 'fused' elsewhere (not measured there); pre_stages is 3 on sm90 (1.449 vs 1.480 ms
-    with 2, same run), 2 elsewhere.
+    with 2, same run), 2 elsewhere; on sm90 16-bit at D = 128, scope 'marginal' ('gemm'), the pre-pass
+    runs 4 warps and 4 programs per SM (1.370 vs 1.427 ms with 8 and 2, `slagen tune`, session 4).
     """
     mode = marginal if marginal in MARGINAL_MODES else MARGINAL_MODES[0]
     tile_m, tile_n, warps, stages, epi_k, pre_warps = _TABLE[(spec.arch, spec.head_dim)]
@@ -94,10 +96,15 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None) -> dict:
     if linear_marginal and mode == "gemm":
         pre_tile = min(pre_tile, spec.block_k)    # the pre-pass steps through whole key blocks
     hopper_16bit = spec.arch == "sm90" and spec.dtype != "fp32"    # where 'lowp' and pre_stages 3 were measured
+    default_epilogue = "lowp" if hopper_16bit and mode == "gemm" else "fused"
+    epi = epilogue if epilogue in EPILOGUES else default_epilogue
+    # sm90 16-bit 'lowp' marginal at D = 128: the pre-pass keeps no running total (h_j only): 4 warps (it
+    # spills 76 bytes, some inside its loop, and is still the faster one), 4 programs per SM
+    lean_prepass = hopper_16bit and linear_marginal and mode == "gemm" and epi == "lowp" and spec.head_dim == 128
     return dict(tile_m=min(tile_m, spec.block_q), tile_n=min(tile_n, spec.block_k), num_warps=warps,
-                num_stages=stages, epi_k=min(epi_k, spec.head_dim), pre_tile=pre_tile, pre_warps=pre_warps,
-                fp32_dot="tf32", marginal=mode, epilogue="lowp" if hopper_16bit and mode == "gemm" else "fused",
-                pre_stages=3 if hopper_16bit else 2, pre_per_sm=2)
+                num_stages=stages, epi_k=min(epi_k, spec.head_dim), pre_tile=pre_tile,
+                pre_warps=4 if lean_prepass else pre_warps, fp32_dot="tf32", marginal=mode, epilogue=default_epilogue,
+                pre_stages=3 if hopper_16bit else 2, pre_per_sm=4 if lean_prepass else 2)
 
 
 def check_config(cfg: dict, spec: KernelSpec) -> None:
@@ -234,7 +241,7 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     negl_width = maps[5].shape[-1]
     spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
                        has_negligible=negl_width > 0)
-    cfg = {**default_config(spec, (config or {}).get("marginal")), **(config or {})}
+    cfg = {**default_config(spec, (config or {}).get("marginal"), (config or {}).get("epilogue")), **(config or {})}
     check_config(cfg, spec)
     B, H, lq, d = q.shape
     linear = spec.feature_map is not None
