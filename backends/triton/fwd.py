@@ -101,7 +101,11 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None, epilogue: O
     # sm90 16-bit 'lowp' marginal at D = 128: the pre-pass keeps no running total (h_j only): 4 warps (it
     # spills 76 bytes, some inside its loop, and is still the faster one), 4 programs per SM
     lean_prepass = hopper_16bit and linear_marginal and mode == "gemm" and epi == "lowp" and spec.head_dim == 128
-    return dict(tile_m=min(tile_m, spec.block_q), tile_n=min(tile_n, spec.block_k), num_warps=warps,
+    tile_m = min(tile_m, spec.block_q)
+    # at most 16 query rows per warp: a 64-row tile (block_q = 64) runs 4 warps (H200, 64x64 blocks, headline
+    # shape, SLA marginal forward: 1.458 ms with 4 vs 2.334 ms with 8, `slagen tune`, session 4)
+    warps = min(warps, max(tile_m // 16, 1))
+    return dict(tile_m=tile_m, tile_n=min(tile_n, spec.block_k), num_warps=warps,
                 num_stages=stages, epi_k=min(epi_k, spec.head_dim), pre_tile=pre_tile,
                 pre_warps=4 if lean_prepass else pre_warps, fp32_dot="tf32", marginal=mode, epilogue=default_epilogue,
                 pre_stages=3 if hopper_16bit else 2, pre_per_sm=4 if lean_prepass else 2)
