@@ -109,19 +109,24 @@ def clocks() -> str:
 def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int = 128, topk: float = 0.05,
         blocks: Sequence[Tuple[int, int]] = ((128, 64), (64, 64)), dtype: str = "bf16",
         backends: Sequence[str] = ("triton",), flex: bool = True, backward: bool = True,
-        reference_sla: Sequence[Tuple[str, str]] = (), echo: Callable[[str], None] = print) -> dict:
+        reference_sla: Sequence[Tuple[str, str]] = (), echo: Callable[[str], None] = print,
+        into: Optional[dict] = None) -> dict:
     """Measure every row; returns {"header": {...}, "rows": [...]} (times in ms, memory in MiB).
 
     reference_sla: (label, path) pairs of copies of the authors' thu-ml/SLA code to time beside slagen
-    (their module with its zero-initialised proj_l, same topk and blocks).
+    (their module with its zero-initialised proj_l, same topk and blocks). ``into``: a dict filled as the run
+    goes (header first, then each row as it is measured), so an interrupted run leaves its rows there.
     """
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     B, H, L, D = batch, heads, seq_len, head_dim
+    result = into if into is not None else {}
+    result.update(header=dict(device=torch.cuda.get_device_name(), clocks=clocks(), B=B, H=H, L=L, D=D, dtype=dtype,
+                              topk=topk, torch=torch.__version__, slagen=slagen.__version__), rows=[])
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=dt, generator=gen).requires_grad_(True) for _ in range(3))
     do = torch.randn(B, H, L, D, device=dev, dtype=dt, generator=gen)
-    rows: List[dict] = []
+    rows: List[dict] = result["rows"]
 
     def attempt(name, fwd_fn, fb_fn=None, group="", sparse_flops=None, component=False):
         row = dict(name=name, group=group, fwd_ms=None, fwd_bwd_ms=None, peak_mib=None, sparse_flops=sparse_flops,
@@ -187,9 +192,7 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
                 rows.append(dict(name=f"FlexAttention same blocks [{group}]", group=group, fwd_ms=None,
                                  fwd_bwd_ms=None, peak_mib=None, sparse_flops=None, component=False,
                                  note=f"FAILED: {type(err).__name__}: {str(err)[:160]}"))
-    header = dict(device=torch.cuda.get_device_name(), clocks=clocks(), B=B, H=H, L=L, D=D, dtype=dtype, topk=topk,
-                  torch=torch.__version__, slagen=slagen.__version__)
-    return dict(header=header, rows=rows)
+    return result
 
 
 def table(result: dict) -> str:

@@ -9,6 +9,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, List
@@ -446,21 +447,37 @@ def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex,
         raise click.ClickException("slagen bench needs a CUDA GPU (none is visible to torch)")
     refs = [tuple(item.split("=", 1)) if "=" in item else (item, item) for item in reference_sla]
     results = []
-    for seq_len in seq_lens:     # each length's table as soon as it is measured
-        click.echo(f"== L={seq_len}")
-        results.append(bench_mod.run(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, topk=topk,
-                                     blocks=blocks, dtype=dtype, backward=backward, flex=flex, echo=click.echo,
-                                     backends=[b.strip() for b in backends.split(",") if b.strip()],
-                                     reference_sla=refs))
-        torch.cuda.empty_cache()
-        click.echo("\n" + bench_mod.table(results[-1]) + "\n")
+
+    def write_json():
+        if json_path:
+            with open(json_path, "w") as fh:
+                json.dump(results, fh, indent=1)
+            click.echo(f"\nJSON written to {json_path}")
+
+    def stop(signum, frame):     # `timeout`'s SIGTERM: end like Ctrl-C, with the rows measured so far
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        for seq_len in seq_lens:     # each length's table as soon as it is measured
+            click.echo(f"== L={seq_len}")
+            results.append({})
+            bench_mod.run(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, topk=topk, blocks=blocks,
+                          dtype=dtype, backward=backward, flex=flex, echo=click.echo, into=results[-1],
+                          backends=[b.strip() for b in backends.split(",") if b.strip()], reference_sla=refs)
+            torch.cuda.empty_cache()
+            click.echo("\n" + bench_mod.table(results[-1]) + "\n")
+    except KeyboardInterrupt:
+        results = [r for r in results if r.get("rows")]
+        if results:
+            click.echo("\n(interrupted: the table of the rows measured so far)\n\n" + bench_mod.table(results[-1]))
+        write_json()
+        raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if len(results) > 1:
         click.echo("Scaling with L (forward GPU time; per work: relative to the first length, 1.00 = linear in "
                    "the work):\n\n" + bench_mod.scaling_table(results))
-    if json_path:
-        with open(json_path, "w") as fh:
-            json.dump(results, fh, indent=1)
-        click.echo(f"\nJSON written to {json_path}")
+    write_json()
 
 
 @main.command()

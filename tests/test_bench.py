@@ -1,5 +1,10 @@
 """The bench table (ratios, components) from a recorded result, and the GPU-only commands' errors on CPU."""
 
+import json
+import os
+import signal
+import time
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -58,3 +63,23 @@ def test_scaling_table_normalises_time_by_work():
     assert [c.strip() for c in dense[2:5]] == ["1.000", "4.000", "1.00"]
     assert [c.strip() for c in sla[2:5]] == ["1.000", "2.000", "0.50"]
     assert "block map" not in text
+
+
+def test_interrupted_bench_prints_and_saves_the_rows_measured_so_far(monkeypatch, tmp_path):
+    """A bench cut short (Ctrl-C, or `timeout`'s SIGTERM, which the command turns into the same) prints the
+    table of the rows it has and writes them to the JSON file, then exits 130."""
+    header = dict(device="GPU", clocks="-", B=1, H=1, L=4096, D=128, dtype="bf16", topk=0.05, torch="x", slagen="y")
+
+    def cut_short(*, into, **kwargs):
+        into.update(header=header, rows=[row("dense SDPA cuDNN", 10.0, 40.0, gpu=9.0)])
+        os.kill(os.getpid(), signal.SIGTERM)      # what `timeout` sends
+        time.sleep(5)                             # the handler interrupts this
+        raise AssertionError("SIGTERM did not stop the bench")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run", cut_short)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "--seq-len", "4096", "--json", str(out)])
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "| dense SDPA cuDNN | 10.000" in result.output
+    saved = json.loads(out.read_text())
+    assert saved[0]["rows"][0]["name"] == "dense SDPA cuDNN" and saved[0]["header"]["L"] == 4096
