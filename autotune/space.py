@@ -27,6 +27,7 @@ OPTIONS: Dict[str, Sequence] = {
     "pre_stages": (1, 2, 3),             # the Triton forward's linear pre-pass
     "pre_per_sm": (2, 4, 8),
     "backward": ("triton", "tilelang"),  # the TileLang backend's backward: Triton's, or its own sparse loops
+    "ctas_per_sm": (1, 2),               # the TileLang forward's requested residency
 }
 _HAS_LINEAR = lambda spec: spec.feature_map is not None  # noqa: E731
 _HAS_MARGINAL = lambda spec: spec.scope == "marginal" and spec.feature_map is not None  # noqa: E731

@@ -60,11 +60,14 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # TL_DISABLE_TMA_LOWER (a slow fallback, ~4x, for the Hopper warp-specialisation bugs TileLang has had; it
 # needs num_stages = pre_stages = 1). d=128 defaults measured on an H200 (B=1, H=12, L=32760, 128x64 blocks):
 # num_stages 2/3/4 time the same; pre_tile 128 beats 64 for scope 'all' (0.115 vs 0.16 ms).
+# ctas_per_sm: 2 asks for two resident CTAs per SM (registers capped at 128 per thread, no producer /
+# consumer register reallocation; both CTAs' shared memory must fit the SM): meant for 64-row tiles, whose one
+# consumer warpgroup runs alone on an SM otherwise (240 registers per thread); not yet measured.
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
-             warp_specialized=True),
+             warp_specialized=True, ctas_per_sm=1),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
-              warp_specialized=True),
+              warp_specialized=True, ctas_per_sm=1),
 }
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
 # docstring; 'tilelang' becomes 'triton' for blocks its tiles do not fit); dq: tile_m query rows per CTA
@@ -79,6 +82,7 @@ _BWD_DEFAULTS: Dict[int, dict] = {
 }
 BACKWARDS = ("triton", "tilelang")
 SHARED_MEMORY = 227 * 1024
+SHARED_MEMORY_PER_SM = 228 * 1024   # what resident CTAs share (each also reserves 1 KiB: in shared_bytes)
 
 _LOCK = threading.RLock()
 _KERNELS: Dict[tuple, object] = {}
@@ -234,10 +238,18 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
     if cfg["tile_m"] == 64 and cfg["num_warps"] == 8:
         raise ValueError("config tile_m=64 with num_warps=8 is not supported (TileLang layout inference "
                          "rejects it); use num_warps=4")
+    choice("ctas_per_sm", (1, 2))
+    if cfg["ctas_per_sm"] == 2 and cfg["num_warps"] != 4:
+        raise ValueError("config ctas_per_sm=2 needs num_warps=4 (one consumer warpgroup: two CTAs of 256 threads "
+                         "at 128 registers each fill the SM's register file)")
     need = shared_bytes(cfg, spec)
     if need > SHARED_MEMORY:
         raise ValueError(f"config needs about {need // 1024} KiB of shared memory; sm90 has "
                          f"{SHARED_MEMORY // 1024} KiB per block")
+    if need * cfg["ctas_per_sm"] > SHARED_MEMORY_PER_SM:
+        raise ValueError(f"config ctas_per_sm={cfg['ctas_per_sm']}: each CTA needs about {need // 1024} KiB of "
+                         f"shared memory, {cfg['ctas_per_sm']} of them more than an sm90 SM's "
+                         f"{SHARED_MEMORY_PER_SM // 1024} KiB; use ctas_per_sm=1 (or fewer stages)")
 
 
 def _default_backward_config(spec: KernelSpec) -> dict:
@@ -388,7 +400,8 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
     linear = spec.feature_map is not None
     save, has_w, has_bias = (bool(save) and linear, bool(has_w) and linear, bool(has_bias) and linear)
     args = dict(tile_m=cfg["tile_m"], tile_n=cfg["tile_n"], threads=32 * cfg["num_warps"],
-                num_stages=cfg["num_stages"], save=save, has_w=has_w, has_bias=has_bias)
+                num_stages=cfg["num_stages"], ctas_per_sm=cfg["ctas_per_sm"], save=save, has_w=has_w,
+                has_bias=has_bias)
     key = ("forward", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     return _compile(key, lambda: mod.forward_kernel(**args), cfg["warp_specialized"])

@@ -81,7 +81,8 @@ def test_default_config_is_valid(d, block, fmap, scope):
     (dict(tile_m=96), "tile_m"), (dict(tile_m=256), "tile_m"), (dict(tile_n=96), "tile_n"),
     (dict(num_warps=6), "num_warps"), (dict(num_stages=0), "num_stages"), (dict(tile_m=64, num_warps=8), "num_warps=4"),
     (dict(warp_specialized=False), "num_stages=1"), (dict(warp_specialized=False, num_stages=1), "pre_stages=1"), (dict(warp_specialized="yes"), "warp_specialized"),
-    (dict(pre_tile=128), "pre_tile"), (dict(bogus=1), "unknown keys"),
+    (dict(pre_tile=128), "pre_tile"), (dict(bogus=1), "unknown keys"), (dict(ctas_per_sm=3), "ctas_per_sm"),
+    (dict(ctas_per_sm=2), "num_warps=4"),
 ])
 def test_bad_config_is_a_clear_error(change, match):
     spec = spec_of(scope="marginal", block=(128, 64))
@@ -91,6 +92,10 @@ def test_bad_config_is_a_clear_error(change, match):
     big = spec_of(block=(128, 128))
     with pytest.raises(ValueError, match="shared memory"):
         tl_backend.check_config({**tl_backend.default_config(big), "tile_n": 128, "num_stages": 4}, big)
+    two = spec_of(scope="marginal", block=(64, 64))       # 113 KiB per CTA with the linear epilogue: fits twice
+    tl_backend.check_config({**tl_backend.default_config(two), "ctas_per_sm": 2}, two)
+    with pytest.raises(ValueError, match="ctas_per_sm=2: each CTA needs"):
+        tl_backend.check_config({**tl_backend.default_config(two), "ctas_per_sm": 2, "num_stages": 3}, two)
 
 
 def test_unavailable_reasons():
@@ -210,6 +215,19 @@ def test_forward_with_two_key_blocks_per_step_compiles_for_sm90a(spec):
     assert re.search(r"wgmma_ss<[^>]*, 64, 128, 16,", src), "the S = QKᵀ wgmma is not 128 keys wide"
     with pytest.raises(ValueError, match="2·block_k"):
         tl_backend._resolve_config(spec_of(d=128, block=(128, 32)), {"tile_n": 128})
+
+
+@needs_compiler
+@pytest.mark.parametrize("fmap", [None, "softmax"])
+def test_forward_with_two_ctas_per_sm_compiles_for_sm90a(fmap):
+    """ctas_per_sm=2 (64-row tiles): __launch_bounds__(256, 2) and no setmaxnreg reallocation, still TMA and
+    wgmma. (ptxas, CUDA 13.0, D=128 64x64: 128 registers per thread, 8 / 152 bytes of stack without / with the
+    linear epilogue and Proj, against 240 registers and one CTA per SM with ctas_per_sm=1.)"""
+    spec = spec_of(d=128, fmap=fmap, scope="marginal", block=(64, 64))
+    cfg = tl_backend._resolve_config(spec, {"ctas_per_sm": 2})
+    src = tl_backend.forward_kernel(spec, cfg, save=False, has_w=fmap is not None, has_bias=False).get_kernel_source()
+    assert "__launch_bounds__(256, 2)" in src
+    assert "tl::tma_load" in src and "wgmma" in src and "warpgroup_reg_alloc" not in src
 
 
 @needs_compiler
@@ -348,7 +366,11 @@ GPU_CASES = (
        dict(L=4096, d=64, block=(64, 32), fmap="elu"), dict(L=4096, B=2, H=3, scope="all"),
        dict(L=4096, config=dict(num_stages=3)), dict(L=4096, config=dict(warp_specialized=False, num_stages=1, pre_stages=1)),
        dict(L=4096, fmap="none", config=dict(tile_m=64, num_warps=4)),
-       dict(L=4096, block=(128, 128), config=dict(tile_n=64, pre_tile=64))]
+       dict(L=4096, block=(128, 128), config=dict(tile_n=64, pre_tile=64)),
+       # two resident CTAs per SM for 64-row tiles (registers capped at 128 per thread)
+       dict(L=4096, block=(64, 64), config=dict(ctas_per_sm=2)),
+       dict(L=4096, block=(64, 64), fmap="none", n_crit="mixed", config=dict(ctas_per_sm=2)),
+       dict(L=32760, block=(64, 64), scope="marginal", negl=0.1, n_crit="topk", config=dict(ctas_per_sm=2))]
     # two selected key blocks per step (tile_n = 2·block_k): odd counts mask the last step's second half
     + [dict(L=L, d=d, scope="marginal", negl=0.1, n_crit=c, config=dict(tile_n=128))
        for L, c in ((77, 1), (77, "all"), (4096, 1), (4096, 2), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]

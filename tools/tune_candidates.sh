@@ -11,6 +11,7 @@ TRITON_TUNE_ARGS=(
 # The TileLang backend's candidates (its forward and backward roles; an override a role lacks is skipped):
 # two selected key blocks per forward / dq step, and the Triton backward against the TileLang one.
 # (session 4: forward tile_n 128 measured slower, 1.461 vs 1.419 ms; dq tile_n 128 4.750 vs 4.787 ms backward)
+# ctas_per_sm 2 applies to 64-row tiles only (--block 64x64; reported and skipped at 128 rows).
 TILELANG_TUNE_CANDIDATES=(
-  --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}'
+  --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 2}'
 )
