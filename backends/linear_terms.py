@@ -81,10 +81,14 @@ def mask_matmul(sel: torch.Tensor, terms: torch.Tensor, out_dtype: torch.dtype) 
     return torch.matmul(sel.to(torch.float32), terms.to(torch.float32)).to(out_dtype)
 
 
-def _selected_sums(sel: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tensor, out_dtype: torch.dtype):
+def _selected_sums(sel: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tensor, out_dtype: torch.dtype,
+                   per_block: int):
     """(Σ_{j sel} h_j (..., T_m, D, D) in out_dtype, Σ_{j sel} z_j (..., T_m, D) fp32) for a 0/1 mask sel
-    (..., T_m, T_n) over per-block terms h_terms (..., T_n, D, D), z_terms (..., T_n, D)."""
+    (..., T_m, T_n) over per-unit terms h_terms (..., n, D, D), z_terms (..., n, D), ``per_block``
+    consecutive units per selection block."""
     tm, tn = sel.shape[-2:]
+    if per_block > 1:
+        h_terms, z_terms = _tiles_to_blocks(h_terms, z_terms, per_block, tn)
     d = z_terms.shape[-1]
     lead = h_terms.shape[:-3]
     h = mask_matmul(sel, h_terms.reshape(*lead, tn, d * d), out_dtype)
@@ -98,9 +102,7 @@ def marginal_sums(h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tens
     (``per_block`` consecutive units per selection block, as in :func:`excluded_sums`) summed over each query
     block's marginal key blocks (mask == 0) directly — the form the low-precision epilogues read (an empty
     marginal set gives exact zeros). Accumulation fp32, one rounding at the end."""
-    if per_block > 1:
-        h_terms, z_terms = _tiles_to_blocks(h_terms, z_terms, per_block, mask.shape[-1])
-    return _selected_sums(mask == 0, h_terms, z_terms, out_dtype or h_terms.dtype)
+    return _selected_sums(mask == 0, h_terms, z_terms, out_dtype or h_terms.dtype, per_block)
 
 
 def excluded_sums(z_total: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tensor, *,
@@ -112,7 +114,5 @@ def excluded_sums(z_total: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.T
     z_total (..., D) the per-head Z; h_terms (..., n, D, D) and z_terms (..., n, D) the pre-pass's per-unit
     terms, ``per_block`` consecutive units (key tiles) per selection block of the mask (n ≤ T_n·per_block).
     """
-    if per_block > 1:
-        h_terms, z_terms = _tiles_to_blocks(h_terms, z_terms, per_block, mask.shape[-1])
-    dh, dz = _selected_sums(mask != 0, h_terms, z_terms, out_dtype or h_terms.dtype)
+    dh, dz = _selected_sums(mask != 0, h_terms, z_terms, out_dtype or h_terms.dtype, per_block)
     return dh, z_total[..., None, :] - dz

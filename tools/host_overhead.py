@@ -11,16 +11,13 @@ cProfile of the public call: the functions with the most own time and the most c
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import os
-import pstats
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from profile_sla import add_shape_args, host_ms, shape_inputs  # noqa: E402
+from profile_sla import add_shape_args, cprofile_report, host_ms, shape_inputs  # noqa: E402
 
 import slagen  # noqa: E402
 from slagen import backends, ops, reference  # noqa: E402
@@ -62,16 +59,7 @@ def main() -> None:
         ("slagen.attention, q requires grad", public_grad),
     ]
     out = [(name, host_ms(fn) * 1e3) for name, fn in rows]
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(50):
-        public()
-    prof.disable()
-    torch.cuda.synchronize()
-    for key in ("tottime", "cumulative"):
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats(key).print_stats(args.cprofile)
-        print(f"\n== cProfile slagen.attention no_grad, 50 calls, by {key}\n" + s.getvalue()[-7000:])
+    print(cprofile_report(public, "slagen.attention no_grad", args.cprofile, keys=("tottime", "cumulative")))
     print(f"\n{torch.cuda.get_device_name()} | {args.backend} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 "
           f"| torch {torch.__version__}\n")
     print("| layer | host µs per call |\n|---|---|")

@@ -56,6 +56,22 @@ def kernel_times(fn, calls: int = 5) -> list:
     return sorted(totals.items(), key=lambda kv: -kv[1])
 
 
+def cprofile_report(fn, title: str, top: int, keys=("tottime",), calls: int = 50) -> str:
+    """cProfile of ``calls`` calls of ``fn``: the ``top`` functions sorted by each of ``keys``."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    parts = []
+    for key in keys:
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats(key).print_stats(top)
+        parts.append(f"\n== cProfile {title}, {calls} calls, by {key}\n" + s.getvalue()[-7000:])
+    return "".join(parts)
+
+
 def add_shape_args(ap: argparse.ArgumentParser, seq_len: int = 32760) -> None:
     """The shape options the profiling tools share (B = 1, D = 128, bf16)."""
     ap.add_argument("--seq-len", type=int, default=seq_len)
@@ -111,15 +127,7 @@ def main() -> None:
             print(f"  {name} {what}: done", flush=True)
         if args.cprofile:
             fn = dict(cases)["sparse-only fwd"]   # (whatever --only says)
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(50):
-                fn()
-            prof.disable()
-            torch.cuda.synchronize()
-            s = io.StringIO()
-            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(args.cprofile)
-            print(f"\n== cProfile {name} sparse-only fwd, 50 calls (own time first)\n" + s.getvalue()[-6000:])
+            print(cprofile_report(fn, f"{name} sparse-only fwd", args.cprofile))
 
     print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 topk={args.topk} "
           f"block {args.block}\n")

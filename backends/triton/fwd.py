@@ -82,8 +82,9 @@ def default_config(spec: KernelSpec, marginal: Optional[str] = None, epilogue: O
     and fp32 accumulation, as the TileLang backend does; 'split' and 'lowp' need marginal='gemm'). The
     default epilogue is 'lowp' on sm90 in bf16/fp16 (H200, headline shape: 1.48 vs 1.76 ms fused,
     docs/perf-notes.md), 'fused' elsewhere (not measured there); pre_stages is 3 on sm90 (1.449 vs 1.480 ms
-    with 2, same run), 2 elsewhere; on sm90 16-bit at D = 128, scope 'marginal' ('gemm'), the pre-pass
-    runs 4 warps and 4 programs per SM (1.370 vs 1.427 ms with 8 and 2, `slagen tune`, session 4).
+    with 2, same run), 2 elsewhere; on sm90 16-bit at D = 128, scope 'marginal' with 'gemm' and 'lowp', the
+    pre-pass (no per-head totals there) runs 4 warps and 4 programs per SM (1.370 vs 1.427 ms with 8 and 2,
+    `slagen tune`, session 4).
     """
     mode = marginal if marginal in MARGINAL_MODES else MARGINAL_MODES[0]
     tile_m, tile_n, warps, stages, epi_k, pre_warps = _TABLE[(spec.arch, spec.head_dim)]
