@@ -62,7 +62,11 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # num_stages 2/3/4 time the same; pre_tile 128 beats 64 for scope 'all' (0.115 vs 0.16 ms).
 # ctas_per_sm: 2 asks for two resident CTAs per SM (registers capped at 128 per thread, no producer /
 # consumer register reallocation; both CTAs' shared memory must fit the SM): meant for 64-row tiles, whose one
-# consumer warpgroup runs alone on an SM otherwise (240 registers per thread); not yet measured.
+# consumer warpgroup runs alone on an SM otherwise (240 registers per thread). H200, 64x64 blocks, headline
+# shape: SLA marginal forward 1.431 vs 1.785 ms (`slagen tune`, session 5). It applies to every forward
+# variant except the training forward with Proj (save and has_w), which runs one CTA per SM: two resident CTAs
+# of that variant never finish on the H200 (session 5 probe: L=4096 H=12 and L=32760 H=2/12 hang; the same
+# kernel without Proj, or without saving, runs; cause not found).
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
              warp_specialized=True, ctas_per_sm=1),
@@ -399,8 +403,9 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
     """The compiled forward kernel of ``spec`` for tunables ``cfg`` and the epilogue flags."""
     linear = spec.feature_map is not None
     save, has_w, has_bias = (bool(save) and linear, bool(has_w) and linear, bool(has_bias) and linear)
+    ctas_per_sm = 1 if save and has_w else cfg["ctas_per_sm"]     # see _DEFAULTS: two of these CTAs hang
     args = dict(tile_m=cfg["tile_m"], tile_n=cfg["tile_n"], threads=32 * cfg["num_warps"],
-                num_stages=cfg["num_stages"], ctas_per_sm=cfg["ctas_per_sm"], save=save, has_w=has_w,
+                num_stages=cfg["num_stages"], ctas_per_sm=ctas_per_sm, save=save, has_w=has_w,
                 has_bias=has_bias)
     key = ("forward", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)

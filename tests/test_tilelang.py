@@ -228,6 +228,11 @@ def test_forward_with_two_ctas_per_sm_compiles_for_sm90a(fmap):
     src = tl_backend.forward_kernel(spec, cfg, save=False, has_w=fmap is not None, has_bias=False).get_kernel_source()
     assert "__launch_bounds__(256, 2)" in src
     assert "tl::tma_load" in src and "wgmma" in src and "warpgroup_reg_alloc" not in src
+    if fmap is not None:    # the training forward with Proj keeps one CTA per SM (two of them hang on an H200)
+        train = tl_backend.forward_kernel(spec, cfg, save=True, has_w=True, has_bias=True).get_kernel_source()
+        assert "__launch_bounds__(256, 1)" in train and "warpgroup_reg_alloc" in train
+        no_proj = tl_backend.forward_kernel(spec, cfg, save=True, has_w=False, has_bias=False).get_kernel_source()
+        assert "__launch_bounds__(256, 2)" in no_proj
 
 
 @needs_compiler
@@ -370,7 +375,10 @@ GPU_CASES = (
        # two resident CTAs per SM for 64-row tiles (registers capped at 128 per thread)
        dict(L=4096, block=(64, 64), config=dict(ctas_per_sm=2)),
        dict(L=4096, block=(64, 64), fmap="none", n_crit="mixed", config=dict(ctas_per_sm=2)),
-       dict(L=32760, block=(64, 64), scope="marginal", negl=0.1, n_crit="topk", config=dict(ctas_per_sm=2))]
+       dict(L=32760, block=(64, 64), scope="marginal", negl=0.1, n_crit="topk", config=dict(ctas_per_sm=2)),
+       # many CTAs per SM over the grid (1024 CTAs): the inference forward and the training one without Proj
+       dict(L=32760, block=(64, 64), save=False, config=dict(ctas_per_sm=2)),
+       dict(L=32760, block=(64, 64), proj=False, config=dict(ctas_per_sm=2))]
     # two selected key blocks per step (tile_n = 2·block_k): odd counts mask the last step's second half
     + [dict(L=L, d=d, scope="marginal", negl=0.1, n_crit=c, config=dict(tile_n=128))
        for L, c in ((77, 1), (77, "all"), (4096, 1), (4096, 2), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
