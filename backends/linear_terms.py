@@ -47,8 +47,8 @@ def chunk_totals(hp: torch.Tensor, zp: torch.Tensor) -> Tuple[torch.Tensor, torc
 
 
 def _tiles_to_blocks(h: torch.Tensor, z: torch.Tensor, per_block: int, n_blocks: int):
-    """Sum groups of ``per_block`` consecutive pre-pass tiles into selection blocks (the last group may be
-    short); the D×D sums run in fp32 and return in h's dtype."""
+    """Sum groups of ``per_block`` consecutive pre-pass tiles into ``n_blocks`` selection blocks (the last
+    groups may be short or empty: zeros); the D×D sums run in fp32 and return in h's dtype."""
     lead, n_tiles, d = h.shape[:-3], h.shape[-3], h.shape[-1]
     pad = n_blocks * per_block - n_tiles
     h = (torch.nn.functional.pad(h, (0, 0, 0, 0, 0, pad)).view(*lead, n_blocks, per_block, d, d)
@@ -58,41 +58,67 @@ def _tiles_to_blocks(h: torch.Tensor, z: torch.Tensor, per_block: int, n_blocks:
 
 
 _HAS_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
+ROW_ALIGN = 8
+
+
+def padded_rows(n: int) -> int:
+    """``n`` rounded up to a multiple of 8: the row count of the per-block term buffers (the K extent of the
+    mask GEMMs). cuBLAS runs its Hopper GEMMs only for K a multiple of 8; an odd count (L = 75600 with 64-key
+    blocks: T_n = 1182) sends the GEMM to an sm80 kernel a third as fast (H200, 40 × (591×1182)·(1182×16384)
+    bf16: 3.997 ms at K = 1182, 1.225 ms at K = 1184, zero-padded; session 5)."""
+    return -(-n // ROW_ALIGN) * ROW_ALIGN
+
+
+def mask_operand(sel: torch.Tensor, dtype: torch.dtype, k: int) -> torch.Tensor:
+    """sel (..., T_m, T_n) of 0/1 as ``dtype`` with ``k`` ≥ T_n columns, columns T_n.. zero."""
+    tn = sel.shape[-1]
+    if k == tn:
+        return sel.to(dtype)
+    out = torch.zeros(*sel.shape[:-1], k, dtype=dtype, device=sel.device)
+    out[..., :tn] = sel
+    return out
 
 
 def mask_matmul(sel: torch.Tensor, terms: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """sel (..., T_m, T_n) of 0/1 (bool) times terms (..., T_n, N), accumulated in fp32, as ``out_dtype``.
+    """sel (..., T_m, T_n) of 0/1 (bool) times terms (..., n, N), accumulated in fp32, as ``out_dtype``.
 
-    The 0/1 mask is exact in every dtype, so the operands are sel in terms' dtype and terms as they are:
+    terms has n ≥ T_n rows, those past T_n zero (the pre-passes allocate :func:`padded_rows` rows and zero the
+    tail); an n that is not a multiple of 8 is zero-padded here (a copy of terms) so cuBLAS gets its fast
+    GEMMs. The 0/1 mask is exact in every dtype, so the operands are sel in terms' dtype and terms as they are:
     bf16/fp16 terms with an fp32 result use one tensor-core GEMM with fp32 output (cuBLAS, torch.bmm's
     out_dtype), never an fp32 copy of the terms; on CPU (no such kernel there) the product runs in fp32.
     """
+    n = terms.shape[-2]
+    assert n >= sel.shape[-1], (n, sel.shape)
+    k = padded_rows(n)
+    if k != n:
+        terms = torch.nn.functional.pad(terms, (0, 0, 0, k - n))
     if out_dtype == terms.dtype:
-        return torch.matmul(sel.to(terms.dtype), terms)
+        return torch.matmul(mask_operand(sel, terms.dtype, k), terms)
     half = terms.dtype in (torch.float16, torch.bfloat16)
     if terms.is_cuda and half and out_dtype == torch.float32 and not _HAS_BMM_OUT_DTYPE:
         # torch without aten::bmm.dtype (older than 2.8): the GEMM in the terms' dtype (cuBLAS still
         # accumulates in fp32; only the stored sum is rounded, as the TileLang backend does), then fp32.
-        return torch.matmul(sel.to(terms.dtype), terms).to(out_dtype)
+        return torch.matmul(mask_operand(sel, terms.dtype, k), terms).to(out_dtype)
     if terms.is_cuda and half and out_dtype == torch.float32:
-        lead, (tm, tn), n = sel.shape[:-2], sel.shape[-2:], terms.shape[-1]
-        out = torch.bmm(sel.to(terms.dtype).reshape(-1, tm, tn), terms.reshape(-1, tn, n), out_dtype=out_dtype)
-        return out.view(*lead, tm, n)
-    return torch.matmul(sel.to(torch.float32), terms.to(torch.float32)).to(out_dtype)
+        lead, tm, cols = sel.shape[:-2], sel.shape[-2], terms.shape[-1]
+        a = mask_operand(sel, terms.dtype, k).reshape(-1, tm, k)
+        out = torch.bmm(a, terms.reshape(-1, k, cols), out_dtype=out_dtype)
+        return out.view(*lead, tm, cols)
+    return torch.matmul(mask_operand(sel, torch.float32, k), terms.to(torch.float32)).to(out_dtype)
 
 
 def _selected_sums(sel: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tensor, out_dtype: torch.dtype,
                    per_block: int):
     """(Σ_{j sel} h_j (..., T_m, D, D) in out_dtype, Σ_{j sel} z_j (..., T_m, D) fp32) for a 0/1 mask sel
     (..., T_m, T_n) over per-unit terms h_terms (..., n, D, D), z_terms (..., n, D), ``per_block``
-    consecutive units per selection block."""
+    consecutive units per selection block (units past the last key unit zero, see :func:`mask_matmul`)."""
     tm, tn = sel.shape[-2:]
     if per_block > 1:
-        h_terms, z_terms = _tiles_to_blocks(h_terms, z_terms, per_block, tn)
-    d = z_terms.shape[-1]
-    lead = h_terms.shape[:-3]
-    h = mask_matmul(sel, h_terms.reshape(*lead, tn, d * d), out_dtype)
-    z = torch.matmul(sel.to(torch.float32), z_terms.to(torch.float32))
+        h_terms, z_terms = _tiles_to_blocks(h_terms, z_terms, per_block, padded_rows(tn))
+    lead, n, d = h_terms.shape[:-3], h_terms.shape[-3], z_terms.shape[-1]
+    h = mask_matmul(sel, h_terms.reshape(*lead, n, d * d), out_dtype)
+    z = mask_matmul(sel, z_terms.to(torch.float32), torch.float32)
     return h.view(*h.shape[:-2], tm, d, d), z
 
 
@@ -112,7 +138,8 @@ def excluded_sums(z_total: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.T
     ΔH_i = Σ_{j excluded} h_j and Z_i = Z − Σ_{j excluded} z_j over the key blocks excluded from query block
     i's linear branch (mask != 0: critical or negligible). mask (..., T_m, T_n) is the int8 class mask;
     z_total (..., D) the per-head Z; h_terms (..., n, D, D) and z_terms (..., n, D) the pre-pass's per-unit
-    terms, ``per_block`` consecutive units (key tiles) per selection block of the mask (n ≤ T_n·per_block).
+    terms, ``per_block`` consecutive units (key tiles) per selection block of the mask (units past
+    T_n·per_block, if any, zero: the pre-passes pad their buffers to :func:`padded_rows` units).
     """
     dh, dz = _selected_sums(mask != 0, h_terms, z_terms, out_dtype or h_terms.dtype, per_block)
     return dh, z_total[..., None, :] - dz

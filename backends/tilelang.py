@@ -526,15 +526,20 @@ def _dummies(device: torch.device, dtype: torch.dtype, d: int):
 
 def linear_terms_of(spec: KernelSpec, cfg: dict, k: torch.Tensor, v: torch.Tensor):
     """The pre-pass's key-side terms. Scope 'all': (H (B,H,D,D), Z (B,H,D)), fp32 sums over all keys.
-    Scope 'marginal': (h_t (B,H,n_tiles,D,D) in k's dtype, z_t (B,H,n_tiles,D) fp32) per key tile of
-    ``pre_tile`` keys (no per-head total: the glue sums the marginal blocks' terms directly)."""
+    Scope 'marginal': (h_t (B,H,n,D,D) in k's dtype, z_t (B,H,n,D) fp32) per key tile of ``pre_tile`` keys,
+    n = linear_terms.padded_rows(n_tiles) with the rows past n_tiles zero (no per-head total: the glue sums
+    the marginal blocks' terms directly, by GEMMs whose K extent n is a multiple of 8)."""
     B, H, lk, d = k.shape
     tile = cfg["pre_tile"]
     n_tiles = math.ceil(lk / tile)
     n_chunks, _ = linear_terms.prepass_chunks(n_tiles, B * H, k.device)
     if spec.scope == "marginal":
-        ht = torch.empty((B, H, n_tiles, d, d), dtype=k.dtype, device=k.device)
-        zt = torch.empty((B, H, n_tiles, d), dtype=torch.float32, device=k.device)
+        n_rows = linear_terms.padded_rows(n_tiles)
+        ht = torch.empty((B, H, n_rows, d, d), dtype=k.dtype, device=k.device)
+        zt = torch.empty((B, H, n_rows, d), dtype=torch.float32, device=k.device)
+        if n_rows > n_tiles:        # the kernel writes tiles 0..n_tiles-1 (its loop runs over Lk)
+            ht[:, :, n_tiles:].zero_()
+            zt[:, :, n_tiles:].zero_()
         prepass_kernel(spec, cfg)(k, v, ht, zt, n_chunks)
         return ht, zt
     hp = torch.empty((B, H, n_chunks, d, d), dtype=torch.float32, device=k.device)

@@ -245,7 +245,9 @@ def test_prepass_per_block_terms(fmap, lk, block_k, pre_tile):
     cfg = {**fwd.default_config(spec), "pre_tile": pre_tile}
     ht, zt, hb, zb = fwd.linear_totals(codegen.load(spec, "triton"), k, v, cfg, block_k)
     tn = num_blocks(lk, block_k)
-    assert hb.shape == (B, H, tn, d, d) and zb.shape == (B, H, tn, d) and hb.dtype == k.dtype
+    rows = linear_terms.padded_rows(tn)       # a multiple of 8 (the mask GEMMs' K extent), tail zero
+    assert hb.shape == (B, H, rows, d, d) and zb.shape == (B, H, rows, d) and hb.dtype == k.dtype
+    assert not hb[:, :, tn:].any() and not zb[:, :, tn:].any()
     phi = _phi_ref(k.double(), fmap)
     for j in range(tn):
         rows = slice(j * block_k, min((j + 1) * block_k, lk))
@@ -293,6 +295,27 @@ def test_mask_matmul_keeps_fp32_results_of_low_precision_terms():
     assert got.dtype == torch.float32 and rel_err(got, want) < 1e-6
     same = linear_terms.mask_matmul(sel, terms, torch.bfloat16)
     assert same.dtype == torch.bfloat16 and rel_err(same, want) < 1e-2
+
+
+@pytest.mark.parametrize("tn", [41, 1182, 512])
+def test_mask_matmul_pads_k_to_a_multiple_of_8(tn):
+    """An odd T_n (L = 75600, 64-key blocks: 1182) is a K extent cuBLAS runs 3× slower: the mask gets zero
+    columns up to padded_rows(T_n), terms with T_n rows get zero rows (a copy), terms that come padded (the
+    pre-passes' buffers, zero tail) are used as they are; the product is unchanged."""
+    g = torch.Generator().manual_seed(tn)
+    sel = torch.rand(2, 3, 5, tn, generator=g) < 0.5
+    k = linear_terms.padded_rows(tn)
+    assert k % 8 == 0 and 0 <= k - tn < 8
+    a = linear_terms.mask_operand(sel, torch.bfloat16, k)
+    assert a.shape == (2, 3, 5, k) and torch.equal(a[..., :tn], sel.to(torch.bfloat16)) and not a[..., tn:].any()
+    terms = torch.randn(2, 3, tn, 24, generator=g).to(torch.bfloat16)
+    padded = torch.cat([terms, terms.new_zeros(2, 3, k - tn, 24)], -2)
+    want = sel.double() @ terms.double()
+    for t in (terms, padded):
+        for out in (torch.float32, torch.bfloat16):
+            got = linear_terms.mask_matmul(sel, t, out)
+            assert got.dtype == out and got.shape == want.shape
+            assert rel_err(got, want) < (1e-6 if out == torch.float32 else 1e-2)
 
 
 def test_prepass_chunks():
@@ -493,11 +516,12 @@ def test_gpu_marginal_gemm_empty_and_full_rows():
 @needs_cuda
 def test_gpu_mask_matmul_fp32_result():
     g = torch.Generator(device="cuda").manual_seed(0)
-    sel = torch.rand(12, 256, 512, device="cuda", generator=g) < 0.1
-    terms = torch.randn(12, 512, 4096, device="cuda", generator=g).to(torch.bfloat16)
-    got = linear_terms.mask_matmul(sel, terms, torch.float32)
-    want = sel.double() @ terms.double()
-    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-6
+    for tn in (512, 1182):      # 1182: an odd T_n (padded row stride)
+        sel = torch.rand(12, 256, tn, device="cuda", generator=g) < 0.1
+        terms = torch.randn(12, tn, 4096, device="cuda", generator=g).to(torch.bfloat16)
+        got = linear_terms.mask_matmul(sel, terms, torch.float32)
+        want = sel.double() @ terms.double()
+        assert got.dtype == torch.float32 and rel_err(got, want) < 1e-6, tn
 
 
 # --------------------------------------------------------------------------------------------------

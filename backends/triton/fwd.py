@@ -169,7 +169,8 @@ def kernel_spec(q: torch.Tensor, *, block_q: int, block_k: int, feature_map: str
 def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Optional[int] = None,
                   totals: bool = True):
     """Per-head H = Σ φ(K)ᵀV (B·H, D, D) and Z = Σ φ(K) (B·H, D), fp32, over all Lk keys; with ``block_k``
-    also the per-key-block terms h_j (B, H, T_n, D, D) in k's dtype and z_j (B, H, T_n, D) fp32 (else None).
+    also the per-key-block terms h_j (B, H, n, D, D) in k's dtype and z_j (B, H, n, D) fp32 (else None),
+    n = linear_terms.padded_rows(T_n) with rows T_n.. zero (the mask GEMMs' K extent, a multiple of 8).
     ``totals=False`` (with ``block_k`` only: a caller that sums the h_j itself) skips H and Z (None)."""
     if not (totals or block_k):
         raise ValueError("linear_totals: totals=False needs block_k (the per-block terms are all it returns)")
@@ -182,11 +183,15 @@ def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Opt
     if totals:
         hp = torch.empty((B * H, n_chunks, d, d), dtype=torch.float32, device=k.device)
         zp = torch.empty((B * H, n_chunks, d), dtype=torch.float32, device=k.device)
+    n_rows = linear_terms.padded_rows(n_units) if block_k else n_units
     if block_k:
-        hb = torch.empty((B, H, n_units, d, d), dtype=k.dtype, device=k.device)
-        zb = torch.empty((B, H, n_units, d), dtype=torch.float32, device=k.device)
+        hb = torch.empty((B, H, n_rows, d, d), dtype=k.dtype, device=k.device)
+        zb = torch.empty((B, H, n_rows, d), dtype=torch.float32, device=k.device)
+        if n_rows > n_units:
+            hb[:, :, n_units:].zero_()
+            zb[:, :, n_units:].zero_()
     mod.sla_linear_totals_kernel[(n_chunks, B * H)](
-        k, v, hp, zp, hb, zb, *k.stride(), *v.stride(), H, lk, per * unit, n_units,
+        k, v, hp, zp, hb, zb, *k.stride(), *v.stride(), H, lk, per * unit, n_rows,
         TILE=tile, BLOCKS=bool(block_k), TOTALS=totals, num_warps=cfg["pre_warps"], num_stages=cfg["pre_stages"])
     return (*(linear_terms.chunk_totals(hp, zp) if totals else (None, None)), hb, zb)
 
