@@ -6,7 +6,8 @@ around it in torch, once:
   prepass_chunks   how many programs per head the pre-pass runs (about two per SM)
   chunk_totals     per-head totals H = Σ_all h_j (D×D) and Z = Σ_all z_j (D) from the per-chunk partials
   marginal_sums    the same sums over the marginal blocks directly (H_i, Z_i), for the low-precision epilogues
-                   (TileLang's, Triton's 'lowp'): no per-head total needed
+                   (TileLang's, Triton's 'lowp'): no per-head total needed; the backends pass the Triton
+                   kernel that forms the GEMM's 0/1 operand and Z_i from the int8 mask in one launch
   excluded_sums    scope 'marginal', GEMM formulation: for every query block i at once,
                      ΔH_i = Σ_{j excluded} h_j   and   Z_i = Z − Σ_{j excluded} z_j
                    where "excluded" is the class mask's critical and negligible blocks (mask != 0) and
@@ -23,7 +24,7 @@ TileLang, whose kernel reads ΔH as a tensor-core operand).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -84,28 +85,53 @@ def mask_matmul(sel: torch.Tensor, terms: torch.Tensor, out_dtype: torch.dtype) 
 
     terms has n ≥ T_n rows, those past T_n zero (the pre-passes allocate :func:`padded_rows` rows and zero the
     tail); an n that is not a multiple of 8 is zero-padded here (a copy of terms) so cuBLAS gets its fast
-    GEMMs. The 0/1 mask is exact in every dtype, so the operands are sel in terms' dtype and terms as they are:
-    bf16/fp16 terms with an fp32 result use one tensor-core GEMM with fp32 output (cuBLAS, torch.bmm's
-    out_dtype), never an fp32 copy of the terms; on CPU (no such kernel there) the product runs in fp32.
+    GEMMs. The 0/1 mask is exact in every dtype: see :func:`operand_matmul` for the operand types.
     """
     n = terms.shape[-2]
     assert n >= sel.shape[-1], (n, sel.shape)
     k = padded_rows(n)
     if k != n:
         terms = torch.nn.functional.pad(terms, (0, 0, 0, k - n))
+    return operand_matmul(mask_operand(sel, _operand_dtype(terms, out_dtype), k), terms, out_dtype)
+
+
+def _operand_dtype(terms: torch.Tensor, out_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the 0/1 operand of :func:`operand_matmul` takes for these terms and this result."""
+    half = terms.dtype in (torch.float16, torch.bfloat16)
+    return terms.dtype if out_dtype == terms.dtype or (terms.is_cuda and half) else torch.float32
+
+
+def operand_matmul(a: torch.Tensor, terms: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a (..., T_m, K) of 0/1 in :func:`_operand_dtype` times terms (..., K, N), accumulated in fp32, as
+    ``out_dtype`` (K a multiple of 8: :func:`padded_rows`).
+
+    The operands are a in terms' dtype and terms as they are: bf16/fp16 terms with an fp32 result use one
+    tensor-core GEMM with fp32 output (cuBLAS, torch.bmm's out_dtype), never an fp32 copy of the terms; on CPU
+    (no such kernel there) the product runs in fp32.
+    """
     if out_dtype == terms.dtype:
-        return torch.matmul(mask_operand(sel, terms.dtype, k), terms)
+        return torch.matmul(a, terms)
     half = terms.dtype in (torch.float16, torch.bfloat16)
     if terms.is_cuda and half and out_dtype == torch.float32 and not _HAS_BMM_OUT_DTYPE:
         # torch without aten::bmm.dtype (older than 2.8): the GEMM in the terms' dtype (cuBLAS still
         # accumulates in fp32; only the stored sum is rounded, as the TileLang backend does), then fp32.
-        return torch.matmul(mask_operand(sel, terms.dtype, k), terms).to(out_dtype)
+        return torch.matmul(a, terms).to(out_dtype)
     if terms.is_cuda and half and out_dtype == torch.float32:
-        lead, tm, cols = sel.shape[:-2], sel.shape[-2], terms.shape[-1]
-        a = mask_operand(sel, terms.dtype, k).reshape(-1, tm, k)
-        out = torch.bmm(a, terms.reshape(-1, k, cols), out_dtype=out_dtype)
+        lead, (tm, k), cols = a.shape[:-2], a.shape[-2:], terms.shape[-1]
+        out = torch.bmm(a.reshape(-1, tm, k), terms.reshape(-1, k, cols), out_dtype=out_dtype)
         return out.view(*lead, tm, cols)
-    return torch.matmul(mask_operand(sel, torch.float32, k), terms.to(torch.float32)).to(out_dtype)
+    return torch.matmul(a.to(torch.float32), terms.to(torch.float32)).to(out_dtype)
+
+
+MarginalOperands = Callable[[torch.Tensor, torch.Tensor, int, torch.dtype], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _blocks_of(h_terms: torch.Tensor, z_terms: torch.Tensor, per_block: int, tn: int):
+    """The terms per selection block: pre-pass tiles summed ``per_block`` to a block (padded_rows(T_n) blocks,
+    the tail zero), or the terms as they are when a unit is a block."""
+    if per_block > 1:
+        return _tiles_to_blocks(h_terms, z_terms, per_block, padded_rows(tn))
+    return h_terms, z_terms
 
 
 def _selected_sums(sel: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tensor, out_dtype: torch.dtype,
@@ -114,8 +140,7 @@ def _selected_sums(sel: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tens
     (..., T_m, T_n) over per-unit terms h_terms (..., n, D, D), z_terms (..., n, D), ``per_block``
     consecutive units per selection block (units past the last key unit zero, see :func:`mask_matmul`)."""
     tm, tn = sel.shape[-2:]
-    if per_block > 1:
-        h_terms, z_terms = _tiles_to_blocks(h_terms, z_terms, per_block, padded_rows(tn))
+    h_terms, z_terms = _blocks_of(h_terms, z_terms, per_block, tn)
     lead, n, d = h_terms.shape[:-3], h_terms.shape[-3], z_terms.shape[-1]
     h = mask_matmul(sel, h_terms.reshape(*lead, n, d * d), out_dtype)
     z = mask_matmul(sel, z_terms.to(torch.float32), torch.float32)
@@ -123,12 +148,29 @@ def _selected_sums(sel: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tens
 
 
 def marginal_sums(h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tensor, *, per_block: int = 1,
-                  out_dtype: Optional[torch.dtype] = None):
+                  out_dtype: Optional[torch.dtype] = None, operands: Optional[MarginalOperands] = None):
     """(H_i (..., T_m, D, D) in ``out_dtype`` (default h_terms'), Z_i (..., T_m, D) fp32): the per-unit terms
     (``per_block`` consecutive units per selection block, as in :func:`excluded_sums`) summed over each query
     block's marginal key blocks (mask == 0) directly — the form the low-precision epilogues read (an empty
-    marginal set gives exact zeros). Accumulation fp32, one rounding at the end."""
-    return _selected_sums(mask == 0, h_terms, z_terms, out_dtype or h_terms.dtype, per_block)
+    marginal set gives exact zeros). Accumulation fp32, one rounding at the end.
+
+    ``operands(mask, z_blocks, k, dtype) -> (a, Z_i)``, when given, forms the H_i GEMM's 0/1 operand a
+    (..., T_m, k) and Z_i from the int8 mask in one kernel (the Triton backend's
+    ``fwd.marginal_operands``); without it, torch ops and a second (fp32) GEMM do.
+    """
+    out_dtype = out_dtype or h_terms.dtype
+    if operands is None:
+        return _selected_sums(mask == 0, h_terms, z_terms, out_dtype, per_block)
+    tm, tn = mask.shape[-2:]
+    h_terms, z_terms = _blocks_of(h_terms, z_terms, per_block, tn)
+    lead, n, d = h_terms.shape[:-3], h_terms.shape[-3], z_terms.shape[-1]
+    k = padded_rows(n)
+    h_terms = h_terms.reshape(*lead, n, d * d)
+    if k != n:
+        h_terms, z_terms = (torch.nn.functional.pad(t, (0, 0, 0, k - n)) for t in (h_terms, z_terms))
+    a, z = operands(mask, z_terms.to(torch.float32), k, _operand_dtype(h_terms, out_dtype))
+    h = operand_matmul(a, h_terms, out_dtype)
+    return h.view(*h.shape[:-2], tm, d, d), z
 
 
 def excluded_sums(z_total: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tensor, *,

@@ -129,15 +129,17 @@ def test_forward_rejects_what_tma_cannot_read():
 
 @pytest.mark.parametrize("pre_tile,block_k", [(64, 64), (32, 64), (64, 128)])
 def test_marginal_sums_match_an_explicit_sum(pre_tile, block_k):
+    """The TileLang glue's H_i, Z_i (the Triton operands kernel, interpreted here, and one GEMM): T_n = 5
+    blocks (the GEMM's K padded to 8), pre-pass tiles grouped into blocks, a row without marginal blocks."""
     g = torch.Generator().manual_seed(0)
-    B, H, d, lk, tm = 1, 2, 8, 5 * block_k - 3, 3
+    B, H, d, lk, tm = 1, 2, 64, 5 * block_k - 3, 3
     tn = math.ceil(lk / block_k)
     n_tiles = math.ceil(lk / pre_tile)
     ht = torch.randn(B, H, n_tiles, d, d, generator=g)
     zt = torch.randn(B, H, n_tiles, d, generator=g)
     mask = torch.randint(-1, 2, (B, H, tm, tn), generator=g).to(torch.int8)
     mask[0, 1, 0] = 1                              # a row with no marginal block: exact zeros
-    spec = spec_of(block=(64, block_k))
+    spec = spec_of(d=d, dtype="fp32", block=(64, block_k))
     hi, zi = tl_backend.marginal_sums(spec, dict(pre_tile=pre_tile), ht, zt, mask)
     assert hi.dtype == ht.dtype and zi.dtype == torch.float32
     r = block_k // pre_tile

@@ -9,6 +9,7 @@ An offline compile (Triton's compiler, no GPU) checks the sm90 d=128 kernels for
 """
 
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -318,6 +319,35 @@ def test_mask_matmul_pads_k_to_a_multiple_of_8(tn):
             assert rel_err(got, want) < (1e-6 if out == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("d,tn", [(16, 13), (32, 8), (64, 70)])
+def test_marginal_operands_kernel_matches_the_torch_path(d, tn):
+    """fwd.marginal_operands (one Triton kernel from the int8 class mask: the GEMM's 0/1 operand with zero
+    padding columns, and Z_i) through linear_terms.marginal_sums equals the torch path (mask compare, casts,
+    two GEMMs) and an explicit sum; a mask view with strides, critical and negligible entries, a row with no
+    marginal block."""
+    g = torch.Generator().manual_seed(d + tn)
+    B, H, tm = 2, 3, 5
+    spec = KernelSpec(arch="sm80", head_dim=d, block_q=16, block_k=16, feature_map="softmax", dtype="fp32")
+    mod = codegen.load(spec, "triton")
+    full = torch.randint(-1, 2, (B, H, tm, tn + 3), generator=g).to(torch.int8)
+    mask = full[..., 2:tn + 2]                       # not contiguous
+    mask[1, 2, 3] = 1                                # every block critical: no marginal block
+    rows = linear_terms.padded_rows(tn)
+    h = torch.randn(B, H, rows, d, d, generator=g)
+    z = torch.rand(B, H, rows, d, generator=g) * 40
+    h[:, :, tn:] = 0
+    z[:, :, tn:] = 0
+    a, zi = fwd.marginal_operands(mod, mask, z, rows, torch.float32)
+    assert a.shape == (B, H, tm, rows) and torch.equal(a[..., :tn], (mask == 0).float()) and not a[..., tn:].any()
+    hk, zk = linear_terms.marginal_sums(h, z, mask, operands=functools.partial(fwd.marginal_operands, mod))
+    ht, zt = linear_terms.marginal_sums(h, z, mask)
+    marg = (mask == 0).double()
+    want_z = marg @ z[:, :, :tn].double()
+    assert rel_err(zk, want_z) < 1e-6 and rel_err(zk, zt) < 1e-6
+    assert rel_err(hk, ht) < 1e-6 and rel_err(hk.flatten(-2), marg @ h[:, :, :tn].double().flatten(-2)) < 1e-6
+    assert not hk[1, 2, 3].any() and not zk[1, 2, 3].any()
+
+
 def test_prepass_chunks():
     for n_units, bh in ((1, 1), (7, 1), (512, 12), (3, 100), (100, 3)):
         n_chunks, per = linear_terms.prepass_chunks(n_units, bh, torch.device("cpu"))
@@ -544,8 +574,9 @@ epilogue = sys.argv[6]
 spec = KernelSpec(arch=f"sm{cap}", head_dim=128, block_q=128, block_k=64, feature_map="softmax", scope=scope,
                   has_negligible=True, dtype="bf16")
 cfg, mod = fwd.default_config(spec, mode, epilogue), codegen.load(spec, "triton")
-RUN_TIME = {"n_heads", "Lq", "Lk", "n_qblocks", "crit_width", "negl_width", "n_kblocks", "chunk_rows"}
-FP32 = {"LSE", "HT", "ZT", "DH", "W", "BIAS", "DEN", "HP", "ZP", "ZB", "ADD"}
+RUN_TIME = {"n_heads", "Lq", "Lk", "n_qblocks", "crit_width", "negl_width", "n_kblocks", "chunk_rows",
+            "Tm", "Tn", "k_cols", "z_rows", "smb", "smh", "smm"}
+FP32 = {"LSE", "HT", "ZT", "DH", "W", "BIAS", "DEN", "HP", "ZP", "ZB", "ADD", "ZI"}
 
 
 def build(fn, warps, stages, **consts):
@@ -553,7 +584,8 @@ def build(fn, warps, stages, **consts):
     sig = {}
     for a in fn.arg_names:
         sig[a] = ("constexpr" if a in consts else "*bf16" if a in BF16 else "*fp32" if a in FP32 else
-                  "*i32" if a.isupper() else "fp32" if a in ("qk_scale", "eps") else "i32")
+                  "*i8" if a == "MASK" else "*i32" if a.isupper() else "fp32" if a in ("qk_scale", "eps") else
+                  "i32")
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a] not in ("constexpr", "fp32") and a not in RUN_TIME}
     kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cap, 32),
@@ -573,7 +605,7 @@ def build(fn, warps, stages, **consts):
 
 
 lin = dict(EPI_K=cfg["epi_k"], HAS_W=has_w, HAS_BIAS=has_w, SAVE=save, FP32_DOT=cfg["fp32_dot"])
-BF16 = {"Q", "K", "V", "O", "OLIN", "HB"} | ({"HT"} if epilogue == "lowp" else set())   # lowp: H_i in bf16
+BF16 = {"Q", "K", "V", "O", "OLIN", "HB", "SEL"} | ({"HT"} if epilogue == "lowp" else set())   # lowp: H_i bf16
 consts = dict(TILE_M=cfg["tile_m"], TILE_N=cfg["tile_n"], SPLIT=epilogue == "split", LOWP=epilogue == "lowp", **lin)
 if scope == "marginal":
     consts["MARGINAL_GEMM"] = mode == "gemm"
@@ -583,6 +615,8 @@ if epilogue == "split":
 build(mod.sla_linear_totals_kernel, cfg["pre_warps"], cfg["pre_stages"], TILE=cfg["pre_tile"],
       BLOCKS=scope == "marginal" and mode == "gemm", TOTALS=not (scope == "marginal" and mode == "gemm"
                                                                  and epilogue == "lowp"))
+if scope == "marginal" and mode == "gemm" and epilogue == "lowp":
+    build(mod.sla_marginal_operands_kernel, 4, 2, BLOCK_M=32, BLOCK_J=32, smn=1)
 """
 
 
@@ -612,7 +646,8 @@ def test_sm90_d128_gemm_forward_compiles_without_loop_spills(has_w, save, epilog
     spills 76 bytes, 23 ops in its loop (Triton 3.9), and is faster still (1.370 vs 1.427 ms). 'fused': at most a few one-time epilogue spills (Triton 3.9: 52-80 bytes per
     thread, as many as scope 'all''s kernel, whose whole-kernel register use is 255 too); 'split': none in the
     main kernel (its epilogue is one load and add) nor in sla_linear_kernel; 'lowp': none for inference
-    without Proj ((φ/den)·H_i accumulates into O), a few one-time ones with Proj or saving (Triton 3.9: 36)."""
+    without Proj ((φ/den)·H_i accumulates into O), a few one-time ones with Proj or saving (Triton 3.9: 36);
+    its marginal-operands kernel (32 rows, 4 warps, tf32x3 dot) none."""
     pytest.importorskip("triton.backends.nvidia")
     report = compile_report(tmp_path, 90, "marginal", "gemm", int(has_w), int(save), epilogue)
     fwd_spill, fwd_loop = report["sla_forward_kernel"]
@@ -625,4 +660,5 @@ def test_sm90_d128_gemm_forward_compiles_without_loop_spills(has_w, save, epilog
     one_time_spills = epilogue == "fused" or (epilogue == "lowp" and (has_w or save))
     assert fwd_spill <= (128 if one_time_spills else 0), report
     assert ("sla_linear_kernel" in report) == (epilogue == "split"), report
+    assert report.get("sla_marginal_operands_kernel", (0, 0))[0] == 0, report    # 'lowp': no spill at all
     assert report.get("sla_linear_kernel", (0, 0)) == (0, 0) or report["sla_linear_kernel"] == (0, -1), report

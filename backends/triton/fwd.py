@@ -23,6 +23,7 @@ Two launches per call (one without a linear branch), plus torch GEMMs for scope 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Optional, Tuple
 
@@ -196,6 +197,27 @@ def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Opt
     return (*(linear_terms.chunk_totals(hp, zp) if totals else (None, None)), hb, zb)
 
 
+def marginal_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, dtype: torch.dtype):
+    """(a (B, H, T_m, k_cols) in ``dtype``: 1 on each query block's marginal key blocks (mask == 0), 0
+    elsewhere and in the columns T_n..k_cols; Z_i (B, H, T_m, D) fp32 = Σ_{marginal j} z_j) from the int8
+    class mask (B, H, T_m, T_n) and the per-block z_j (B, H, n ≥ T_n, D) fp32, in one launch of ``mod``'s
+    sla_marginal_operands_kernel (replacing the torch path's mask compare, two casts and fp32 GEMM;
+    linear_terms.marginal_sums's ``operands``)."""
+    B, H, tm, tn = mask.shape
+    d = z_blocks.shape[-1]
+    z = z_blocks.reshape(B * H, -1, d)
+    assert z.is_contiguous() and z.dtype == torch.float32 and z.shape[1] >= tn and k_cols >= tn
+    assert d == mod.HEAD_DIM.value and mask.dtype == torch.int8, (d, mod.HEAD_DIM, mask.dtype)
+    a = torch.empty((B, H, tm, k_cols), dtype=dtype, device=mask.device)
+    z_i = torch.empty((B, H, tm, d), dtype=torch.float32, device=mask.device)
+    # 32 query blocks × 32 key blocks per step, 4 warps: no spills at D = 128 (sm90 offline compile; 64 rows
+    # spill 64 bytes), 16 programs per head at T_m = 512; D = 256 halves both
+    step = 32 if d <= 128 else 16
+    mod.sla_marginal_operands_kernel[(math.ceil(tm / step), B * H)](
+        mask, z, a, z_i, *mask.stride(), H, tm, tn, k_cols, z.shape[1], BLOCK_M=step, BLOCK_J=step, num_warps=4)
+    return a, z_i
+
+
 def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, save: bool, o_lin, den,
                  cfg: dict):
     """Pointer arguments HT, ZT, (DH,) W, BIAS, OLIN, DEN, ADD of the main kernel's linear branch and its
@@ -215,7 +237,8 @@ def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, s
     marginal = spec.scope == "marginal"
     dh = None
     if lowp and gemm:   # H_i = Σ_{j marginal} h_j (B·H·T_m, D, D) in q's dtype, Z_i fp32, replace H and Z
-        h_i, z_i = linear_terms.marginal_sums(hb, zb, maps[0], out_dtype=q.dtype)
+        h_i, z_i = linear_terms.marginal_sums(hb, zb, maps[0], out_dtype=q.dtype,
+                                              operands=functools.partial(marginal_operands, mod))
         ht, zt = h_i.reshape(-1, q.shape[-1], q.shape[-1]), z_i.reshape(-1, q.shape[-1])
     elif lowp:          # scope 'all': the per-head H (Proj folded in when not saving) as an MMA operand
         ht = ht.to(q.dtype)
