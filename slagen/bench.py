@@ -21,6 +21,9 @@ import slagen
 
 SLA_VARIANTS = (("softmax", "marginal", "SLA marginal"), ("softmax", "all", "SLA all"),
                 (None, "marginal", "sparse-only"))
+# the slagen rows per block size and backend, by the short names `slagen bench --rows` takes
+SLAGEN_ROWS = {"blockmap": "block map", "marginal": "SLA marginal", "all": "SLA all", "sparse": "sparse-only",
+               "given": "sparse-only, map given"}
 
 
 def dense_flops(header: dict) -> int:
@@ -110,8 +113,11 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
         blocks: Sequence[Tuple[int, int]] = ((128, 64), (64, 64)), dtype: str = "bf16",
         backends: Sequence[str] = ("triton",), flex: bool = True, backward: bool = True,
         reference_sla: Sequence[Tuple[str, str]] = (), echo: Callable[[str], None] = print,
-        into: Optional[dict] = None) -> dict:
+        into: Optional[dict] = None, slagen_rows: Sequence[str] = tuple(SLAGEN_ROWS)) -> dict:
     """Measure every row; returns {"header": {...}, "rows": [...]} (times in ms, memory in MiB).
+
+    slagen_rows: which slagen rows to time per block size and backend (keys of SLAGEN_ROWS; the dense and
+    FlexAttention baselines always run).
 
     reference_sla: (label, path) pairs of copies of the authors' thu-ml/SLA code to time beside slagen
     (their module with its zero-initialised proj_l, same topk and blocks). ``into``: a dict filled as the run
@@ -157,9 +163,13 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
             n_crit, tn = bmap.crit_lut.shape[-1], bmap.mask.shape[-1]
             group = f"{bq}x{bk}"
             work = sparse_flops(bmap, B, H, L, D)
-            attempt(f"slagen-{name} block map [{group}, {n_crit}/{tn}]",
-                    lambda cfg=cfg: slagen.block_map(q, k, **cfg), group=group, component=True)
+            if "blockmap" in slagen_rows:
+                attempt(f"slagen-{name} block map [{group}, {n_crit}/{tn}]",
+                        lambda cfg=cfg: slagen.block_map(q, k, **cfg), group=group, component=True)
             for fmap, scope, what in SLA_VARIANTS:
+                if what not in [SLAGEN_ROWS[r] for r in slagen_rows]:
+                    continue
+
                 def f(q_, k_, v_, fmap=fmap, scope=scope, cfg=cfg):
                     return slagen.attention(q_, k_, v_, feature_map=fmap, scope=scope, **cfg)
                 attempt(f"slagen-{name} {what} [{group}]", inference(f, q, k, v), fwd_bwd(f, q, k, v, do), group,
@@ -167,8 +177,9 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
 
             def given(q_, k_, v_, cfg=cfg, bmap=bmap):   # the sparse kernels alone, as Flex is measured
                 return slagen.attention(q_, k_, v_, feature_map=None, block_map=bmap, **cfg)
-            attempt(f"slagen-{name} sparse-only, map given [{group}]", inference(given, q, k, v),
-                    fwd_bwd(given, q, k, v, do), group, work)
+            if "given" in slagen_rows:
+                attempt(f"slagen-{name} sparse-only, map given [{group}]", inference(given, q, k, v),
+                        fwd_bwd(given, q, k, v, do), group, work)
         for label, path in reference_sla:
             group = f"{bq}x{bk}"
             try:

@@ -17,6 +17,7 @@ from typing import Callable, List
 import click
 
 from slagen import codegen
+from slagen.bench import SLAGEN_ROWS
 from slagen.paths import cache_dir, shared_cache_dirs
 from slagen.spec import ROLES, KernelSpec, parse_arch, parse_dtype, parse_feature_map, parse_scope
 
@@ -436,13 +437,22 @@ def _override(default: dict, override: dict, check, spec):
 @click.option("--backward/--no-backward", default=True, help="Also time forward+backward.")
 @click.option("--reference-sla", "reference_sla", multiple=True, metavar="LABEL=DIR",
               help="Also time the authors' thu-ml/SLA code found in DIR (holding sparse_linear_attention/).")
+@click.option("--rows", "slagen_rows", default=",".join(SLAGEN_ROWS), show_default=True,
+              callback=_csv(str), help="slagen rows to time per block size and backend, comma-separated: "
+              "blockmap (the block map alone), marginal / all (SLA, scope marginal / all), sparse (sparse-only), "
+              "given (sparse-only given the block map). The dense and FlexAttention rows always run.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
-def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex, backward, reference_sla, json_path):
+def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex, backward, reference_sla,
+          slagen_rows, json_path):
     """SLA vs dense attention (SDPA cuDNN/flash) and FlexAttention on this GPU: a table per length (and JSON)."""
 
     import torch
 
     from slagen import bench as bench_mod
+    unknown = [r for r in slagen_rows if r not in SLAGEN_ROWS]
+    if unknown or not slagen_rows:
+        raise click.BadParameter(f"{unknown or 'nothing'}: choose from {', '.join(SLAGEN_ROWS)}",
+                                 param_hint="--rows")
     if not torch.cuda.is_available():
         raise click.ClickException("slagen bench needs a CUDA GPU (none is visible to torch)")
     refs = [tuple(item.split("=", 1)) if "=" in item else (item, item) for item in reference_sla]
@@ -463,7 +473,8 @@ def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex,
             results.append({})
             bench_mod.run(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, topk=topk, blocks=blocks,
                           dtype=dtype, backward=backward, flex=flex, echo=click.echo, into=results[-1],
-                          backends=[b.strip() for b in backends.split(",") if b.strip()], reference_sla=refs)
+                          backends=[b.strip() for b in backends.split(",") if b.strip()], reference_sla=refs,
+                          slagen_rows=slagen_rows)
             torch.cuda.empty_cache()
             click.echo("\n" + bench_mod.table(results[-1]) + "\n")
     except KeyboardInterrupt:

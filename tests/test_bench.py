@@ -83,3 +83,24 @@ def test_interrupted_bench_prints_and_saves_the_rows_measured_so_far(monkeypatch
     assert "interrupted" in result.output and "| dense SDPA cuDNN | 10.000" in result.output
     saved = json.loads(out.read_text())
     assert saved[0]["rows"][0]["name"] == "dense SDPA cuDNN" and saved[0]["header"]["L"] == 4096
+
+
+def test_bench_rows_option_selects_the_slagen_rows_and_rejects_unknown_names(monkeypatch):
+    """`--rows marginal,given` reaches bench.run as the slagen rows to time; an unknown name is a usage error
+    naming the option and the allowed names (checked before the GPU is looked for)."""
+    seen = {}
+
+    def record(*, into, slagen_rows, **kwargs):
+        seen["rows"] = slagen_rows
+        into.update(header=dict(device="GPU", clocks="-", B=1, H=1, L=4096, D=128, dtype="bf16", topk=0.05,
+                                torch="x", slagen="y"), rows=[row("dense SDPA cuDNN", 10.0, 40.0, gpu=9.0)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run", record)
+    result = CliRunner().invoke(main, ["bench", "--seq-len", "4096", "--rows", "marginal, given"])
+    assert result.exit_code == 0, result.output
+    assert seen["rows"] == ["marginal", "given"]
+    result = CliRunner().invoke(main, ["bench", "--rows", "marginal,fast"])
+    assert result.exit_code == 2 and "--rows" in result.output and "'fast'" in result.output
+    assert "blockmap, marginal, all, sparse, given" in result.output
+    default = CliRunner().invoke(main, ["bench", "--seq-len", "4096"])
+    assert default.exit_code == 0 and seen["rows"] == list(bench.SLAGEN_ROWS)
