@@ -6,8 +6,9 @@ around it in torch, once:
   prepass_chunks   how many programs per head the pre-pass runs (about two per SM)
   chunk_totals     per-head totals H = Σ_all h_j (D×D) and Z = Σ_all z_j (D) from the per-chunk partials
   marginal_sums    the same sums over the marginal blocks directly (H_i, Z_i), for the low-precision epilogues
-                   (TileLang's, Triton's 'lowp'): no per-head total needed; the backends pass the Triton
-                   kernel that forms the GEMM's 0/1 operand and Z_i from the int8 mask in one launch
+                   (TileLang's, Triton's 'lowp'): no per-head total needed
+  (both sums: the backends pass the Triton kernel that forms the GEMM's 0/1 operand and the z sums from the
+   int8 mask in one launch, fwd.mask_operands)
   excluded_sums    scope 'marginal', GEMM formulation: for every query block i at once,
                      ΔH_i = Σ_{j excluded} h_j   and   Z_i = Z − Σ_{j excluded} z_j
                    where "excluded" is the class mask's critical and negligible blocks (mask != 0) and
@@ -123,7 +124,7 @@ def operand_matmul(a: torch.Tensor, terms: torch.Tensor, out_dtype: torch.dtype)
     return torch.matmul(a.to(torch.float32), terms.to(torch.float32)).to(out_dtype)
 
 
-MarginalOperands = Callable[[torch.Tensor, torch.Tensor, int, torch.dtype], Tuple[torch.Tensor, torch.Tensor]]
+MaskOperands = Callable[[torch.Tensor, torch.Tensor, int, torch.dtype], Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _blocks_of(h_terms: torch.Tensor, z_terms: torch.Tensor, per_block: int, tn: int):
@@ -134,47 +135,45 @@ def _blocks_of(h_terms: torch.Tensor, z_terms: torch.Tensor, per_block: int, tn:
     return h_terms, z_terms
 
 
-def _selected_sums(sel: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tensor, out_dtype: torch.dtype,
-                   per_block: int):
-    """(Σ_{j sel} h_j (..., T_m, D, D) in out_dtype, Σ_{j sel} z_j (..., T_m, D) fp32) for a 0/1 mask sel
-    (..., T_m, T_n) over per-unit terms h_terms (..., n, D, D), z_terms (..., n, D), ``per_block``
-    consecutive units per selection block (units past the last key unit zero, see :func:`mask_matmul`)."""
-    tm, tn = sel.shape[-2:]
+def _selected_sums(mask: torch.Tensor, excluded: bool, h_terms: torch.Tensor, z_terms: torch.Tensor,
+                   out_dtype: torch.dtype, per_block: int, operands: Optional[MaskOperands]):
+    """(Σ_{j sel} h_j (..., T_m, D, D) in out_dtype, Σ_{j sel} z_j (..., T_m, D) fp32), selected: mask == 0, or
+    with ``excluded`` mask != 0, for the int8 class mask (..., T_m, T_n), over per-unit terms h_terms
+    (..., n, D, D), z_terms (..., n, D), ``per_block`` consecutive units per selection block (units past the
+    last key unit zero, see :func:`mask_matmul`).
+
+    ``operands(mask, z_blocks, k, dtype) -> (a, Σ z)``, when given, forms the H GEMM's 0/1 operand a
+    (..., T_m, k) in dtype and the z sums from the int8 mask in one kernel (the Triton backend's
+    ``fwd.mask_operands``); without it, torch ops and a second (fp32) GEMM do."""
+    tm, tn = mask.shape[-2:]
     h_terms, z_terms = _blocks_of(h_terms, z_terms, per_block, tn)
     lead, n, d = h_terms.shape[:-3], h_terms.shape[-3], z_terms.shape[-1]
-    h = mask_matmul(sel, h_terms.reshape(*lead, n, d * d), out_dtype)
-    z = mask_matmul(sel, z_terms.to(torch.float32), torch.float32)
+    h_terms, z_terms = h_terms.reshape(*lead, n, d * d), z_terms.to(torch.float32)
+    if operands is None:
+        sel = mask != 0 if excluded else mask == 0
+        h, z = mask_matmul(sel, h_terms, out_dtype), mask_matmul(sel, z_terms, torch.float32)
+    else:
+        k = padded_rows(n)
+        if k != n:
+            h_terms, z_terms = (torch.nn.functional.pad(t, (0, 0, 0, k - n)) for t in (h_terms, z_terms))
+        a, z = operands(mask, z_terms, k, _operand_dtype(h_terms, out_dtype))
+        h = operand_matmul(a, h_terms, out_dtype)
     return h.view(*h.shape[:-2], tm, d, d), z
 
 
 def marginal_sums(h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tensor, *, per_block: int = 1,
-                  out_dtype: Optional[torch.dtype] = None, operands: Optional[MarginalOperands] = None):
+                  out_dtype: Optional[torch.dtype] = None, operands: Optional[MaskOperands] = None):
     """(H_i (..., T_m, D, D) in ``out_dtype`` (default h_terms'), Z_i (..., T_m, D) fp32): the per-unit terms
     (``per_block`` consecutive units per selection block, as in :func:`excluded_sums`) summed over each query
     block's marginal key blocks (mask == 0) directly — the form the low-precision epilogues read (an empty
-    marginal set gives exact zeros). Accumulation fp32, one rounding at the end.
-
-    ``operands(mask, z_blocks, k, dtype) -> (a, Z_i)``, when given, forms the H_i GEMM's 0/1 operand a
-    (..., T_m, k) and Z_i from the int8 mask in one kernel (the Triton backend's
-    ``fwd.marginal_operands``); without it, torch ops and a second (fp32) GEMM do.
-    """
-    out_dtype = out_dtype or h_terms.dtype
-    if operands is None:
-        return _selected_sums(mask == 0, h_terms, z_terms, out_dtype, per_block)
-    tm, tn = mask.shape[-2:]
-    h_terms, z_terms = _blocks_of(h_terms, z_terms, per_block, tn)
-    lead, n, d = h_terms.shape[:-3], h_terms.shape[-3], z_terms.shape[-1]
-    k = padded_rows(n)
-    h_terms = h_terms.reshape(*lead, n, d * d)
-    if k != n:
-        h_terms, z_terms = (torch.nn.functional.pad(t, (0, 0, 0, k - n)) for t in (h_terms, z_terms))
-    a, z = operands(mask, z_terms.to(torch.float32), k, _operand_dtype(h_terms, out_dtype))
-    h = operand_matmul(a, h_terms, out_dtype)
-    return h.view(*h.shape[:-2], tm, d, d), z
+    marginal set gives exact zeros). Accumulation fp32, one rounding at the end. ``operands``: see
+    :func:`_selected_sums`."""
+    return _selected_sums(mask, False, h_terms, z_terms, out_dtype or h_terms.dtype, per_block, operands)
 
 
 def excluded_sums(z_total: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tensor, *,
-                  per_block: int = 1, out_dtype: Optional[torch.dtype] = None):
+                  per_block: int = 1, out_dtype: Optional[torch.dtype] = None,
+                  operands: Optional[MaskOperands] = None):
     """(ΔH (..., T_m, D, D) in ``out_dtype`` (default: h_terms' dtype), Z_i (..., T_m, D) fp32).
 
     ΔH_i = Σ_{j excluded} h_j and Z_i = Z − Σ_{j excluded} z_j over the key blocks excluded from query block
@@ -182,6 +181,7 @@ def excluded_sums(z_total: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.T
     z_total (..., D) the per-head Z; h_terms (..., n, D, D) and z_terms (..., n, D) the pre-pass's per-unit
     terms, ``per_block`` consecutive units (key tiles) per selection block of the mask (units past
     T_n·per_block, if any, zero: the pre-passes pad their buffers to :func:`padded_rows` units).
+    ``operands``: see :func:`_selected_sums` (called with the excluded selection).
     """
-    dh, dz = _selected_sums(mask != 0, h_terms, z_terms, out_dtype or h_terms.dtype, per_block)
+    dh, dz = _selected_sums(mask, True, h_terms, z_terms, out_dtype or h_terms.dtype, per_block, operands)
     return dh, z_total[..., None, :] - dz

@@ -551,10 +551,10 @@ def linear_terms_of(spec: KernelSpec, cfg: dict, k: torch.Tensor, v: torch.Tenso
 def marginal_sums(spec: KernelSpec, cfg: dict, ht: torch.Tensor, zt: torch.Tensor, mask: torch.Tensor):
     """(H_i (B,H,T_m,D,D) in h's dtype, Z_i (B,H,T_m,D) fp32): Σ h_j and Σ z_j over each query block's
     marginal key blocks (mask == 0): the GEMM's 0/1 operand and Z_i from the Triton backend's
-    sla_marginal_operands_kernel, then one GEMM (slagen.backends.linear_terms.marginal_sums; the pre-pass
+    sla_mask_operands_kernel, then one GEMM (slagen.backends.linear_terms.marginal_sums; the pre-pass
     tiles of ``pre_tile`` keys are summed into selection blocks first)."""
     from slagen.backends.triton import fwd as triton_fwd
-    operands = functools.partial(triton_fwd.marginal_operands, codegen.load(spec, "triton"))
+    operands = functools.partial(triton_fwd.mask_operands, codegen.load(spec, "triton"))
     return linear_terms.marginal_sums(ht, zt, mask, per_block=spec.block_k // cfg["pre_tile"], operands=operands)
 
 

@@ -320,32 +320,41 @@ def test_mask_matmul_pads_k_to_a_multiple_of_8(tn):
 
 
 @pytest.mark.parametrize("d,tn", [(16, 13), (32, 8), (64, 70)])
-def test_marginal_operands_kernel_matches_the_torch_path(d, tn):
-    """fwd.marginal_operands (one Triton kernel from the int8 class mask: the GEMM's 0/1 operand with zero
-    padding columns, and Z_i) through linear_terms.marginal_sums equals the torch path (mask compare, casts,
-    two GEMMs) and an explicit sum; a mask view with strides, critical and negligible entries, a row with no
-    marginal block."""
+def test_mask_operands_kernel_matches_the_torch_path(d, tn):
+    """fwd.mask_operands (one Triton kernel from the int8 class mask: the GEMM's 0/1 operand with zero padding
+    columns, and the z sums) through linear_terms.marginal_sums / excluded_sums equals the torch path (mask
+    compare, casts, two GEMMs) and an explicit sum; a mask view with strides and its transpose (the backward's
+    dk/dv side), critical and negligible entries, a row with no marginal block."""
     g = torch.Generator().manual_seed(d + tn)
     B, H, tm = 2, 3, 5
     spec = KernelSpec(arch="sm80", head_dim=d, block_q=16, block_k=16, feature_map="softmax", dtype="fp32")
     mod = codegen.load(spec, "triton")
     full = torch.randint(-1, 2, (B, H, tm, tn + 3), generator=g).to(torch.int8)
-    mask = full[..., 2:tn + 2]                       # not contiguous
-    mask[1, 2, 3] = 1                                # every block critical: no marginal block
-    rows = linear_terms.padded_rows(tn)
-    h = torch.randn(B, H, rows, d, d, generator=g)
-    z = torch.rand(B, H, rows, d, generator=g) * 40
-    h[:, :, tn:] = 0
-    z[:, :, tn:] = 0
-    a, zi = fwd.marginal_operands(mod, mask, z, rows, torch.float32)
-    assert a.shape == (B, H, tm, rows) and torch.equal(a[..., :tn], (mask == 0).float()) and not a[..., tn:].any()
-    hk, zk = linear_terms.marginal_sums(h, z, mask, operands=functools.partial(fwd.marginal_operands, mod))
-    ht, zt = linear_terms.marginal_sums(h, z, mask)
-    marg = (mask == 0).double()
-    want_z = marg @ z[:, :, :tn].double()
-    assert rel_err(zk, want_z) < 1e-6 and rel_err(zk, zt) < 1e-6
-    assert rel_err(hk, ht) < 1e-6 and rel_err(hk.flatten(-2), marg @ h[:, :, :tn].double().flatten(-2)) < 1e-6
-    assert not hk[1, 2, 3].any() and not zk[1, 2, 3].any()
+    full[1, 2, 3] = 1                                # every block critical: no marginal block
+    for side, mask in enumerate((full[..., 2:tn + 2], full[..., 2:tn + 2].transpose(-1, -2))):   # strided views
+        rows_, cols = mask.shape[-2:]
+        k = linear_terms.padded_rows(cols)
+        h = torch.randn(B, H, k, d, d, generator=g)
+        z = torch.rand(B, H, k, d, generator=g) * 40
+        h[:, :, cols:] = 0
+        z[:, :, cols:] = 0
+        for excluded in (False, True):
+            sel = (mask != 0) if excluded else (mask == 0)
+            a, zs = fwd.mask_operands(mod, mask, z, k, torch.float32, excluded=excluded)
+            assert a.shape == (B, H, rows_, k) and torch.equal(a[..., :cols], sel.float()) and not a[..., cols:].any()
+            assert rel_err(zs, sel.double() @ z[:, :, :cols].double()) < 1e-6
+        ops = functools.partial(fwd.mask_operands, mod)
+        hk, zk = linear_terms.marginal_sums(h, z, mask, operands=ops)
+        ht, zt = linear_terms.marginal_sums(h, z, mask)
+        marg = (mask == 0).double()
+        assert rel_err(zk, marg @ z[:, :, :cols].double()) < 1e-6 and rel_err(zk, zt) < 1e-6
+        assert rel_err(hk, ht) < 1e-6 and rel_err(hk.flatten(-2), marg @ h[:, :, :cols].double().flatten(-2)) < 1e-6
+        z_total = torch.randn(B, H, d, generator=g)
+        dk, zek = linear_terms.excluded_sums(z_total, h, z, mask, operands=functools.partial(ops, excluded=True))
+        dt, zet = linear_terms.excluded_sums(z_total, h, z, mask)
+        assert rel_err(dk, dt) < 1e-6 and rel_err(zek, zet) < 1e-6
+        if side == 0:     # the all-critical row: exact zeros
+            assert not hk[1, 2, 3].any() and not zk[1, 2, 3].any()
 
 
 def test_prepass_chunks():
@@ -615,8 +624,8 @@ if epilogue == "split":
 build(mod.sla_linear_totals_kernel, cfg["pre_warps"], cfg["pre_stages"], TILE=cfg["pre_tile"],
       BLOCKS=scope == "marginal" and mode == "gemm", TOTALS=not (scope == "marginal" and mode == "gemm"
                                                                  and epilogue == "lowp"))
-if scope == "marginal" and mode == "gemm" and epilogue == "lowp":
-    build(mod.sla_marginal_operands_kernel, 4, 2, BLOCK_M=32, BLOCK_J=32, smn=1)
+if scope == "marginal" and mode == "gemm":    # 'lowp' sums the marginal blocks, the others the excluded ones
+    build(mod.sla_mask_operands_kernel, 4, 2, EXCLUDED=epilogue != "lowp", BLOCK_M=32, BLOCK_J=32, smn=1)
 """
 
 
@@ -647,7 +656,7 @@ def test_sm90_d128_gemm_forward_compiles_without_loop_spills(has_w, save, epilog
     thread, as many as scope 'all''s kernel, whose whole-kernel register use is 255 too); 'split': none in the
     main kernel (its epilogue is one load and add) nor in sla_linear_kernel; 'lowp': none for inference
     without Proj ((φ/den)·H_i accumulates into O), a few one-time ones with Proj or saving (Triton 3.9: 36);
-    its marginal-operands kernel (32 rows, 4 warps, tf32x3 dot) none."""
+    the mask-operands kernel (32 rows, 4 warps, tf32x3 dot) none."""
     pytest.importorskip("triton.backends.nvidia")
     report = compile_report(tmp_path, 90, "marginal", "gemm", int(has_w), int(save), epilogue)
     fwd_spill, fwd_loop = report["sla_forward_kernel"]
@@ -660,5 +669,5 @@ def test_sm90_d128_gemm_forward_compiles_without_loop_spills(has_w, save, epilog
     one_time_spills = epilogue == "fused" or (epilogue == "lowp" and (has_w or save))
     assert fwd_spill <= (128 if one_time_spills else 0), report
     assert ("sla_linear_kernel" in report) == (epilogue == "split"), report
-    assert report.get("sla_marginal_operands_kernel", (0, 0))[0] == 0, report    # 'lowp': no spill at all
+    assert report["sla_mask_operands_kernel"][0] == 0, report    # no spill at all
     assert report.get("sla_linear_kernel", (0, 0)) == (0, 0) or report["sla_linear_kernel"] == (0, -1), report

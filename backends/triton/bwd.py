@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from types import ModuleType
 from typing import Optional, Sequence
 
@@ -30,6 +31,7 @@ import torch
 
 from slagen import codegen
 from slagen.backends import linear_terms
+from slagen.backends.triton import fwd
 from slagen.dispatch import device_arch
 from slagen.spec import KernelSpec, parse_feature_map, parse_scope
 
@@ -302,8 +304,10 @@ def _excluded_states(c: _Call, total_vec, mats, vecs, mask):
     kernels subtract from the fp32 totals, and it halves the temporary, 201 MB for ΔG at the headline shape)."""
     B, H = c.q.shape[:2]
     cols, D = mask.shape[-1], c.D
+    operands = functools.partial(fwd.mask_operands, codegen.load(c.spec.replace(role="forward"), "triton"),
+                                 excluded=True)
     dm, v = linear_terms.excluded_sums(total_vec.view(B, H, D), mats.view(B, H, cols, D, D),
-                                       vecs.view(B, H, cols, D), mask, out_dtype=mats.dtype)
+                                       vecs.view(B, H, cols, D), mask, out_dtype=mats.dtype, operands=operands)
     return dm.reshape(-1, D, D), v.reshape(-1, D)
 
 

@@ -197,25 +197,28 @@ def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Opt
     return (*(linear_terms.chunk_totals(hp, zp) if totals else (None, None)), hb, zb)
 
 
-def marginal_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, dtype: torch.dtype):
-    """(a (B, H, T_m, k_cols) in ``dtype``: 1 on each query block's marginal key blocks (mask == 0), 0
-    elsewhere and in the columns T_n..k_cols; Z_i (B, H, T_m, D) fp32 = Σ_{marginal j} z_j) from the int8
-    class mask (B, H, T_m, T_n) and the per-block z_j (B, H, n ≥ T_n, D) fp32, in one launch of ``mod``'s
-    sla_marginal_operands_kernel (replacing the torch path's mask compare, two casts and fp32 GEMM;
-    linear_terms.marginal_sums's ``operands``)."""
+def mask_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, dtype: torch.dtype, *,
+                  excluded: bool = False):
+    """(a (B, H, T_m, k_cols) in ``dtype``: 1 on each row's selected blocks — marginal (mask == 0), or with
+    ``excluded`` critical and negligible (mask != 0) — 0 elsewhere and in the columns T_n..k_cols;
+    Σ_{selected j} z_j (B, H, T_m, D) fp32) from an int8 class mask (B, H, T_m, T_n; any strides, e.g. the
+    transposed mask of the backward's dk/dv side) and per-block z_j (B, H, n ≥ T_n, D) fp32, in one launch of
+    ``mod``'s sla_mask_operands_kernel (for linear_terms' ``operands``: it replaces a mask compare, two casts
+    and an fp32 SIMT GEMM). ``mod``: a marginal-scope forward module of the spec (its HEAD_DIM)."""
     B, H, tm, tn = mask.shape
     d = z_blocks.shape[-1]
     z = z_blocks.reshape(B * H, -1, d)
     assert z.is_contiguous() and z.dtype == torch.float32 and z.shape[1] >= tn and k_cols >= tn
     assert d == mod.HEAD_DIM.value and mask.dtype == torch.int8, (d, mod.HEAD_DIM, mask.dtype)
     a = torch.empty((B, H, tm, k_cols), dtype=dtype, device=mask.device)
-    z_i = torch.empty((B, H, tm, d), dtype=torch.float32, device=mask.device)
-    # 32 query blocks × 32 key blocks per step, 4 warps: no spills at D = 128 (sm90 offline compile; 64 rows
-    # spill 64 bytes), 16 programs per head at T_m = 512; D = 256 halves both
+    z_sel = torch.empty((B, H, tm, d), dtype=torch.float32, device=mask.device)
+    # 32 rows × 32 columns per step, 4 warps: no spills at D = 128 (sm90 offline compile; 64 rows spill 64
+    # bytes), 16 programs per head at T_m = 512; D = 256 halves both
     step = 32 if d <= 128 else 16
-    mod.sla_marginal_operands_kernel[(math.ceil(tm / step), B * H)](
-        mask, z, a, z_i, *mask.stride(), H, tm, tn, k_cols, z.shape[1], BLOCK_M=step, BLOCK_J=step, num_warps=4)
-    return a, z_i
+    mod.sla_mask_operands_kernel[(math.ceil(tm / step), B * H)](
+        mask, z, a, z_sel, *mask.stride(), H, tm, tn, k_cols, z.shape[1], EXCLUDED=excluded, BLOCK_M=step,
+        BLOCK_J=step, num_warps=4)
+    return a, z_sel
 
 
 def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, save: bool, o_lin, den,
@@ -238,12 +241,13 @@ def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, s
     dh = None
     if lowp and gemm:   # H_i = Σ_{j marginal} h_j (B·H·T_m, D, D) in q's dtype, Z_i fp32, replace H and Z
         h_i, z_i = linear_terms.marginal_sums(hb, zb, maps[0], out_dtype=q.dtype,
-                                              operands=functools.partial(marginal_operands, mod))
+                                              operands=functools.partial(mask_operands, mod))
         ht, zt = h_i.reshape(-1, q.shape[-1], q.shape[-1]), z_i.reshape(-1, q.shape[-1])
     elif lowp:          # scope 'all': the per-head H (Proj folded in when not saving) as an MMA operand
         ht = ht.to(q.dtype)
     elif gemm:   # ΔH (B, H, T_m, D, D) and Z_i (B, H, T_m, D), fp32, replace Z; the h_j are freed on return
-        dh, zt = linear_terms.excluded_sums(zt.view(*q.shape[:2], -1), hb, zb, maps[0], out_dtype=torch.float32)
+        dh, zt = linear_terms.excluded_sums(zt.view(*q.shape[:2], -1), hb, zb, maps[0], out_dtype=torch.float32,
+                                            operands=functools.partial(mask_operands, mod, excluded=True))
     B, H, lq, d = q.shape
     add = None
     if split:
