@@ -236,23 +236,35 @@ class _Call:
         return dict(num_warps=self.cfg["prep"]["num_warps"], num_stages=self.cfg["prep"]["num_stages"])
 
 
+def _state_buffers(c: _Call, blocks: int, chunks: int):
+    """(mat (B*H*rows, D, D) in the state dtype, vec (B*H*rows, D) fp32, rows): per head, one state per block
+    (scope 'marginal'; with the GEMM states padded_rows(blocks) rows, the tail zero: the K extent of the mask
+    GEMMs, a multiple of 8) or one per chunk of blocks."""
+    rows = (linear_terms.padded_rows(blocks) if c.gemm_states() else blocks) if c.marginal else chunks
+    n_states = c.BH * rows if c.linear else 1
+    mat = torch.empty((n_states, c.D, c.D), dtype=c.state_dtype, device=c.q.device)
+    vec = torch.empty((n_states, c.D), dtype=torch.float32, device=c.q.device)
+    if c.linear and c.marginal and rows > blocks:
+        mat.view(c.BH, rows, c.D, c.D)[:, blocks:].zero_()
+        vec.view(c.BH, rows, c.D)[:, blocks:].zero_()
+    return mat, vec, rows
+
+
 def _query_state(c: _Call):
     """Launch ``_query_state``: (ds, dl) fp32 (B*H, Lq) and the query state (g (n, D, D), gz (n, D))."""
     f32 = dict(dtype=torch.float32, device=c.q.device)
     prep = c.cfg["prep"]
     chunks = _grid_chunks(c.Tm, prep["chunk"])
-    n_states = c.BH * (c.Tm if c.marginal else chunks) if c.linear else 1
     ds = torch.empty((c.BH, c.Lq), **f32)
     dl = torch.empty((c.BH, c.Lq), **f32) if c.linear else c.lse
-    g = torch.empty((n_states, c.D, c.D), dtype=c.state_dtype, device=c.q.device)
-    gz = torch.empty((n_states, c.D), **f32)
+    g, gz, rows = _state_buffers(c, c.Tm, chunks)
     w, s_w0, s_w1 = c.weight_args()
     bias, s_bias = c.bias_args()
     count, ncount = c.maps[2], c.maps[6]
     c.mod._query_state[(chunks, c.BH)](
         c.q, c.do, c.o, c.o_lin, c.den, w, bias, count, ncount, ds, dl, g, gz,
         *c.q.stride(), *c.do.stride(), *c.o.stride(), *c.o_lin.stride(), *c.den.stride(), s_w0, s_w1, s_bias,
-        *count.stride(), *ncount.stride(), c.H, c.Lq, c.Tm, c.Tn, prep["chunk"],
+        *count.stride(), *ncount.stride(), c.H, c.Lq, c.Tm, c.Tn, prep["chunk"], rows,
         HAS_W=c.w is not None, HAS_B=c.bias is not None, ROWS=prep["rows"], **c.prep_launch())
     return ds, dl, g, gz
 
@@ -261,12 +273,10 @@ def _key_state(c: _Call):
     """Launch ``_key_state``: the key state (h (n, D, D), z (n, D)), Proj's W folded into h."""
     prep = c.cfg["prep"]
     chunks = _grid_chunks(c.Tn, prep["chunk"])
-    n_states = c.BH * (c.Tn if c.marginal else chunks)
-    h = torch.empty((n_states, c.D, c.D), dtype=c.state_dtype, device=c.q.device)
-    z = torch.empty((n_states, c.D), dtype=torch.float32, device=c.q.device)
+    h, z, rows = _state_buffers(c, c.Tn, chunks)
     w, s_w0, s_w1 = c.weight_args()
     c.mod._key_state[(chunks, c.BH)](c.k, c.v, w, h, z, *c.k.stride(), *c.v.stride(), s_w0, s_w1, c.H, c.Lk,
-                                     c.Tn, prep["chunk"], HAS_W=c.w is not None, ROWS=prep["rows"],
+                                     c.Tn, prep["chunk"], rows, HAS_W=c.w is not None, ROWS=prep["rows"],
                                      **c.prep_launch())
     return h, z
 
@@ -298,16 +308,16 @@ def _empty(c: _Call) -> torch.Tensor:
 
 def _excluded_states(c: _Call, total_vec, mats, vecs, mask):
     """(ΔM (n, D, D), the vector state minus its excluded part (n, D) fp32), n = B*H*rows of ``mask``: the
-    per-block states ``mats`` / ``vecs`` (one per column of mask (B, H, rows, cols)) summed over each row's
+    per-block states ``mats`` / ``vecs`` (one per column of mask (B, H, rows, cols), padded_rows(cols) per head
+    with a zero tail: :func:`_state_buffers`) summed over each row's
     excluded (mask != 0) columns by one batched GEMM (slagen.backends.linear_terms.excluded_sums), fp32
     accumulation. ΔM is stored like the states (bf16 for bf16/fp16 inputs: it is the small excluded part the
     kernels subtract from the fp32 totals, and it halves the temporary, 201 MB for ΔG at the headline shape)."""
-    B, H = c.q.shape[:2]
-    cols, D = mask.shape[-1], c.D
+    B, H, D = *c.q.shape[:2], c.D
     operands = functools.partial(fwd.mask_operands, codegen.load(c.spec.replace(role="forward"), "triton"),
                                  excluded=True)
-    dm, v = linear_terms.excluded_sums(total_vec.view(B, H, D), mats.view(B, H, cols, D, D),
-                                       vecs.view(B, H, cols, D), mask, out_dtype=mats.dtype, operands=operands)
+    dm, v = linear_terms.excluded_sums(total_vec.view(B, H, D), mats.view(B, H, -1, D, D),
+                                       vecs.view(B, H, -1, D), mask, out_dtype=mats.dtype, operands=operands)
     return dm.reshape(-1, D, D), v.reshape(-1, D)
 
 
