@@ -7,8 +7,6 @@ around it in torch, once:
   chunk_totals     per-head totals H = Σ_all h_j (D×D) and Z = Σ_all z_j (D) from the per-chunk partials
   marginal_sums    the same sums over the marginal blocks directly (H_i, Z_i), for the low-precision epilogues
                    (TileLang's, Triton's 'lowp'): no per-head total needed
-  (both sums: the backends pass the Triton kernel that forms the GEMM's 0/1 operand and the z sums from the
-   int8 mask in one launch, fwd.mask_operands)
   excluded_sums    scope 'marginal', GEMM formulation: for every query block i at once,
                      ΔH_i = Σ_{j excluded} h_j   and   Z_i = Z − Σ_{j excluded} z_j
                    where "excluded" is the class mask's critical and negligible blocks (mask != 0) and
@@ -16,8 +14,9 @@ around it in torch, once:
                    The main kernel's epilogue then uses H_i = H − ΔH_i, so its key loop visits only the
                    critical blocks and negligible blocks cost nothing.
 
-excluded_sums is one dense batched GEMM of the 0/1 mask (T_m × T_n) against the stacked h_j (T_n × D²):
-2·T_m·T_n·D² FLOPs per head, independent of the density, reading the h_j once. Accumulation is fp32 (cuBLAS
+Both sums are one dense batched GEMM of the 0/1 mask (T_m × T_n) against the stacked h_j (T_n × D²):
+2·T_m·T_n·D² FLOPs per head, independent of the density, reading the h_j once; the GEMM's 0/1 operand and
+the z sums come from the int8 mask in one launch of a Triton kernel the caller passes (fwd.mask_operands). Accumulation is fp32 (cuBLAS
 accumulates bf16/fp16 products in fp32); the result has ``out_dtype`` (fp32 for Triton, the input dtype for
 TileLang, whose kernel reads ΔH as a tensor-core operand).
 """
@@ -71,31 +70,6 @@ def padded_rows(n: int) -> int:
     return -(-n // ROW_ALIGN) * ROW_ALIGN
 
 
-def mask_operand(sel: torch.Tensor, dtype: torch.dtype, k: int) -> torch.Tensor:
-    """sel (..., T_m, T_n) of 0/1 as ``dtype`` with ``k`` ≥ T_n columns, columns T_n.. zero."""
-    tn = sel.shape[-1]
-    if k == tn:
-        return sel.to(dtype)
-    out = torch.zeros(*sel.shape[:-1], k, dtype=dtype, device=sel.device)
-    out[..., :tn] = sel
-    return out
-
-
-def mask_matmul(sel: torch.Tensor, terms: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """sel (..., T_m, T_n) of 0/1 (bool) times terms (..., n, N), accumulated in fp32, as ``out_dtype``.
-
-    terms has n ≥ T_n rows, those past T_n zero (the pre-passes allocate :func:`padded_rows` rows and zero the
-    tail); an n that is not a multiple of 8 is zero-padded here (a copy of terms) so cuBLAS gets its fast
-    GEMMs. The 0/1 mask is exact in every dtype: see :func:`operand_matmul` for the operand types.
-    """
-    n = terms.shape[-2]
-    assert n >= sel.shape[-1], (n, sel.shape)
-    k = padded_rows(n)
-    if k != n:
-        terms = torch.nn.functional.pad(terms, (0, 0, 0, k - n))
-    return operand_matmul(mask_operand(sel, _operand_dtype(terms, out_dtype), k), terms, out_dtype)
-
-
 def _operand_dtype(terms: torch.Tensor, out_dtype: torch.dtype) -> torch.dtype:
     """The dtype the 0/1 operand of :func:`operand_matmul` takes for these terms and this result."""
     half = terms.dtype in (torch.float16, torch.bfloat16)
@@ -106,7 +80,7 @@ def operand_matmul(a: torch.Tensor, terms: torch.Tensor, out_dtype: torch.dtype)
     """a (..., T_m, K) of 0/1 in :func:`_operand_dtype` times terms (..., K, N), accumulated in fp32, as
     ``out_dtype`` (K a multiple of 8: :func:`padded_rows`).
 
-    The operands are a in terms' dtype and terms as they are: bf16/fp16 terms with an fp32 result use one
+    The 0/1 operand is exact in every dtype, so the operands are a in terms' dtype and terms as they are: bf16/fp16 terms with an fp32 result use one
     tensor-core GEMM with fp32 output (cuBLAS, torch.bmm's out_dtype), never an fp32 copy of the terms; on CPU
     (no such kernel there) the product runs in fp32.
     """
@@ -136,33 +110,31 @@ def _blocks_of(h_terms: torch.Tensor, z_terms: torch.Tensor, per_block: int, tn:
 
 
 def _selected_sums(mask: torch.Tensor, excluded: bool, h_terms: torch.Tensor, z_terms: torch.Tensor,
-                   out_dtype: torch.dtype, per_block: int, operands: Optional[MaskOperands]):
+                   out_dtype: torch.dtype, per_block: int, operands: MaskOperands):
     """(Σ_{j sel} h_j (..., T_m, D, D) in out_dtype, Σ_{j sel} z_j (..., T_m, D) fp32), selected: mask == 0, or
     with ``excluded`` mask != 0, for the int8 class mask (..., T_m, T_n), over per-unit terms h_terms
-    (..., n, D, D), z_terms (..., n, D), ``per_block`` consecutive units per selection block (units past the
-    last key unit zero, see :func:`mask_matmul`).
+    (..., n, D, D), z_terms (..., n, D), ``per_block`` consecutive units per selection block; units past the
+    last key unit are zero (the pre-passes allocate :func:`padded_rows` units and zero the tail; an n that is
+    not a multiple of 8 is zero-padded here, a copy, so cuBLAS gets its Hopper GEMMs).
 
-    ``operands(mask, z_blocks, k, dtype) -> (a, Σ z)``, when given, forms the H GEMM's 0/1 operand a
-    (..., T_m, k) in dtype and the z sums from the int8 mask in one kernel (the Triton backend's
-    ``fwd.mask_operands``); without it, torch ops and a second (fp32) GEMM do."""
+    ``operands(mask, z_blocks, k, dtype) -> (a, Σ z)`` forms the GEMM's 0/1 operand a (..., T_m, k) in dtype
+    and the z sums from the int8 mask in one kernel (the Triton backend's ``fwd.mask_operands``); one GEMM
+    then gives the h sums."""
     tm, tn = mask.shape[-2:]
     h_terms, z_terms = _blocks_of(h_terms, z_terms, per_block, tn)
     lead, n, d = h_terms.shape[:-3], h_terms.shape[-3], z_terms.shape[-1]
+    assert n >= tn, (n, mask.shape)
     h_terms, z_terms = h_terms.reshape(*lead, n, d * d), z_terms.to(torch.float32)
-    if operands is None:
-        sel = mask != 0 if excluded else mask == 0
-        h, z = mask_matmul(sel, h_terms, out_dtype), mask_matmul(sel, z_terms, torch.float32)
-    else:
-        k = padded_rows(n)
-        if k != n:
-            h_terms, z_terms = (torch.nn.functional.pad(t, (0, 0, 0, k - n)) for t in (h_terms, z_terms))
-        a, z = operands(mask, z_terms, k, _operand_dtype(h_terms, out_dtype))
-        h = operand_matmul(a, h_terms, out_dtype)
+    k = padded_rows(n)
+    if k != n:
+        h_terms, z_terms = (torch.nn.functional.pad(t, (0, 0, 0, k - n)) for t in (h_terms, z_terms))
+    a, z = operands(mask, z_terms, k, _operand_dtype(h_terms, out_dtype))
+    h = operand_matmul(a, h_terms, out_dtype)
     return h.view(*h.shape[:-2], tm, d, d), z
 
 
-def marginal_sums(h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tensor, *, per_block: int = 1,
-                  out_dtype: Optional[torch.dtype] = None, operands: Optional[MaskOperands] = None):
+def marginal_sums(h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tensor, *, operands: MaskOperands,
+                  per_block: int = 1, out_dtype: Optional[torch.dtype] = None):
     """(H_i (..., T_m, D, D) in ``out_dtype`` (default h_terms'), Z_i (..., T_m, D) fp32): the per-unit terms
     (``per_block`` consecutive units per selection block, as in :func:`excluded_sums`) summed over each query
     block's marginal key blocks (mask == 0) directly — the form the low-precision epilogues read (an empty
@@ -172,8 +144,7 @@ def marginal_sums(h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tens
 
 
 def excluded_sums(z_total: torch.Tensor, h_terms: torch.Tensor, z_terms: torch.Tensor, mask: torch.Tensor, *,
-                  per_block: int = 1, out_dtype: Optional[torch.dtype] = None,
-                  operands: Optional[MaskOperands] = None):
+                  operands: MaskOperands, per_block: int = 1, out_dtype: Optional[torch.dtype] = None):
     """(ΔH (..., T_m, D, D) in ``out_dtype`` (default: h_terms' dtype), Z_i (..., T_m, D) fp32).
 
     ΔH_i = Σ_{j excluded} h_j and Z_i = Z − Σ_{j excluded} z_j over the key blocks excluded from query block

@@ -133,6 +133,7 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
     q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=dt, generator=gen).requires_grad_(True) for _ in range(3))
     do = torch.randn(B, H, L, D, device=dev, dtype=dt, generator=gen)
     rows: List[dict] = result["rows"]
+    wanted = {SLAGEN_ROWS[r] for r in slagen_rows}
 
     def attempt(name, fwd_fn, fb_fn=None, group="", sparse_flops=None, component=False):
         row = dict(name=name, group=group, fwd_ms=None, fwd_bwd_ms=None, peak_mib=None, sparse_flops=sparse_flops,
@@ -167,7 +168,7 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
                 attempt(f"slagen-{name} block map [{group}, {n_crit}/{tn}]",
                         lambda cfg=cfg: slagen.block_map(q, k, **cfg), group=group, component=True)
             for fmap, scope, what in SLA_VARIANTS:
-                if what not in [SLAGEN_ROWS[r] for r in slagen_rows]:
+                if what not in wanted:
                     continue
 
                 def f(q_, k_, v_, fmap=fmap, scope=scope, cfg=cfg):

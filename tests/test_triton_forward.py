@@ -263,10 +263,18 @@ def test_prepass_per_block_terms(fmap, lk, block_k, pre_tile):
     assert no_h is None and no_z is None and torch.equal(hb2, hb) and torch.equal(zb2, zb)
 
 
+def mask_operands_of(d: int, excluded: bool = False):
+    """The operands callable linear_terms' sums take: the Triton mask-operands kernel (interpreted on CPU) of
+    an fp32 D = d spec."""
+    spec = KernelSpec(arch="sm80", head_dim=d, block_q=16, block_k=16, feature_map="softmax", dtype="fp32")
+    return functools.partial(fwd.mask_operands, codegen.load(spec, "triton"), excluded=excluded)
+
+
 @pytest.mark.parametrize("per_block", [1, 2, 4])
 def test_excluded_sums_match_an_explicit_sum(per_block):
+    """T_n = 7 unpadded terms (zero-padded to 8 by a copy), tiles grouped into blocks, full and empty rows."""
     g = torch.Generator().manual_seed(per_block)
-    B, H, d, tm, tn = 2, 3, 8, 5, 7
+    B, H, d, tm, tn = 2, 3, 16, 5, 7
     n = tn * per_block - (per_block - 1)          # the last block has a single tile
     h = torch.randn(B, H, n, d, d, generator=g)
     z = torch.randn(B, H, n, d, generator=g)
@@ -274,7 +282,8 @@ def test_excluded_sums_match_an_explicit_sum(per_block):
     mask = torch.randint(-1, 2, (B, H, tm, tn), generator=g).to(torch.int8)
     mask[0, 0, 0] = 1                              # a row with every block excluded
     mask[0, 0, 1] = 0                              # and one with none
-    dh, zi = linear_terms.excluded_sums(z_total, h, z, mask, per_block=per_block, out_dtype=torch.float32)
+    dh, zi = linear_terms.excluded_sums(z_total, h, z, mask, per_block=per_block, out_dtype=torch.float32,
+                                        operands=mask_operands_of(d, excluded=True))
     assert dh.shape == (B, H, tm, d, d) and zi.shape == (B, H, tm, d) and dh.dtype == torch.float32
     for bi, hi, i in ((0, 0, 0), (0, 0, 1), (1, 2, 4), (0, 1, 3)):
         tiles = [t for j in range(tn) if mask[bi, hi, i, j] != 0
@@ -286,44 +295,49 @@ def test_excluded_sums_match_an_explicit_sum(per_block):
     assert torch.equal(dh[0, 0, 1], torch.zeros(d, d))
 
 
-def test_mask_matmul_keeps_fp32_results_of_low_precision_terms():
+def test_operand_matmul_keeps_fp32_results_of_low_precision_terms():
     """bf16 terms with an fp32 result: fp32 accumulation and output (on CPU the fp32 fallback)."""
     g = torch.Generator().manual_seed(0)
     sel = torch.rand(2, 6, 40, generator=g) < 0.5
     terms = torch.randn(2, 40, 24, generator=g).to(torch.bfloat16)
-    got = linear_terms.mask_matmul(sel, terms, torch.float32)
+    got = linear_terms.operand_matmul(sel.to(torch.bfloat16), terms, torch.float32)
     want = sel.double() @ terms.double()
     assert got.dtype == torch.float32 and rel_err(got, want) < 1e-6
-    same = linear_terms.mask_matmul(sel, terms, torch.bfloat16)
+    same = linear_terms.operand_matmul(sel.to(torch.bfloat16), terms, torch.bfloat16)
     assert same.dtype == torch.bfloat16 and rel_err(same, want) < 1e-2
 
 
 @pytest.mark.parametrize("tn", [41, 1182, 512])
-def test_mask_matmul_pads_k_to_a_multiple_of_8(tn):
-    """An odd T_n (L = 75600, 64-key blocks: 1182) is a K extent cuBLAS runs 3× slower: the mask gets zero
-    columns up to padded_rows(T_n), terms with T_n rows get zero rows (a copy), terms that come padded (the
-    pre-passes' buffers, zero tail) are used as they are; the product is unchanged."""
+def test_sums_pad_k_to_a_multiple_of_8(tn):
+    """An odd T_n (L = 75600, 64-key blocks: 1182) is a K extent cuBLAS runs 3× slower: the GEMM runs over
+    padded_rows(T_n) columns of the 0/1 operand (zero past T_n); terms with T_n rows get zero rows (a copy),
+    terms that come padded (the pre-passes' buffers, zero tail) are used as they are; the sums are unchanged."""
     g = torch.Generator().manual_seed(tn)
-    sel = torch.rand(2, 3, 5, tn, generator=g) < 0.5
+    d = 16
+    mask = torch.randint(-1, 2, (1, 2, 5, tn), generator=g).to(torch.int8)
     k = linear_terms.padded_rows(tn)
     assert k % 8 == 0 and 0 <= k - tn < 8
-    a = linear_terms.mask_operand(sel, torch.bfloat16, k)
-    assert a.shape == (2, 3, 5, k) and torch.equal(a[..., :tn], sel.to(torch.bfloat16)) and not a[..., tn:].any()
-    terms = torch.randn(2, 3, tn, 24, generator=g).to(torch.bfloat16)
-    padded = torch.cat([terms, terms.new_zeros(2, 3, k - tn, 24)], -2)
-    want = sel.double() @ terms.double()
-    for t in (terms, padded):
-        for out in (torch.float32, torch.bfloat16):
-            got = linear_terms.mask_matmul(sel, t, out)
-            assert got.dtype == out and got.shape == want.shape
-            assert rel_err(got, want) < (1e-6 if out == torch.float32 else 1e-2)
+    h = torch.randn(1, 2, tn, d, d, generator=g)
+    z = torch.rand(1, 2, tn, d, generator=g)
+    marg = (mask == 0).double()
+    want_h, want_z = (marg @ h.double().flatten(-2)).unflatten(-1, (d, d)), marg @ z.double()
+    seen = []
+
+    def operands(mask_, z_, k_, dtype):
+        seen.append(k_)
+        return mask_operands_of(d)(mask_, z_, k_, dtype)
+    for h_, z_ in ((h, z), (torch.cat([h, h.new_zeros(1, 2, k - tn, d, d)], -3),
+                           torch.cat([z, z.new_zeros(1, 2, k - tn, d)], -2))):
+        got_h, got_z = linear_terms.marginal_sums(h_, z_, mask, operands=operands)
+        assert got_h.shape == want_h.shape and rel_err(got_h, want_h) < 1e-6 and rel_err(got_z, want_z) < 1e-6
+    assert seen == [k, k]
 
 
 @pytest.mark.parametrize("d,tn", [(16, 13), (32, 8), (64, 70)])
-def test_mask_operands_kernel_matches_the_torch_path(d, tn):
+def test_mask_operands_kernel_matches_an_explicit_sum(d, tn):
     """fwd.mask_operands (one Triton kernel from the int8 class mask: the GEMM's 0/1 operand with zero padding
-    columns, and the z sums) through linear_terms.marginal_sums / excluded_sums equals the torch path (mask
-    compare, casts, two GEMMs) and an explicit sum; a mask view with strides and its transpose (the backward's
+    columns, and the z sums), alone and through linear_terms.marginal_sums / excluded_sums, equals an explicit
+    sum; a mask view with strides and its transpose (the backward's
     dk/dv side), critical and negligible entries, a row with no marginal block."""
     g = torch.Generator().manual_seed(d + tn)
     B, H, tm = 2, 3, 5
@@ -345,14 +359,13 @@ def test_mask_operands_kernel_matches_the_torch_path(d, tn):
             assert rel_err(zs, sel.double() @ z[:, :, :cols].double()) < 1e-6
         ops = functools.partial(fwd.mask_operands, mod)
         hk, zk = linear_terms.marginal_sums(h, z, mask, operands=ops)
-        ht, zt = linear_terms.marginal_sums(h, z, mask)
-        marg = (mask == 0).double()
-        assert rel_err(zk, marg @ z[:, :, :cols].double()) < 1e-6 and rel_err(zk, zt) < 1e-6
-        assert rel_err(hk, ht) < 1e-6 and rel_err(hk.flatten(-2), marg @ h[:, :, :cols].double().flatten(-2)) < 1e-6
+        marg, excl = (mask == 0).double(), (mask != 0).double()
+        assert rel_err(zk, marg @ z[:, :, :cols].double()) < 1e-6
+        assert rel_err(hk.flatten(-2), marg @ h[:, :, :cols].double().flatten(-2)) < 1e-6
         z_total = torch.randn(B, H, d, generator=g)
         dk, zek = linear_terms.excluded_sums(z_total, h, z, mask, operands=functools.partial(ops, excluded=True))
-        dt, zet = linear_terms.excluded_sums(z_total, h, z, mask)
-        assert rel_err(dk, dt) < 1e-6 and rel_err(zek, zet) < 1e-6
+        assert rel_err(dk.flatten(-2), excl @ h[:, :, :cols].double().flatten(-2)) < 1e-6
+        assert rel_err(zek, z_total[..., None, :].double() - excl @ z[:, :, :cols].double()) < 1e-6
         if side == 0:     # the all-critical row: exact zeros
             assert not hk[1, 2, 3].any() and not zk[1, 2, 3].any()
 
@@ -553,12 +566,15 @@ def test_gpu_marginal_gemm_empty_and_full_rows():
 
 @gpu
 @needs_cuda
-def test_gpu_mask_matmul_fp32_result():
+def test_gpu_operand_matmul_fp32_result():
     g = torch.Generator(device="cuda").manual_seed(0)
-    for tn in (512, 1182):      # 1182: an odd T_n (padded row stride)
-        sel = torch.rand(12, 256, tn, device="cuda", generator=g) < 0.1
-        terms = torch.randn(12, tn, 4096, device="cuda", generator=g).to(torch.bfloat16)
-        got = linear_terms.mask_matmul(sel, terms, torch.float32)
+    for tn in (512, 1182):      # 1182: an odd T_n (K padded to 1184 with zero columns / rows)
+        k = linear_terms.padded_rows(tn)
+        sel = torch.zeros(12, 256, k, device="cuda", dtype=torch.bool)
+        sel[..., :tn] = torch.rand(12, 256, tn, device="cuda", generator=g) < 0.1
+        terms = torch.zeros(12, k, 4096, device="cuda", dtype=torch.bfloat16)
+        terms[:, :tn] = torch.randn(12, tn, 4096, device="cuda", generator=g)
+        got = linear_terms.operand_matmul(sel.to(torch.bfloat16), terms, torch.float32)
         want = sel.double() @ terms.double()
         assert got.dtype == torch.float32 and rel_err(got, want) < 1e-6, tn
 
