@@ -641,7 +641,9 @@ build(mod.sla_linear_totals_kernel, cfg["pre_warps"], cfg["pre_stages"], TILE=cf
       BLOCKS=scope == "marginal" and mode == "gemm", TOTALS=not (scope == "marginal" and mode == "gemm"
                                                                  and epilogue == "lowp"))
 if scope == "marginal" and mode == "gemm":    # 'lowp' sums the marginal blocks, the others the excluded ones
-    build(mod.sla_mask_operands_kernel, 4, 2, EXCLUDED=epilogue != "lowp", BLOCK_M=32, BLOCK_J=32, smn=1)
+    launch = fwd.MASK_OPERANDS_LAUNCH
+    build(mod.sla_mask_operands_kernel, launch["warps"], launch["stages"], EXCLUDED=epilogue != "lowp",
+          BLOCK_M=launch["block_m"], BLOCK_J=launch["block_j"], smn=1)
 """
 
 
