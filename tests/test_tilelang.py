@@ -381,6 +381,17 @@ GPU_CASES = (
        # many CTAs per SM over the grid (1024 CTAs): the inference forward and the training one without Proj
        dict(L=32760, block=(64, 64), save=False, config=dict(ctas_per_sm=2)),
        dict(L=32760, block=(64, 64), proj=False, config=dict(ctas_per_sm=2))]
+    # 64-row tiles with two resident CTAs per SM, the candidate default for them (the training forward with Proj
+    # runs one regardless): the inference forward and the training one without Proj over lengths, head dims,
+    # scopes; sparse-only; fp16, blhd, elu
+    + [dict(L=L, d=d, block=(64, 64), scope=sc, negl=0.1, n_crit=c, **variant, config=dict(ctas_per_sm=2))
+       for L, c in ((77, "all"), (4096, 2), (32760, "topk")) for d in (64, 128) for sc in ("marginal", "all")
+       for variant in (dict(save=False), dict(proj=False))]
+    + [dict(L=L, block=(64, 64), fmap="none", n_crit=c, config=dict(ctas_per_sm=2))
+       for L, c in ((77, 1), (4096, "mixed"), (32760, "topk"))]
+    + [dict(L=4096, block=(64, 64), dtype="fp16", save=False, config=dict(ctas_per_sm=2)),
+       dict(L=4096, block=(64, 64), layout="blhd", proj=False, config=dict(ctas_per_sm=2)),
+       dict(L=4096, block=(64, 64), fmap="elu", scope="marginal", proj=False, config=dict(ctas_per_sm=2))]
     # two selected key blocks per step (tile_n = 2·block_k): odd counts mask the last step's second half
     + [dict(L=L, d=d, scope="marginal", negl=0.1, n_crit=c, config=dict(tile_n=128))
        for L, c in ((77, 1), (77, "all"), (4096, 1), (4096, 2), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
