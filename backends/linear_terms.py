@@ -58,7 +58,7 @@ def _tiles_to_blocks(h: torch.Tensor, z: torch.Tensor, per_block: int, n_blocks:
     return h, z
 
 
-_HAS_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
+HAS_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")   # torch ≥ 2.8: half GEMMs with an fp32 result
 ROW_ALIGN = 8
 
 
@@ -87,7 +87,7 @@ def operand_matmul(a: torch.Tensor, terms: torch.Tensor, out_dtype: torch.dtype)
     if out_dtype == terms.dtype:
         return torch.matmul(a, terms)
     half = terms.dtype in (torch.float16, torch.bfloat16)
-    if terms.is_cuda and half and out_dtype == torch.float32 and not _HAS_BMM_OUT_DTYPE:
+    if terms.is_cuda and half and out_dtype == torch.float32 and not HAS_BMM_OUT_DTYPE:
         # torch without aten::bmm.dtype (older than 2.8): the GEMM in the terms' dtype (cuBLAS still
         # accumulates in fp32; only the stored sum is rounded, as the TileLang backend does), then fp32.
         return torch.matmul(a, terms).to(out_dtype)

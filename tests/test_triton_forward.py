@@ -10,6 +10,7 @@ An offline compile (Triton's compiler, no GPU) checks the sm90 d=128 kernels for
 
 import contextlib
 import functools
+import itertools
 import os
 import re
 import subprocess
@@ -336,7 +337,8 @@ def test_sums_pad_k_to_a_multiple_of_8(tn):
 @pytest.mark.parametrize("d,tn", [(16, 13), (32, 8), (64, 70)])
 def test_mask_operands_kernel_matches_an_explicit_sum(d, tn):
     """fwd.mask_operands (one Triton kernel from the int8 class mask: the GEMM's 0/1 operand with zero padding
-    columns, and the z sums), alone and through linear_terms.marginal_sums / excluded_sums, equals an explicit
+    columns, and z in three planes of the operand's dtype whose GEMM gives the z sums to fp32 accuracy, for
+    fp32 / bf16 / fp16 operands), alone and through linear_terms.marginal_sums / excluded_sums, equals an explicit
     sum; a mask view with strides and its transpose (the backward's
     dk/dv side), critical and negligible entries, a row with no marginal block."""
     g = torch.Generator().manual_seed(d + tn)
@@ -352,11 +354,12 @@ def test_mask_operands_kernel_matches_an_explicit_sum(d, tn):
         z = torch.rand(B, H, k, d, generator=g) * 40
         h[:, :, cols:] = 0
         z[:, :, cols:] = 0
-        for excluded in (False, True):
+        for excluded, dtype in itertools.product((False, True), (torch.float32, torch.bfloat16, torch.float16)):
             sel = (mask != 0) if excluded else (mask == 0)
-            a, zs = fwd.mask_operands(mod, mask, z, k, torch.float32, excluded=excluded)
-            assert a.shape == (B, H, rows_, k) and torch.equal(a[..., :cols], sel.float()) and not a[..., cols:].any()
-            assert rel_err(zs, sel.double() @ z[:, :, :cols].double()) < 1e-6
+            a, zs = fwd.mask_operands(mod, mask, z, k, dtype, excluded=excluded)   # z in three planes of dtype
+            assert a.dtype == dtype and a.shape == (B, H, rows_, k) and not a[..., cols:].any()
+            assert torch.equal(a[..., :cols], sel.to(dtype))
+            assert zs.dtype == torch.float32 and rel_err(zs, sel.double() @ z[:, :, :cols].double()) < 1e-6, dtype
         ops = functools.partial(fwd.mask_operands, mod)
         hk, zk = linear_terms.marginal_sums(h, z, mask, operands=ops)
         marg, excl = (mask == 0).double(), (mask != 0).double()
@@ -600,8 +603,8 @@ spec = KernelSpec(arch=f"sm{cap}", head_dim=128, block_q=128, block_k=64, featur
                   has_negligible=True, dtype="bf16")
 cfg, mod = fwd.default_config(spec, mode, epilogue), codegen.load(spec, "triton")
 RUN_TIME = {"n_heads", "Lq", "Lk", "n_qblocks", "crit_width", "negl_width", "n_kblocks", "chunk_rows",
-            "Tm", "Tn", "k_cols", "z_rows", "smb", "smh", "smm"}
-FP32 = {"LSE", "HT", "ZT", "DH", "W", "BIAS", "DEN", "HP", "ZP", "ZB", "ADD", "ZI"}
+            "Tm", "Tn", "z_rows", "row_tiles", "smb", "smh", "smm"}
+FP32 = {"LSE", "HT", "ZT", "DH", "W", "BIAS", "DEN", "HP", "ZP", "ZB", "ADD"}
 
 
 def build(fn, warps, stages, **consts):
@@ -630,7 +633,7 @@ def build(fn, warps, stages, **consts):
 
 
 lin = dict(EPI_K=cfg["epi_k"], HAS_W=has_w, HAS_BIAS=has_w, SAVE=save, FP32_DOT=cfg["fp32_dot"])
-BF16 = {"Q", "K", "V", "O", "OLIN", "HB", "SEL"} | ({"HT"} if epilogue == "lowp" else set())   # lowp: H_i bf16
+BF16 = {"Q", "K", "V", "O", "OLIN", "HB", "SEL", "ZS"} | ({"HT"} if epilogue == "lowp" else set())   # lowp: H_i bf16
 consts = dict(TILE_M=cfg["tile_m"], TILE_N=cfg["tile_n"], SPLIT=epilogue == "split", LOWP=epilogue == "lowp", **lin)
 if scope == "marginal":
     consts["MARGINAL_GEMM"] = mode == "gemm"
@@ -642,7 +645,7 @@ build(mod.sla_linear_totals_kernel, cfg["pre_warps"], cfg["pre_stages"], TILE=cf
                                                                  and epilogue == "lowp"))
 if scope == "marginal" and mode == "gemm":    # 'lowp' sums the marginal blocks, the others the excluded ones
     launch = fwd.MASK_OPERANDS_LAUNCH
-    build(mod.sla_mask_operands_kernel, launch["warps"], launch["stages"], EXCLUDED=epilogue != "lowp",
+    build(mod.sla_mask_operands_kernel, launch["warps"], 1, EXCLUDED=epilogue != "lowp",
           BLOCK_M=launch["block_m"], BLOCK_J=launch["block_j"], smn=1)
 """
 

@@ -197,10 +197,8 @@ def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Opt
     return (*(linear_terms.chunk_totals(hp, zp) if totals else (None, None)), hb, zb)
 
 
-# sla_mask_operands_kernel's launch: rows and key blocks per step, warps, software-pipeline stages (D ≤ 128;
-# D = 256 halves block_j). tools/sweep_mask_operands.py on an H200, H = 12, L = 32760 (session 6): 16 × 32,
-# 2 stages: 41.9 µs (forward, 512 × 512 mask) and 47.0 (transposed) vs 53.4 / 59.4 for 32 × 32, 3 stages.
-MASK_OPERANDS_LAUNCH = dict(block_m=16, block_j=32, warps=4, stages=2)
+# sla_mask_operands_kernel's launch: rows and columns per program, warps (elementwise: 16 elements per thread).
+MASK_OPERANDS_LAUNCH = dict(block_m=32, block_j=64, warps=4)
 
 
 def mask_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, dtype: torch.dtype, *,
@@ -208,22 +206,31 @@ def mask_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, 
     """(a (B, H, T_m, k_cols) in ``dtype``: 1 on each row's selected blocks — marginal (mask == 0), or with
     ``excluded`` critical and negligible (mask != 0) — 0 elsewhere and in the columns T_n..k_cols;
     Σ_{selected j} z_j (B, H, T_m, D) fp32) from an int8 class mask (B, H, T_m, T_n; any strides, e.g. the
-    transposed mask of the backward's dk/dv side) and per-block z_j (B, H, n ≥ T_n, D) fp32, in one launch of
-    ``mod``'s sla_mask_operands_kernel (for linear_terms' ``operands``: it replaces a mask compare, two casts
-    and an fp32 SIMT GEMM). ``mod``: a marginal-scope forward module of the spec (its HEAD_DIM). ``launch``
-    overrides keys of MASK_OPERANDS_LAUNCH (tools/sweep_mask_operands.py times the choices)."""
+    transposed mask of the backward's dk/dv side) and per-block z_j (B, H, n ≥ T_n, D) fp32 (for
+    linear_terms' ``operands``). One launch of ``mod``'s sla_mask_operands_kernel forms a and z split into three
+    planes of ``dtype``; the z sums are then one tensor-core GEMM of a with the planes (fp32 result,
+    linear_terms.operand_matmul) and a sum over the planes: fp32-accurate (session 6: the previous form, a
+    tf32x3 dot per 32-block step inside one kernel, was latency-bound at 42 µs for a 2.6 µs floor).
+    ``mod``: a marginal-scope forward module of the spec (its HEAD_DIM); ``launch`` overrides keys of
+    MASK_OPERANDS_LAUNCH (tools/sweep_mask_operands.py times the choices)."""
     B, H, tm, tn = mask.shape
     d = z_blocks.shape[-1]
     z = z_blocks.reshape(B * H, -1, d)
     assert z.is_contiguous() and z.dtype == torch.float32 and z.shape[1] >= tn and k_cols >= tn
     assert d == mod.HEAD_DIM.value and mask.dtype == torch.int8, (d, mod.HEAD_DIM, mask.dtype)
     cfg = {**MASK_OPERANDS_LAUNCH, **(launch or {})}
-    block_m, block_j = cfg["block_m"], cfg["block_j"] if d <= 128 else cfg["block_j"] // 2
     a = torch.empty((B, H, tm, k_cols), dtype=dtype, device=mask.device)
-    z_sel = torch.empty((B, H, tm, d), dtype=torch.float32, device=mask.device)
-    mod.sla_mask_operands_kernel[(math.ceil(tm / block_m), B * H)](
-        mask, z, a, z_sel, *mask.stride(), H, tm, tn, k_cols, z.shape[1], EXCLUDED=excluded, BLOCK_M=block_m,
-        BLOCK_J=block_j, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    planes = torch.empty((B, H, k_cols, 3 * d), dtype=dtype, device=mask.device)
+    row_tiles = math.ceil(tm / cfg["block_m"])
+    grid = (row_tiles + math.ceil(k_cols / cfg["block_m"]), math.ceil(k_cols / cfg["block_j"]), B * H)
+    mod.sla_mask_operands_kernel[grid](
+        mask, z, a, planes, *mask.stride(), H, tm, tn, k_cols, z.shape[1], row_tiles, EXCLUDED=excluded,
+        BLOCK_M=cfg["block_m"], BLOCK_J=cfg["block_j"], num_warps=cfg["warps"])
+    if a.is_cuda and dtype != torch.float32 and not linear_terms.HAS_BMM_OUT_DTYPE:
+        prod = torch.matmul(a.to(torch.float32), planes.to(torch.float32))   # torch < 2.8: an fp32 GEMM
+    else:
+        prod = linear_terms.operand_matmul(a, planes, torch.float32)
+    z_sel = prod.view(B, H, tm, 3, d).sum(-2)
     return a, z_sel
 
 
