@@ -642,22 +642,24 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
         _check_tma("do", do)
     except ValueError:      # dO comes from autograd (possibly an expanded or sliced view): copy it
         do = do.contiguous()
-    row_lut = [maps[1].to(torch.int32).contiguous(), maps[2].to(torch.int32).contiguous()]
-    col_lut = [maps[3].to(torch.int32).contiguous(), maps[4].to(torch.int32).contiguous()]
+    row_lut = [maps[1].to(torch.int32), maps[2].to(torch.int32)]
+    col_lut = [maps[3].to(torch.int32), maps[4].to(torch.int32)]
 
-    def sparse_dq(ds, dq_lin):          # dq_lin is freed before the dk / dv terms are formed
-        dq = torch.empty_like(q)
+    def per_heads(heads, *tensors):     # a head group's slices as the kernels read them (LUTs, LSE: contiguous)
+        return [t[:, heads].contiguous() for t in tensors]
+
+    def sparse_dq(heads, ds, dq_lin, dq):      # dq_lin is freed before the dk / dv terms are formed
         with torch.cuda.device(q.device):
-            backward_kernel(spec, cfg, "dq")(q, k, v, do, lse.contiguous(), ds, *row_lut,
+            backward_kernel(spec, cfg, "dq")(q[:, heads], k[:, heads], v[:, heads], do[:, heads],
+                                             *per_heads(heads, lse), ds, *per_heads(heads, *row_lut),
                                              *([] if dq_lin is None else [dq_lin]), dq, float(scale))
-        return dq
 
-    def sparse_dkdv(ds, dk_lin, dv_lin):
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
+    def sparse_dkdv(heads, ds, dk_lin, dv_lin, dk, dv):
+        (lse_g,) = per_heads(heads, lse)
         with torch.cuda.device(q.device):
-            backward_kernel(spec, cfg, "dkdv")(q, k, v, do, *_per_query_block(lse, ds, block_q), *col_lut,
+            backward_kernel(spec, cfg, "dkdv")(q[:, heads], k[:, heads], v[:, heads], do[:, heads],
+                                               *_per_query_block(lse_g, ds, block_q), *per_heads(heads, *col_lut),
                                                *([] if dk_lin is None else [dk_lin, dv_lin]), dk, dv, float(scale))
-        return dk, dv
 
     return _triton().backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
                                           sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv, **cfg_args)

@@ -115,53 +115,113 @@ def test_linear_branch_alone(scope):
 
 
 class SparseLoops:
-    """Stand-in for a backend's sparse loops in bwd.linear_part: records the terms it is handed (as weak
-    references for dq's, to see that it is freed before dk / dv exist) and returns them unchanged."""
+    """Stand-in for a backend's sparse loops in bwd.linear_part: records, per head group, the terms it is
+    handed (as a weak reference for dq's, to see that it is freed before dk / dv exist) and fills the group's
+    gradient views with the group's first head index + 1."""
 
     def __init__(self):
-        self.calls, self.terms = [], {}
+        self.calls, self.parts, self.dq_alive = [], {}, []
 
-    def dq(self, ds, dq_lin):
-        self.calls.append("dq")
-        self.terms["ds"] = ds
+    def _keep(self, name, heads, term):
+        self.parts.setdefault(name, []).append((heads, None if term is None else term.clone()))
+
+    def dq(self, heads, ds, dq_lin, dq):
+        self.calls.append(("dq", heads))
+        self._keep("ds", heads, ds)
+        self._keep("dq", heads, dq_lin)
         self.dq_ref = None if dq_lin is None else weakref.ref(dq_lin)
-        self.terms["dq"] = None if dq_lin is None else dq_lin.clone()
-        return "dq-result"
+        dq.fill_(heads.start + 1)
 
-    def dkdv(self, ds, dk_lin, dv_lin):
-        self.calls.append("dkdv")
-        self.dq_alive = self.dq_ref is not None and self.dq_ref() is not None
-        self.terms.update(dk=dk_lin, dv=dv_lin)
-        return "dk-result", "dv-result"
+    def dkdv(self, heads, ds, dk_lin, dv_lin, dk, dv):
+        self.calls.append(("dkdv", heads))
+        self.dq_alive.append(self.dq_ref is not None and self.dq_ref() is not None)
+        self._keep("dk", heads, dk_lin)
+        self._keep("dv", heads, dv_lin)
+        dk.fill_(heads.start + 1)
+        dv.fill_(heads.start + 1)
+
+    def term(self, name):
+        """The term over all heads (the groups' parts in head order), or None if the groups got None."""
+        parts = self.parts[name]
+        assert [h.start for h, _ in parts] == sorted(h.start for h, _ in parts)
+        if all(t is None for _, t in parts):
+            return None
+        return torch.cat([t for _, t in parts], 1)
 
 
-@pytest.mark.parametrize("scope,negl", [("marginal", 0.25), ("all", 0.0)])
-def test_linear_part_is_the_backward_without_its_sparse_loops(scope, negl):
+@pytest.mark.parametrize("scope,negl,budget", [("marginal", 0.25, 0.0), ("marginal", 0.25, None), ("all", 0.0, 0.0),
+                                               ("all", 0.0, None)])
+def test_linear_part_is_the_backward_without_its_sparse_loops(scope, negl, budget):
     """bwd.linear_part (the TileLang backward's first half): D^s, the linear branch's dq/dk/dv (fp32; full
-    minus sparse-only gradients), handed to the caller's sparse loops dq first (its term freed before the
-    dk / dv terms exist), and the very dW, db of the full backward; None terms when sparse-only."""
-    args = dict(scope=scope, negligible=negl, seed=7)
+    minus sparse-only gradients), handed to the caller's sparse loops head group by head group (all heads at
+    once with temp_budget 0; one head per group at these sizes with the default), dq first (its term freed
+    before the dk / dv terms exist), each group writing its own heads of the gradients returned; and the very
+    dW, db of the full backward; None terms when sparse-only."""
+    args = dict(scope=scope, negligible=negl, seed=7, H=3)
     p, cfg = make_problem(feature_map="elu", weight=True, bias=True, **args)
     sparse_p, sparse_cfg = make_problem(feature_map="none", **args)     # same q, k, v, dO and block map
+    config = bwd.default_config(bwd.kernel_spec(p["q"], feature_map="elu", scope=scope, has_negligible=negl > 0,
+                                                block_q=cfg["block_q"], block_k=cfg["block_k"]))
+    if budget is not None:
+        config["prep"]["temp_budget"] = budget
+    groups = 1 if budget == 0.0 else 3
     names = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")
     loops = SparseLoops()
-    got = bwd.linear_part(*(p[name] for name in names), sparse_dq=loops.dq, sparse_dkdv=loops.dkdv, **cfg)
-    assert loops.calls == ["dq", "dkdv"] and not loops.dq_alive
-    assert got[:3] == ("dq-result", "dk-result", "dv-result")
+    got = bwd.linear_part(*(p[name] for name in names), sparse_dq=loops.dq, sparse_dkdv=loops.dkdv,
+                          config=config, **cfg)
+    heads = [h for kind, h in loops.calls if kind == "dq"]
+    assert len(heads) == groups and loops.calls == [(kind, h) for h in heads for kind in ("dq", "dkdv")]
+    assert not any(loops.dq_alive)
+    for grad, x in zip(got[:3], (p["q"], p["k"], p["v"])):        # each group filled its own heads
+        assert grad.dtype == x.dtype and grad.shape == x.shape
+        for h in heads:
+            assert torch.all(grad[:, h] == h.start + 1)
     full, sparse = triton_grads(p, cfg), triton_grads(sparse_p, sparse_cfg)
     for name, f, s, x in zip(GRADS, full, sparse, (p["q"], p["k"], p["v"])):
-        term = loops.terms[name]
-        assert term.dtype == torch.float32 and term.shape == x.shape and term.is_contiguous(), name
+        term = loops.term(name)
+        assert term.dtype == torch.float32 and term.shape == x.shape, name
         assert rel(term, f - s) < 1e-4, name
-    assert torch.equal(got[3], full[3]) and torch.equal(got[4], full[4])
+    assert torch.allclose(got[3], full[3], rtol=1e-6, atol=1e-6) and torch.allclose(got[4], full[4], rtol=1e-6,
+                                                                                     atol=1e-6)
     want_ds = (sparse_p["do"] * sparse_p["o"]).sum(-1)                 # rowsum(dO ⊙ O^s)
-    assert loops.terms["ds"].shape == p["lse"].shape and rel(loops.terms["ds"], want_ds) < 1e-5
+    assert loops.term("ds").shape == p["lse"].shape and rel(loops.term("ds"), want_ds) < 1e-5
     sparse_loops = SparseLoops()
     bwd.linear_part(*(sparse_p[name] for name in names), sparse_dq=sparse_loops.dq, sparse_dkdv=sparse_loops.dkdv,
                     **sparse_cfg)
-    assert sparse_loops.calls == ["dq", "dkdv"]
-    assert [sparse_loops.terms[n] for n in ("dq", "dk", "dv")] == [None, None, None]
-    assert rel(sparse_loops.terms["ds"], want_ds) < 1e-5
+    assert [kind for kind, _ in sparse_loops.calls] == ["dq", "dkdv"]
+    assert [sparse_loops.term(n) for n in ("dq", "dk", "dv")] == [None, None, None]
+    assert rel(sparse_loops.term("ds"), want_ds) < 1e-5
+
+
+def test_head_groups_follow_the_temporary_budget():
+    """_head_groups: the per-head temporaries of the GEMM states (and linear_part's fp32 terms) against
+    temp_budget × q's bytes, at the headline shape's sizes (no kernel runs)."""
+    B, H, L, D = 1, 12, 32760, 128
+    q = torch.empty((B, H, L, D), dtype=torch.bfloat16, device="meta")
+    maps = [torch.empty((B, H, 256, 512), dtype=torch.int8, device="meta")] + [
+        torch.empty((B, H, 4), dtype=torch.int32, device="meta")] * 8
+    spec = bwd.kernel_spec(q, block_q=128, block_k=64, feature_map="softmax", scope="marginal", has_negligible=False)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device="meta")
+
+    def groups(budget, sparse=True, scope="marginal"):
+        config = bwd.default_config(spec)
+        config["prep"]["temp_budget"] = budget
+        c = bwd._Call(spec.replace(scope=scope), config, None, q, q, q, q, q, lse, q, lse, maps, None, None, 1.0,
+                      sparse)
+        return [(h.start, h.stop) for h in bwd._head_groups(c)]
+
+    # per head: g 8 MiB + h 16 + ΔH 8 = 32 MiB (then ΔG 16 + g 8); q is just under 96 MiB (L = 32760)
+    assert groups(1.0) == [(h, h + 2) for h in range(0, 12, 2)]
+    assert groups(bwd.TEMP_BUDGET) == [(h, h + 3) for h in range(0, 12, 3)] == groups(1.25)
+    assert groups(0.0) == [(0, 12)] and groups(100.0) == [(0, 12)]
+    assert groups(0.01) == [(h, h + 1) for h in range(12)]     # at least one head per group
+    assert groups(1.0 * 5 / 12) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9),
+                                    (9, 10), (10, 11), (11, 12)]
+    # linear_part adds the fp32 dk / dv terms (32 MiB per head) to g + ΔG: 56 MiB per head
+    assert groups(1.25, sparse=False) == [(h, h + 2) for h in range(0, 12, 2)]
+    assert groups(1.25, scope="all") == [(0, 12)]                # scope 'all': per-chunk partials only
+    assert groups(1.25, sparse=False, scope="all") == [(h, h + 3) for h in range(0, 12, 3)]  # fp32 terms: 32 MiB
+    assert groups(0.5, sparse=False, scope="all") == [(h, h + 1) for h in range(12)]
 
 
 def handmade_mask(B, H, tm, tn, negl):

@@ -55,6 +55,9 @@ _TILES["sm89"] = _TILES["sm86"]
 _DKDV_WARPS = {("sm90", 128): 4}
 _PREP_CHUNK = 8      # selection blocks per program of the state / proj kernels
 MARGINAL_STATES = ("gemm", "gather")
+# prep.temp_budget's default: a head group's temporaries at most 1.25 × the size of q (headline shape: 3 of
+# the 12 heads per group, 96 MiB instead of 384 MiB of states and mask-GEMM sums at once)
+TEMP_BUDGET = 1.25
 LOG2E = 1.4426950408889634
 
 
@@ -68,7 +71,10 @@ def default_config(spec: KernelSpec) -> dict:
     every query block's ΔH_i and key block's ΔG_j with one batched mask GEMM each (temporaries of
     B·H·T_m·D² and B·H·T_n·D² in the states' dtype, one at a time), 'gather' sums the listed states inside the
     dq / dkdv kernels (no temporaries; every program reads its count × D² states: ~2.4 GB each at the
-    headline shape).
+    headline shape); temp_budget (float ≥ 0, default TEMP_BUDGET): the backward runs over groups of heads whose
+    per-block states, mask-GEMM sums and (for :func:`linear_part`) fp32 linear terms take at most
+    temp_budget × the bytes of q (at least one head per group; 0: all heads at once) — the memory policy that
+    keeps the peak of forward+backward near dense attention's (:func:`_head_groups`).
     """
     _check_head_dim(spec)
     dq_m, dq_n, kv_n, kv_m, warps, stages = _TILES[spec.arch][spec.head_dim]
@@ -88,7 +94,7 @@ def default_config(spec: KernelSpec) -> dict:
         "dq": dict(block_m=dq_m, block_n=min(dq_n, bk), num_warps=dq_warps, num_stages=dq_stages),
         "dkdv": dict(block_n=min(kv_n, bk), block_m=min(kv_m, bq), num_warps=kv_warps, num_stages=stages),
         "prep": dict(rows=prep_rows, chunk=_PREP_CHUNK, num_warps=8 if spec.head_dim == 128 else 4,
-                     num_stages=1, marginal_states="gemm"),
+                     num_stages=1, marginal_states="gemm", temp_budget=TEMP_BUDGET),
     }
 
 
@@ -122,6 +128,10 @@ def check_config(config: dict, spec: KernelSpec) -> dict:
     for name, value in launch:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"config {name}={value!r} must be a positive int")
+    budget = prep.get("temp_budget", TEMP_BUDGET)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+        raise ValueError(f"config prep.temp_budget={budget!r} must be a number >= 0 (a multiple of q's bytes; "
+                         f"0: all heads at once)")
     return config
 
 
@@ -227,10 +237,20 @@ class _Call:
         """The dq / dkdv kernels' SPARSE and (scope 'marginal' only) GEMM_STATES constexprs."""
         return dict(SPARSE=self.sparse, **(dict(GEMM_STATES=self.gemm_states()) if self.marginal else {}))
 
-    def grad_like(self, x: torch.Tensor) -> torch.Tensor:
-        """The dq / dk / dv output buffer for input ``x``: like x, or fp32 contiguous for the linear terms
-        alone (``sparse`` False)."""
-        return torch.empty_like(x) if self.sparse else torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    def grad_buffer(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What the dq / dk / dv kernel writes for input ``x``: the gradient's buffer ``out``, or with ``sparse``
+        False an fp32 contiguous buffer for the linear terms alone."""
+        return out if self.sparse else torch.empty(x.shape, dtype=torch.float32, device=x.device)
+
+    def heads(self, heads: slice) -> "_Call":
+        """This call restricted to ``heads`` (views along dim 1 of every per-head tensor; Proj is shared)."""
+        if (heads.start, heads.stop) == (0, self.H):
+            return self
+        def cut(t):
+            return t[:, heads]
+        return dataclasses.replace(self, q=cut(self.q), k=cut(self.k), v=cut(self.v), do=cut(self.do),
+                                   o=cut(self.o), lse=cut(self.lse), o_lin=cut(self.o_lin), den=cut(self.den),
+                                   maps=[cut(m) for m in self.maps])
 
     def prep_launch(self):
         return dict(num_warps=self.cfg["prep"]["num_warps"], num_stages=self.cfg["prep"]["num_stages"])
@@ -288,8 +308,8 @@ def _totals(c: _Call, mat: torch.Tensor, vec: torch.Tensor):
 
 
 def _proj_grads(c: _Call):
-    """(dw, db) of Proj: fp32 per-chunk partials from the kernel summed in a fixed order, in the
-    parameters' dtypes (an empty float32 tensor for an absent parameter)."""
+    """(dw (D, D), db (D,)) of Proj over the call's heads, fp32: per-chunk partials from the kernel summed in a
+    fixed order."""
     prep = c.cfg["prep"]
     chunks = _grid_chunks(c.Tm, prep["chunk"])
     dw_part = torch.empty((c.BH * chunks, c.D, c.D), dtype=torch.float32, device=c.q.device)
@@ -297,9 +317,7 @@ def _proj_grads(c: _Call):
     c.mod._proj_grads[(chunks, c.BH)](c.do, c.o_lin, dw_part, db_part, *c.do.stride(), *c.o_lin.stride(), c.H,
                                       c.Lq, c.spec.block_q * prep["chunk"], HAS_W=c.w is not None,
                                       ROWS=prep["rows"], **c.prep_launch())
-    dw = dw_part.sum(0).to(c.w.dtype) if c.w is not None else _empty(c)
-    db = db_part.sum(0).to(c.bias.dtype) if c.bias is not None else _empty(c)
-    return dw, db
+    return dw_part.sum(0), db_part.sum(0)
 
 
 def _empty(c: _Call) -> torch.Tensor:
@@ -321,9 +339,9 @@ def _excluded_states(c: _Call, total_vec, mats, vecs, mask):
     return dm.reshape(-1, D, D), v.reshape(-1, D)
 
 
-def _dq(c: _Call, ds, dl, h, z, hsum, zsum) -> torch.Tensor:
-    """Launch ``_dq_kernel`` over the row LUT; returns dq (:meth:`_Call.grad_like` q)."""
-    dq = c.grad_like(c.q)
+def _dq(c: _Call, ds, dl, h, z, hsum, zsum, out) -> torch.Tensor:
+    """Launch ``_dq_kernel`` over the row LUT into :meth:`_Call.grad_buffer` (q, out); returns that buffer."""
+    dq = c.grad_buffer(c.q, out)
     t = c.cfg["dq"]
     lut, count, nlut, ncount = c.maps[1], c.maps[2], c.maps[5], c.maps[6]
     c.mod._dq_kernel[(c.Tm * (c.spec.block_q // t["block_m"]), c.BH)](
@@ -336,10 +354,10 @@ def _dq(c: _Call, ds, dl, h, z, hsum, zsum) -> torch.Tensor:
     return dq
 
 
-def _dkdv(c: _Call, ds, g, gz, gsum, gzsum):
-    """Launch ``_dkdv_kernel`` over the column LUT (one program per key-block slice); returns (dk, dv)
-    (:meth:`_Call.grad_like` k, v)."""
-    dk, dv = c.grad_like(c.k), c.grad_like(c.v)
+def _dkdv(c: _Call, ds, g, gz, gsum, gzsum, out_k, out_v):
+    """Launch ``_dkdv_kernel`` over the column LUT (one program per key-block slice) into
+    :meth:`_Call.grad_buffer` (k, out_k) and (v, out_v); returns those buffers."""
+    dk, dv = c.grad_buffer(c.k, out_k), c.grad_buffer(c.v, out_v)
     t = c.cfg["dkdv"]
     lut, count, nlut, ncount = c.maps[3], c.maps[4], c.maps[7], c.maps[8]
     c.mod._dkdv_kernel[(c.Tn * (c.spec.block_k // t["block_n"]), c.BH)](
@@ -367,39 +385,78 @@ def _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
                  proj_bias, float(scale), sparse)
 
 
-def _keep_dq(ds, dq):
-    return dq
+def _temp_bytes_per_head(c: _Call) -> int:
+    """Peak bytes of the temporaries one head (over the batch) adds to a backward call: the per-block states
+    and the mask-GEMM sums (ΔH with h and g for dq, then ΔG with g for dk / dv; scope 'marginal' with the
+    GEMM states) and, for :func:`linear_part`, the fp32 linear terms alive with them. Chunk partials and
+    per-row vectors are left out (small)."""
+    states = (0,) * 4
+    if c.gemm_states():
+        mat = c.D * c.D * torch.empty((), dtype=c.state_dtype).element_size()
+        states = (linear_terms.padded_rows(c.Tm) * mat, linear_terms.padded_rows(c.Tn) * mat,   # g, h
+                  c.Tm * mat, c.Tn * mat)                                                      # ΔH, ΔG
+    g, h, dh, dg = states
+    lin_q, lin_kv = (0, 0) if c.sparse or not c.linear else (4 * c.Lq * c.D, 8 * c.Lk * c.D)
+    return c.q.shape[0] * max(g + h + dh + lin_q, g + dg + lin_kv)
 
 
-def _keep_dkdv(ds, dk, dv):
-    return dk, dv
+def _head_groups(c: _Call) -> list:
+    """The head slices the backward runs one after another: as many heads per group as keep the group's
+    temporaries (:func:`_temp_bytes_per_head`) within prep.temp_budget × the bytes of q (at least one)."""
+    budget = c.cfg["prep"].get("temp_budget", TEMP_BUDGET) * c.q.numel() * c.q.element_size()
+    per_head = _temp_bytes_per_head(c)
+    per_group = c.H if budget <= 0 or per_head == 0 else min(max(int(budget // per_head), 1), c.H)
+    return [slice(h0, min(h0 + per_group, c.H)) for h0 in range(0, max(c.H, 1), max(per_group, 1))]
 
 
-def _run(c: _Call, finish_dq=_keep_dq, finish_dkdv=_keep_dkdv):
-    """All kernels of one call: (dq, dk, dv, dw, db). With ``c.sparse`` False and no linear branch the
-    dq / dkdv kernels have nothing to do and their terms are None. ``finish_dq(ds, dq)`` and
-    ``finish_dkdv(ds, dk, dv)`` take each kernel's result as soon as it exists and return what the call
-    returns (see :func:`linear_part`)."""
+def _run_heads(c: _Call, dq, dk, dv, sparse_dq, sparse_dkdv):
+    """All kernels of one head group; the gradients go into the views dq, dk, dv (with ``c.sparse`` False
+    through ``sparse_dq(ds, dq_lin, dq)`` and ``sparse_dkdv(ds, dk_lin, dv_lin, dk, dv)``, the linear terms
+    None without a linear branch). Returns Proj's fp32 (dw, db) over the group's heads, or None."""
     ds, dl, g, gz = _query_state(c)
     h = z = hsum = zsum = gsum = gzsum = c.lse
-    dw, db = _empty(c), _empty(c)
+    proj = None
     if c.linear:
         h, z = _key_state(c)
         hsum, zsum = _totals(c, h, z)
         gsum, gzsum = _totals(c, g, gz)
         if c.w is not None or c.bias is not None:
-            dw, db = _proj_grads(c)
+            proj = _proj_grads(c)
     if not (c.sparse or c.linear):
-        dq = finish_dq(ds, None)
-        return (dq, *finish_dkdv(ds, None, None), dw, db)
+        sparse_dq(ds, None, dq)
+        sparse_dkdv(ds, None, None, dk, dv)
+        return proj
     if c.gemm_states():   # one temporary at a time: ΔH, Z_i for dq, then ΔG, g_j for dk / dv
-        dq = finish_dq(ds, _dq(c, ds, dl, *_excluded_states(c, zsum, h, z, c.maps[0]), hsum, zsum))
-        del h, z
-        dk, dv = finish_dkdv(ds, *_dkdv(c, ds, *_excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)),
-                                        gsum, gzsum))
+        dq_part = _dq(c, ds, dl, *_excluded_states(c, zsum, h, z, c.maps[0]), hsum, zsum, dq)
     else:
-        dq = finish_dq(ds, _dq(c, ds, dl, h, z, hsum, zsum))
-        dk, dv = finish_dkdv(ds, *_dkdv(c, ds, g, gz, gsum, gzsum))
+        dq_part = _dq(c, ds, dl, h, z, hsum, zsum, dq)
+    if not c.sparse:
+        sparse_dq(ds, dq_part, dq)
+    del h, z, dq_part
+    if c.gemm_states():
+        kv_part = _dkdv(c, ds, *_excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)), gsum, gzsum, dk, dv)
+    else:
+        kv_part = _dkdv(c, ds, g, gz, gsum, gzsum, dk, dv)
+    if not c.sparse:
+        sparse_dkdv(ds, *kv_part, dk, dv)
+    return proj
+
+
+def _run(c: _Call, sparse_dq=None, sparse_dkdv=None):
+    """All kernels of one call, head group by head group (:func:`_head_groups`): (dq, dk, dv, dw, db), dq /
+    dk / dv like q / k / v. With ``c.sparse`` False, ``sparse_dq(heads, ds, dq_lin, dq)`` and
+    ``sparse_dkdv(heads, ds, dk_lin, dv_lin, dk, dv)`` form each group's gradients (see :func:`linear_part`)."""
+    dq, dk, dv = (torch.empty_like(x) for x in (c.q, c.k, c.v))
+    dw = db = None
+    for heads in _head_groups(c):
+        group = c.heads(heads)
+        proj = _run_heads(group, dq[:, heads], dk[:, heads], dv[:, heads],
+                          sparse_dq and functools.partial(sparse_dq, heads),
+                          sparse_dkdv and functools.partial(sparse_dkdv, heads))
+        if proj is not None:     # fp32 sums over the groups, in order: deterministic
+            dw, db = proj if dw is None else (dw + proj[0], db + proj[1])
+    dw = dw.to(c.w.dtype) if c.w is not None else _empty(c)
+    db = db.to(c.bias.dtype) if c.bias is not None else _empty(c)
     return dq, dk, dv, dw, db
 
 
@@ -426,15 +483,19 @@ def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], p
     """Everything of :func:`backward` except the sparse branch's FlashAttention loops, which a backend that
     runs them itself supplies: returns (dq, dk, dv, dw, db).
 
-    ``sparse_dq(ds, dq_lin) -> dq`` and ``sparse_dkdv(ds, dk_lin, dv_lin) -> (dk, dv)`` are called as soon as
-    each linear term exists, the dq one first, so only one set of these fp32 temporaries is alive at a time.
-    ds: D^s = rowsum(dO ⊙ O^s), fp32 (B, H, Lq) (contiguous); dq_lin (B, H, Lq, D), dk_lin and dv_lin
-    (B, H, Lk, D): the linear branch's gradients, fp32 contiguous, or None for a sparse-only call
-    (feature_map 'none'). The callbacks then form dq = dq_lin + scale·Σ dS K, dk = dk_lin + scale·Σ dSᵀQ and
-    dv = dv_lin + Σ PᵀdO over the critical blocks. dw, db as :func:`backward` returns them. Other arguments as
-    for :func:`backward`; the same kernels run, their sparse loops switched off (SPARSE=False).
+    The call runs head group by head group (config prep.temp_budget); for each group ``heads`` (a slice of
+    dim 1), ``sparse_dq(heads, ds, dq_lin, dq)`` and ``sparse_dkdv(heads, ds, dk_lin, dv_lin, dk, dv)`` are
+    called as soon as each linear term exists, the dq one first, so only one set of these fp32 temporaries is
+    alive at a time. ds: D^s = rowsum(dO ⊙ O^s), fp32 (B, H_g, Lq) (contiguous) of the group's H_g heads;
+    dq_lin (B, H_g, Lq, D), dk_lin and dv_lin (B, H_g, Lk, D): the linear branch's gradients, fp32
+    contiguous, or None for a sparse-only call (feature_map 'none'); dq, dk, dv: the group's views of the
+    gradients returned, which the callbacks fill with dq = dq_lin + scale·Σ dS K, dk = dk_lin + scale·Σ dSᵀQ
+    and dv = dv_lin + Σ PᵀdO over the critical blocks. dw, db as :func:`backward` returns them. Other
+    arguments as for :func:`backward`; the same kernels run, their sparse loops switched off (SPARSE=False).
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
                  scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=False)
-    return _run(c, lambda ds, dq: sparse_dq(ds.view(lse.shape), dq),
-                lambda ds, dk, dv: sparse_dkdv(ds.view(lse.shape), dk, dv))
+    def group_ds(ds):
+        return ds.view(lse.shape[0], -1, lse.shape[-1])
+    return _run(c, lambda heads, ds, dq_lin, dq: sparse_dq(heads, group_ds(ds), dq_lin, dq),
+                lambda heads, ds, dk_lin, dv_lin, dk, dv: sparse_dkdv(heads, group_ds(ds), dk_lin, dv_lin, dk, dv))
