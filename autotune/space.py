@@ -28,11 +28,12 @@ OPTIONS: Dict[str, Sequence] = {
     "pre_per_sm": (2, 4, 8),
     "backward": ("triton", "tilelang"),  # the TileLang backend's backward: Triton's, or its own sparse loops
     "ctas_per_sm": (1, 2),               # the TileLang forward's requested residency
+    "prefetch_h": (False, True),         # the TileLang forward loads H_i before its key loop
 }
 _HAS_LINEAR = lambda spec: spec.feature_map is not None  # noqa: E731
 _HAS_MARGINAL = lambda spec: spec.scope == "marginal" and spec.feature_map is not None  # noqa: E731
 RELEVANT = {"marginal": _HAS_MARGINAL, "marginal_states": _HAS_MARGINAL, "epilogue": _HAS_LINEAR,
-            "pre_stages": _HAS_LINEAR, "pre_per_sm": _HAS_LINEAR}
+            "pre_stages": _HAS_LINEAR, "pre_per_sm": _HAS_LINEAR, "prefetch_h": _HAS_LINEAR}
 
 
 def shared_bytes(cfg: dict, spec: KernelSpec) -> int:

@@ -67,11 +67,13 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # variant except the training forward with Proj (save and has_w), which runs one CTA per SM: two resident CTAs
 # of that variant never finish on the H200 (session 5 probe: L=4096 H=12 and L=32760 H=2/12 hang; the same
 # kernel without Proj, or without saving, runs; cause not found).
+# prefetch_h: load the linear branch's H_i before the key loop rather than after it (its TMA latency, ~1–2 µs
+# per CTA, then overlaps the loop; its 32 KiB buffer is live throughout). Not yet measured (session 6).
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
-             warp_specialized=True, ctas_per_sm=1),
+             warp_specialized=True, ctas_per_sm=1, prefetch_h=False),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
-              warp_specialized=True, ctas_per_sm=1),
+              warp_specialized=True, ctas_per_sm=1, prefetch_h=False),
 }
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
 # docstring; 'tilelang' becomes 'triton' for blocks its tiles do not fit); dq: tile_m query rows per CTA
@@ -185,7 +187,8 @@ def shared_bytes(cfg: dict, spec: KernelSpec) -> int:
     esize, d, m = 2, spec.head_dim, cfg["tile_m"]
     linear = spec.feature_map is not None
     w = esize * d * d if linear else 0               # Proj weight, loaded before the loop
-    loop = esize * m * d + esize * 2 * cfg["tile_n"] * d * cfg["num_stages"] + w
+    h = esize * d * d if linear and cfg.get("prefetch_h") else 0     # H_i, loaded before the loop
+    loop = esize * m * d + esize * 2 * cfg["tile_n"] * d * cfg["num_stages"] + w + h
     epilogue = (esize * m * d + esize * d * d + w + 4 * m) if linear else 0   # φ(Q), H_i, W, den
     return max(loop, epilogue) + 1024
 
@@ -243,6 +246,8 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError("config tile_m=64 with num_warps=8 is not supported (TileLang layout inference "
                          "rejects it); use num_warps=4")
     choice("ctas_per_sm", (1, 2))
+    if not isinstance(cfg["prefetch_h"], bool):
+        raise ValueError(f"config['prefetch_h']={cfg['prefetch_h']!r} must be True or False")
     if cfg["ctas_per_sm"] == 2 and cfg["num_warps"] != 4:
         raise ValueError("config ctas_per_sm=2 needs num_warps=4 (one consumer warpgroup: two CTAs of 256 threads "
                          "at 128 registers each fill the SM's register file)")
@@ -405,8 +410,8 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
     save, has_w, has_bias = (bool(save) and linear, bool(has_w) and linear, bool(has_bias) and linear)
     ctas_per_sm = 1 if save and has_w else cfg["ctas_per_sm"]     # see _DEFAULTS: two of these CTAs hang
     args = dict(tile_m=cfg["tile_m"], tile_n=cfg["tile_n"], threads=32 * cfg["num_warps"],
-                num_stages=cfg["num_stages"], ctas_per_sm=ctas_per_sm, save=save, has_w=has_w,
-                has_bias=has_bias)
+                num_stages=cfg["num_stages"], ctas_per_sm=ctas_per_sm, prefetch_h=cfg["prefetch_h"] and linear,
+                save=save, has_w=has_w, has_bias=has_bias)
     key = ("forward", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     return _compile(key, lambda: mod.forward_kernel(**args), cfg["warp_specialized"])

@@ -205,6 +205,17 @@ def test_forward_compiles_for_sm90a(spec, flags):
 
 
 @needs_compiler
+@pytest.mark.parametrize("spec", [spec_of(d=128, scope="marginal"), spec_of(d=64, scope="all")],
+                         ids=lambda s: s.canonical)
+def test_forward_with_h_prefetched_compiles_for_sm90a(spec):
+    """prefetch_h: H_i (marginal) or the per-head H (all) loaded before the key loop; still one TMA +
+    warp-specialised pipelined loop."""
+    cfg = tl_backend._resolve_config(spec, {"prefetch_h": True})
+    src = tl_backend.forward_kernel(spec, cfg, save=True, has_w=True, has_bias=True).get_kernel_source()
+    _assert_hopper_source(src, "forward prefetch_h")
+
+
+@needs_compiler
 @pytest.mark.parametrize("spec", [spec_of(d=128, scope="marginal"), spec_of(d=64, fmap=None)],
                          ids=lambda s: s.canonical)
 def test_forward_with_two_key_blocks_per_step_compiles_for_sm90a(spec):
@@ -392,6 +403,9 @@ GPU_CASES = (
     + [dict(L=4096, block=(64, 64), dtype="fp16", save=False, config=dict(ctas_per_sm=2)),
        dict(L=4096, block=(64, 64), layout="blhd", proj=False, config=dict(ctas_per_sm=2)),
        dict(L=4096, block=(64, 64), fmap="elu", scope="marginal", proj=False, config=dict(ctas_per_sm=2))]
+    # H_i loaded before the key loop
+    + [dict(L=L, d=d, scope=sc, negl=0.1, n_crit=c, config=dict(prefetch_h=True))
+       for L, c in ((77, "all"), (4096, 2), (32760, "topk")) for d in (64, 128) for sc in ("marginal", "all")]
     # two selected key blocks per step (tile_n = 2·block_k): odd counts mask the last step's second half
     + [dict(L=L, d=d, scope="marginal", negl=0.1, n_crit=c, config=dict(tile_n=128))
        for L, c in ((77, 1), (77, "all"), (4096, 1), (4096, 2), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
