@@ -193,6 +193,28 @@ def test_linear_part_is_the_backward_without_its_sparse_loops(scope, negl, budge
     assert rel(sparse_loops.term("ds"), want_ds) < 1e-5
 
 
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_head_groups_give_the_gradients_of_one_group(layout):
+    """The same gradients whether all heads run at once (temp_budget 0) or one head per group (the views of
+    dq / dk / dv written in place; dW, db summed over the groups): B = 2 and a (B, L, H, D) layout make the
+    head slices strided."""
+    p, cfg = make_problem(B=2, H=3, feature_map="softmax", scope="marginal", negligible=0.2, weight=True,
+                          bias=True, layout=layout, seed=11)
+    spec = bwd.kernel_spec(p["q"], feature_map="softmax", scope="marginal", has_negligible=True,
+                           block_q=cfg["block_q"], block_k=cfg["block_k"])
+    got = {}
+    for budget in (0.0, 1e-6):
+        config = bwd.default_config(spec)
+        config["prep"]["temp_budget"] = budget
+        got[budget] = triton_grads(p, cfg, config)
+    for name, one, per_head in zip(GRADS, got[0.0], got[1e-6]):
+        assert per_head.stride() == one.stride(), name
+        if name in ("dw", "db"):     # fp32 sums over the heads, in another order
+            assert rel(per_head, one) < 1e-6, name
+        else:                        # each head's kernels and sums are the same
+            assert torch.equal(per_head, one), name
+
+
 def test_head_groups_follow_the_temporary_budget():
     """_head_groups: the per-head temporaries of the GEMM states (and linear_part's fp32 terms) against
     temp_budget × q's bytes, at the headline shape's sizes (no kernel runs)."""
