@@ -207,31 +207,32 @@ def mask_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, 
     ``excluded`` critical and negligible (mask != 0) — 0 elsewhere and in the columns T_n..k_cols;
     Σ_{selected j} z_j (B, H, T_m, D) fp32) from an int8 class mask (B, H, T_m, T_n; any strides, e.g. the
     transposed mask of the backward's dk/dv side) and per-block z_j (B, H, n ≥ T_n, D) fp32 (for
-    linear_terms' ``operands``). One launch of ``mod``'s sla_mask_operands_kernel forms a and z split into three
-    planes of ``dtype``; the z sums are then one tensor-core GEMM of a with the planes (fp32 result,
-    linear_terms.operand_matmul) and a sum over the planes: fp32-accurate (session 6: the previous form, a
-    tf32x3 dot per 32-block step inside one kernel, was latency-bound at 42 µs for a 2.6 µs floor).
-    ``mod``: a marginal-scope forward module of the spec (its HEAD_DIM); ``launch`` overrides keys of
-    MASK_OPERANDS_LAUNCH (tools/sweep_mask_operands.py times the choices)."""
+    linear_terms' ``operands``). One launch of ``mod``'s sla_mask_operands_kernel forms a and, for bf16
+    operands, z split into three bf16 planes; the z sums are then one tensor-core GEMM of a with the planes
+    (fp32 result, linear_terms.operand_matmul) and a sum over the planes: fp32-accurate (session 6: the
+    previous form, a tf32x3 dot per 32-block step inside one kernel, was latency-bound at 42 µs for a 2.6 µs
+    floor). fp32 operands, fp16 ones (fp16's range cannot hold every z and its remainders) and torch < 2.8
+    (no fp32-result half GEMM) take an fp32 GEMM of a instead. ``mod``: a marginal-scope forward module of the
+    spec (its HEAD_DIM); ``launch`` overrides keys of MASK_OPERANDS_LAUNCH (tools/sweep_mask_operands.py times
+    the choices)."""
     B, H, tm, tn = mask.shape
     d = z_blocks.shape[-1]
     z = z_blocks.reshape(B * H, -1, d)
     assert z.is_contiguous() and z.dtype == torch.float32 and z.shape[1] >= tn and k_cols >= tn
     assert d == mod.HEAD_DIM.value and mask.dtype == torch.int8, (d, mod.HEAD_DIM, mask.dtype)
     cfg = {**MASK_OPERANDS_LAUNCH, **(launch or {})}
+    split = dtype == torch.bfloat16 and (not mask.is_cuda or linear_terms.HAS_BMM_OUT_DTYPE)
     a = torch.empty((B, H, tm, k_cols), dtype=dtype, device=mask.device)
-    planes = torch.empty((B, H, k_cols, 3 * d), dtype=dtype, device=mask.device)
+    planes = torch.empty((B, H, k_cols, 3 * d), dtype=dtype, device=mask.device) if split else a
     row_tiles = math.ceil(tm / cfg["block_m"])
-    grid = (row_tiles + math.ceil(k_cols / cfg["block_m"]), math.ceil(k_cols / cfg["block_j"]), B * H)
+    z_tiles = math.ceil(k_cols / cfg["block_m"]) if split else 0
+    grid = (row_tiles + z_tiles, math.ceil(k_cols / cfg["block_j"]), B * H)
     mod.sla_mask_operands_kernel[grid](
         mask, z, a, planes, *mask.stride(), H, tm, tn, k_cols, z.shape[1], row_tiles, EXCLUDED=excluded,
         BLOCK_M=cfg["block_m"], BLOCK_J=cfg["block_j"], num_warps=cfg["warps"])
-    if a.is_cuda and dtype != torch.float32 and not linear_terms.HAS_BMM_OUT_DTYPE:
-        prod = torch.matmul(a.to(torch.float32), planes.to(torch.float32))   # torch < 2.8: an fp32 GEMM
-    else:
-        prod = linear_terms.operand_matmul(a, planes, torch.float32)
-    z_sel = prod.view(B, H, tm, 3, d).sum(-2)
-    return a, z_sel
+    if split:
+        return a, linear_terms.operand_matmul(a, planes, torch.float32).view(B, H, tm, 3, d).sum(-2)
+    return a, torch.matmul(a[..., :tn].to(torch.float32), z[:, :tn].view(B, H, tn, d))
 
 
 def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, save: bool, o_lin, den,
