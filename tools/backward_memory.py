@@ -1,0 +1,61 @@
+"""Peak memory and time of SLA forward+backward per head-group budget of the backward (prep.temp_budget).
+
+    python tools/backward_memory.py                                   # headline shape, both backends
+    python tools/backward_memory.py --budgets 0,0.5,1.25,2 --backend triton --seq-len 75600 --heads 40
+
+The backward forms its linear-branch temporaries head group by head group (slagen.backends.triton.bwd,
+_head_groups); the budget is a multiple of q's bytes, 0 = all heads at once. Each budget is set as the
+default config's value (bwd.TEMP_BUDGET; a tuned backward record would override it, so run with an empty
+SLAGEN_CACHE_DIR). Per backend and budget: f+b through slagen.attention as `slagen bench` times it (median
+ms, peak MiB above the inputs) and dense SDPA (cuDNN) for reference, in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from triton.testing import do_bench
+
+import slagen
+from slagen.backends.triton import bwd
+from slagen.bench import peak_mib
+from profile_sla import add_shape_args, shape_inputs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="triton,tilelang")
+    ap.add_argument("--budgets", default="0,1.25")
+    add_shape_args(ap)
+    args = ap.parse_args()
+    bq, bk, (q, k, v, do) = shape_inputs(args)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+
+    def dense():
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        torch.autograd.grad(out, (q, k, v), do)
+
+    rows = [("dense SDPA cuDNN", "", do_bench(dense, warmup=5, rep=20, return_mode="median"), peak_mib(dense))]
+    for name in args.backend.split(","):
+        for budget in (float(b) for b in args.budgets.split(",")):
+            bwd.TEMP_BUDGET = budget
+
+            def fwd_bwd(name=name):
+                out = slagen.attention(q, k, v, topk=args.topk, block_q=bq, block_k=bk, backend=name)
+                torch.autograd.grad(out, (q, k, v), do)
+            rows.append((f"slagen-{name} SLA marginal", budget, do_bench(fwd_bwd, warmup=10, rep=50,
+                                                                         return_mode="median"), peak_mib(fwd_bwd)))
+            print(f"  {name} temp_budget {budget}: done", flush=True)
+    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 topk={args.topk} "
+          f"block {args.block}\n")
+    print("| what | temp_budget | fwd+bwd ms | peak MiB | peak × cuDNN |\n|---|---|---|---|---|")
+    base = rows[0][3]
+    for what, budget, ms, mib in rows:
+        print(f"| {what} | {budget} | {ms:.3f} | {mib:.0f} | {mib / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
