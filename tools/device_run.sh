@@ -6,6 +6,7 @@
 #    backward with the candidates of tools/tune_candidates.sh (or TRITON_TUNE_ARGS_TEXT="--limit 8"), the
 #    tilelang forward and backward with its candidates there (or TILELANG_TUNE_ARGS, e.g. "--limit 3"), then
 #    a second process that must find the tuned configs; steps after it (bench) use the tuned configs)
+#   (memory: tools/backward_memory.py, f+b peak memory and time per head-group budget, MEMORY_ARGS)
 #   (blockmap: tools/bench_blockmap.py, launch by launch; BLOCKMAP_ARGS e.g. "--baseline .baselines/bm_old"
 #    after `python tools/bench_blockmap.py --export-baseline d186c39 .baselines/bm_old` here, carried along)
 #   TRITON_ROLES / TILELANG_ROLES (default forward,backward): the roles the tune step tunes per backend
@@ -41,6 +42,7 @@ for step in $STEPS; do
               timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend tilelang --role "${TILELANG_ROLES:-forward,backward}" ${TILELANG_TUNE_ARGS:-"${TILELANG_TUNE_CANDIDATES[@]}"} || exit 1; fi
             slagen cache ls && python3 tools/tuned_lookup.py ) >"$OUT/tune.log" 2>&1 ;;
     blockmap) timeout "${BLOCKMAP_TIMEOUT:-200}" python3 tools/bench_blockmap.py --json "$OUT/blockmap.json" ${BLOCKMAP_ARGS:-} >"$OUT/blockmap.log" 2>&1 ;;
+    memory) timeout "${MEMORY_TIMEOUT:-200}" python3 tools/backward_memory.py ${MEMORY_ARGS:-} >"$OUT/memory.log" 2>&1 ;;
   esac
   echo "== $step: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
 done
