@@ -6,6 +6,8 @@ strides that keep D contiguous:
   unavailable_reason(device, spec) -> str | None   why it cannot serve ``spec`` on ``device`` (None: it can)
   block_map(q, k, n_crit, n_negl, block_q, block_k) -> the 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS)
   forward(q, k, v, maps, proj_weight, proj_bias, save, **cfg) -> (o, lse, o_lin, den)
+      (the kernel backends also take ``maps_ready``: a CUDA event the maps' producer recorded on another
+      stream; they wait for it after launching their linear pre-pass, which does not read the maps)
   backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg) -> (dq, dk, dv, dw, db)
 
 where cfg = block_q, block_k, scale, feature_map ('none' for sparse-only), scope, eps, and
@@ -65,3 +67,11 @@ def call_spec(q, dtypes: dict, backend: str, **fields):
         allowed = ", ".join(str(t).replace("torch.", "") for t in dtypes)
         raise ValueError(f"q.dtype={q.dtype} is not supported by the {backend} kernels; allowed: {allowed}")
     return KernelSpec.of(head_dim=q.shape[-1], dtype=dtypes[q.dtype], **fields)
+
+
+def wait_for_maps(maps_ready, device) -> None:
+    """Make the current stream wait for ``maps_ready`` (a torch.cuda.Event, or None: nothing to wait for)
+    before its next launch reads the block map."""
+    if maps_ready is not None:
+        import torch
+        torch.cuda.current_stream(device).wait_event(maps_ready)

@@ -46,7 +46,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from slagen import codegen
-from slagen.backends import call_spec, check_forward_inputs, linear_terms
+from slagen.backends import call_spec, check_forward_inputs, linear_terms, wait_for_maps
 from slagen.paths import cache_dir
 from slagen.spec import KernelSpec
 
@@ -564,12 +564,13 @@ def marginal_sums(spec: KernelSpec, cfg: dict, ht: torch.Tensor, zt: torch.Tenso
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,
-            config: Optional[dict] = None):
+            config: Optional[dict] = None, maps_ready=None):
     """SLA forward on the TileLang kernels; returns (o, lse, o_lin, den) as slagen.backends describes.
 
     q (B, H, Lq, D), k and v (B, H, Lk, D): views with unit stride on D and 16-byte multiple strides;
     maps the 9 BlockMap tensors; proj_weight (D, D) and proj_bias (D,) or None; config overrides of
-    :func:`default_config`.
+    :func:`default_config`; maps_ready: an event the maps' producer recorded on another stream (waited for
+    after the linear pre-pass, which does not read them, is launched).
     """
     _check_inputs(q, k, v, maps, proj_weight, proj_bias)
     spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
@@ -584,11 +585,12 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     den = q.new_empty((B, H, lq), dtype=torch.float32) if save else q.new_empty((0,), dtype=torch.float32)
     if o.numel() == 0:
         return o, lse, o_lin, den
+    terms = linear_terms_of(spec, cfg, k, v) if linear else None     # the pre-pass reads no block map
+    wait_for_maps(maps_ready, q.device)
     crit_count = maps[2].to(torch.int32).contiguous()
     args = [q, k, v, o, lse, maps[1].to(torch.int32).contiguous(), crit_count]
     has_w = _kernel_has_w(spec, save, proj_weight is not None)
     if linear:
-        terms = linear_terms_of(spec, cfg, k, v)
         if spec.scope == "marginal":
             args += marginal_sums(spec, cfg, *terms, maps[0])
         else:

@@ -8,7 +8,8 @@ any kernel runs, with errors that name the argument and what is allowed.
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Tuple
+import os
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -86,6 +87,37 @@ def _block_map_bhld(q: Tensor, k: Tensor, topk: float, negligible: float, block_
                     backend: str) -> BlockMap:
     tensors = ops.block_map(q, k, topk, negligible, block_q, block_k, backend)
     return BlockMap(*tensors, block_q=block_q, block_k=block_k)
+
+
+OVERLAP_ENV = "SLAGEN_OVERLAP_BLOCK_MAP"
+_SIDE_STREAMS: Dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _overlaps_block_map(backend: str, feature_map: Optional[str], *tensors) -> bool:
+    """Whether ``attention`` computes its block map on a side stream, beside the forward's linear pre-pass
+    (which does not read it): opted in with SLAGEN_OVERLAP_BLOCK_MAP=1 (experimental, not yet measured), on
+    CUDA, for an eager call on plain tensors, a kernel backend and a linear branch."""
+    return (os.environ.get(OVERLAP_ENV) == "1" and tensors[0].is_cuda and feature_map is not None
+            and backend in ("triton", "tilelang") and ops.direct(*tensors))
+
+
+def _block_map_beside(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,
+                      backend: str) -> Tuple[BlockMap, "torch.cuda.Event"]:
+    """The block map computed on a side stream that first waits for the current one: (the BlockMap, the
+    event the forward waits for before it reads the map). Its tensors are marked as used by the current
+    stream, so the allocator does not hand them out again while the forward still reads them."""
+    cur = torch.cuda.current_stream(q.device)
+    side = _SIDE_STREAMS.get(q.device)
+    if side is None:
+        side = _SIDE_STREAMS[q.device] = torch.cuda.Stream(device=q.device)
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        bmap = _block_map_bhld(q, k, topk, negligible, block_q, block_k, backend)
+        ready = torch.cuda.Event()
+        ready.record(side)
+    for t in bmap.tensors():
+        t.record_stream(cur)
+    return bmap, ready
 
 
 def block_map(q: Tensor, k: Tensor, *, topk: float = 0.05, negligible: float = 0.0, block_q: int = 64,
@@ -178,10 +210,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, topk: float = 0.05, negligible
     fields = dict(block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
                   has_negligible=has_negligible, role="forward")
     name = _resolve_backend(backend, qb, **fields)
-    if block_map is None:
+    ready = None
+    if block_map is None and _overlaps_block_map(name, feature_map, qb, kb, vb, proj_weight, proj_bias):
+        block_map, ready = _block_map_beside(qb.detach(), kb.detach(), topk, negligible, block_q, block_k, name)
+    elif block_map is None:
         block_map = _block_map_bhld(qb.detach(), kb.detach(), topk, negligible, block_q, block_k, name)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (qb, kb, vb, proj_weight, proj_bias))
-    o = ops.forward(qb, kb, vb, list(block_map.tensors()), proj_weight, proj_bias, block_q, block_k, float(scale),
-                    feature_map or "none", scope, float(eps), save, name)
+    try:
+        o = ops.forward(qb, kb, vb, list(block_map.tensors()), proj_weight, proj_bias, block_q, block_k,
+                        float(scale), feature_map or "none", scope, float(eps), save, name, maps_ready=ready)
+    finally:   # whatever the forward did, later work on this stream comes after the side stream's
+        if ready is not None:
+            torch.cuda.current_stream(qb.device).wait_event(ready)
     return o if layout == "bhld" else o.transpose(1, 2)

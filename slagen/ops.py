@@ -57,8 +57,10 @@ def _cfg(block_q, block_k, scale, feature_map, scope, eps):
     return dict(block_q=block_q, block_k=block_k, scale=scale, feature_map=feature_map, scope=scope, eps=eps)
 
 
-def _forward(q, k, v, maps, proj_weight, proj_bias, save, cfg, backend) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, save, **cfg))
+def _forward(q, k, v, maps, proj_weight, proj_bias, save, cfg, backend,
+             maps_ready=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    extra = {} if maps_ready is None else dict(maps_ready=maps_ready)
+    return tuple(backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, save, **cfg, **extra))
 
 
 @torch.library.custom_op("slagen::sla_fwd", mutates_args=())
@@ -121,7 +123,7 @@ sla_fwd.register_autograd(_backward, setup_context=_setup_context)
 _PLAIN = (Tensor, torch.nn.Parameter)   # no __torch_dispatch__ / __torch_function__ of their own
 
 
-def _direct(*tensors) -> bool:
+def direct(*tensors) -> bool:
     """Whether a call may skip the operator dispatch: eager mode and only plain tensors (or None)."""
     if torch.compiler.is_compiling():
         return False
@@ -131,7 +133,7 @@ def _direct(*tensors) -> bool:
 def block_map(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,
               backend: str) -> MapTensors:
     """``slagen::block_map``'s result (see :func:`block_map_op`), through the operator only when needed."""
-    if _direct(q, k):
+    if direct(q, k):
         return _block_map(q, k, topk, negligible, block_q, block_k, backend)
     return block_map_op(q, k, topk, negligible, block_q, block_k, backend)
 
@@ -140,12 +142,12 @@ class _Forward(torch.autograd.Function):
     """The eager twin of ``slagen::sla_fwd`` with its autograd formula (same kernels, same saved tensors)."""
 
     @staticmethod
-    def forward(q, k, v, proj_weight, proj_bias, maps, cfg, backend):
-        return _forward(q, k, v, maps, proj_weight, proj_bias, True, cfg, backend)
+    def forward(q, k, v, proj_weight, proj_bias, maps, cfg, backend, maps_ready):
+        return _forward(q, k, v, maps, proj_weight, proj_bias, True, cfg, backend, maps_ready)
 
     @staticmethod
     def setup_context(ctx, inputs, output):   # the separate form also serves torch.func.grad
-        q, k, v, proj_weight, proj_bias, maps, cfg, backend = inputs
+        q, k, v, proj_weight, proj_bias, maps, cfg, backend, _ = inputs
         ctx.save_for_backward(q, k, v, *output, proj_weight, proj_bias, *maps)
         ctx.cfg, ctx.backend = cfg, backend
         ctx.mark_non_differentiable(*output[1:])
@@ -156,18 +158,22 @@ class _Forward(torch.autograd.Function):
         dq, dk, dv, dw, db = backends.get(ctx.backend).backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight,
                                                                 proj_bias, **ctx.cfg)
         return (dq, dk, dv, dw if proj_weight is not None else None, db if proj_bias is not None else None,
-                None, None, None)
+                None, None, None, None)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, maps: List[Tensor], proj_weight: Optional[Tensor],
             proj_bias: Optional[Tensor], block_q: int, block_k: int, scale: float, feature_map: str, scope: str,
-            eps: float, save: bool, backend: str) -> Tensor:
+            eps: float, save: bool, backend: str, maps_ready=None) -> Tensor:
     """SLA's output O (differentiable when ``save``): ``slagen::sla_fwd`` and its autograd formula, through
-    the operator only when needed (see the module docstring)."""
-    if not _direct(q, k, v, proj_weight, proj_bias, *maps):
+    the operator only when needed (see the module docstring). ``maps_ready`` (direct calls only, a kernel
+    backend): the event of a block map computed on a side stream, see slagen.backends."""
+    if not direct(q, k, v, proj_weight, proj_bias, *maps):
+        if maps_ready is not None:
+            raise ValueError("maps_ready is only for eager calls on plain tensors (the operator path has no "
+                             "side stream)")
         return sla_fwd(q, k, v, maps, proj_weight, proj_bias, block_q, block_k, scale, feature_map, scope, eps,
                        save, backend)[0]
     cfg = _cfg(block_q, block_k, scale, feature_map, scope, eps)
     if save:
-        return _Forward.apply(q, k, v, proj_weight, proj_bias, tuple(maps), cfg, backend)[0]
-    return _forward(q, k, v, maps, proj_weight, proj_bias, False, cfg, backend)[0]
+        return _Forward.apply(q, k, v, proj_weight, proj_bias, tuple(maps), cfg, backend, maps_ready)[0]
+    return _forward(q, k, v, maps, proj_weight, proj_bias, False, cfg, backend, maps_ready)[0]

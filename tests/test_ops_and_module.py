@@ -95,10 +95,10 @@ def test_eager_path_is_skipped_for_tensor_subclasses_and_while_compiling(monkeyp
     class Sub(torch.Tensor):
         pass
     plain, param = torch.zeros(2), torch.nn.Parameter(torch.zeros(2))
-    assert ops._direct(plain, param, None)
-    assert not ops._direct(plain, plain.as_subclass(Sub))
+    assert ops.direct(plain, param, None)
+    assert not ops.direct(plain, plain.as_subclass(Sub))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not ops._direct(plain)
+    assert not ops.direct(plain)
 
 
 def test_eager_path_serves_torch_func_grad():
@@ -109,3 +109,45 @@ def test_eager_path_serves_torch_func_grad():
     q_ = q.clone().requires_grad_(True)
     want, = torch.autograd.grad(loss(q_), q_)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6) and got.abs().sum() > 0
+
+
+def test_overlap_of_the_block_map_is_opt_in_and_cuda_only(monkeypatch):
+    """SLAGEN_OVERLAP_BLOCK_MAP=1 puts the block map on a side stream only for CUDA eager calls with a linear
+    branch on a kernel backend; elsewhere (here: CPU) the call runs as without it, bitwise, and a maps_ready
+    event is refused on the operator path."""
+    from slagen import api
+    q, k, v = inputs(d=16)
+    want = slagen.attention(q, k, v, topk=0.3, block_q=16, block_k=16, backend="triton")
+    monkeypatch.setenv(api.OVERLAP_ENV, "1")
+    assert not api._overlaps_block_map("triton", "softmax", q, k, v, None, None)       # CPU tensors
+    assert torch.equal(slagen.attention(q, k, v, topk=0.3, block_q=16, block_k=16, backend="triton"), want)
+    class Sub(torch.Tensor):
+        pass
+    maps = list(ops.block_map(q, k, 0.3, 0.0, 16, 16, "torch"))
+    with pytest.raises(ValueError, match="maps_ready"):
+        ops.forward(q.as_subclass(Sub), k, v, maps, None, None, 16, 16, 0.25, "softmax", "marginal", 1e-5, False,
+                    "torch", maps_ready=object())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with -m gpu on the device)")
+@pytest.mark.parametrize("backend", ["triton", "tilelang"])
+def test_gpu_overlapped_block_map_gives_the_same_outputs_and_gradients(monkeypatch, backend):
+    """With the block map on a side stream (SLAGEN_OVERLAP_BLOCK_MAP=1) the forward and every gradient equal
+    the serial call's, bitwise, at a length where the kernels overlap (L = 32760, H = 12, 128x64 blocks)."""
+    from slagen import api
+    from slagen.backends import tilelang
+    if backend == "tilelang" and (torch.cuda.get_device_capability() != (9, 0) or tilelang.tilelang_import_error()):
+        pytest.skip("the TileLang backend needs a Hopper GPU and tilelang installed")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v, do = (torch.randn(1, 12, 32760, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for _ in range(4))
+    results = []
+    for overlap in ("0", "1"):
+        monkeypatch.setenv(api.OVERLAP_ENV, overlap)
+        qs, ks, vs = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = slagen.attention(qs, ks, vs, topk=0.05, block_q=128, block_k=64, backend=backend)
+        results.append((out, *torch.autograd.grad(out, (qs, ks, vs), do)))
+    torch.cuda.synchronize()
+    for serial, overlapped in zip(*results):
+        assert torch.equal(serial, overlapped)

@@ -53,11 +53,11 @@ def _spec_and_density(role_module, q, maps, cfg) -> tuple:
     return spec, maps[1].shape[-1] / max(maps[0].shape[-1], 1)
 
 
-def forward(q, k, v, maps, proj_weight, proj_bias, save, **cfg):
+def forward(q, k, v, maps, proj_weight, proj_bias, save, maps_ready=None, **cfg):
     from slagen.backends.triton import fwd
     spec, density = _spec_and_density(fwd, q, maps, cfg)
     config = _tuned(fwd, spec, q, k.shape[-2], density)
-    return fwd.forward(q, k, v, maps, proj_weight, proj_bias, save, config=config, **cfg)
+    return fwd.forward(q, k, v, maps, proj_weight, proj_bias, save, config=config, maps_ready=maps_ready, **cfg)
 
 
 def _backward_config(q, k, maps, cfg) -> Optional[dict]:

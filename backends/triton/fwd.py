@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from slagen import codegen
-from slagen.backends import call_spec, check_forward_inputs, linear_terms
+from slagen.backends import call_spec, check_forward_inputs, linear_terms, wait_for_maps
 from slagen.dispatch import device_arch
 from slagen.spec import KernelSpec
 
@@ -236,15 +236,16 @@ def mask_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, 
 
 
 def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, save: bool, o_lin, den,
-                 cfg: dict):
+                 cfg: dict, maps_ready=None):
     """Pointer arguments HT, ZT, (DH,) W, BIAS, OLIN, DEN, ADD of the main kernel's linear branch and its
-    constexprs. Runs the pre-pass, for marginal='gemm' the excluded-block GEMM (epilogue 'lowp': the
-    marginal-block GEMM forming H_i in q's dtype instead), and for epilogue='split' sla_linear_kernel (which
-    writes ADD, and O^l / den when saving)."""
+    constexprs. Runs the pre-pass, then (after waiting for ``maps_ready``) for marginal='gemm' the
+    excluded-block GEMM (epilogue 'lowp': the marginal-block GEMM forming H_i in q's dtype instead), and for
+    epilogue='split' sla_linear_kernel (which writes ADD, and O^l / den when saving)."""
     gemm = _gemm_marginal(spec, cfg)
     split, lowp = cfg["epilogue"] == "split", cfg["epilogue"] == "lowp"
     # 'lowp' with 'gemm' sums the marginal blocks' h_j directly (H_i): the per-head totals are not read
     ht, zt, hb, zb = linear_totals(mod, k, v, cfg, spec.block_k if gemm else None, totals=not (lowp and gemm))
+    wait_for_maps(maps_ready, q.device)
     w = None if proj_weight is None else proj_weight.to(torch.float32).contiguous()
     bias = None if proj_bias is None else proj_bias.to(torch.float32).contiguous()
     if w is not None and spec.scope == "all" and not save:
@@ -280,11 +281,13 @@ def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, s
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,
-            config: Optional[dict] = None):
+            config: Optional[dict] = None, maps_ready=None):
     """SLA forward on the Triton kernels; returns (o, lse, o_lin, den) as slagen.backends describes.
 
     q (B, H, Lq, D), k and v (B, H, Lk, D) with any strides; maps the 9 BlockMap tensors; proj_weight (D, D)
-    and proj_bias (D,) or None; scale the softmax scale; config overrides of :func:`default_config`.
+    and proj_bias (D,) or None; scale the softmax scale; config overrides of :func:`default_config`;
+    maps_ready: an event the maps' producer recorded on another stream (waited for after the linear
+    pre-pass, which does not read them, is launched).
     o has q's dtype and stride order; lse float32 (B, H, Lq) natural log; o_lin (B, H, Lq, D) in q's dtype
     and den float32 (B, H, Lq) when ``save`` and a linear branch, else empty.
     """
@@ -307,13 +310,15 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
         return o, lse, o_lin, den
 
     mod = codegen.load(spec, "triton")
-    crit_lut = maps[1].contiguous()
     args, consts = [q, k, v, o, lse], dict(TILE_M=cfg["tile_m"], TILE_N=cfg["tile_n"])
     if linear:
         lin_args, lin_consts = _linear_args(mod, spec, q, k, v, maps, proj_weight, proj_bias, save, o_lin, den,
-                                            dict(cfg, eps=eps))
+                                            dict(cfg, eps=eps), maps_ready)
         args += lin_args
         consts.update(lin_consts)
+    else:
+        wait_for_maps(maps_ready, q.device)
+    crit_lut = maps[1].contiguous()
     args += [crit_lut, maps[2].contiguous()]
     if negl_loop:
         args += [maps[5].contiguous(), maps[6].contiguous()]
