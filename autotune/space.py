@@ -29,6 +29,7 @@ OPTIONS: Dict[str, Sequence] = {
     "backward": ("triton", "tilelang"),  # the TileLang backend's backward: Triton's, or its own sparse loops
     "ctas_per_sm": (1, 2),               # the TileLang forward's requested residency
     "prefetch_h": (False, True),         # the TileLang forward loads H_i before its key loop
+    "tma_store": (False, True),          # the TileLang forward stores O through shared memory (TMA)
 }
 _HAS_LINEAR = lambda spec: spec.feature_map is not None  # noqa: E731
 _HAS_MARGINAL = lambda spec: spec.scope == "marginal" and spec.feature_map is not None  # noqa: E731

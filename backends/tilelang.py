@@ -68,12 +68,15 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # of that variant never finish on the H200 (session 5 probe: L=4096 H=12 and L=32760 H=2/12 hang; the same
 # kernel without Proj, or without saving, runs; cause not found).
 # prefetch_h: load the linear branch's H_i before the key loop rather than after it (its TMA latency, ~1–2 µs
-# per CTA, then overlaps the loop; its 32 KiB buffer is live throughout). Not yet measured (session 6).
+# per CTA, then overlaps the loop; its 32 KiB buffer is live throughout). tma_store: write O (and O^l) through
+# shared memory with one TMA store instead of per-thread 2-byte global stores (the generated epilogue issues
+# 64 scalar stores per thread, 4× the L2 sectors, while the SM's one CTA has nothing else to run). Neither
+# measured yet (session 6).
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
-             warp_specialized=True, ctas_per_sm=1, prefetch_h=False),
+             warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=False),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
-              warp_specialized=True, ctas_per_sm=1, prefetch_h=False),
+              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=False),
 }
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
 # docstring; 'tilelang' becomes 'triton' for blocks its tiles do not fit); dq: tile_m query rows per CTA
@@ -246,8 +249,9 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError("config tile_m=64 with num_warps=8 is not supported (TileLang layout inference "
                          "rejects it); use num_warps=4")
     choice("ctas_per_sm", (1, 2))
-    if not isinstance(cfg["prefetch_h"], bool):
-        raise ValueError(f"config['prefetch_h']={cfg['prefetch_h']!r} must be True or False")
+    for name in ("prefetch_h", "tma_store"):
+        if not isinstance(cfg[name], bool):
+            raise ValueError(f"config[{name!r}]={cfg[name]!r} must be True or False")
     if cfg["ctas_per_sm"] == 2 and cfg["num_warps"] != 4:
         raise ValueError("config ctas_per_sm=2 needs num_warps=4 (one consumer warpgroup: two CTAs of 256 threads "
                          "at 128 registers each fill the SM's register file)")
@@ -411,7 +415,7 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
     ctas_per_sm = 1 if save and has_w else cfg["ctas_per_sm"]     # see _DEFAULTS: two of these CTAs hang
     args = dict(tile_m=cfg["tile_m"], tile_n=cfg["tile_n"], threads=32 * cfg["num_warps"],
                 num_stages=cfg["num_stages"], ctas_per_sm=ctas_per_sm, prefetch_h=cfg["prefetch_h"] and linear,
-                save=save, has_w=has_w, has_bias=has_bias)
+                tma_store=cfg["tma_store"], save=save, has_w=has_w, has_bias=has_bias)
     key = ("forward", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     return _compile(key, lambda: mod.forward_kernel(**args), cfg["warp_specialized"])

@@ -205,14 +205,23 @@ def test_forward_compiles_for_sm90a(spec, flags):
 
 
 @needs_compiler
-@pytest.mark.parametrize("spec", [spec_of(d=128, scope="marginal"), spec_of(d=64, scope="all")],
-                         ids=lambda s: s.canonical)
-def test_forward_with_h_prefetched_compiles_for_sm90a(spec):
-    """prefetch_h: H_i (marginal) or the per-head H (all) loaded before the key loop; still one TMA +
-    warp-specialised pipelined loop."""
-    cfg = tl_backend._resolve_config(spec, {"prefetch_h": True})
-    src = tl_backend.forward_kernel(spec, cfg, save=True, has_w=True, has_bias=True).get_kernel_source()
-    _assert_hopper_source(src, "forward prefetch_h")
+@pytest.mark.parametrize("spec,change", [(spec_of(d=128, scope="marginal"), {"prefetch_h": True}),
+                                         (spec_of(d=64, scope="all"), {"prefetch_h": True}),
+                                         (spec_of(d=128, scope="marginal"), {"tma_store": True}),
+                                         (spec_of(d=128, fmap=None), {"tma_store": True}),
+                                         (spec_of(d=64, scope="all"), {"prefetch_h": True, "tma_store": True})],
+                         ids=lambda x: x.canonical if isinstance(x, KernelSpec) else "-".join(sorted(x)))
+def test_forward_epilogue_variants_compile_for_sm90a(spec, change):
+    """prefetch_h: H_i (marginal) or the per-head H (all) loaded before the key loop; tma_store: O (and O^l)
+    staged in shared memory and written by TMA stores, no per-thread global stores of them; each still one
+    TMA + warp-specialised pipelined loop."""
+    cfg = tl_backend._resolve_config(spec, change)
+    linear = spec.feature_map is not None
+    src = tl_backend.forward_kernel(spec, cfg, save=linear, has_w=linear, has_bias=linear).get_kernel_source()
+    _assert_hopper_source(src, f"forward {change}")
+    if change.get("tma_store"):
+        assert "tma_store(O_desc" in src and not re.search(r"\bO\[", src), "O is not written by TMA alone"
+        assert not linear or ("tma_store(OLIN_desc" in src and not re.search(r"\bOLIN\[", src))
 
 
 @needs_compiler
@@ -403,9 +412,14 @@ GPU_CASES = (
     + [dict(L=4096, block=(64, 64), dtype="fp16", save=False, config=dict(ctas_per_sm=2)),
        dict(L=4096, block=(64, 64), layout="blhd", proj=False, config=dict(ctas_per_sm=2)),
        dict(L=4096, block=(64, 64), fmap="elu", scope="marginal", proj=False, config=dict(ctas_per_sm=2))]
-    # H_i loaded before the key loop
+    # H_i loaded before the key loop; O (and O^l) written by TMA stores (partial last tiles: L = 77, 1000)
     + [dict(L=L, d=d, scope=sc, negl=0.1, n_crit=c, config=dict(prefetch_h=True))
        for L, c in ((77, "all"), (4096, 2), (32760, "topk")) for d in (64, 128) for sc in ("marginal", "all")]
+    + [dict(L=L, d=d, scope=sc, negl=0.1, n_crit=c, config=dict(tma_store=True))
+       for L, c in ((77, "all"), (32760, "topk")) for d in (64, 128) for sc in ("marginal", "all")]
+    + [dict(L=1000, Lk=3001, n_crit=2, fmap="none", config=dict(tma_store=True)),
+       dict(L=4096, layout="blhd", save=False, config=dict(tma_store=True, prefetch_h=True)),
+       dict(L=4096, block=(64, 64), proj=False, config=dict(tma_store=True, ctas_per_sm=2))]
     # two selected key blocks per step (tile_n = 2·block_k): odd counts mask the last step's second half
     + [dict(L=L, d=d, scope="marginal", negl=0.1, n_crit=c, config=dict(tile_n=128))
        for L, c in ((77, 1), (77, "all"), (4096, 1), (4096, 2), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]

@@ -13,8 +13,8 @@ TRITON_TUNE_ARGS=(
 # (session 4: forward tile_n 128 measured slower, 1.461 vs 1.419 ms; dq tile_n 128 4.750 vs 4.787 ms backward)
 # ctas_per_sm 2 applies to 64-row tiles only (--block 64x64; reported and skipped at 128 rows): 1.431 vs
 # 1.785 ms forward at 64x64 (session 5). (session 5, 64x64 block map: pool_stages 3 / pool_warps 8 slower.)
-# prefetch_h (session 6, not yet measured): H_i loaded before the key loop.
+# prefetch_h, tma_store (session 6, not yet measured): H_i loaded before the key loop; O stored by TMA.
 TILELANG_TUNE_CANDIDATES=(
   --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 2}'
-  --config '{"prefetch_h": true}'
+  --config '{"prefetch_h": true}' --config '{"tma_store": true}' --config '{"prefetch_h": true, "tma_store": true}'
 )
