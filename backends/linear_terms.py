@@ -16,9 +16,9 @@ around it in torch, once:
 
 Both sums are one dense batched GEMM of the 0/1 mask (T_m × T_n) against the stacked h_j (T_n × D²):
 2·T_m·T_n·D² FLOPs per head, independent of the density, reading the h_j once; the GEMM's 0/1 operand and
-the z sums come from the int8 mask in one launch of a Triton kernel the caller passes (fwd.mask_operands). Accumulation is fp32 (cuBLAS
-accumulates bf16/fp16 products in fp32); the result has ``out_dtype`` (fp32 for Triton, the input dtype for
-TileLang, whose kernel reads ΔH as a tensor-core operand).
+the z sums come from the int8 mask through the function the caller passes (the Triton backend's
+fwd.mask_operands). Accumulation is fp32 (cuBLAS accumulates bf16/fp16 products in fp32); the result has
+``out_dtype`` (fp32 for Triton, the input dtype for TileLang, whose kernel reads ΔH as a tensor-core operand).
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ def operand_matmul(a: torch.Tensor, terms: torch.Tensor, out_dtype: torch.dtype)
     """a (..., T_m, K) of 0/1 in :func:`_operand_dtype` times terms (..., K, N), accumulated in fp32, as
     ``out_dtype`` (K a multiple of 8: :func:`padded_rows`).
 
-    The 0/1 operand is exact in every dtype, so the operands are a in terms' dtype and terms as they are: bf16/fp16 terms with an fp32 result use one
-    tensor-core GEMM with fp32 output (cuBLAS, torch.bmm's out_dtype), never an fp32 copy of the terms; on CPU
-    (no such kernel there) the product runs in fp32.
+    The 0/1 operand is exact in every dtype, so the operands are a in terms' dtype and terms as they are:
+    bf16/fp16 terms with an fp32 result use one tensor-core GEMM with fp32 output (cuBLAS, torch.bmm's
+    out_dtype), never an fp32 copy of the terms; on CPU (no such kernel there) the product runs in fp32.
     """
     if out_dtype == terms.dtype:
         return torch.matmul(a, terms)
@@ -118,8 +118,8 @@ def _selected_sums(mask: torch.Tensor, excluded: bool, h_terms: torch.Tensor, z_
     not a multiple of 8 is zero-padded here, a copy, so cuBLAS gets its Hopper GEMMs).
 
     ``operands(mask, z_blocks, k, dtype) -> (a, Σ z)`` forms the GEMM's 0/1 operand a (..., T_m, k) in dtype
-    and the z sums from the int8 mask in one kernel (the Triton backend's ``fwd.mask_operands``); one GEMM
-    then gives the h sums."""
+    and the z sums from the int8 mask (the Triton backend's ``fwd.mask_operands``); one GEMM then gives the h
+    sums."""
     tm, tn = mask.shape[-2:]
     h_terms, z_terms = _blocks_of(h_terms, z_terms, per_block, tn)
     lead, n, d = h_terms.shape[:-3], h_terms.shape[-3], z_terms.shape[-1]

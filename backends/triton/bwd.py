@@ -392,7 +392,7 @@ def _temp_bytes_per_head(c: _Call) -> int:
     per-row vectors are left out (small)."""
     states = (0,) * 4
     if c.gemm_states():
-        mat = c.D * c.D * torch.empty((), dtype=c.state_dtype).element_size()
+        mat = c.D * c.D * c.state_dtype.itemsize
         states = (linear_terms.padded_rows(c.Tm) * mat, linear_terms.padded_rows(c.Tn) * mat,   # g, h
                   c.Tm * mat, c.Tn * mat)                                                      # ΔH, ΔG
     g, h, dh, dg = states
@@ -426,17 +426,17 @@ def _run_heads(c: _Call, dq, dk, dv, sparse_dq, sparse_dkdv):
         sparse_dq(ds, None, dq)
         sparse_dkdv(ds, None, None, dk, dv)
         return proj
-    if c.gemm_states():   # one temporary at a time: ΔH, Z_i for dq, then ΔG, g_j for dk / dv
-        dq_part = _dq(c, ds, dl, *_excluded_states(c, zsum, h, z, c.maps[0]), hsum, zsum, dq)
-    else:
-        dq_part = _dq(c, ds, dl, h, z, hsum, zsum, dq)
+    # one temporary at a time with the GEMM states: ΔH, Z_i for dq (h, z freed after it), then ΔG, g_j for dk / dv
+    q_terms = _excluded_states(c, zsum, h, z, c.maps[0]) if c.gemm_states() else (h, z)
+    del h, z
+    dq_part = _dq(c, ds, dl, *q_terms, hsum, zsum, dq)
+    del q_terms
     if not c.sparse:
         sparse_dq(ds, dq_part, dq)
-    del h, z, dq_part
-    if c.gemm_states():
-        kv_part = _dkdv(c, ds, *_excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)), gsum, gzsum, dk, dv)
-    else:
-        kv_part = _dkdv(c, ds, g, gz, gsum, gzsum, dk, dv)
+    del dq_part
+    kv_terms = _excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)) if c.gemm_states() else (g, gz)
+    kv_part = _dkdv(c, ds, *kv_terms, gsum, gzsum, dk, dv)
+    del kv_terms
     if not c.sparse:
         sparse_dkdv(ds, *kv_part, dk, dv)
     return proj

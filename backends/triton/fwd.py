@@ -224,9 +224,9 @@ def mask_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, 
     split = dtype == torch.bfloat16 and (not mask.is_cuda or linear_terms.HAS_BMM_OUT_DTYPE)
     a = torch.empty((B, H, tm, k_cols), dtype=dtype, device=mask.device)
     planes = torch.empty((B, H, k_cols, 3 * d), dtype=dtype, device=mask.device) if split else a
-    row_tiles = math.ceil(tm / cfg["block_m"])
-    z_tiles = math.ceil(k_cols / cfg["block_m"]) if split else 0
-    grid = (row_tiles + z_tiles, math.ceil(k_cols / cfg["block_j"]), B * H)
+    row_tiles, col_tiles = math.ceil(tm / cfg["block_m"]), math.ceil(k_cols / cfg["block_j"])
+    z_tiles = math.ceil(k_cols / (cfg["block_m"] * col_tiles)) if split else 0   # BLOCK_M z rows per program
+    grid = (row_tiles + z_tiles, col_tiles, B * H)
     mod.sla_mask_operands_kernel[grid](
         mask, z, a, planes, *mask.stride(), H, tm, tn, k_cols, z.shape[1], row_tiles, EXCLUDED=excluded,
         BLOCK_M=cfg["block_m"], BLOCK_J=cfg["block_j"], num_warps=cfg["warps"])
