@@ -7,7 +7,10 @@ The backward forms its linear-branch temporaries head group by head group (slage
 _head_groups); the budget is a multiple of q's bytes, 0 = all heads at once. Each budget is set as the
 default config's value (bwd.TEMP_BUDGET; a tuned backward record would override it, so run with an empty
 SLAGEN_CACHE_DIR). Per backend and budget: f+b through slagen.attention as `slagen bench` times it (median
-ms, peak MiB above the inputs) and dense SDPA (cuDNN) for reference, in one process.
+ms, peak MiB above the inputs) and dense SDPA (cuDNN) for reference, in one process. With --trace N: per
+backend and budget, the N host-side operations (aten ops and CUDA runtime calls) with the most own CPU time
+over 3 calls — where a synchronisation or an allocation hides (session 7: budget 1.25 made the call
+host-bound).
 """
 
 from __future__ import annotations
@@ -23,10 +26,22 @@ from slagen.bench import peak_mib
 from profile_sla import add_shape_args, shape_inputs
 
 
+def host_trace(fn, top: int) -> str:
+    """Table of the ``top`` host operations of 3 calls of ``fn`` by own CPU time (torch.profiler)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="triton,tilelang")
     ap.add_argument("--budgets", default="0,1.25")
+    ap.add_argument("--trace", type=int, default=0, help="print the N costliest host operations per budget")
     add_shape_args(ap)
     args = ap.parse_args()
     bq, bk, (q, k, v, do) = shape_inputs(args)
@@ -49,6 +64,8 @@ def main() -> None:
             rows.append((f"slagen-{name} SLA marginal", budget, do_bench(fwd_bwd, warmup=10, rep=50,
                                                                          return_mode="median"), peak_mib(fwd_bwd)))
             print(f"  {name} temp_budget {budget}: done", flush=True)
+            if args.trace:
+                print(host_trace(fwd_bwd, args.trace), flush=True)
     print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 topk={args.topk} "
           f"block {args.block}\n")
     print("| what | temp_budget | fwd+bwd ms | peak MiB | peak × cuDNN |\n|---|---|---|---|---|")

@@ -55,9 +55,10 @@ _TILES["sm89"] = _TILES["sm86"]
 _DKDV_WARPS = {("sm90", 128): 4}
 _PREP_CHUNK = 8      # selection blocks per program of the state / proj kernels
 MARGINAL_STATES = ("gemm", "gather")
-# prep.temp_budget's default: a head group's temporaries at most 1.25 × the size of q (headline shape: 3 of
-# the 12 heads per group, 96 MiB instead of 384 MiB of states and mask-GEMM sums at once)
-TEMP_BUDGET = 1.25
+# prep.temp_budget's default: all heads at once. Head groups cut the peak (H200, headline shape, 128x64,
+# budget 1.25 = 3 of 12 heads per group: Triton f+b 988 -> 689 MiB, TileLang 1271 -> 703) but cost time
+# (Triton 6.31 -> 9.02 ms, TileLang 5.78 -> 16.73; session 7, tools/backward_memory.py): opt-in until that is fixed
+TEMP_BUDGET = 0.0
 LOG2E = 1.4426950408889634
 
 
