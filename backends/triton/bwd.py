@@ -410,10 +410,26 @@ def _head_groups(c: _Call) -> list:
     return [slice(h0, min(h0 + per_group, c.H)) for h0 in range(0, max(c.H, 1), max(per_group, 1))]
 
 
-def _run_heads(c: _Call, dq, dk, dv, sparse_dq, sparse_dkdv):
-    """All kernels of one head group; the gradients go into the views dq, dk, dv (with ``c.sparse`` False
-    through ``sparse_dq(ds, dq_lin, dq)`` and ``sparse_dkdv(ds, dk_lin, dv_lin, dk, dv)``, the linear terms
-    None without a linear branch). Returns Proj's fp32 (dw, db) over the group's heads, or None."""
+class _Grads:
+    """dq, dk, dv of one call (like q, k, v), each allocated at its first use: dk / dv only once the dq
+    part's temporaries are freed, as they are not alive at the backward's peak (ΔH with the states)."""
+
+    def __init__(self, c: _Call):
+        self._like = {"dq": c.q, "dk": c.k, "dv": c.v}
+        self._made = {}
+
+    def __call__(self, name: str, heads: Optional[slice] = None) -> torch.Tensor:
+        """Gradient ``name``, or its view over ``heads``."""
+        if name not in self._made:
+            self._made[name] = torch.empty_like(self._like[name])
+        return self._made[name] if heads is None else self._made[name][:, heads]
+
+
+def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv):
+    """All kernels of the head group ``c`` (the call restricted to ``heads``); the gradients go into the
+    views ``grads(name, heads)`` (with ``c.sparse`` False through ``sparse_dq(ds, dq_lin, dq)`` and
+    ``sparse_dkdv(ds, dk_lin, dv_lin, dk, dv)``, the linear terms None without a linear branch). Returns
+    Proj's fp32 (dw, db) over the group's heads, or None."""
     ds, dl, g, gz = _query_state(c)
     h = z = hsum = zsum = gsum = gzsum = c.lse
     proj = None
@@ -424,18 +440,20 @@ def _run_heads(c: _Call, dq, dk, dv, sparse_dq, sparse_dkdv):
         if c.w is not None or c.bias is not None:
             proj = _proj_grads(c)
     if not (c.sparse or c.linear):
-        sparse_dq(ds, None, dq)
-        sparse_dkdv(ds, None, None, dk, dv)
+        sparse_dq(ds, None, grads("dq", heads))
+        sparse_dkdv(ds, None, None, grads("dk", heads), grads("dv", heads))
         return proj
     # one temporary at a time with the GEMM states: ΔH, Z_i for dq (h, z freed after it), then ΔG, g_j for dk / dv
     q_terms = _excluded_states(c, zsum, h, z, c.maps[0]) if c.gemm_states() else (h, z)
     del h, z
+    dq = grads("dq", heads)
     dq_part = _dq(c, ds, dl, *q_terms, hsum, zsum, dq)
     del q_terms
     if not c.sparse:
         sparse_dq(ds, dq_part, dq)
     del dq_part
     kv_terms = _excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)) if c.gemm_states() else (g, gz)
+    dk, dv = grads("dk", heads), grads("dv", heads)
     kv_part = _dkdv(c, ds, *kv_terms, gsum, gzsum, dk, dv)
     del kv_terms
     if not c.sparse:
@@ -447,18 +465,16 @@ def _run(c: _Call, sparse_dq=None, sparse_dkdv=None):
     """All kernels of one call, head group by head group (:func:`_head_groups`): (dq, dk, dv, dw, db), dq /
     dk / dv like q / k / v. With ``c.sparse`` False, ``sparse_dq(heads, ds, dq_lin, dq)`` and
     ``sparse_dkdv(heads, ds, dk_lin, dv_lin, dk, dv)`` form each group's gradients (see :func:`linear_part`)."""
-    dq, dk, dv = (torch.empty_like(x) for x in (c.q, c.k, c.v))
+    grads = _Grads(c)
     dw = db = None
     for heads in _head_groups(c):
-        group = c.heads(heads)
-        proj = _run_heads(group, dq[:, heads], dk[:, heads], dv[:, heads],
-                          sparse_dq and functools.partial(sparse_dq, heads),
+        proj = _run_heads(c.heads(heads), heads, grads, sparse_dq and functools.partial(sparse_dq, heads),
                           sparse_dkdv and functools.partial(sparse_dkdv, heads))
         if proj is not None:     # fp32 sums over the groups, in order: deterministic
             dw, db = proj if dw is None else (dw + proj[0], db + proj[1])
     dw = dw.to(c.w.dtype) if c.w is not None else _empty(c)
     db = db.to(c.bias.dtype) if c.bias is not None else _empty(c)
-    return dq, dk, dv, dw, db
+    return grads("dq"), grads("dk"), grads("dv"), dw, db
 
 
 def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj_weight, proj_bias, *,
