@@ -70,14 +70,17 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # prefetch_h: load the linear branch's H_i before the key loop rather than after it (its TMA latency, ~1–2 µs
 # per CTA, then overlaps the loop; its 32 KiB buffer is live throughout). tma_store: write O (and O^l) through
 # shared memory with one TMA store instead of per-thread 2-byte global stores (the generated epilogue issues
-# 64 scalar stores per thread, 4× the L2 sectors, while the SM's one CTA has nothing else to run). Neither
-# measured yet (session 6).
+# 64 scalar stores per thread, 4× the L2 sectors, while the SM's one CTA has nothing else to run). Measured
+# (H200, headline shape, SLA marginal forward, `slagen tune`, session 7): 128x64 tma_store 1.244 vs 1.355 ms
+# (default since), prefetch_h 1.800 (slower; tunable only); 64x64 ctas_per_sm 2 1.399, tma_store 1.668, both
+# defaults 1.756 — so 64-row tiles default to two CTAs per SM without the TMA store (_TWO_CTAS).
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
-             warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=False),
+             warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
-              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=False),
+              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True),
 }
+_TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False)   # 64-row tiles, where two CTAs fit an SM
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
 # docstring; 'tilelang' becomes 'triton' for blocks its tiles do not fit); dq: tile_m query rows per CTA
 # (divides block_q), tile_n keys per loop step (divides block_k); dkdv: tile_n keys per CTA (divides block_k;
@@ -180,8 +183,9 @@ def default_config(spec: KernelSpec) -> dict:
     cfg["tile_n"] = min(cfg["tile_n"], spec.block_k)
     if spec.scope == "marginal":   # per-block h_j: the pre-pass tile divides block_k
         cfg["pre_tile"] = min(cfg["pre_tile"], spec.block_k)
-    if cfg["tile_m"] < 128:
-        cfg["num_warps"] = 4         # 64-row tiles: one consumer warpgroup (8 warps fail layout inference)
+    if cfg["tile_m"] < 128:          # 64-row tiles: one consumer warpgroup (8 warps fail layout inference)
+        two = {**cfg, **_TWO_CTAS}
+        cfg = two if 2 * shared_bytes(two, spec) <= SHARED_MEMORY_PER_SM else {**cfg, "num_warps": 4}
     return cfg
 
 
