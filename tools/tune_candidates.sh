@@ -11,10 +11,12 @@ TRITON_TUNE_ARGS=(
 # The TileLang backend's candidates (its forward and backward roles; an override a role lacks is skipped):
 # two selected key blocks per forward / dq step, and the Triton backward against the TileLang one.
 # (session 4: forward tile_n 128 measured slower, 1.461 vs 1.419 ms; dq tile_n 128 4.750 vs 4.787 ms backward)
-# ctas_per_sm 2 applies to 64-row tiles only (--block 64x64; reported and skipped at 128 rows): 1.431 vs
-# 1.785 ms forward at 64x64 (session 5). (session 5, 64x64 block map: pool_stages 3 / pool_warps 8 slower.)
-# prefetch_h, tma_store (session 6, not yet measured): H_i loaded before the key loop; O stored by TMA.
+# ctas_per_sm 2 applies to 64-row tiles only (reported and skipped at 128 rows); default there since session 7
+# (1.399 vs 1.756 ms forward at 64x64), so the candidate is 1. tma_store: default on since session 7 (128x64
+# 1.244 vs 1.355 ms); at 64-row tiles it is off with two CTAs (the pair, untimed, is a candidate).
+# prefetch_h measured slower (128x64 1.800 vs 1.355 ms, session 7): a candidate for other cards.
+# (session 5, 64x64 block map: pool_stages 3 / pool_warps 8 slower.)
 TILELANG_TUNE_CANDIDATES=(
-  --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 2}'
-  --config '{"prefetch_h": true}' --config '{"tma_store": true}' --config '{"prefetch_h": true, "tma_store": true}'
+  --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 1}'
+  --config '{"tma_store": true}' --config '{"tma_store": false}' --config '{"prefetch_h": true}'
 )
