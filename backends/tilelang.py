@@ -86,10 +86,14 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False)   # 64-row tiles, 
 # (divides block_q), tile_n keys per loop step (divides block_k); dkdv: tile_n keys per CTA (divides block_k;
 # 64 rows per consumer warpgroup), tile_m query rows per step (divides block_q). Starting points (register
 # use checked with ptxas: dq 168, dkdv 240 per thread, no spills at d=128), not measured optima.
+# Each kernel's epilogue (session 7, compile-tested, not yet measured): lin_init puts the linear-branch term in
+# the fp32 accumulator before the loop (per-thread fp32 loads that otherwise follow the loop), tma_store
+# writes the gradients through the CTA's own shared tiles with TMA stores — the forward's tma_store gained
+# 0.11 ms at 128x64.
 _BWD_DEFAULTS: Dict[int, dict] = {
     d: {"backward": "tilelang", "warp_specialized": True,
-        "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2),
-        "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2)}
+        "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=False),
+        "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=False)}
     for d in (64, 128)
 }
 BACKWARDS = ("triton", "tilelang")
@@ -314,6 +318,9 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
             choice(other, (32, 64, 128), spec.block_q)
         choice("num_warps", (4, 8))
         choice("num_stages", (1, 2, 3, 4))
+        for name in ("lin_init", "tma_store"):
+            if not isinstance(part[name], bool):
+                raise ValueError(f"{where}[{name!r}]={part[name]!r} must be True or False")
         if part[rows] == 64 and part["num_warps"] == 8:
             raise ValueError(f"{where}: {rows}=64 with num_warps=8 is not supported (TileLang layout inference "
                              f"rejects it); use num_warps=4")
@@ -440,7 +447,7 @@ def backward_kernel(spec: KernelSpec, cfg: dict, kernel: str):
     for the backward tunables ``cfg`` (its ``cfg[kernel]`` part and ``warp_specialized``)."""
     part = cfg[kernel]
     args = dict(tile_m=part["tile_m"], tile_n=part["tile_n"], threads=32 * part["num_warps"],
-                num_stages=part["num_stages"])
+                num_stages=part["num_stages"], lin_init=part["lin_init"], tma_store=part["tma_store"])
     key = (kernel, spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     make = mod.dq_kernel if kernel == "dq" else mod.dkdv_kernel

@@ -515,6 +515,26 @@ def test_backward_config_defaults_to_tilelang_where_its_tiles_fit_and_checks_the
         tl_backend._resolve_config(small, {"backward": "tilelang"})
 
 
+@needs_compiler
+@pytest.mark.parametrize("spec", [bwd_spec_of(d=128), bwd_spec_of(d=64, fmap=None), bwd_spec_of(d=128, block=(64, 64))],
+                         ids=lambda s: s.canonical)
+def test_backward_epilogue_variants_compile_for_sm90a(spec):
+    """dq / dkdv with lin_init and tma_store: the gradients leave through the CTA's shared tiles by TMA stores
+    alone (no per-thread global stores of DQ, DK, DV), still TMA loads and wgmma; the linear terms are read
+    by the linear variants only."""
+    both = {"lin_init": True, "tma_store": True}
+    cfg = tl_backend._resolve_config(spec, {"backward": "tilelang", "dq": both, "dkdv": both})
+    linear = spec.feature_map is not None
+    for kernel, outs, terms in (("dq", ("DQ",), ("DQL",)), ("dkdv", ("DK", "DV"), ("DKL", "DVL"))):
+        src = tl_backend.backward_kernel(spec, cfg, kernel).get_kernel_source()
+        _assert_hopper_source(src, f"{kernel} {both}")
+        for out in outs:
+            assert f"tma_store({out}_desc" in src and not re.search(rf"\b{out}\[", src), f"{out} is not written by TMA alone"
+        assert all((term in src) == linear for term in terms), terms
+    with pytest.raises(ValueError, match="lin_init"):
+        tl_backend._resolve_config(spec, {"backward": "tilelang", "dq": {"lin_init": 1}})
+
+
 BWD_GRID = [bwd_spec_of(d=d, dtype=dt, fmap=fm, scope=sc, negl=ng)
             for d, dt, fm, sc, ng in itertools.product((64, 128), ("bf16", "fp16"), ("softmax", "elu", None),
                                                        ("marginal", "all"), (False, True))
@@ -585,6 +605,7 @@ def run_backward_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope
     return errs
 
 
+EPILOGUE = dict(lin_init=True, tma_store=True)
 BWD_GPU_CASES = (
     [dict(L=L, d=d, layout=lo, fmap=fm, scope="marginal", negl=0.1 if fm != "none" else 0.0)
      for L in (77, 4096, 32760) for d in (64, 128) for lo in ("bhld", "blhd") for fm in ("softmax", "none")]
@@ -595,7 +616,18 @@ BWD_GPU_CASES = (
     # dq with two selected key blocks per step (tile_n = 2·block_k)
     + [dict(L=L, d=d, n_crit=c, config=dict(dq=dict(tile_n=128)))
        for L, c in ((77, 1), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
-    + [dict(L=4096, block=(64, 64), n_crit=3, fmap="none", config=dict(dq=dict(tile_n=128)))])
+    + [dict(L=4096, block=(64, 64), n_crit=3, fmap="none", config=dict(dq=dict(tile_n=128)))]
+    # the epilogue variants (lin_init: linear term in the accumulator first; tma_store: gradients by TMA)
+    + [dict(L=L, d=d, layout=lo, fmap=fm, scope="marginal", negl=0.1 if fm != "none" else 0.0,
+            config=dict(dq=EPILOGUE, dkdv=EPILOGUE))
+       for L in (77, 32760) for d in (64, 128) for lo in ("bhld", "blhd") for fm in ("softmax", "none")]
+    + [dict(L=4096, fmap="elu", scope="all", config=dict(dq=EPILOGUE, dkdv=EPILOGUE)),
+       dict(L=1000, d=64, n_crit=2, config=dict(dq=EPILOGUE, dkdv=EPILOGUE)),
+       dict(L=4096, block=(64, 64), config=dict(dq=EPILOGUE, dkdv=EPILOGUE)),
+       dict(L=4096, dtype="fp16", config=dict(dq=EPILOGUE, dkdv=EPILOGUE)),
+       dict(L=4096, n_crit="mixed", config=dict(dq=dict(tile_n=128, **EPILOGUE))),
+       dict(L=4096, config=dict(dq=dict(lin_init=True), dkdv=dict(lin_init=True))),
+       dict(L=4096, config=dict(dq=dict(tma_store=True), dkdv=dict(tma_store=True)))])
 
 
 @pytest.mark.gpu
