@@ -192,6 +192,47 @@ def test_linear_part_is_the_backward_without_its_sparse_loops(scope, negl, budge
     assert rel(sparse_loops.term("ds"), want_ds) < 1e-5
 
 
+@pytest.mark.parametrize("sparse", [True, False], ids=["backward", "linear_part"])
+def test_temporaries_are_freed_before_the_gradients_exist(monkeypatch, sparse):
+    """The allocation order behind the backward's peak (scope 'marginal', GEMM states): the query state g is
+    freed once ΔG is formed, before dk / dv's kernel runs; the backward allocates dk and dv just before that
+    kernel, and linear_part (whose kernels write fp32 terms) allocates each gradient only for the sparse
+    loops, after its linear kernel."""
+    events, refs = [], {}
+    real_query_state, real_dq, real_dkdv, real_grad = bwd._query_state, bwd._dq, bwd._dkdv, bwd._Grads.__call__
+
+    def query_state(c):
+        out = real_query_state(c)
+        refs["g"] = weakref.ref(out[2])
+        return out
+
+    def dq_kernel(*args):
+        events.append("dq kernel")
+        return real_dq(*args)
+
+    def dkdv_kernel(*args):
+        events.append(("dkdv kernel", "g freed" if refs["g"]() is None else "g alive"))
+        return real_dkdv(*args)
+
+    def grad(self, name, heads=None):
+        if name not in self._made:
+            events.append(f"alloc {name}")
+        return real_grad(self, name, heads)
+    monkeypatch.setattr(bwd, "_query_state", query_state)
+    monkeypatch.setattr(bwd, "_dq", dq_kernel)
+    monkeypatch.setattr(bwd, "_dkdv", dkdv_kernel)
+    monkeypatch.setattr(bwd._Grads, "__call__", grad)
+    p, cfg = make_problem(feature_map="softmax", scope="marginal", negligible=0.2, seed=13)
+    names = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")
+    if sparse:
+        bwd.backward(*(p[name] for name in names), **cfg)
+        assert events == ["alloc dq", "dq kernel", "alloc dk", "alloc dv", ("dkdv kernel", "g freed")]
+    else:
+        loops = SparseLoops()
+        bwd.linear_part(*(p[name] for name in names), sparse_dq=loops.dq, sparse_dkdv=loops.dkdv, **cfg)
+        assert events == ["dq kernel", "alloc dq", ("dkdv kernel", "g freed"), "alloc dk", "alloc dv"]
+
+
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
 def test_head_groups_give_the_gradients_of_one_group(layout):
     """The same gradients whether all heads run at once (temp_budget 0) or one head per group (the views of

@@ -388,9 +388,10 @@ def _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
 
 def _temp_bytes_per_head(c: _Call) -> int:
     """Peak bytes of the temporaries one head (over the batch) adds to a backward call: the per-block states
-    and the mask-GEMM sums (ΔH with h and g for dq, then ΔG with g for dk / dv; scope 'marginal' with the
-    GEMM states) and, for :func:`linear_part`, the fp32 linear terms alive with them. Chunk partials and
-    per-row vectors are left out (small)."""
+    and the mask-GEMM sums (scope 'marginal' with the GEMM states: ΔH formed from h beside g, then dq's
+    kernel with g and ΔH; ΔG formed from g, then dk / dv's kernel with ΔG alone, :func:`_run_heads`) and,
+    for :func:`linear_part`, the fp32 linear terms its kernels write. Chunk partials and per-row vectors
+    are left out (small)."""
     states = (0,) * 4
     if c.gemm_states():
         mat = c.D * c.D * c.state_dtype.itemsize
@@ -398,7 +399,7 @@ def _temp_bytes_per_head(c: _Call) -> int:
                   c.Tm * mat, c.Tn * mat)                                                      # ΔH, ΔG
     g, h, dh, dg = states
     lin_q, lin_kv = (0, 0) if c.sparse or not c.linear else (4 * c.Lq * c.D, 8 * c.Lk * c.D)
-    return c.q.shape[0] * max(g + h + dh + lin_q, g + dg + lin_kv)
+    return c.q.shape[0] * max(g + h + dh, g + dh + lin_q, g + dg, dg + lin_kv)
 
 
 def _head_groups(c: _Call) -> list:
@@ -443,21 +444,25 @@ def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv):
         sparse_dq(ds, None, grads("dq", heads))
         sparse_dkdv(ds, None, None, grads("dk", heads), grads("dv", heads))
         return proj
-    # one temporary at a time with the GEMM states: ΔH, Z_i for dq (h, z freed after it), then ΔG, g_j for dk / dv
+    # One temporary at a time with the GEMM states: ΔH, Z_i for dq (h, z freed once it is formed), then ΔG,
+    # g_j for dk / dv (g freed once ΔG is formed). Each gradient is allocated when something writes it: with
+    # c.sparse False the Triton kernels write fp32 linear terms and dq / dk / dv appear only for the
+    # caller's sparse loops, after the mask-GEMM sums are freed.
+    def outputs(*names):
+        return [grads(name, heads) if c.sparse else None for name in names]
     q_terms = _excluded_states(c, zsum, h, z, c.maps[0]) if c.gemm_states() else (h, z)
     del h, z
-    dq = grads("dq", heads)
-    dq_part = _dq(c, ds, dl, *q_terms, hsum, zsum, dq)
+    dq_part = _dq(c, ds, dl, *q_terms, hsum, zsum, *outputs("dq"))
     del q_terms
     if not c.sparse:
-        sparse_dq(ds, dq_part, dq)
+        sparse_dq(ds, dq_part, grads("dq", heads))
     del dq_part
     kv_terms = _excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)) if c.gemm_states() else (g, gz)
-    dk, dv = grads("dk", heads), grads("dv", heads)
-    kv_part = _dkdv(c, ds, *kv_terms, gsum, gzsum, dk, dv)
+    del g, gz
+    kv_part = _dkdv(c, ds, *kv_terms, gsum, gzsum, *outputs("dk", "dv"))
     del kv_terms
     if not c.sparse:
-        sparse_dkdv(ds, *kv_part, dk, dv)
+        sparse_dkdv(ds, *kv_part, grads("dk", heads), grads("dv", heads))
     return proj
 
 
