@@ -277,6 +277,12 @@ def test_head_groups_follow_the_temporary_budget():
     assert groups(1.25) == [(h, h + 3) for h in range(0, 12, 3)]
     assert groups(bwd.TEMP_BUDGET) == groups(0.0) == [(0, 12)] and groups(100.0) == [(0, 12)]
     assert groups(0.01) == [(h, h + 1) for h in range(12)]     # at least one head per group
+    with pytest.MonkeyPatch.context() as mp:                     # the environment's policy beats the config
+        mp.setenv(bwd.TEMP_BUDGET_ENV, "1.25")
+        assert groups(0.0) == [(h, h + 3) for h in range(0, 12, 3)]
+        mp.setenv(bwd.TEMP_BUDGET_ENV, "lots")
+        with pytest.raises(ValueError, match=bwd.TEMP_BUDGET_ENV):
+            groups(0.0)
     assert groups(1.0 * 5 / 12) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9),
                                     (9, 10), (10, 11), (11, 12)]
     # linear_part adds the fp32 dk / dv terms (32 MiB per head) to g + ΔG: 56 MiB per head

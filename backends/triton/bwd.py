@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
 from types import ModuleType
 from typing import Optional, Sequence
 
@@ -59,6 +60,7 @@ MARGINAL_STATES = ("gemm", "gather")
 # budget 1.25 = 3 of 12 heads per group: Triton f+b 988 -> 689 MiB, TileLang 1271 -> 703) but cost time
 # (Triton 6.31 -> 9.02 ms, TileLang 5.78 -> 16.73; session 7, tools/backward_memory.py): opt-in until that is fixed
 TEMP_BUDGET = 0.0
+TEMP_BUDGET_ENV = "SLAGEN_BACKWARD_TEMP_BUDGET"   # overrides every config's prep.temp_budget (a memory policy)
 LOG2E = 1.4426950408889634
 
 
@@ -402,10 +404,26 @@ def _temp_bytes_per_head(c: _Call) -> int:
     return c.q.shape[0] * max(g + h + dh, g + dh + lin_q, g + dg, dg + lin_kv)
 
 
+def temp_budget(cfg: dict) -> float:
+    """The head-group budget of a backward call: $SLAGEN_BACKWARD_TEMP_BUDGET when set (a number ≥ 0; the
+    caller's memory policy, above any default or tuned config), else the config's prep.temp_budget."""
+    env = os.environ.get(TEMP_BUDGET_ENV)
+    if env is None or env.strip() == "":
+        return cfg["prep"].get("temp_budget", TEMP_BUDGET)
+    try:
+        value = float(env)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"{TEMP_BUDGET_ENV}={env!r} must be a number >= 0 (a multiple of q's bytes for the "
+                         f"backward's per-head-group temporaries; 0: all heads at once)")
+    return value
+
+
 def _head_groups(c: _Call) -> list:
     """The head slices the backward runs one after another: as many heads per group as keep the group's
-    temporaries (:func:`_temp_bytes_per_head`) within prep.temp_budget × the bytes of q (at least one)."""
-    budget = c.cfg["prep"].get("temp_budget", TEMP_BUDGET) * c.q.numel() * c.q.element_size()
+    temporaries (:func:`_temp_bytes_per_head`) within :func:`temp_budget` × the bytes of q (at least one)."""
+    budget = temp_budget(c.cfg) * c.q.numel() * c.q.element_size()
     per_head = _temp_bytes_per_head(c)
     per_group = c.H if budget <= 0 or per_head == 0 else min(max(int(budget // per_head), 1), c.H)
     return [slice(h0, min(h0 + per_group, c.H)) for h0 in range(0, max(c.H, 1), max(per_group, 1))]
