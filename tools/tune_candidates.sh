@@ -16,10 +16,12 @@ TRITON_TUNE_ARGS=(
 # 1.244 vs 1.355 ms); at 64-row tiles it is off with two CTAs (the pair, untimed, is a candidate).
 # prefetch_h measured slower (128x64 1.800 vs 1.355 ms, session 7): a candidate for other cards.
 # The backward's dq / dkdv epilogues (lin_init, tma_store; session 7, not yet measured): both, each alone.
+# Forward tile_n 128 (two selected blocks per step: half the acc_o rescales) again, now with tma_store on.
 # (session 5, 64x64 block map: pool_stages 3 / pool_warps 8 slower.)
 TILELANG_TUNE_CANDIDATES=(
   --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 1}'
   --config '{"tma_store": true}' --config '{"tma_store": false}' --config '{"prefetch_h": true}'
+  --config '{"tile_n": 128}'
   --config '{"dq": {"lin_init": true, "tma_store": true}, "dkdv": {"lin_init": true, "tma_store": true}}'
   --config '{"dq": {"tma_store": true}, "dkdv": {"tma_store": true}}'
   --config '{"dq": {"lin_init": true}, "dkdv": {"lin_init": true}}'
