@@ -6,7 +6,7 @@
 The backward forms its linear-branch temporaries head group by head group (slagen.backends.triton.bwd,
 _head_groups); the budget is a multiple of q's bytes, 0 = all heads at once. Each budget is set as the
 default config's value (bwd.TEMP_BUDGET; a tuned backward record would override it, so run with an empty
-SLAGEN_CACHE_DIR). Per backend and budget: f+b through slagen.attention as `slagen bench` times it (median
+SLAGEN_CACHE_DIR, and without SLAGEN_BACKWARD_TEMP_BUDGET, which overrides both). Per backend and budget: f+b through slagen.attention as `slagen bench` times it (median
 ms, peak MiB above the inputs) and dense SDPA (cuDNN) for reference, in one process. With --trace N: per
 backend and budget, the N host-side operations (aten ops and CUDA runtime calls) with the most own CPU time
 over 3 calls — where a synchronisation or an allocation hides (session 7: budget 1.25 made the call
@@ -16,6 +16,7 @@ host-bound).
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from triton.testing import do_bench
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--trace", type=int, default=0, help="print the N costliest host operations per budget")
     add_shape_args(ap)
     args = ap.parse_args()
+    if os.environ.get(bwd.TEMP_BUDGET_ENV, "").strip():
+        ap.error(f"{bwd.TEMP_BUDGET_ENV} is set: it would override every budget this tool sets; unset it")
     bq, bk, (q, k, v, do) = shape_inputs(args)
     for t in (q, k, v):
         t.requires_grad_(True)

@@ -430,8 +430,8 @@ def _head_groups(c: _Call) -> list:
 
 
 class _Grads:
-    """dq, dk, dv of one call (like q, k, v), each allocated at its first use: dk / dv only once the dq
-    part's temporaries are freed, as they are not alive at the backward's peak (ΔH with the states)."""
+    """dq, dk, dv of one call (like q, k, v), each allocated at its first use, so that none is alive before
+    a kernel writes it (:func:`_run_heads` orders the uses against the temporaries)."""
 
     def __init__(self, c: _Call):
         self._like = {"dq": c.q, "dk": c.k, "dv": c.v}
