@@ -61,6 +61,46 @@ def peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def live_at_peak(events: Sequence[dict]) -> Tuple[int, List[dict]]:
+    """(peak bytes, the allocations alive at that peak, largest first) from a CUDA caching-allocator trace
+    (the ``device_traces`` entries of torch.cuda.memory._snapshot(): 'alloc' / 'free_completed' events with
+    'addr', 'size' and 'frames'); only what the traced span allocated counts, as in :func:`peak_mib`."""
+    live, total, peak, at_peak = {}, 0, 0, []
+    for event in events:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+            if total > peak:
+                peak, at_peak = total, list(live.values())
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+    return peak, sorted(at_peak, key=lambda e: -e["size"])
+
+
+def allocation_site(event: dict) -> str:
+    """'file:line function' of the innermost frame of an allocation in slagen's code (its kernels' glue),
+    else the innermost frame with a file name."""
+    frames = [f for f in event.get("frames", ()) if f.get("filename")]
+    ours = [f for f in frames if "slagen" in f["filename"] or "/backends/" in f["filename"]]
+    f = (ours or frames or [dict(filename="?", line=0, name="?")])[0]
+    return f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}"
+
+
+def peak_allocations(fn) -> Tuple[float, List[Tuple[float, str]]]:
+    """Run ``fn`` once with the CUDA allocator's history on: (peak MiB it allocated, [(MiB, allocation site)]
+    of what was alive at that peak, largest first)."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    try:
+        fn()
+        torch.cuda.synchronize()
+        events = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    peak, alive = live_at_peak(events)
+    return peak / 2**20, [(e["size"] / 2**20, allocation_site(e)) for e in alive]
+
+
 def inference(f, q, k, v):
     def run():
         with torch.no_grad():

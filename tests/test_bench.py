@@ -104,3 +104,25 @@ def test_bench_rows_option_selects_the_slagen_rows_and_rejects_unknown_names(mon
     assert "blockmap, marginal, all, sparse, given" in result.output
     default = CliRunner().invoke(main, ["bench", "--seq-len", "4096"])
     assert default.exit_code == 0 and seen["rows"] == list(bench.SLAGEN_ROWS)
+
+
+def test_live_at_peak_replays_an_allocator_trace():
+    """The allocations alive at the peak of a trace, largest first, named by their innermost slagen frame;
+    frees of blocks allocated before the trace are ignored (only the traced span counts)."""
+    def frame(path, line, name):
+        return dict(filename=path, line=line, name=name)
+    glue = [frame("/x/site-packages/torch/functional.py", 10, "empty"),
+            frame("/r/backends/triton/bwd.py", 455, "_run_heads"), frame("/r/slagen/api.py", 3, "attention")]
+    events = [dict(action="alloc", addr=1, size=100, frames=glue),
+              dict(action="alloc", addr=2, size=300, frames=[frame("/x/torch/y.py", 1, "f")]),
+              dict(action="free_completed", addr=99, size=5000),          # allocated before the trace
+              dict(action="free_completed", addr=2, size=300),
+              dict(action="alloc", addr=3, size=250, frames=[]),
+              dict(action="alloc", addr=4, size=10, frames=glue),
+              dict(action="free_completed", addr=3, size=250)]
+    peak, alive = bench.live_at_peak(events)
+    assert peak == 400 and [e["addr"] for e in alive] == [2, 1]      # 100 + 300 beats 100 + 250 + 10
+    assert bench.allocation_site(alive[1]) == "triton/bwd.py:455 _run_heads"
+    assert bench.allocation_site(alive[0]) == "torch/y.py:1 f"
+    assert bench.allocation_site(dict(frames=[])) == "?:0 ?"
+    assert bench.live_at_peak([]) == (0, [])

@@ -2,15 +2,17 @@
 
     python tools/backward_memory.py                                   # headline shape, both backends
     python tools/backward_memory.py --budgets 0,0.5,1.25,2 --backend triton --seq-len 75600 --heads 40
+    python tools/backward_memory.py --budgets 0 --at-peak 12          # what is alive at the peak
 
 The backward forms its linear-branch temporaries head group by head group (slagen.backends.triton.bwd,
 _head_groups); the budget is a multiple of q's bytes, 0 = all heads at once. Each budget is set as the
 default config's value (bwd.TEMP_BUDGET; a tuned backward record would override it, so run with an empty
-SLAGEN_CACHE_DIR, and without SLAGEN_BACKWARD_TEMP_BUDGET, which overrides both). Per backend and budget: f+b through slagen.attention as `slagen bench` times it (median
-ms, peak MiB above the inputs) and dense SDPA (cuDNN) for reference, in one process. With --trace N: per
-backend and budget, the N host-side operations (aten ops and CUDA runtime calls) with the most own CPU time
-over 3 calls — where a synchronisation or an allocation hides (session 7: budget 1.25 made the call
-host-bound).
+SLAGEN_CACHE_DIR, and without SLAGEN_BACKWARD_TEMP_BUDGET, which overrides both). Per backend and budget:
+f+b through slagen.attention as `slagen bench` times it (median ms, peak MiB above the inputs) and dense
+SDPA (cuDNN) for reference, in one process. With --trace N: the N host-side operations (aten ops, CUDA
+runtime calls) with the most own CPU time over 3 calls — where a synchronisation or an allocation hides
+(session 7: budget 1.25 made the call host-bound). With --at-peak N: the N largest allocations alive at the
+f+b peak and the slagen line that made each (slagen.bench.peak_allocations, the allocator's history).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from triton.testing import do_bench
 
 import slagen
 from slagen.backends.triton import bwd
-from slagen.bench import peak_mib
+from slagen.bench import peak_allocations, peak_mib
 from profile_sla import add_shape_args, shape_inputs
 
 
@@ -38,11 +40,20 @@ def host_trace(fn, top: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
+def at_peak(fn, top: int) -> str:
+    """The ``top`` largest allocations alive at the peak of one call of ``fn``, with their sites."""
+    peak, alive = peak_allocations(fn)
+    lines = [f"    peak {peak:.0f} MiB; alive then ({len(alive)} allocations, largest first):"]
+    lines += [f"    {mib:9.1f} MiB  {site}" for mib, site in alive[:top]]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="triton,tilelang")
     ap.add_argument("--budgets", default="0,1.25")
     ap.add_argument("--trace", type=int, default=0, help="print the N costliest host operations per budget")
+    ap.add_argument("--at-peak", type=int, default=0, help="print the N largest allocations alive at the peak")
     add_shape_args(ap)
     args = ap.parse_args()
     if os.environ.get(bwd.TEMP_BUDGET_ENV, "").strip():
@@ -69,6 +80,8 @@ def main() -> None:
             print(f"  {name} temp_budget {budget}: done", flush=True)
             if args.trace:
                 print(host_trace(fwd_bwd, args.trace), flush=True)
+            if args.at_peak:
+                print(at_peak(fwd_bwd, args.at_peak), flush=True)
     print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 topk={args.topk} "
           f"block {args.block}\n")
     print("| what | temp_budget | fwd+bwd ms | peak MiB | peak × cuDNN |\n|---|---|---|---|---|")
