@@ -95,8 +95,9 @@ _SIDE_STREAMS: Dict[torch.device, "torch.cuda.Stream"] = {}
 
 def _overlaps_block_map(backend: str, feature_map: Optional[str], *tensors) -> bool:
     """Whether ``attention`` computes its block map on a side stream, beside the forward's linear pre-pass
-    (which does not read it): opted in with SLAGEN_OVERLAP_BLOCK_MAP=1 (experimental, not yet measured), on
-    CUDA, for an eager call on plain tensors, a kernel backend and a linear branch."""
+    (which does not read it): opted in with SLAGEN_OVERLAP_BLOCK_MAP=1 (experimental; H200, session 7: within
+    noise of the serial order), on CUDA, for an eager call on plain tensors, a kernel backend and a linear
+    branch."""
     return (os.environ.get(OVERLAP_ENV) == "1" and tensors[0].is_cuda and feature_map is not None
             and backend in ("triton", "tilelang") and ops.direct(*tensors))
 
