@@ -21,9 +21,10 @@ anything else raises a ValueError (no hidden copies).
 ``backward`` picks by its config's ``"backward"`` knob (the config of the role-'backward' spec):
   'tilelang' (the default where its tiles fit the blocks: block_k a multiple of 64) — the Triton backward's
      state kernels with their sparse loops switched off (``slagen.backends.triton.backward_linear_part``:
-     D^s, the linear-branch terms of dQ, dK, dV, and dW, db), then the sparse branch on two TileLang kernels
-     (templates/tilelang/backward.py.j2): ``sla_dq`` over the row LUT and ``sla_dkdv`` over the column LUT,
-     each one TMA + warp-specialised pipelined loop that starts from the linear term (H200, headline shape:
+     D^s, the linear-branch terms of dQ, dK, dV written into the gradients themselves, and dW, db), then the
+     sparse branch on two TileLang kernels (templates/tilelang/backward.py.j2): ``sla_dq`` over the row LUT
+     and ``sla_dkdv`` over the column LUT, each one TMA + warp-specialised pipelined loop that adds its sum to
+     the linear term in place (H200, headline shape:
      backward 4.82 ms vs 5.33 ms for 'triton', docs/perf-notes.md);
   'triton' — the whole Triton backward (``slagen.backends.triton.backward``), the default for other blocks.
 Compiled kernels
@@ -670,18 +671,18 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
     def per_heads(heads, *tensors):     # a head group's slices as the kernels read them (LUTs, LSE: contiguous)
         return [t[:, heads].contiguous() for t in tensors]
 
-    def sparse_dq(heads, ds, dq_lin, dq):      # dq_lin is freed before the dk / dv terms are formed
+    def sparse_dq(heads, ds, dq):      # dq holds the linear term: the kernel adds the sparse branch in place
         with torch.cuda.device(q.device):
             backward_kernel(spec, cfg, "dq")(q[:, heads], k[:, heads], v[:, heads], do[:, heads],
-                                             *per_heads(heads, lse), ds, *per_heads(heads, *row_lut),
-                                             *([] if dq_lin is None else [dq_lin]), dq, float(scale))
+                                             *per_heads(heads, lse), ds, *per_heads(heads, *row_lut), dq,
+                                             float(scale))
 
-    def sparse_dkdv(heads, ds, dk_lin, dv_lin, dk, dv):
+    def sparse_dkdv(heads, ds, dk, dv):
         (lse_g,) = per_heads(heads, lse)
         with torch.cuda.device(q.device):
             backward_kernel(spec, cfg, "dkdv")(q[:, heads], k[:, heads], v[:, heads], do[:, heads],
                                                *_per_query_block(lse_g, ds, block_q), *per_heads(heads, *col_lut),
-                                               *([] if dk_lin is None else [dk_lin, dv_lin]), dk, dv, float(scale))
+                                               dk, dv, float(scale))
 
     return _triton().backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
                                           sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv, **cfg_args)

@@ -115,62 +115,57 @@ def test_linear_branch_alone(scope):
 
 
 class SparseLoops:
-    """Stand-in for a backend's sparse loops in bwd.linear_part: records, per head group, the terms it is
-    handed (as a weak reference for dq's, to see that it is freed before dk / dv exist) and fills the group's
-    gradient views with the group's first head index + 1."""
+    """Stand-in for a backend's sparse loops in bwd.linear_part: records, per head group, D^s and what the
+    gradient views hold on entry (the linear terms), then overwrites the views with the group's first head
+    index + 1."""
 
     def __init__(self):
-        self.calls, self.parts, self.dq_alive = [], {}, []
+        self.calls, self.parts = [], {}
 
     def _keep(self, name, heads, term):
-        self.parts.setdefault(name, []).append((heads, None if term is None else term.clone()))
+        self.parts.setdefault(name, []).append((heads, term.clone()))
 
-    def dq(self, heads, ds, dq_lin, dq):
+    def dq(self, heads, ds, dq):
         self.calls.append(("dq", heads))
         self._keep("ds", heads, ds)
-        self._keep("dq", heads, dq_lin)
-        self.dq_ref = None if dq_lin is None else weakref.ref(dq_lin)
+        self._keep("dq", heads, dq)
         dq.fill_(heads.start + 1)
 
-    def dkdv(self, heads, ds, dk_lin, dv_lin, dk, dv):
+    def dkdv(self, heads, ds, dk, dv):
         self.calls.append(("dkdv", heads))
-        self.dq_alive.append(self.dq_ref is not None and self.dq_ref() is not None)
-        self._keep("dk", heads, dk_lin)
-        self._keep("dv", heads, dv_lin)
+        self._keep("dk", heads, dk)
+        self._keep("dv", heads, dv)
         dk.fill_(heads.start + 1)
         dv.fill_(heads.start + 1)
 
     def term(self, name):
-        """The term over all heads (the groups' parts in head order), or None if the groups got None."""
+        """The recorded tensor over all heads (the groups' parts in head order)."""
         parts = self.parts[name]
         assert [h.start for h, _ in parts] == sorted(h.start for h, _ in parts)
-        if all(t is None for _, t in parts):
-            return None
         return torch.cat([t for _, t in parts], 1)
 
 
 @pytest.mark.parametrize("scope,negl,budget", [("marginal", 0.25, 0.0), ("marginal", 0.25, 0.01), ("all", 0.0, 0.0),
                                                ("all", 0.0, 0.01)])
 def test_linear_part_is_the_backward_without_its_sparse_loops(scope, negl, budget):
-    """bwd.linear_part (the TileLang backward's first half): D^s, the linear branch's dq/dk/dv (fp32; full
-    minus sparse-only gradients), handed to the caller's sparse loops head group by head group (all heads at
-    once with temp_budget 0, the default; one head per group at these sizes with 0.01), dq first (its term freed
-    before the dk / dv terms exist), each group writing its own heads of the gradients returned; and the very
-    dW, db of the full backward; None terms when sparse-only."""
+    """bwd.linear_part (the TileLang backward's first half): D^s and the linear branch's dq/dk/dv (full minus
+    sparse-only gradients) written into the gradients' own views, handed to the caller's sparse loops head
+    group by head group (all heads at once with temp_budget 0, the default; one head per group at these sizes
+    with 0.01 in scope 'marginal'), dq first, each group writing its own heads of the gradients returned; and the very dW, db of
+    the full backward. Sparse-only: the same two calls, D^s alone."""
     args = dict(scope=scope, negligible=negl, seed=7, H=3)
     p, cfg = make_problem(feature_map="elu", weight=True, bias=True, **args)
     sparse_p, sparse_cfg = make_problem(feature_map="none", **args)     # same q, k, v, dO and block map
     config = bwd.default_config(bwd.kernel_spec(p["q"], feature_map="elu", scope=scope, has_negligible=negl > 0,
                                                 block_q=cfg["block_q"], block_k=cfg["block_k"]))
     config["prep"]["temp_budget"] = budget
-    groups = 1 if budget == 0.0 else 3
+    groups = 3 if budget and scope == "marginal" else 1     # scope 'all' has no per-head temporaries
     names = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")
     loops = SparseLoops()
     got = bwd.linear_part(*(p[name] for name in names), sparse_dq=loops.dq, sparse_dkdv=loops.dkdv,
                           config=config, **cfg)
     heads = [h for kind, h in loops.calls if kind == "dq"]
     assert len(heads) == groups and loops.calls == [(kind, h) for h in heads for kind in ("dq", "dkdv")]
-    assert not any(loops.dq_alive)
     for grad, x in zip(got[:3], (p["q"], p["k"], p["v"])):        # each group filled its own heads
         assert grad.dtype == x.dtype and grad.shape == x.shape
         for h in heads:
@@ -178,7 +173,7 @@ def test_linear_part_is_the_backward_without_its_sparse_loops(scope, negl, budge
     full, sparse = triton_grads(p, cfg), triton_grads(sparse_p, sparse_cfg)
     for name, f, s, x in zip(GRADS, full, sparse, (p["q"], p["k"], p["v"])):
         term = loops.term(name)
-        assert term.dtype == torch.float32 and term.shape == x.shape, name
+        assert term.dtype == x.dtype and term.shape == x.shape, name
         assert rel(term, f - s) < 1e-4, name
     assert torch.allclose(got[3], full[3], rtol=1e-6, atol=1e-6) and torch.allclose(got[4], full[4], rtol=1e-6,
                                                                                      atol=1e-6)
@@ -188,16 +183,14 @@ def test_linear_part_is_the_backward_without_its_sparse_loops(scope, negl, budge
     bwd.linear_part(*(sparse_p[name] for name in names), sparse_dq=sparse_loops.dq, sparse_dkdv=sparse_loops.dkdv,
                     **sparse_cfg)
     assert [kind for kind, _ in sparse_loops.calls] == ["dq", "dkdv"]
-    assert [sparse_loops.term(n) for n in ("dq", "dk", "dv")] == [None, None, None]
     assert rel(sparse_loops.term("ds"), want_ds) < 1e-5
 
 
 @pytest.mark.parametrize("sparse", [True, False], ids=["backward", "linear_part"])
 def test_temporaries_are_freed_before_the_gradients_exist(monkeypatch, sparse):
     """The allocation order behind the backward's peak (scope 'marginal', GEMM states): the query state g is
-    freed once ΔG is formed, before dk / dv's kernel runs; the backward allocates dk and dv just before that
-    kernel, and linear_part (whose kernels write fp32 terms) allocates each gradient only for the sparse
-    loops, after its linear kernel."""
+    freed once ΔG is formed, before dk / dv's kernel runs; dk and dv are allocated just before that kernel
+    (linear_part's kernels write the linear terms into the gradients: the same order)."""
     events, refs = [], {}
     real_query_state, real_dq, real_dkdv, real_grad = bwd._query_state, bwd._dq, bwd._dkdv, bwd._Grads.__call__
 
@@ -226,11 +219,11 @@ def test_temporaries_are_freed_before_the_gradients_exist(monkeypatch, sparse):
     names = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")
     if sparse:
         bwd.backward(*(p[name] for name in names), **cfg)
-        assert events == ["alloc dq", "dq kernel", "alloc dk", "alloc dv", ("dkdv kernel", "g freed")]
     else:
         loops = SparseLoops()
         bwd.linear_part(*(p[name] for name in names), sparse_dq=loops.dq, sparse_dkdv=loops.dkdv, **cfg)
-        assert events == ["dq kernel", "alloc dq", ("dkdv kernel", "g freed"), "alloc dk", "alloc dv"]
+        assert [kind for kind, _ in loops.calls] == ["dq", "dkdv"]
+    assert events == ["alloc dq", "dq kernel", "alloc dk", "alloc dv", ("dkdv kernel", "g freed")]
 
 
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
@@ -256,8 +249,8 @@ def test_head_groups_give_the_gradients_of_one_group(layout):
 
 
 def test_head_groups_follow_the_temporary_budget():
-    """_head_groups: the per-head temporaries of the GEMM states (and linear_part's fp32 terms) against
-    temp_budget × q's bytes, at the headline shape's sizes (no kernel runs)."""
+    """_head_groups: the per-head temporaries of the GEMM states against temp_budget × q's bytes, at the
+    headline shape's sizes (no kernel runs; linear_part's terms live in the gradients: no temporaries)."""
     B, H, L, D = 1, 12, 32760, 128
     q = torch.empty((B, H, L, D), dtype=torch.bfloat16, device="meta")
     maps = [torch.empty((B, H, 256, 512), dtype=torch.int8, device="meta")] + [
@@ -285,11 +278,8 @@ def test_head_groups_follow_the_temporary_budget():
             groups(0.0)
     assert groups(1.0 * 5 / 12) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9),
                                     (9, 10), (10, 11), (11, 12)]
-    # linear_part adds the fp32 dk / dv terms (32 MiB per head) to g + ΔG: 56 MiB per head
-    assert groups(1.25, sparse=False) == [(h, h + 2) for h in range(0, 12, 2)]
-    assert groups(1.25, scope="all") == [(0, 12)]                # scope 'all': per-chunk partials only
-    assert groups(1.25, sparse=False, scope="all") == [(h, h + 3) for h in range(0, 12, 3)]  # fp32 terms: 32 MiB
-    assert groups(0.5, sparse=False, scope="all") == [(h, h + 1) for h in range(12)]
+    assert groups(1.25, sparse=False) == groups(1.25)
+    assert groups(1.25, scope="all") == groups(0.01, sparse=False, scope="all") == [(0, 12)]  # chunk partials only
 
 
 def handmade_mask(B, H, tm, tn, negl):

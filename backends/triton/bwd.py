@@ -75,7 +75,7 @@ def default_config(spec: KernelSpec) -> dict:
     B·H·T_m·D² and B·H·T_n·D² in the states' dtype, one at a time), 'gather' sums the listed states inside the
     dq / dkdv kernels (no temporaries; every program reads its count × D² states: ~2.4 GB each at the
     headline shape); temp_budget (float ≥ 0, default TEMP_BUDGET): the backward runs over groups of heads whose
-    per-block states, mask-GEMM sums and (for :func:`linear_part`) fp32 linear terms take at most
+    per-block states and mask-GEMM sums take at most
     temp_budget × the bytes of q (at least one head per group; 0: all heads at once) — the memory policy that
     keeps the peak of forward+backward near dense attention's (:func:`_head_groups`).
     """
@@ -240,11 +240,6 @@ class _Call:
         """The dq / dkdv kernels' SPARSE and (scope 'marginal' only) GEMM_STATES constexprs."""
         return dict(SPARSE=self.sparse, **(dict(GEMM_STATES=self.gemm_states()) if self.marginal else {}))
 
-    def grad_buffer(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """What the dq / dk / dv kernel writes for input ``x``: the gradient's buffer ``out``, or with ``sparse``
-        False an fp32 contiguous buffer for the linear terms alone."""
-        return out if self.sparse else torch.empty(x.shape, dtype=torch.float32, device=x.device)
-
     def heads(self, heads: slice) -> "_Call":
         """This call restricted to ``heads`` (views along dim 1 of every per-head tensor; Proj is shared)."""
         if (heads.start, heads.stop) == (0, self.H):
@@ -342,9 +337,9 @@ def _excluded_states(c: _Call, total_vec, mats, vecs, mask):
     return dm.reshape(-1, D, D), v.reshape(-1, D)
 
 
-def _dq(c: _Call, ds, dl, h, z, hsum, zsum, out) -> torch.Tensor:
-    """Launch ``_dq_kernel`` over the row LUT into :meth:`_Call.grad_buffer` (q, out); returns that buffer."""
-    dq = c.grad_buffer(c.q, out)
+def _dq(c: _Call, ds, dl, h, z, hsum, zsum, dq) -> None:
+    """Launch ``_dq_kernel`` over the row LUT into ``dq`` (like q; with ``c.sparse`` False the linear term
+    alone)."""
     t = c.cfg["dq"]
     lut, count, nlut, ncount = c.maps[1], c.maps[2], c.maps[5], c.maps[6]
     c.mod._dq_kernel[(c.Tm * (c.spec.block_q // t["block_m"]), c.BH)](
@@ -354,13 +349,11 @@ def _dq(c: _Call, ds, dl, h, z, hsum, zsum, out) -> torch.Tensor:
         c.H, c.Lq, c.Lk, c.Tn, c.scale, c.scale * LOG2E,
         BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], num_warps=t["num_warps"], num_stages=t["num_stages"],
         **c.loop_consts())
-    return dq
 
 
-def _dkdv(c: _Call, ds, g, gz, gsum, gzsum, out_k, out_v):
-    """Launch ``_dkdv_kernel`` over the column LUT (one program per key-block slice) into
-    :meth:`_Call.grad_buffer` (k, out_k) and (v, out_v); returns those buffers."""
-    dk, dv = c.grad_buffer(c.k, out_k), c.grad_buffer(c.v, out_v)
+def _dkdv(c: _Call, ds, g, gz, gsum, gzsum, dk, dv) -> None:
+    """Launch ``_dkdv_kernel`` over the column LUT (one program per key-block slice) into ``dk``, ``dv`` (like
+    k, v; with ``c.sparse`` False the linear terms alone)."""
     t = c.cfg["dkdv"]
     lut, count, nlut, ncount = c.maps[3], c.maps[4], c.maps[7], c.maps[8]
     c.mod._dkdv_kernel[(c.Tn * (c.spec.block_k // t["block_n"]), c.BH)](
@@ -370,7 +363,6 @@ def _dkdv(c: _Call, ds, g, gz, gsum, gzsum, out_k, out_v):
         c.H, c.Lq, c.Lk, c.Tm, c.scale, c.scale * LOG2E,
         BLOCK_M=t["block_m"], BLOCK_N=t["block_n"], num_warps=t["num_warps"], num_stages=t["num_stages"],
         **c.loop_consts())
-    return dk, dv
 
 
 def _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, block_q, block_k, scale,
@@ -391,17 +383,16 @@ def _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
 def _temp_bytes_per_head(c: _Call) -> int:
     """Peak bytes of the temporaries one head (over the batch) adds to a backward call: the per-block states
     and the mask-GEMM sums (scope 'marginal' with the GEMM states: ΔH formed from h beside g, then dq's
-    kernel with g and ΔH; ΔG formed from g, then dk / dv's kernel with ΔG alone, :func:`_run_heads`) and,
-    for :func:`linear_part`, the fp32 linear terms its kernels write. Chunk partials and per-row vectors
-    are left out (small)."""
+    kernel with g and ΔH; ΔG formed from g, then dk / dv's kernel with ΔG alone, :func:`_run_heads`). The
+    gradients are outputs, not temporaries (:func:`linear_part` writes its linear terms into them); chunk
+    partials and per-row vectors are left out (small)."""
     states = (0,) * 4
     if c.gemm_states():
         mat = c.D * c.D * c.state_dtype.itemsize
         states = (linear_terms.padded_rows(c.Tm) * mat, linear_terms.padded_rows(c.Tn) * mat,   # g, h
                   c.Tm * mat, c.Tn * mat)                                                      # ΔH, ΔG
     g, h, dh, dg = states
-    lin_q, lin_kv = (0, 0) if c.sparse or not c.linear else (4 * c.Lq * c.D, 8 * c.Lk * c.D)
-    return c.q.shape[0] * max(g + h + dh, g + dh + lin_q, g + dg, dg + lin_kv)
+    return c.q.shape[0] * max(g + h + dh, g + dg)
 
 
 def temp_budget(cfg: dict) -> float:
@@ -446,9 +437,9 @@ class _Grads:
 
 def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv):
     """All kernels of the head group ``c`` (the call restricted to ``heads``); the gradients go into the
-    views ``grads(name, heads)`` (with ``c.sparse`` False through ``sparse_dq(ds, dq_lin, dq)`` and
-    ``sparse_dkdv(ds, dk_lin, dv_lin, dk, dv)``, the linear terms None without a linear branch). Returns
-    Proj's fp32 (dw, db) over the group's heads, or None."""
+    views ``grads(name, heads)`` (with ``c.sparse`` False the kernels write the linear terms there, if any,
+    and ``sparse_dq(ds, dq)`` / ``sparse_dkdv(ds, dk, dv)`` add the sparse branch in place). Returns Proj's
+    fp32 (dw, db) over the group's heads, or None."""
     ds, dl, g, gz = _query_state(c)
     h = z = hsum = zsum = gsum = gzsum = c.lse
     proj = None
@@ -459,35 +450,30 @@ def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv):
         if c.w is not None or c.bias is not None:
             proj = _proj_grads(c)
     if not (c.sparse or c.linear):
-        sparse_dq(ds, None, grads("dq", heads))
-        sparse_dkdv(ds, None, None, grads("dk", heads), grads("dv", heads))
+        sparse_dq(ds, grads("dq", heads))
+        sparse_dkdv(ds, grads("dk", heads), grads("dv", heads))
         return proj
     # One temporary at a time with the GEMM states: ΔH, Z_i for dq (h, z freed once it is formed), then ΔG,
-    # g_j for dk / dv (g freed once ΔG is formed). Each gradient is allocated when something writes it: with
-    # c.sparse False the Triton kernels write fp32 linear terms and dq / dk / dv appear only for the
-    # caller's sparse loops, after the mask-GEMM sums are freed.
-    def outputs(*names):
-        return [grads(name, heads) if c.sparse else None for name in names]
+    # g_j for dk / dv (g freed once ΔG is formed); each gradient is allocated just before a kernel writes it.
     q_terms = _excluded_states(c, zsum, h, z, c.maps[0]) if c.gemm_states() else (h, z)
     del h, z
-    dq_part = _dq(c, ds, dl, *q_terms, hsum, zsum, *outputs("dq"))
+    _dq(c, ds, dl, *q_terms, hsum, zsum, grads("dq", heads))
     del q_terms
     if not c.sparse:
-        sparse_dq(ds, dq_part, grads("dq", heads))
-    del dq_part
+        sparse_dq(ds, grads("dq", heads))
     kv_terms = _excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)) if c.gemm_states() else (g, gz)
     del g, gz
-    kv_part = _dkdv(c, ds, *kv_terms, gsum, gzsum, *outputs("dk", "dv"))
+    _dkdv(c, ds, *kv_terms, gsum, gzsum, grads("dk", heads), grads("dv", heads))
     del kv_terms
     if not c.sparse:
-        sparse_dkdv(ds, *kv_part, grads("dk", heads), grads("dv", heads))
+        sparse_dkdv(ds, grads("dk", heads), grads("dv", heads))
     return proj
 
 
 def _run(c: _Call, sparse_dq=None, sparse_dkdv=None):
     """All kernels of one call, head group by head group (:func:`_head_groups`): (dq, dk, dv, dw, db), dq /
-    dk / dv like q / k / v. With ``c.sparse`` False, ``sparse_dq(heads, ds, dq_lin, dq)`` and
-    ``sparse_dkdv(heads, ds, dk_lin, dv_lin, dk, dv)`` form each group's gradients (see :func:`linear_part`)."""
+    dk / dv like q / k / v. With ``c.sparse`` False, ``sparse_dq(heads, ds, dq)`` and
+    ``sparse_dkdv(heads, ds, dk, dv)`` complete each group's gradients (see :func:`linear_part`)."""
     grads = _Grads(c)
     dw = db = None
     for heads in _head_groups(c):
@@ -524,18 +510,19 @@ def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], p
     runs them itself supplies: returns (dq, dk, dv, dw, db).
 
     The call runs head group by head group (config prep.temp_budget); for each group ``heads`` (a slice of
-    dim 1), ``sparse_dq(heads, ds, dq_lin, dq)`` and ``sparse_dkdv(heads, ds, dk_lin, dv_lin, dk, dv)`` are
-    called as soon as each linear term exists, the dq one first, so only one set of these fp32 temporaries is
-    alive at a time. ds: D^s = rowsum(dO ⊙ O^s), fp32 (B, H_g, Lq) (contiguous) of the group's H_g heads;
-    dq_lin (B, H_g, Lq, D), dk_lin and dv_lin (B, H_g, Lk, D): the linear branch's gradients, fp32
-    contiguous, or None for a sparse-only call (feature_map 'none'); dq, dk, dv: the group's views of the
-    gradients returned, which the callbacks fill with dq = dq_lin + scale·Σ dS K, dk = dk_lin + scale·Σ dSᵀQ
-    and dv = dv_lin + Σ PᵀdO over the critical blocks. dw, db as :func:`backward` returns them. Other
-    arguments as for :func:`backward`; the same kernels run, their sparse loops switched off (SPARSE=False).
+    dim 1), ``sparse_dq(heads, ds, dq)`` and then ``sparse_dkdv(heads, ds, dk, dv)`` are called as soon as
+    the linear kernels have written dq, respectively dk and dv. ds: D^s = rowsum(dO ⊙ O^s), fp32 (B, H_g, Lq)
+    (contiguous) of the group's H_g heads; dq (B, H_g, Lq, D), dk and dv (B, H_g, Lk, D): the group's views
+    of the gradients returned (like q, k, v), which hold the linear branch's terms on entry (rounded to the
+    gradients' dtype; undefined for a sparse-only call, feature_map 'none') and which the callbacks complete
+    in place: dq += scale·Σ dS K, dk += scale·Σ dSᵀQ, dv += Σ PᵀdO over the critical blocks (sparse-only:
+    assigned). Writing the terms into the gradients saves the fp32 buffers a separate term would take
+    (384 MiB for dk / dv at the headline shape). dw, db as :func:`backward` returns them. Other arguments as
+    for :func:`backward`; the same kernels run, their sparse loops switched off (SPARSE=False).
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
                  scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=False)
     def group_ds(ds):
         return ds.view(lse.shape[0], -1, lse.shape[-1])
-    return _run(c, lambda heads, ds, dq_lin, dq: sparse_dq(heads, group_ds(ds), dq_lin, dq),
-                lambda heads, ds, dk_lin, dv_lin, dk, dv: sparse_dkdv(heads, group_ds(ds), dk_lin, dv_lin, dk, dv))
+    return _run(c, lambda heads, ds, dq: sparse_dq(heads, group_ds(ds), dq),
+                lambda heads, ds, dk, dv: sparse_dkdv(heads, group_ds(ds), dk, dv))
