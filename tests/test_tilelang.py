@@ -270,11 +270,19 @@ def test_dq_with_two_key_blocks_per_step_compiles_for_sm90a():
 
 
 @needs_compiler
-@pytest.mark.parametrize("spec", [spec_of(d=128, scope="marginal"), spec_of(d=64, fmap="elu", scope="all")],
+@pytest.mark.parametrize("spec", [spec_of(d=128, scope="marginal"), spec_of(d=64, fmap="elu", scope="all"),
+                                  spec_of(d=64, scope="marginal")],
                          ids=lambda s: s.canonical)
 def test_prepass_compiles_for_sm90a(spec):
-    kernel = tl_backend.prepass_kernel(spec, tl_backend.default_config(spec))
-    _assert_hopper_source(kernel.get_kernel_source(), "pre-pass")
+    """The pre-pass: TMA loads, wgmma, warp specialisation; z_t = φ(K_t)ᵀ·1 on the tensor cores (an N=8
+    wgmma against a ones tile), so the tile loop has no cross-warp AllReduce over rows (session 8: that
+    reduction was 56 of the marginal d=128 pre-pass's 61 named barriers per tile)."""
+    src = tl_backend.prepass_kernel(spec, tl_backend.default_config(spec)).get_kernel_source()
+    _assert_hopper_source(src, "pre-pass")
+    assert re.search(r"wgmma_ss<[^>]*, 64, 8, 16,", src), "z_t is not a wgmma against the ones tile"
+    assert not re.search(r"AllReduce<tl::SumOp, 256,", src), "z_t still reduces rows across warps"
+    if spec.scope == "marginal":      # scope 'all' reduces its fp32 partial once, after the loop
+        assert "workspace" not in src, "the marginal pre-pass still reduces through shared-memory workspace"
 
 
 @needs_compiler
@@ -394,6 +402,9 @@ GPU_CASES = (
        dict(L=4096, config=dict(num_stages=3)), dict(L=4096, config=dict(warp_specialized=False, num_stages=1, pre_stages=1)),
        dict(L=4096, fmap="none", config=dict(tile_m=64, num_warps=4)),
        dict(L=4096, block=(128, 128), config=dict(tile_n=64, pre_tile=64)),
+       # pre-pass variants (z_t on the tensor cores, session 8): one consumer warpgroup, 32-key tiles
+       dict(L=4096, d=64, negl=0.1, n_crit=2, config=dict(pre_warps=4)),
+       dict(L=1000, Lk=3001, negl=0.1, n_crit=2, config=dict(pre_tile=32)),
        # two resident CTAs per SM for 64-row tiles (registers capped at 128 per thread)
        dict(L=4096, block=(64, 64), config=dict(ctas_per_sm=2)),
        dict(L=4096, block=(64, 64), fmap="none", n_crit="mixed", config=dict(ctas_per_sm=2)),
@@ -481,6 +492,63 @@ def case_id(c: dict) -> str:
 def test_gpu_forward_matches_reference(case, gpu_kernels):
     errs = run_case(**case)
     assert max(errs.values()) < TOL, errs
+
+
+# The pre-pass's key-side terms alone (linear_terms_of) vs float64: per key tile h_t = φ(K_t)ᵀV_t (input dtype)
+# and z_t = Σ_rows φ(K_t) (fp32) for scope 'marginal', the per-head totals H, Z for scope 'all'. φ is rounded
+# to the input dtype in the kernel (the tensor-core operand); the reference rounds it the same way, so z_t
+# (summed on the tensor cores since session 8) must match to fp32 accumulation error plus the rare φ that rounds the
+# other way (CPU-emulated: up to 1.3e-5), h_t to its output rounding (bf16: 1.7e-3).
+PREPASS_GPU_CASES = (
+    [dict(L=L, d=d, scope=sc) for L in (77, 1000, 32760) for d in (64, 128) for sc in ("marginal", "all")]
+    + [dict(L=4096, fmap=f, scope=sc) for f in ("elu", "relu") for sc in ("marginal", "all")]
+    + [dict(L=4096, dtype="fp16", scope=sc) for sc in ("marginal", "all")]
+    + [dict(L=4099, d=d, config=dict(pre_warps=4)) for d in (64, 128)]
+    + [dict(L=4099, d=d, block=(128, 64), config=dict(pre_tile=32)) for d in (64, 128)]
+    + [dict(L=4099, block=(128, 128)), dict(L=4099, d=64, block=(128, 128), scope="all"),
+       dict(L=4096, B=2, H=3, layout="blhd"), dict(L=4096, layout="qkv", scope="all"),
+       dict(L=4096, config=dict(pre_stages=1)), dict(L=4096, config=dict(pre_stages=3)),
+       dict(L=4096, config=dict(warp_specialized=False, num_stages=1, pre_stages=1))])
+
+PREPASS_TOL = {"h": 1e-2, "z": 1e-3}     # z: φ rounding ties (fast-math exp2 vs float64) ~1e-5
+
+
+def prepass_case(*, L, B=1, H=2, d=128, dtype="bf16", fmap="softmax", scope="marginal", block=(128, 64),
+                 layout="bhld", config=None, seed=0) -> dict:
+    """The TileLang pre-pass vs float64 sums of the input-dtype-rounded φ(K); returns {term: rel. err}.
+    Scope 'marginal' also checks the zero rows past the last tile (n padded to a multiple of 8)."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    _, k, v = make_qkv(B, H, L, L, d, DT[dtype], layout, dev, gen)
+    spec = spec_of(d=d, dtype=dtype, fmap=fmap, scope=scope, block=block)
+    cfg = {**tl_backend.default_config(spec), **(config or {})}
+    tl_backend.check_config(cfg, spec)
+    poison_allocator(8 * k.numel() * 4, dev)
+    got_h, got_z = tl_backend.linear_terms_of(spec, cfg, k, v)
+    torch.cuda.synchronize()
+    phi = reference.feature_map(k.double(), fmap).to(k.dtype).double()
+    tile, n = cfg["pre_tile"], math.ceil(L / cfg["pre_tile"])
+    if scope == "marginal":
+        pad = n * tile - L
+        phi_t = torch.nn.functional.pad(phi, (0, 0, 0, pad)).view(B, H, n, tile, d)
+        v_t = torch.nn.functional.pad(v.double(), (0, 0, 0, pad)).view(B, H, n, tile, d)
+        want_h, want_z = phi_t.transpose(-1, -2) @ v_t, phi_t.sum(-2)
+        assert got_h.dtype == k.dtype and got_z.dtype == torch.float32
+        assert got_h.shape[2] == got_z.shape[2] >= n
+        assert not got_h[:, :, n:].any() and not got_z[:, :, n:].any(), "rows past the last tile are not zero"
+        got_h, got_z = got_h[:, :, :n], got_z[:, :, :n]
+    else:
+        want_h, want_z = phi.transpose(-1, -2) @ v.double(), phi.sum(-2)
+    assert torch.isfinite(got_h).all() and torch.isfinite(got_z).all(), "non-finite pre-pass terms"
+    return {"h": rel_err(got_h.double(), want_h), "z": rel_err(got_z.double(), want_z)}
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("case", PREPASS_GPU_CASES, ids=case_id)
+def test_gpu_prepass_matches_float64(case):
+    errs = prepass_case(**case)
+    assert all(errs[t] < PREPASS_TOL[t] for t in errs), errs
 
 
 
