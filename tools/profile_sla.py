@@ -11,7 +11,8 @@ block map and given a precomputed one; forward+backward) it prints:
              when it exceeds the GPU time, the call is host-bound and the GPU idles)
   gpu ms     sum of the call's kernel times from torch.profiler (averaged over 5 calls)
   kernels    the kernels, longest first, with their ms per call
-With --cprofile N: the N functions with the most own host time for the sparse-only forward.
+With --cprofile N: the N functions with the most own (and cumulative) host time for one case, the sparse-only
+forward or --cprofile-case (e.g. 'SLA marginal fwd+bwd').
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--backend", default="triton,tilelang")
     add_shape_args(ap)
     ap.add_argument("--cprofile", type=int, default=0)
+    ap.add_argument("--cprofile-case", default="sparse-only fwd", help="the case --cprofile profiles")
     ap.add_argument("--only", default="", help="comma-separated substrings: profile only the cases whose name "
                                                "contains one (e.g. 'marginal fwd,block map')")
     args = ap.parse_args()
@@ -126,8 +128,8 @@ def main() -> None:
                          sum(t for _, t in kt), kt))
             print(f"  {name} {what}: done", flush=True)
         if args.cprofile:
-            fn = dict(cases)["sparse-only fwd"]   # (whatever --only says)
-            print(cprofile_report(fn, f"{name} sparse-only fwd", args.cprofile))
+            fn = dict(cases)[args.cprofile_case]   # (whatever --only says)
+            print(cprofile_report(fn, f"{name} {args.cprofile_case}", args.cprofile, keys=("tottime", "cumtime")))
 
     print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 topk={args.topk} "
           f"block {args.block}\n")
