@@ -12,6 +12,8 @@
 #   TRITON_ROLES / TILELANG_ROLES (default forward,backward): the roles the tune step tunes per backend
 #     (set to the empty string to skip that backend)
 #   CHECK_ARGS, BENCH_ARGS, TEST_ARGS                  extra arguments for each step; TEST_K: pytest -k expression
+#   (TEST_K with ';' between expressions: one pytest process per expression, run concurrently — the TileLang
+#    GPU tests are bound by single-threaded kernel compiles; their logs go to tests-N.log, tests.log sums up)
 set -u
 source "$(dirname "$0")/tune_candidates.sh"
 [ -n "${TRITON_TUNE_ARGS_TEXT:-}" ] && read -r -a TRITON_TUNE_ARGS <<<"$TRITON_TUNE_ARGS_TEXT"
@@ -34,7 +36,18 @@ for step in $STEPS; do
   case $step in
     check) timeout "${CHECK_TIMEOUT:-240}" slagen check --seq-len 32760 --heads 2 ${CHECK_ARGS:-} >"$OUT/check.log" 2>&1 ;;
     bench) timeout "${BENCH_TIMEOUT:-400}" slagen bench --json "$OUT/bench.json" $refs ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ;;
-    tests) timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1 ;;
+    tests) if [[ "${TEST_K:-}" == *";"* ]]; then
+             IFS=';' read -r -a exprs <<<"$TEST_K"; n=0
+             for e in "${exprs[@]}"; do
+               n=$((n + 1))
+               timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider -k "$e" ${TEST_ARGS:-tests} \
+                 >"$OUT/tests-$n.log" 2>&1 &
+             done
+             wait
+             for i in $(seq 1 $n); do echo "-- -k \"${exprs[$((i - 1))]}\""; tail -n 25 "$OUT/tests-$i.log"; done >"$OUT/tests.log"
+           else
+             timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1
+           fi ;;
     profile) timeout "${PROFILE_TIMEOUT:-200}" python3 tools/profile_sla.py ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1 ;;
     tune) ( if [ -n "${TRITON_ROLES-forward,backward}" ]; then
               timeout "${TUNE_TIMEOUT:-300}" slagen tune --backend triton --role "${TRITON_ROLES:-forward,backward}" "${TRITON_TUNE_ARGS[@]}" || exit 1; fi
