@@ -82,7 +82,8 @@ def test_default_config_is_valid(d, block, fmap, scope):
     (dict(num_warps=6), "num_warps"), (dict(num_stages=0), "num_stages"), (dict(tile_m=64, num_warps=8), "num_warps=4"),
     (dict(warp_specialized=False), "num_stages=1"), (dict(warp_specialized=False, num_stages=1), "pre_stages=1"), (dict(warp_specialized="yes"), "warp_specialized"),
     (dict(pre_tile=128), "pre_tile"), (dict(bogus=1), "unknown keys"), (dict(ctas_per_sm=3), "ctas_per_sm"),
-    (dict(ctas_per_sm=2), "num_warps=4"),
+    (dict(ctas_per_sm=2), "num_warps=4"), (dict(overlap=1), "overlap"),
+    (dict(overlap=True, warp_specialized=False, num_stages=1, pre_stages=1), "needs warp_specialized=True"),
 ])
 def test_bad_config_is_a_clear_error(change, match):
     spec = spec_of(scope="marginal", block=(128, 64))
@@ -222,6 +223,47 @@ def test_forward_epilogue_variants_compile_for_sm90a(spec, change):
     if change.get("tma_store"):
         assert "tma_store(O_desc" in src and not re.search(r"\bO\[", src), "O is not written by TMA alone"
         assert not linear or ("tma_store(OLIN_desc" in src and not re.search(r"\bOLIN\[", src))
+
+
+def _consumer_loop(src: str) -> str:
+    """The consumer warpgroups' key loop of a generated forward kernel (from its head to the last release of a
+    K / V tile, an mbarrier arrive)."""
+    heads = [m.start() for m in re.finditer(r"for \(int t\w* = 0;", src)]
+    assert len(heads) == 2, "expected one producer and one consumer key loop"
+    return src[heads[1]:src.rindex("].arrive();")]
+
+
+@needs_compiler
+@pytest.mark.parametrize("spec,change,flags", [
+    (spec_of(d=128, fmap=None), {}, {}),
+    (spec_of(d=128, scope="marginal"), {}, dict(save=True, has_w=True, has_bias=True)),
+    (spec_of(d=64, scope="all"), {"tile_n": 128}, {}),
+    (spec_of(d=128, fmap=None, block=(64, 64)), {}, {})],
+    ids=lambda x: x.canonical if isinstance(x, KernelSpec) else "-".join(f"{k}{v}" for k, v in sorted(x.items()))
+    or "plain")
+def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
+    """overlap: in the consumer's key loop the S_{t+1} = QKᵀ wgmma batch is committed without a wait, the
+    softmax's exp2 runs while it is in flight, and the one wait (warpgroup_wait<0>) follows the P·V batch; the
+    K / V tiles are released (mbarrier arrive) only after that wait. Without overlap every batch is waited for
+    right after its commit."""
+    cfg = tl_backend._resolve_config(spec, {**change, "overlap": True})
+    src = tl_backend.forward_kernel(spec, cfg, **flags).get_kernel_source()
+    if cfg["ctas_per_sm"] == 1:
+        _assert_hopper_source(src, "forward overlap")
+    else:                   # 64-row tiles, two CTAs per SM: no register reallocation
+        assert "tl::tma_load" in src and "wgmma" in src and "__launch_bounds__(256, 2)" in src
+    loop = _consumer_loop(src)
+    first = loop.index("tl::warpgroup_commit_batch();", loop.index("(bfloat16_t*)K_s)"))   # S_{t+1} committed
+    assert not loop[first:].split("\n", 2)[1].strip().startswith("tl::warpgroup_wait"), "S_{t+1} waited at once"
+    assert "exp2f(" in loop[first:loop.index("tl::warpgroup_wait<0>();", first)], "no exp2 while S_{t+1} is in flight"
+    assert loop.count("tl::warpgroup_commit_batch();") == 3       # step 0's S (first iteration), S_{t+1}, P·V
+    assert loop.count("tl::warpgroup_wait<") == 2                 # step 0's S, then one wait per step
+    assert loop.rindex("tl::warpgroup_wait<0>();") > loop.rindex("tl::warpgroup_commit_batch();")
+    assert "K0_s" in loop and "mbarrier[" in loop
+    plain = tl_backend.forward_kernel(spec, tl_backend._resolve_config(spec, change), **flags).get_kernel_source()
+    base = _consumer_loop(plain)
+    assert base.count("tl::warpgroup_commit_batch();") == base.count("tl::warpgroup_wait<0>();") == 2
+    assert "K0_s" not in plain
 
 
 @needs_compiler
@@ -436,7 +478,32 @@ GPU_CASES = (
        for L, c in ((77, 1), (77, "all"), (4096, 1), (4096, 2), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
     + [dict(L=4096, fmap="none", n_crit="mixed", config=dict(tile_n=128)),
        dict(L=4096, block=(64, 64), n_crit=3, config=dict(tile_n=128, tile_m=64, num_warps=4)),
-       dict(L=1000, Lk=3001, n_crit=3, config=dict(tile_n=128))])
+       dict(L=1000, Lk=3001, n_crit=3, config=dict(tile_n=128))]
+    # overlap: S_{t+1} = QK_{t+1}ᵀ in flight during step t's softmax (step 0 peeled, the last step's S masked):
+    # scopes, head dims, 1 / 2 / all / top-k / mixed (0, 1, 2) counts, odd lengths, save and Proj off, 64x64
+    # blocks (two CTAs per SM, and the one-CTA training forward with Proj), two key blocks per step (odd counts)
+    + [dict(L=L, d=d, scope=sc, negl=0.1, n_crit=c, config=dict(overlap=True))
+       for L, c in ((77, "all"), (77, 1), (4096, 2), (32760, "topk")) for d in (64, 128) for sc in ("marginal", "all")]
+    + [dict(L=L, d=d, fmap="none", n_crit=c, config=dict(overlap=True))
+       for L, c in ((77, 1), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
+    + [dict(L=1000, Lk=3001, negl=0.1, n_crit=2, config=dict(overlap=True)),
+       dict(L=1000, Lk=3001, fmap="none", n_crit=1, config=dict(overlap=True)),
+       dict(L=4096, scope="marginal", n_crit="mixed", config=dict(overlap=True)),
+       dict(L=4096, scope="marginal", save=False, config=dict(overlap=True)),
+       dict(L=4096, scope="all", save=False, proj=False, config=dict(overlap=True)),
+       dict(L=4096, dtype="fp16", negl=0.1, config=dict(overlap=True)),
+       dict(L=4096, config=dict(overlap=True, num_stages=3)),
+       # 64x64 with the linear branch: one CTA per SM (two no longer fit: step 0's K tile), sparse-only: two
+       dict(L=4096, block=(64, 64), config=dict(overlap=True, ctas_per_sm=1)),
+       dict(L=77, block=(64, 64), n_crit="all", save=False, config=dict(overlap=True, ctas_per_sm=1)),
+       dict(L=32760, block=(64, 64), scope="marginal", negl=0.1, n_crit="topk", config=dict(overlap=True, ctas_per_sm=1)),
+       dict(L=4096, block=(64, 64), fmap="none", n_crit="mixed", config=dict(overlap=True)),
+       dict(L=32760, block=(64, 64), fmap="none", n_crit="topk", config=dict(overlap=True)),
+       dict(L=4096, block=(128, 128), config=dict(overlap=True)),
+       dict(L=4096, n_crit=3, config=dict(overlap=True, tile_n=128)),
+       dict(L=77, n_crit=1, config=dict(overlap=True, tile_n=128)),
+       dict(L=1000, Lk=3001, fmap="none", n_crit="mixed", config=dict(overlap=True, tile_n=128)),
+       dict(L=32760, d=64, n_crit="topk", config=dict(overlap=True, tile_n=128))])
 
 
 def kernels_of(case: dict):

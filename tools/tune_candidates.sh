@@ -17,11 +17,14 @@ TRITON_TUNE_ARGS=(
 # prefetch_h measured slower (128x64 1.800 vs 1.355 ms, session 7): a candidate for other cards.
 # The backward's dq / dkdv epilogues (lin_init, tma_store; session 7, not yet measured): both, each alone.
 # Forward tile_n 128 (two selected blocks per step: half the acc_o rescales) again, now with tma_store on.
+# overlap (session 8, compile-tested offline): S_{t+1} = QK_{t+1}ᵀ in flight during step t's softmax (FA3's
+# intra-warpgroup overlap); predicted ~5-10 % off the sparse loop at 128x64 — time it, then the GPU tests
+# `-k overlap` before making it a default.
 # (session 5, 64x64 block map: pool_stages 3 / pool_warps 8 slower.)
 TILELANG_TUNE_CANDIDATES=(
   --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 1}'
   --config '{"tma_store": true}' --config '{"tma_store": false}' --config '{"prefetch_h": true}'
-  --config '{"tile_n": 128}'
+  --config '{"tile_n": 128}' --config '{"overlap": true}'
   --config '{"dq": {"lin_init": true, "tma_store": true}, "dkdv": {"lin_init": true, "tma_store": true}}'
   --config '{"dq": {"tma_store": true}, "dkdv": {"tma_store": true}}'
   --config '{"dq": {"lin_init": true}, "dkdv": {"lin_init": true}}'
