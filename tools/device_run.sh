@@ -13,7 +13,8 @@
 #     (set to the empty string to skip that backend)
 #   CHECK_ARGS, BENCH_ARGS, TEST_ARGS                  extra arguments for each step; TEST_K: pytest -k expression
 #   (TEST_K with ';' between expressions: one pytest process per expression, run concurrently — the TileLang
-#    GPU tests are bound by single-threaded kernel compiles; their logs go to tests-N.log, tests.log sums up)
+#    GPU tests are bound by single-threaded kernel compiles; each process has its own cache dir; logs go to
+#    tests-N.log, tests.log sums up)
 set -u
 source "$(dirname "$0")/tune_candidates.sh"
 [ -n "${TRITON_TUNE_ARGS_TEXT:-}" ] && read -r -a TRITON_TUNE_ARGS <<<"$TRITON_TUNE_ARGS_TEXT"
@@ -40,8 +41,8 @@ for step in $STEPS; do
              IFS=';' read -r -a exprs <<<"$TEST_K"; n=0
              for e in "${exprs[@]}"; do
                n=$((n + 1))
-               timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider -k "$e" ${TEST_ARGS:-tests} \
-                 >"$OUT/tests-$n.log" 2>&1 &
+               SLAGEN_CACHE_DIR="$SLAGEN_CACHE_DIR/tests-$n" timeout "${TEST_TIMEOUT:-400}" \
+                 python3 -m pytest -m gpu -q -p no:cacheprovider -k "$e" ${TEST_ARGS:-tests} >"$OUT/tests-$n.log" 2>&1 &
              done
              wait
              for i in $(seq 1 $n); do echo "-- -k \"${exprs[$((i - 1))]}\""; tail -n 25 "$OUT/tests-$i.log"; done >"$OUT/tests.log"
