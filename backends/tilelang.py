@@ -93,14 +93,14 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False)   # 64-row tiles, 
 # (divides block_q), tile_n keys per loop step (divides block_k); dkdv: tile_n keys per CTA (divides block_k;
 # 64 rows per consumer warpgroup), tile_m query rows per step (divides block_q). Starting points (register
 # use checked with ptxas: dq 168, dkdv 240 per thread, no spills at d=128), not measured optima.
-# Each kernel's epilogue (session 7, compile-tested, not yet measured): lin_init puts the linear-branch term in
-# the fp32 accumulator before the loop (per-thread fp32 loads that otherwise follow the loop), tma_store
-# writes the gradients through the CTA's own shared tiles with TMA stores — the forward's tma_store gained
-# 0.11 ms at 128x64.
+# Each kernel's epilogue: tma_store writes the gradients through the CTA's own shared tiles with TMA stores
+# (default), lin_init puts the linear-branch term in the fp32 accumulator before the loop (per-thread loads
+# that otherwise follow the loop). H200, headline shape, 128x64, SLA marginal backward (`slagen tune`, session
+# 8): default before 4.834 ms, tma_store 4.523, tma_store + lin_init 4.513 (noise), lin_init alone 4.842.
 _BWD_DEFAULTS: Dict[int, dict] = {
     d: {"backward": "tilelang", "warp_specialized": True,
-        "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=False),
-        "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=False)}
+        "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True),
+        "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True)}
     for d in (64, 128)
 }
 BACKWARDS = ("triton", "tilelang")
@@ -614,7 +614,7 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     terms = linear_terms_of(spec, cfg, k, v) if linear else None     # the pre-pass reads no block map
     wait_for_maps(maps_ready, q.device)
     crit_count = maps[2].to(torch.int32).contiguous()
-    args = [q, k, v, o, lse, maps[1].to(torch.int32).contiguous(), crit_count]
+    args = [q, k, v, o, lse, _lut(maps[1]), crit_count]
     has_w = _kernel_has_w(spec, save, proj_weight is not None)
     if linear:
         if spec.scope == "marginal":
@@ -634,6 +634,13 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     with torch.cuda.device(q.device):
         kernel(*args)
     return o, lse, o_lin, den
+
+
+def _lut(lut: torch.Tensor) -> torch.Tensor:
+    """A block lookup table (B, H, T, W) as the kernels read it: int32, contiguous, at least one column (every
+    kernel walks at least one step and reads entry 0 even where the count is 0; the step is masked)."""
+    lut = lut.to(torch.int32).contiguous()
+    return lut if lut.shape[-1] else lut.new_zeros((*lut.shape[:-1], 1))
 
 
 def _per_query_block(lse: torch.Tensor, ds: torch.Tensor, block_q: int):
@@ -675,8 +682,8 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
         _check_tma("do", do)
     except ValueError:      # dO comes from autograd (possibly an expanded or sliced view): copy it
         do = do.contiguous()
-    row_lut = [maps[1].to(torch.int32), maps[2].to(torch.int32)]
-    col_lut = [maps[3].to(torch.int32), maps[4].to(torch.int32)]
+    row_lut = [_lut(maps[1]), maps[2].to(torch.int32)]
+    col_lut = [_lut(maps[3]), maps[4].to(torch.int32)]
 
     def per_heads(heads, *tensors):     # a head group's slices as the kernels read them (LUTs, LSE: contiguous)
         return [t[:, heads].contiguous() for t in tensors]

@@ -754,7 +754,8 @@ BWD_GPU_CASES = (
     + [dict(L=L, d=d, n_crit=c, config=dict(dq=dict(tile_n=128)))
        for L, c in ((77, 1), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
     + [dict(L=4096, block=(64, 64), n_crit=3, fmap="none", config=dict(dq=dict(tile_n=128)))]
-    # the epilogue variants (lin_init: linear term in the accumulator first; tma_store: gradients by TMA)
+    # the epilogue variants (lin_init: linear term in the accumulator first; tma_store, the default since
+    # session 8: gradients by TMA; tma_store False: per-thread global stores)
     + [dict(L=L, d=d, layout=lo, fmap=fm, scope="marginal", negl=0.1 if fm != "none" else 0.0,
             config=dict(dq=EPILOGUE, dkdv=EPILOGUE))
        for L in (77, 32760) for d in (64, 128) for lo in ("bhld", "blhd") for fm in ("softmax", "none")]
@@ -763,8 +764,10 @@ BWD_GPU_CASES = (
        dict(L=4096, block=(64, 64), config=dict(dq=EPILOGUE, dkdv=EPILOGUE)),
        dict(L=4096, dtype="fp16", config=dict(dq=EPILOGUE, dkdv=EPILOGUE)),
        dict(L=4096, n_crit="mixed", config=dict(dq=dict(tile_n=128, **EPILOGUE))),
-       dict(L=4096, config=dict(dq=dict(lin_init=True), dkdv=dict(lin_init=True))),
-       dict(L=4096, config=dict(dq=dict(tma_store=True), dkdv=dict(tma_store=True)))])
+       dict(L=4096, config=dict(dq=dict(lin_init=True, tma_store=False), dkdv=dict(lin_init=True, tma_store=False))),
+       dict(L=4096, config=dict(dq=dict(tma_store=False), dkdv=dict(tma_store=False))),
+       dict(L=77, d=64, config=dict(dq=dict(tma_store=False), dkdv=dict(tma_store=False))),
+       dict(L=32760, fmap="none", config=dict(dq=dict(tma_store=False), dkdv=dict(tma_store=False)))])
 
 
 @pytest.mark.gpu
