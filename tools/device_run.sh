@@ -45,7 +45,9 @@ for step in $STEPS; do
                  python3 -m pytest -m gpu -q -p no:cacheprovider -k "$e" ${TEST_ARGS:-tests} >"$OUT/tests-$n.log" 2>&1 &
              done
              wait
-             for i in $(seq 1 $n); do echo "-- -k \"${exprs[$((i - 1))]}\""; tail -n 25 "$OUT/tests-$i.log"; done >"$OUT/tests.log"
+             for i in $(seq 1 $n); do   # (a process cut by the timeout leaves its dots without a newline)
+               echo "-- -k \"${exprs[$((i - 1))]}\""; tail -n 25 "$OUT/tests-$i.log"; echo
+             done >"$OUT/tests.log"
            else
              timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1
            fi ;;
