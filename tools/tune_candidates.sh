@@ -15,17 +15,16 @@ TRITON_TUNE_ARGS=(
 # (1.399 vs 1.756 ms forward at 64x64), so the candidate is 1. tma_store: default on since session 7 (128x64
 # 1.244 vs 1.355 ms); at 64-row tiles it is off with two CTAs (the pair, untimed, is a candidate).
 # prefetch_h measured slower (128x64 1.800 vs 1.355 ms, session 7): a candidate for other cards.
-# The backward's dq / dkdv epilogues (lin_init, tma_store; session 7, not yet measured): both, each alone.
-# Forward tile_n 128 (two selected blocks per step: half the acc_o rescales) again, now with tma_store on.
-# overlap (session 8, compile-tested offline): S_{t+1} = QK_{t+1}ᵀ in flight during step t's softmax (FA3's
-# intra-warpgroup overlap); predicted ~5-10 % off the sparse loop at 128x64 — time it, then the GPU tests
-# `-k overlap` before making it a default.
+# The backward's dq / dkdv epilogues (session 8, 128x64 backward: default 4.834, tma_store 4.523 — default
+# since —, both 4.513, lin_init alone 4.842): lin_init on top of the tma_store default, and the old stores.
+# Forward tile_n 128 (two selected blocks per step): 1.189 vs 1.207 ms (session 8, noise; slower in 4 and 7).
+# overlap (session 8): S_{t+1} = QK_{t+1}ᵀ in flight during step t's softmax (FA3's intra-warpgroup overlap):
+# 1.157 vs 1.202 ms at 128x64; default once its whole GPU grid (`-k overlap`) has passed.
 # (session 5, 64x64 block map: pool_stages 3 / pool_warps 8 slower.)
 TILELANG_TUNE_CANDIDATES=(
   --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 1}'
   --config '{"tma_store": true}' --config '{"tma_store": false}' --config '{"prefetch_h": true}'
   --config '{"tile_n": 128}' --config '{"overlap": true}'
-  --config '{"dq": {"lin_init": true, "tma_store": true}, "dkdv": {"lin_init": true, "tma_store": true}}'
-  --config '{"dq": {"tma_store": true}, "dkdv": {"tma_store": true}}'
   --config '{"dq": {"lin_init": true}, "dkdv": {"lin_init": true}}'
+  --config '{"dq": {"tma_store": false}, "dkdv": {"tma_store": false}}'
 )
