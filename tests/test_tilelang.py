@@ -637,7 +637,6 @@ def test_gpu_prepass_matches_float64(case):
     assert all(errs[t] < PREPASS_TOL[t] for t in errs), errs
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Backward (sparse branch on TileLang, the rest on the Triton state kernels)
 # ----------------------------------------------------------------------------------------------------
