@@ -648,6 +648,16 @@ def bwd_spec_of(**kw):
     return spec_of(**kw).replace(role="backward")
 
 
+def test_lookup_tables_reach_the_kernels_as_int32_with_at_least_one_column():
+    """Every sparse loop walks at least one (masked) step and reads LUT entry 0 even where the count is 0:
+    an empty table (a map without any critical block) gets one zero column; others pass unchanged."""
+    empty = tl_backend._lut(torch.empty((1, 2, 3, 0), dtype=torch.int8))
+    assert empty.shape == (1, 2, 3, 1) and empty.dtype == torch.int32 and not empty.any()
+    lut = torch.arange(24, dtype=torch.int64).view(1, 2, 3, 4).transpose(-1, -2)
+    got = tl_backend._lut(lut)
+    assert got.dtype == torch.int32 and got.is_contiguous() and torch.equal(got, lut.to(torch.int32))
+
+
 def test_backward_config_defaults_to_tilelang_where_its_tiles_fit_and_checks_them():
     for block in ((128, 64), (64, 64), (128, 128)):
         spec = bwd_spec_of(block=block)
