@@ -75,8 +75,9 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # (H200, headline shape, SLA marginal forward, `slagen tune`, session 7): 128x64 tma_store 1.244 vs 1.355 ms
 # (default since), prefetch_h 1.800 (slower; tunable only); 64x64 ctas_per_sm 2 1.399, tma_store 1.668, both
 # defaults 1.756 — so 64-row tiles default to two CTAs per SM without the TMA store (_TWO_CTAS).
-# overlap (opt-in; H200, headline shape, 128x64, session 8: 1.157 vs 1.202 ms SLA forward; its mixed-count GPU
-# cases pass, the rest of its 39-case grid is not yet run): FlashAttention-3's intra-warpgroup overlap in
+# overlap (opt-in; H200, headline shape, 128x64, session 8: 1.157 vs 1.202 ms SLA forward; 38 of its 39 GPU
+# cases passed before the count-0 fix, the mixed-count and count-1 ones after it; the whole grid not yet at
+# the final code): FlashAttention-3's intra-warpgroup overlap in
 # the sparse loop — step t issues S_{t+1} = QK_{t+1}ᵀ into a second accumulator as an asynchronous wgmma batch,
 # runs step t's softmax while it is in flight, then P_t·V_t with the one wait per step (the default waits for
 # each batch right after issuing it, so the tensor cores idle during the softmax). Step 0's K gets a tile of
