@@ -37,6 +37,7 @@ import time. Tunables: :func:`default_config` / :func:`check_config` (the autotu
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import os
@@ -99,10 +100,16 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False)   # 64-row tiles, 
 # (default), lin_init puts the linear-branch term in the fp32 accumulator before the loop (per-thread loads
 # that otherwise follow the loop). H200, headline shape, 128x64, SLA marginal backward (`slagen tune`, session
 # 8): default before 4.834 ms, tma_store 4.523, tma_store + lin_init 4.513 (noise), lin_init alone 4.842.
+# "linear": overrides of the Triton backward config ({"prep" | "dq" | "dkdv": {...}}, onto its tuned or default
+# config) for the Triton kernels of the linear part (slagen.backends.triton.backward_linear_part); their dq
+# kernel, without the sparse loop, is fastest with 64-row programs (H200, headline shape, 128x64, session 9,
+# tools/sweep_linear_part.py: 0.161 ms vs 0.234 at the Triton backward's 128).
+_LINEAR_DEFAULTS = {128: {"dq": {"block_m": 64, "num_warps": 8}}}
 _BWD_DEFAULTS: Dict[int, dict] = {
     d: {"backward": "tilelang", "warp_specialized": True,
         "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True),
-        "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True)}
+        "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True),
+        "linear": _LINEAR_DEFAULTS.get(d, {})}
     for d in (64, 128)
 }
 BACKWARDS = ("triton", "tilelang")
@@ -293,7 +300,7 @@ def _default_backward_config(spec: KernelSpec) -> dict:
     kv["tile_m"], kv["tile_n"] = min(kv["tile_m"], spec.block_q), min(kv["tile_n"], spec.block_k)
     if dq["tile_m"] < 128:
         dq["num_warps"] = 4
-    cfg = {**base, "dq": dq, "dkdv": kv}
+    cfg = {**base, "dq": dq, "dkdv": kv, "linear": copy.deepcopy(base["linear"])}
     try:
         _check_backward_config(cfg, spec)
     except ValueError:      # the TileLang tiles do not fit these blocks: the Triton backward serves them
@@ -317,6 +324,7 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError(f"config['warp_specialized']={cfg['warp_specialized']!r} must be True or False")
     if cfg["backward"] == "triton":
         return
+    linear_config(spec, cfg["linear"])
     for kernel, rows, other in (("dq", "tile_m", "tile_n"), ("dkdv", "tile_n", "tile_m")):
         part, where = cfg[kernel], f"config[{kernel!r}]"
         if not isinstance(part, dict):
@@ -344,6 +352,22 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
         if need > SHARED_MEMORY:
             raise ValueError(f"{where} needs about {need // 1024} KiB of shared memory; sm90 has "
                              f"{SHARED_MEMORY // 1024} KiB per block")
+
+
+def linear_config(spec: KernelSpec, overrides, base: Optional[dict] = None) -> dict:
+    """The Triton backward config of the linear part: ``base`` (default: the Triton backward's default config
+    of ``spec``) with ``overrides`` (the TileLang backward config's "linear": {"prep" | "dq" | "dkdv": {key:
+    value}}) applied, validated by the Triton backward's check_config."""
+    from slagen.backends.triton import bwd
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise ValueError(f"config['linear']={overrides!r} must be a dict of dicts (Triton backward tunables)")
+    unknown = set(overrides) - {"prep", "dq", "dkdv"}
+    if unknown:
+        raise ValueError(f"config['linear'] has unknown keys {sorted(unknown)}; allowed: ['dkdv', 'dq', 'prep']")
+    cfg = copy.deepcopy(base) if base is not None else bwd.default_config(spec)
+    for part, values in overrides.items():
+        cfg[part].update(values)
+    return bwd.check_config(cfg, spec)
 
 
 def _call_config(spec: KernelSpec, q: torch.Tensor, k: torch.Tensor, maps, config: Optional[dict]) -> dict:
@@ -646,15 +670,16 @@ def _lut(lut: torch.Tensor) -> torch.Tensor:
 
 
 def _per_query_block(lse: torch.Tensor, ds: torch.Tensor, block_q: int):
-    """LSE and D^s (fp32 (B, H, Lq)) as the dkdv kernel reads them: (B, H, T_m, block_q), padded past Lq with
-    LSE = +inf and D^s = 0 (those rows then get P = dS = 0)."""
+    """LSE and D^s (fp32 (B, H, Lq)) as the dkdv kernel reads them: (B, H, T_m + 1, block_q), padded past Lq
+    with LSE = +inf and D^s = 0 (those rows then get P = dS = 0); block T_m is all padding (the step a key
+    block no query block chose walks reads it)."""
     B, H, lq = lse.shape
     tm = -(-lq // block_q)
     out = []
     for src, pad in ((lse, float("inf")), (ds, 0.0)):
-        dst = src.new_full((B, H, tm * block_q), pad)
+        dst = src.new_full((B, H, (tm + 1) * block_q), pad)
         dst[..., :lq] = src.view(B, H, lq)
-        out.append(dst.view(B, H, tm, block_q))
+        out.append(dst.view(B, H, tm + 1, block_q))
     return out
 
 
@@ -704,4 +729,5 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
                                                dk, dv, float(scale))
 
     return _triton().backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
-                                          sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv, **cfg_args)
+                                          sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv,
+                                          linear=functools.partial(linear_config, spec, cfg["linear"]), **cfg_args)

@@ -73,9 +73,14 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cf
 
 
 def backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, sparse_dq, sparse_dkdv,
-                         **cfg):
-    """The backward without its sparse loops (slagen.backends.triton.bwd.linear_part), tuned config, for a
-    backend whose ``sparse_dq`` / ``sparse_dkdv`` run the sparse branch: (dq, dk, dv, dw, db)."""
+                         linear=None, **cfg):
+    """The backward without its sparse loops (slagen.backends.triton.bwd.linear_part) for a backend whose
+    ``sparse_dq`` / ``sparse_dkdv`` run the sparse branch: (dq, dk, dv, dw, db). Config: the Triton backward's
+    tuned one (or None: its default), passed through ``linear(config) -> config`` when given (the caller's
+    overrides for these kernels)."""
     from slagen.backends.triton import bwd
+    config = _backward_config(q, k, maps, cfg)
+    if linear is not None:
+        config = linear(config)
     return bwd.linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, sparse_dq=sparse_dq,
-                           sparse_dkdv=sparse_dkdv, config=_backward_config(q, k, maps, cfg), **cfg)
+                           sparse_dkdv=sparse_dkdv, config=config, **cfg)

@@ -54,7 +54,10 @@ _TILES["sm89"] = _TILES["sm86"]
 # Measured exceptions for the dk/dv kernel's warps (H200, B=1 H=12 L=32760, 128x64 blocks, softmax marginal,
 # `slagen tune --config`: the whole backward 5.30 ms with 4 warps vs 5.95 ms with 8; docs/perf-notes.md).
 _DKDV_WARPS = {("sm90", 128): 4}
-_PREP_CHUNK = 8      # selection blocks per program of the state / proj kernels
+_PREP_CHUNK = 8      # selection blocks per program of the state kernels (default) and of the proj kernel (always)
+# Measured exceptions for the state kernels (H200, headline shape, 128x64, tools/sweep_linear_part.py, session 9):
+# 4 warps, 2 stages and 2 blocks per program: _query_state 0.376 -> 0.238 ms, _key_state 0.376 -> 0.184.
+_PREP_LAUNCH = {("sm90", 128): dict(num_warps=4, num_stages=2, chunk=2)}
 MARGINAL_STATES = ("gemm", "gather")
 # prep.temp_budget's default: all heads at once. Head groups cut the peak (H200, headline shape, 128x64,
 # budget 1.25 = 3 of 12 heads per group: Triton f+b 988 -> 689 MiB, TileLang 1271 -> 703) but cost time
@@ -71,12 +74,12 @@ def default_config(spec: KernelSpec) -> dict:
     dkdv: block_n key rows per program, block_m query rows per inner step; each with num_warps, num_stages.
     prep (the state and proj kernels): rows per inner step (divides both blocks), chunk (selection blocks
     per program), num_warps, num_stages, and marginal_states (scope 'marginal' only): 'gemm' (default) forms
-    every query block's ΔH_i and key block's ΔG_j with one batched mask GEMM each (temporaries of
-    B·H·T_m·D² and B·H·T_n·D² in the states' dtype, one at a time), 'gather' sums the listed states inside the
-    dq / dkdv kernels (no temporaries; every program reads its count × D² states: ~2.4 GB each at the
-    headline shape); temp_budget (float ≥ 0, default TEMP_BUDGET): the backward runs over groups of heads whose
-    per-block states and mask-GEMM sums take at most
-    temp_budget × the bytes of q (at least one head per group; 0: all heads at once) — the memory policy that
+    every query block's H_i and key block's G_j (sums over the marginal blocks) with one batched mask GEMM each
+    (temporaries of B·H·T_m·D² and B·H·T_n·D² in the states' dtype, one at a time), 'gather' subtracts the
+    listed states from per-head totals inside the dq / dkdv kernels (no temporaries; every program reads its
+    count × D² states: ~2.4 GB each at the headline shape); temp_budget (float ≥ 0, default TEMP_BUDGET): the
+    backward runs over groups of heads whose per-block states and mask-GEMM sums take at most temp_budget × the
+    bytes of q (at least one head per group; 0: all heads at once) — the memory policy that
     keeps the peak of forward+backward near dense attention's (:func:`_head_groups`).
     """
     _check_head_dim(spec)
@@ -96,9 +99,18 @@ def default_config(spec: KernelSpec) -> dict:
     return {
         "dq": dict(block_m=dq_m, block_n=min(dq_n, bk), num_warps=dq_warps, num_stages=dq_stages),
         "dkdv": dict(block_n=min(kv_n, bk), block_m=min(kv_m, bq), num_warps=kv_warps, num_stages=stages),
-        "prep": dict(rows=prep_rows, chunk=_PREP_CHUNK, num_warps=8 if spec.head_dim == 128 else 4,
-                     num_stages=1, marginal_states="gemm", temp_budget=TEMP_BUDGET),
+        "prep": {**dict(rows=prep_rows, chunk=_PREP_CHUNK, num_warps=8 if spec.head_dim == 128 else 4,
+                        num_stages=1, marginal_states="gemm", temp_budget=TEMP_BUDGET), **_prep_launch(spec)},
     }
+
+
+def _prep_launch(spec: KernelSpec) -> dict:
+    """The measured exceptions (_PREP_LAUNCH) that apply to ``spec``: 16-bit inputs; the chunk only for scope
+    'marginal' (scope 'all' keeps one fp32 D×D partial per chunk: 8 blocks per program bound them)."""
+    launch = dict(_PREP_LAUNCH.get((spec.arch, spec.head_dim), {})) if spec.dtype != "fp32" else {}
+    if spec.scope != "marginal":
+        launch.pop("chunk", None)
+    return launch
 
 
 def _check_head_dim(spec: KernelSpec) -> None:
@@ -306,14 +318,15 @@ def _totals(c: _Call, mat: torch.Tensor, vec: torch.Tensor):
 
 
 def _proj_grads(c: _Call):
-    """(dw (D, D), db (D,)) of Proj over the call's heads, fp32: per-chunk partials from the kernel summed in a
-    fixed order."""
+    """(dw (D, D), db (D,)) of Proj over the call's heads, fp32: per-chunk partials (_PREP_CHUNK query blocks
+    each, whatever the state kernels' chunk: B·H·T_m/8 fp32 D×D partials) from the kernel summed in a fixed
+    order."""
     prep = c.cfg["prep"]
-    chunks = _grid_chunks(c.Tm, prep["chunk"])
+    chunks = _grid_chunks(c.Tm, _PREP_CHUNK)
     dw_part = torch.empty((c.BH * chunks, c.D, c.D), dtype=torch.float32, device=c.q.device)
     db_part = torch.empty((c.BH * chunks, c.D), dtype=torch.float32, device=c.q.device)
     c.mod._proj_grads[(chunks, c.BH)](c.do, c.o_lin, dw_part, db_part, *c.do.stride(), *c.o_lin.stride(), c.H,
-                                      c.Lq, c.spec.block_q * prep["chunk"], HAS_W=c.w is not None,
+                                      c.Lq, c.spec.block_q * _PREP_CHUNK, HAS_W=c.w is not None,
                                       ROWS=prep["rows"], **c.prep_launch())
     return dw_part.sum(0), db_part.sum(0)
 
@@ -322,19 +335,18 @@ def _empty(c: _Call) -> torch.Tensor:
     return c.q.new_empty((0,), dtype=torch.float32)
 
 
-def _excluded_states(c: _Call, total_vec, mats, vecs, mask):
-    """(ΔM (n, D, D), the vector state minus its excluded part (n, D) fp32), n = B*H*rows of ``mask``: the
-    per-block states ``mats`` / ``vecs`` (one per column of mask (B, H, rows, cols), padded_rows(cols) per head
-    with a zero tail: :func:`_state_buffers`) summed over each row's
-    excluded (mask != 0) columns by one batched GEMM (slagen.backends.linear_terms.excluded_sums), fp32
-    accumulation. ΔM is stored like the states (bf16 for bf16/fp16 inputs: it is the small excluded part the
-    kernels subtract from the fp32 totals, and it halves the temporary, 201 MB for ΔG at the headline shape)."""
+def _marginal_states(c: _Call, mats, vecs, mask):
+    """(M_i (n, D, D) like the states, m_i (n, D) fp32), n = B*H*rows of ``mask``: the per-block states ``mats``
+    / ``vecs`` (one per column of mask (B, H, rows, cols), padded_rows(cols) per head with a zero tail:
+    :func:`_state_buffers`) summed over each row's marginal (mask == 0) columns by one batched GEMM
+    (slagen.backends.linear_terms.marginal_sums), fp32 accumulation, one rounding to the states' dtype (bf16
+    for bf16/fp16 inputs: the kernels' linear products take bf16 operands anyway; 100 MB for H_i and 201 MB
+    for G_j at the headline shape)."""
     B, H, D = *c.q.shape[:2], c.D
-    operands = functools.partial(fwd.mask_operands, codegen.load(c.spec.replace(role="forward"), "triton"),
-                                 excluded=True)
-    dm, v = linear_terms.excluded_sums(total_vec.view(B, H, D), mats.view(B, H, -1, D, D),
-                                       vecs.view(B, H, -1, D), mask, out_dtype=mats.dtype, operands=operands)
-    return dm.reshape(-1, D, D), v.reshape(-1, D)
+    operands = functools.partial(fwd.mask_operands, codegen.load(c.spec.replace(role="forward"), "triton"))
+    m, v = linear_terms.marginal_sums(mats.view(B, H, -1, D, D), vecs.view(B, H, -1, D), mask,
+                                      out_dtype=mats.dtype, operands=operands)
+    return m.reshape(-1, D, D), v.reshape(-1, D)
 
 
 def _dq(c: _Call, ds, dl, h, z, hsum, zsum, dq) -> None:
@@ -382,15 +394,15 @@ def _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
 
 def _temp_bytes_per_head(c: _Call) -> int:
     """Peak bytes of the temporaries one head (over the batch) adds to a backward call: the per-block states
-    and the mask-GEMM sums (scope 'marginal' with the GEMM states: ΔH formed from h beside g, then dq's
-    kernel with g and ΔH; ΔG formed from g, then dk / dv's kernel with ΔG alone, :func:`_run_heads`). The
+    and the mask-GEMM sums (scope 'marginal' with the GEMM states: H_i formed from h beside g, then dq's
+    kernel with g and H_i; G_j formed from g, then dk / dv's kernel with G_j alone, :func:`_run_heads`). The
     gradients are outputs, not temporaries (:func:`linear_part` writes its linear terms into them); chunk
     partials and per-row vectors are left out (small)."""
     states = (0,) * 4
     if c.gemm_states():
         mat = c.D * c.D * c.state_dtype.itemsize
         states = (linear_terms.padded_rows(c.Tm) * mat, linear_terms.padded_rows(c.Tn) * mat,   # g, h
-                  c.Tm * mat, c.Tn * mat)                                                      # ΔH, ΔG
+                  c.Tm * mat, c.Tn * mat)                                                      # H_i, G_j
     g, h, dh, dg = states
     return c.q.shape[0] * max(g + h + dh, g + dg)
 
@@ -445,23 +457,24 @@ def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv):
     proj = None
     if c.linear:
         h, z = _key_state(c)
-        hsum, zsum = _totals(c, h, z)
-        gsum, gzsum = _totals(c, g, gz)
+        if not c.gemm_states():     # the GEMM states are summed directly; the others need per-head totals
+            hsum, zsum = _totals(c, h, z)
+            gsum, gzsum = _totals(c, g, gz)
         if c.w is not None or c.bias is not None:
             proj = _proj_grads(c)
     if not (c.sparse or c.linear):
         sparse_dq(ds, grads("dq", heads))
         sparse_dkdv(ds, grads("dk", heads), grads("dv", heads))
         return proj
-    # One temporary at a time with the GEMM states: ΔH, Z_i for dq (h, z freed once it is formed), then ΔG,
-    # g_j for dk / dv (g freed once ΔG is formed); each gradient is allocated just before a kernel writes it.
-    q_terms = _excluded_states(c, zsum, h, z, c.maps[0]) if c.gemm_states() else (h, z)
+    # One temporary at a time with the GEMM states: H_i, Z_i for dq (h, z freed once it is formed), then G_j,
+    # g_j for dk / dv (g freed once G is formed); each gradient is allocated just before a kernel writes it.
+    q_terms = _marginal_states(c, h, z, c.maps[0]) if c.gemm_states() else (h, z)
     del h, z
     _dq(c, ds, dl, *q_terms, hsum, zsum, grads("dq", heads))
     del q_terms
     if not c.sparse:
         sparse_dq(ds, grads("dq", heads))
-    kv_terms = _excluded_states(c, gzsum, g, gz, c.maps[0].transpose(-1, -2)) if c.gemm_states() else (g, gz)
+    kv_terms = _marginal_states(c, g, gz, c.maps[0].transpose(-1, -2)) if c.gemm_states() else (g, gz)
     del g, gz
     _dkdv(c, ds, *kv_terms, gsum, gzsum, grads("dk", heads), grads("dv", heads))
     del kv_terms
