@@ -7,8 +7,11 @@ strides that keep D contiguous:
   block_map(q, k, n_crit, n_negl, block_q, block_k) -> the 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS)
   forward(q, k, v, maps, proj_weight, proj_bias, save, **cfg) -> (o, lse, o_lin, den)
       (the kernel backends also take ``maps_ready``: a CUDA event the maps' producer recorded on another
-      stream; they wait for it after launching their linear pre-pass, which does not read the maps)
+      stream; they wait for it after launching their linear pre-pass, which does not read the maps;
+      the backends named in KEEPS_LINEAR_SUMS also take ``states=True`` and then return (o, lse, o_lin, den,
+      h_lin, z_lin))
   backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg) -> (dq, dk, dv, dw, db)
+      (those backends also take ``lin_sums=(h_lin, z_lin)``: the backward then does not form them again)
 
 where cfg = block_q, block_k, scale, feature_map ('none' for sparse-only), scope, eps, and
   o      like q (same shape, dtype and stride order): O = O^s + Proj(O^l)
@@ -16,6 +19,10 @@ where cfg = block_q, block_k, scale, feature_map ('none' for sparse-only), scope
   o_lin  (B, H, Lq, D) in q's dtype: O^l before Proj; den float32 (B, H, Lq): φ(Q_i)Z_i + eps.
          Both are written only when ``save`` is true and there is a linear branch; otherwise they are
          empty (0 elements) tensors.
+  h_lin  (B, H, T_m, D, D) in q's dtype: H_i = Σ_{j marginal} h_j of every query block (before Proj), and
+  z_lin  (B, H, T_m, D) float32: Z_i — the sums the forward's linear epilogue read, kept for the backward's
+         dφ(Q) (100 MB at the headline shape instead of a key-state pass and a GEMM there); only with ``save``,
+         a linear branch and scope 'marginal' (:func:`keeps_linear_sums`), else empty.
   dw, db grads of proj_weight (D, D) / proj_bias (D,) in their dtypes; empty float32 tensors (distinct
          objects: op outputs may not alias) when those are None.
 """
@@ -29,6 +36,14 @@ from typing import Optional, Sequence
 NAMES = ("torch", "triton", "tilelang")
 _MODULES = {"torch": "slagen.backends.reference", "triton": "slagen.backends.triton",
             "tilelang": "slagen.backends.tilelang"}
+
+
+KEEPS_LINEAR_SUMS = ("tilelang",)
+
+
+def keeps_linear_sums(name: str, save: bool, feature_map: str, scope: str) -> bool:
+    """Whether backend ``name``'s forward with these arguments returns non-empty h_lin / z_lin (see above)."""
+    return name in KEEPS_LINEAR_SUMS and bool(save) and feature_map not in (None, "none") and scope == "marginal"
 
 
 def get(name: str) -> ModuleType:

@@ -76,9 +76,9 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # (H200, headline shape, SLA marginal forward, `slagen tune`, session 7): 128x64 tma_store 1.244 vs 1.355 ms
 # (default since), prefetch_h 1.800 (slower; tunable only); 64x64 ctas_per_sm 2 1.399, tma_store 1.668, both
 # defaults 1.756 — so 64-row tiles default to two CTAs per SM without the TMA store (_TWO_CTAS).
-# overlap (opt-in; H200, headline shape, 128x64, session 8: 1.157 vs 1.202 ms SLA forward; 38 of its 39 GPU
-# cases passed before the count-0 fix, the mixed-count and count-1 ones after it; the whole grid not yet at
-# the final code): FlashAttention-3's intra-warpgroup overlap in
+# overlap (default at d 128 with 128-row tiles since session 9; H200, headline shape, 128x64, session 8: 1.157
+# vs 1.202 ms SLA forward; its 39 GPU cases passed at session 9's code; d 64 and 64-row tiles unmeasured, off):
+# FlashAttention-3's intra-warpgroup overlap in
 # the sparse loop — step t issues S_{t+1} = QK_{t+1}ᵀ into a second accumulator as an asynchronous wgmma batch,
 # runs step t's softmax while it is in flight, then P_t·V_t with the one wait per step (the default waits for
 # each batch right after issuing it, so the tensor cores idle during the softmax). Step 0's K gets a tile of
@@ -88,9 +88,9 @@ _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
-              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False),
+              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=True),
 }
-_TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False)   # 64-row tiles, where two CTAs fit an SM
+_TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   # 64-row tiles, where two CTAs fit an SM
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
 # docstring; 'tilelang' becomes 'triton' for blocks its tiles do not fit); dq: tile_m query rows per CTA
 # (divides block_q), tile_n keys per loop step (divides block_k); dkdv: tile_n keys per CTA (divides block_k;
@@ -385,6 +385,8 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
     cfg = default_config(spec)
     for name, value in (config or {}).items():
         cfg[name] = {**cfg[name], **value} if isinstance(cfg.get(name), dict) and isinstance(value, dict) else value
+    if cfg.get("overlap") and "overlap" not in (config or {}) and not cfg["warp_specialized"]:
+        cfg["overlap"] = False      # a default, not the caller's choice: the overlapped loop needs warp specialisation
     check_config(cfg, spec)
     return cfg
 
@@ -616,8 +618,9 @@ def marginal_sums(spec: KernelSpec, cfg: dict, ht: torch.Tensor, zt: torch.Tenso
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,
-            config: Optional[dict] = None, maps_ready=None):
-    """SLA forward on the TileLang kernels; returns (o, lse, o_lin, den) as slagen.backends describes.
+            config: Optional[dict] = None, maps_ready=None, states: bool = False):
+    """SLA forward on the TileLang kernels; returns (o, lse, o_lin, den), and with ``states`` also (H_i, Z_i),
+    as slagen.backends describes (kept for the backward when ``save``, scope 'marginal' and a linear branch).
 
     q (B, H, Lq, D), k and v (B, H, Lk, D): views with unit stride on D and 16-byte multiple strides;
     maps the 9 BlockMap tensors; proj_weight (D, D) and proj_bias (D,) or None; config overrides of
@@ -635,8 +638,9 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     lse = torch.empty((B, H, lq), dtype=torch.float32, device=q.device)
     o_lin = q.new_empty((B, H, lq, d)) if save else q.new_empty((0,))
     den = q.new_empty((B, H, lq), dtype=torch.float32) if save else q.new_empty((0,), dtype=torch.float32)
+    sums = (q.new_empty((0,)), q.new_empty((0,), dtype=torch.float32))
     if o.numel() == 0:
-        return o, lse, o_lin, den
+        return (o, lse, o_lin, den) + (sums if states else ())
     terms = linear_terms_of(spec, cfg, k, v) if linear else None     # the pre-pass reads no block map
     wait_for_maps(maps_ready, q.device)
     crit_count = maps[2].to(torch.int32).contiguous()
@@ -644,7 +648,10 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     has_w = _kernel_has_w(spec, save, proj_weight is not None)
     if linear:
         if spec.scope == "marginal":
-            args += marginal_sums(spec, cfg, *terms, maps[0])
+            marginal = marginal_sums(spec, cfg, *terms, maps[0])
+            args += marginal
+            if save:
+                sums = marginal
         else:
             h_tot, z_tot = terms
             if proj_weight is not None and not has_w:
@@ -659,7 +666,7 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     kernel = forward_kernel(spec, cfg, save=save, has_w=has_w, has_bias=proj_bias is not None)
     with torch.cuda.device(q.device):
         kernel(*args)
-    return o, lse, o_lin, den
+    return (o, lse, o_lin, den) + (sums if states else ())
 
 
 def _lut(lut: torch.Tensor) -> torch.Tensor:
@@ -690,20 +697,22 @@ def backward_spec(q: torch.Tensor, maps, *, block_q: int, block_k: int, feature_
 
 
 def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, block_q, block_k, scale,
-             feature_map, scope, eps, config: Optional[dict] = None):
+             feature_map, scope, eps, config: Optional[dict] = None, lin_sums=None):
     """SLA backward (SLA.md §5); returns (dq, dk, dv, dw, db) as slagen.backends describes.
 
     config["backward"] (default: the tuned or default config of :func:`backward_spec`) picks the path:
     'triton' runs the Triton backward; 'tilelang' runs the Triton state kernels for D^s and the linear-branch
     terms, then the sparse branch on the TileLang dq / dkdv kernels. It reads the lse / o_lin / den that
     either backend's forward saves (natural-log LSE, O^l before Proj, fp32 den). The TileLang path needs q,
-    k, v readable by TMA (see :func:`_check_tma`); a dO that is not is copied.
+    k, v readable by TMA (see :func:`_check_tma`); a dO that is not is copied. ``lin_sums``: the forward's
+    (H_i, Z_i) (``states=True``), or None (the backward then forms them again).
     """
     cfg_args = dict(block_q=block_q, block_k=block_k, scale=scale, feature_map=feature_map, scope=scope, eps=eps)
     spec = backward_spec(q, maps, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope)
     cfg = _call_config(spec, q, k, maps, config)
     if cfg["backward"] == "triton" or q.numel() == 0 or k.numel() == 0:
-        return _triton().backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg_args)
+        return _triton().backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, lin_sums=lin_sums,
+                                  **cfg_args)
     _check_inputs(q, k, v, maps, proj_weight, proj_bias)
     try:
         _check_tma("do", do)
@@ -730,4 +739,5 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
 
     return _triton().backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
                                           sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv,
-                                          linear=functools.partial(linear_config, spec, cfg["linear"]), **cfg_args)
+                                          linear=functools.partial(linear_config, spec, cfg["linear"]),
+                                          lin_sums=lin_sums, **cfg_args)

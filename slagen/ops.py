@@ -57,17 +57,24 @@ def _cfg(block_q, block_k, scale, feature_map, scope, eps):
     return dict(block_q=block_q, block_k=block_k, scale=scale, feature_map=feature_map, scope=scope, eps=eps)
 
 
-def _forward(q, k, v, maps, proj_weight, proj_bias, save, cfg, backend,
-             maps_ready=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _forward(q, k, v, maps, proj_weight, proj_bias, save, cfg, backend, maps_ready=None) -> Tuple[Tensor, ...]:
+    """(o, lse, o_lin, den, h_lin, z_lin) as slagen.backends describes them (h_lin / z_lin empty unless the
+    backend keeps the linear sums for the backward)."""
     extra = {} if maps_ready is None else dict(maps_ready=maps_ready)
-    return tuple(backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, save, **cfg, **extra))
+    if backends.keeps_linear_sums(backend, save, cfg["feature_map"], cfg["scope"]):
+        extra["states"] = True
+    out = tuple(backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, save, **cfg, **extra))
+    if len(out) == 4:
+        out += (q.new_empty((0,)), q.new_empty((0,), dtype=torch.float32))
+    return out
 
 
 @torch.library.custom_op("slagen::sla_fwd", mutates_args=())
 def sla_fwd(q: Tensor, k: Tensor, v: Tensor, maps: List[Tensor], proj_weight: Optional[Tensor],
             proj_bias: Optional[Tensor], block_q: int, block_k: int, scale: float, feature_map: str,
-            scope: str, eps: float, save: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """SLA forward: (o, lse, o_lin, den) as described in slagen.backends."""
+            scope: str, eps: float, save: bool,
+            backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """SLA forward: (o, lse, o_lin, den, h_lin, z_lin) as described in slagen.backends."""
     return _forward(q, k, v, maps, proj_weight, proj_bias, save, _cfg(block_q, block_k, scale, feature_map, scope, eps),
                     backend)
 
@@ -75,27 +82,41 @@ def sla_fwd(q: Tensor, k: Tensor, v: Tensor, maps: List[Tensor], proj_weight: Op
 @sla_fwd.register_fake
 def _(q, k, v, maps, proj_weight, proj_bias, block_q, block_k, scale, feature_map, scope, eps, save, backend):
     f32 = dict(dtype=torch.float32)
+    B, H, lq, d = q.shape
+    if backends.keeps_linear_sums(backend, save, feature_map, scope):
+        tm = num_blocks(lq, block_q)
+        sums = (q.new_empty((B, H, tm, d, d)), q.new_empty((B, H, tm, d), **f32))
+    else:
+        sums = (q.new_empty((0,)), q.new_empty((0,), **f32))
     if save and feature_map != "none":
         return (torch.empty_like(q), q.new_empty(q.shape[:-1], **f32), q.new_empty(q.shape),
-                q.new_empty(q.shape[:-1], **f32))
-    return (torch.empty_like(q), q.new_empty(q.shape[:-1], **f32), q.new_empty((0,)), q.new_empty((0,), **f32))
+                q.new_empty(q.shape[:-1], **f32)) + sums
+    return (torch.empty_like(q), q.new_empty(q.shape[:-1], **f32), q.new_empty((0,)),
+            q.new_empty((0,), **f32)) + sums
 
 
 @torch.library.custom_op("slagen::sla_bwd", mutates_args=())
 def sla_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, o_lin: Tensor, den: Tensor,
-            maps: List[Tensor],
+            h_lin: Tensor, z_lin: Tensor, maps: List[Tensor],
             proj_weight: Optional[Tensor], proj_bias: Optional[Tensor], block_q: int, block_k: int,
             scale: float, feature_map: str, scope: str, eps: float,
             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """SLA backward: (dq, dk, dv, dw, db); dw/db are empty when proj_weight/proj_bias are None."""
     cfg = _cfg(block_q, block_k, scale, feature_map, scope, eps)
-    return tuple(backends.get(backend).backward(do, q, k, v, o, lse, o_lin, den, list(maps), proj_weight,
-                                                proj_bias, **cfg))
+    return _backward_call(backend, do, q, k, v, o, lse, o_lin, den, h_lin, z_lin, list(maps), proj_weight,
+                          proj_bias, cfg)
+
+
+def _backward_call(backend, do, q, k, v, o, lse, o_lin, den, h_lin, z_lin, maps, proj_weight, proj_bias, cfg):
+    """The backend's backward, given the forward's linear sums where it kept them."""
+    extra = dict(lin_sums=(h_lin, z_lin)) if h_lin.numel() else {}
+    return tuple(backends.get(backend).backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
+                                                **cfg, **extra))
 
 
 @sla_bwd.register_fake
-def _(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q, block_k, scale, feature_map, scope,
-      eps, backend):
+def _(do, q, k, v, o, lse, o_lin, den, h_lin, z_lin, maps, proj_weight, proj_bias, block_q, block_k, scale,
+      feature_map, scope, eps, backend):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(proj_weight) if proj_weight is not None else q.new_empty((0,), dtype=torch.float32),
             torch.empty_like(proj_bias) if proj_bias is not None else q.new_empty((0,), dtype=torch.float32))
@@ -103,14 +124,14 @@ def _(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q, bl
 
 def _setup_context(ctx, inputs, output):
     q, k, v, maps, proj_weight, proj_bias, block_q, block_k, scale, feature_map, scope, eps, save, backend = inputs
-    o, lse, o_lin, den = output
-    ctx.save_for_backward(q, k, v, o, lse, o_lin, den, proj_weight, proj_bias, *maps)
+    ctx.save_for_backward(q, k, v, *output, proj_weight, proj_bias, *maps)
     ctx.cfg = (block_q, block_k, scale, feature_map, scope, eps, backend)
 
 
-def _backward(ctx, do, dlse, do_lin, dden):
-    q, k, v, o, lse, o_lin, den, proj_weight, proj_bias, *maps = ctx.saved_tensors
-    dq, dk, dv, dw, db = sla_bwd(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *ctx.cfg)
+def _backward(ctx, do, *_):
+    q, k, v, o, lse, o_lin, den, h_lin, z_lin, proj_weight, proj_bias, *maps = ctx.saved_tensors
+    dq, dk, dv, dw, db = sla_bwd(do, q, k, v, o, lse, o_lin, den, h_lin, z_lin, maps, proj_weight, proj_bias,
+                                 *ctx.cfg)
     return (dq, dk, dv, [None] * len(maps),
             dw if proj_weight is not None else None,
             db if proj_bias is not None else None,
@@ -154,9 +175,9 @@ class _Forward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, *_):
-        q, k, v, o, lse, o_lin, den, proj_weight, proj_bias, *maps = ctx.saved_tensors
-        dq, dk, dv, dw, db = backends.get(ctx.backend).backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight,
-                                                                proj_bias, **ctx.cfg)
+        q, k, v, o, lse, o_lin, den, h_lin, z_lin, proj_weight, proj_bias, *maps = ctx.saved_tensors
+        dq, dk, dv, dw, db = _backward_call(ctx.backend, do, q, k, v, o, lse, o_lin, den, h_lin, z_lin, maps,
+                                            proj_weight, proj_bias, ctx.cfg)
         return (dq, dk, dv, dw if proj_weight is not None else None, db if proj_bias is not None else None,
                 None, None, None, None)
 

@@ -27,7 +27,7 @@ import shutil
 import pytest
 import torch
 
-from slagen import codegen, reference
+from slagen import backends, codegen, reference
 from slagen.backends import reference as torch_backend
 from slagen.backends import tilelang as tl_backend
 from slagen.blockmap import BlockMap
@@ -278,7 +278,8 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
         assert f"mbarrier[{bar}].wait(" in loop, f"{name}'s barrier not waited in the consumer's loop"
         assert src.count(f"mbarrier[{bar}].wait(") == 1
     _assert_sparse_loop_runs(src, "forward overlap")
-    plain = tl_backend.forward_kernel(spec, tl_backend._resolve_config(spec, change), **flags).get_kernel_source()
+    plain = tl_backend.forward_kernel(spec, tl_backend._resolve_config(spec, {**change, "overlap": False}),
+                                      **flags).get_kernel_source()
     base = _consumer_loop(plain)
     assert base.count("tl::warpgroup_commit_batch();") == base.count("tl::warpgroup_wait<0>();") == 2
     assert "K0_s" not in plain
@@ -290,7 +291,7 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
 def test_forward_with_two_key_blocks_per_step_compiles_for_sm90a(spec):
     """tile_n = 2·block_k: each half of the K / V tiles is TMA-loaded per 64-column chunk (a contiguous
     span of the swizzled tile; TileLang 0.1.15 rejects one copy into a gapped half), 128-wide wgmma."""
-    cfg = tl_backend._resolve_config(spec, {"tile_n": 128})
+    cfg = tl_backend._resolve_config(spec, {"tile_n": 128, "overlap": False})   # (overlap adds step 0's K copies)
     src = tl_backend.forward_kernel(spec, cfg, save=False, has_w=False, has_bias=False).get_kernel_source()
     _assert_hopper_source(src, "forward tile_n=128")
     assert src.count("tl::tma_load(K_desc") == 2 * spec.head_dim // 64, "one K copy per half and chunk"
@@ -741,19 +742,25 @@ def test_backward_compiles_for_sm90a(spec, change):
 
 
 def run_backward_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="marginal", negl=0.0,
-                      n_crit="topk", block=(128, 64), layout="bhld", proj=True, seed=0, config=None) -> dict:
+                      n_crit="topk", block=(128, 64), layout="bhld", proj=True, seed=0, config=None,
+                      keep_sums=True) -> dict:
     """One TileLang backward (config backward='tilelang') after the TileLang forward, vs the reference's
     gradients (fp32, same inputs) and the Triton backward of the same saved tensors; returns {name: rel. err}.
-    dW, db (the Triton state kernels in both paths) must equal the Triton backward's bitwise."""
+    With ``keep_sums`` the forward keeps its H_i, Z_i (states=True) and the TileLang backward reads them, while
+    the Triton backward forms them again (a cross-check of the kept sums). dW, db (the Triton state kernels in
+    both paths) must equal the Triton backward's bitwise."""
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(seed)
     q, k, v, maps, w, b, cfg = case_inputs(B=B, H=H, L=L, lk=L, d=d, dtype=dtype, layout=layout, fmap=fmap,
                                            scope=scope, negl=negl, n_crit=n_crit, block=block, proj=proj, gen=gen)
     do = make_qkv(B, H, L, L, d, DT[dtype], layout, dev, gen)[0]
-    saved = tl_backend.forward(q, k, v, maps, w, b, True, **cfg)
+    *saved, h_lin, z_lin = tl_backend.forward(q, k, v, maps, w, b, True, states=True, **cfg)
+    kept = backends.keeps_linear_sums("tilelang", True, fmap, scope)
+    assert (h_lin.numel() > 0) == kept and (z_lin.numel() > 0) == kept
+    sums = dict(lin_sums=(h_lin, z_lin)) if kept and keep_sums else {}
     poison_allocator(16 * q.numel() * 4, dev)
     got = tl_backend.backward(do, q, k, v, *saved, maps, w, b, config={"backward": "tilelang", **(config or {})},
-                              **cfg)
+                              **cfg, **sums)
     torch.cuda.synchronize()
     poison_allocator(16 * q.numel() * 4, dev)
     tri = tl_backend.backward(do, q, k, v, *saved, maps, w, b, config={"backward": "triton"}, **cfg)
@@ -777,7 +784,8 @@ BWD_GPU_CASES = (
     + [dict(L=4096, fmap="elu", scope="all"), dict(L=4096, n_crit="mixed"), dict(L=4096, n_crit=1),
        dict(L=4096, n_crit="all", H=1), dict(L=4096, block=(64, 64)), dict(L=4096, dtype="fp16"),
        dict(L=1000, d=64, n_crit=2), dict(L=4096, layout="qkv", scope="all"),
-       dict(L=4096, config=dict(warp_specialized=False, dq=dict(num_stages=1), dkdv=dict(num_stages=1)))]
+       dict(L=4096, config=dict(warp_specialized=False, dq=dict(num_stages=1), dkdv=dict(num_stages=1))),
+       dict(L=4096, keep_sums=False), dict(L=1000, d=64, n_crit="mixed", keep_sums=False)]
     # dq with two selected key blocks per step (tile_n = 2·block_k)
     + [dict(L=L, d=d, n_crit=c, config=dict(dq=dict(tile_n=128)))
        for L, c in ((77, 1), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]

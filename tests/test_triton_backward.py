@@ -327,6 +327,38 @@ def test_marginal_states_gather_and_gemm_agree_with_the_reference(negl):
         assert rel(a, b) < 1e-4, name
 
 
+def forward_sums(p, cfg):
+    """H_i = Σ_{j marginal} φ(K_j)ᵀV_j (B, H, T_m, D, D) and Z_i (B, H, T_m, D) fp32 — what a forward with
+    states=True keeps — written out here from the reference's pieces."""
+    bk, mask = cfg["block_k"], p["maps"][0]
+    tn = mask.shape[-1]
+    phi = reference.pad_rows(reference.feature_map(p["k"].float(), cfg["feature_map"]), bk).unflatten(-2, (tn, bk))
+    vb = reference.pad_rows(p["v"].float(), bk).unflatten(-2, (tn, bk))
+    a = (mask == 0).float()
+    h = torch.einsum("bhmn,bhnde->bhmde", a, phi.transpose(-1, -2) @ vb)
+    return h.to(p["q"].dtype), torch.einsum("bhmn,bhnd->bhmd", a, phi.sum(-2))
+
+
+@pytest.mark.parametrize("weight,negl", [(True, 0.25), (False, 0.0)])
+def test_forward_sums_replace_the_key_states(monkeypatch, weight, negl):
+    """Given the forward's H_i, Z_i (lin_sums), the backward skips the key-state kernel (and the H_i GEMM) and
+    gives the same gradients (Proj's W applied to the given H_i)."""
+    p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=16, block_k=32, feature_map="softmax", scope="marginal",
+                          negligible=negl, weight=weight, bias=True, seed=5)
+    sums = forward_sums(p, cfg)
+    want = triton_grads(p, cfg)
+    monkeypatch.setattr(bwd, "_key_state", lambda c: pytest.fail("the key-state kernel ran although H_i was given"))
+    got = bwd.backward(*(p[n] for n in ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight",
+                                        "proj_bias")), **cfg, lin_sums=sums)
+    ref = reference_grads(p, cfg)
+    for name, g, w, r in zip(GRADS, got, want, ref):
+        if r.numel():
+            assert rel(g, w) < 1e-5 and rel(g, r) < 1e-4, name
+    with pytest.raises(ValueError, match=r"lin_sums\[0\] \(H_i\) must be"):
+        bwd.backward(*(p[n] for n in ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight",
+                                      "proj_bias")), **cfg, lin_sums=(sums[0][:, :, :1], sums[1]))
+
+
 def test_non_default_tiles():
     """Sub-tiled programs and inner steps (tiles smaller than the selection blocks), small prep chunks."""
     p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=32, block_k=32, feature_map="softmax", scope="marginal",

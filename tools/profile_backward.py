@@ -39,11 +39,13 @@ def main() -> None:
     for fmap, what in (("softmax", "SLA marginal"), ("none", "sparse-only")):
         cfg = dict(block_q=bq, block_k=bk, scale=128 ** -0.5, feature_map=fmap, scope="marginal",
                    eps=reference.EPS)
-        saved = tl_backend.forward(q, k, v, maps, None, None, True, **cfg)
+        *saved, h_lin, z_lin = tl_backend.forward(q, k, v, maps, None, None, True, states=True, **cfg)
+        sums = dict(lin_sums=(h_lin, z_lin)) if h_lin.numel() else {}
         grads = {}
         for impl in ("triton", "tilelang"):
-            def fn(impl=impl, cfg=cfg, saved=saved):
-                return tl_backend.backward(do, q, k, v, *saved, maps, None, None, config={"backward": impl}, **cfg)
+            def fn(impl=impl, cfg=cfg, saved=saved, sums=sums):
+                return tl_backend.backward(do, q, k, v, *saved, maps, None, None, config={"backward": impl}, **cfg,
+                                           **sums)
             grads[impl] = fn()[:3]
             kt = kernel_times(fn)
             rows.append((what, impl, do_bench(fn, warmup=25, rep=100, return_mode="median"),

@@ -4,7 +4,8 @@ runs, slagen.backends.triton.bwd.linear_part) under launch-config variants.
     python tools/sweep_linear_part.py                    # headline shape, 128x64, SLA marginal
     python tools/sweep_linear_part.py --seq-len 75600 --heads 40
 
-The sparse callbacks are no-ops, so the times are the linear part's alone. One knob group at a time is
+The sparse callbacks are no-ops, so the times are the linear part's alone, given the forward's H_i, Z_i as the
+TileLang backward is (no key-state kernel, no H_i GEMM). One knob group at a time is
 varied from the Triton backward's default config (prep: rows, num_warps, num_stages, chunk; dq: block_m,
 num_warps; dkdv: block_n, num_warps); for each variant it prints the total and the per-kernel GPU ms
 (torch.profiler, averaged over 5 calls), then the best variant per kernel and the total with each kernel's
@@ -46,13 +47,13 @@ def main() -> None:
     maps = list(selection.block_map(q, k, n_crit, 0, bq, bk))
     cfg = dict(block_q=bq, block_k=bk, scale=128 ** -0.5, feature_map="softmax", scope="marginal",
                eps=reference.EPS)
-    saved = tl_backend.forward(q, k, v, maps, None, None, True, **cfg)
+    *saved, h_lin, z_lin = tl_backend.forward(q, k, v, maps, None, None, True, states=True, **cfg)
     spec = bwd.kernel_spec(q, block_q=bq, block_k=bk, feature_map="softmax", scope="marginal", has_negligible=False)
     base = bwd.default_config(spec)
 
     def run(config):
         return bwd.linear_part(do, q, k, v, *saved, maps, None, None, sparse_dq=lambda *a: None,
-                               sparse_dkdv=lambda *a: None, config=config, **cfg)[:3]
+                               sparse_dkdv=lambda *a: None, config=config, lin_sums=(h_lin, z_lin), **cfg)[:3]
 
     def measure(config):
         kt = kernel_times(lambda: run(config))

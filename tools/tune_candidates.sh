@@ -19,12 +19,13 @@ TRITON_TUNE_ARGS=(
 # since —, both 4.513, lin_init alone 4.842): lin_init on top of the tma_store default, and the old stores.
 # Forward tile_n 128 (two selected blocks per step): 1.189 vs 1.207 ms (session 8, noise; slower in 4 and 7).
 # overlap (session 8): S_{t+1} = QK_{t+1}ᵀ in flight during step t's softmax (FA3's intra-warpgroup overlap):
-# 1.157 vs 1.202 ms at 128x64; default once its whole GPU grid (`-k overlap`) has passed.
+# 1.157 vs 1.202 ms at 128x64; default at d 128 / 128-row tiles since session 9 (its 39 GPU cases passed), so
+# the candidate is the old loop there and overlap on 64-row tiles elsewhere.
 # (session 5, 64x64 block map: pool_stages 3 / pool_warps 8 slower.)
 TILELANG_TUNE_CANDIDATES=(
   --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 1}'
   --config '{"tma_store": true}' --config '{"tma_store": false}' --config '{"prefetch_h": true}'
-  --config '{"tile_n": 128}' --config '{"overlap": true}'
+  --config '{"tile_n": 128}' --config '{"overlap": true}' --config '{"overlap": false}'
   --config '{"dq": {"lin_init": true}, "dkdv": {"lin_init": true}}'
   --config '{"dq": {"tma_store": false}, "dkdv": {"tma_store": false}}'
 )

@@ -66,14 +66,14 @@ def _backward_config(q, k, maps, cfg) -> Optional[dict]:
     return _tuned(bwd, spec, q, k.shape[-2], density)
 
 
-def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg):
+def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, lin_sums=None, **cfg):
     from slagen.backends.triton import bwd
     return bwd.backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
-                        config=_backward_config(q, k, maps, cfg), **cfg)
+                        config=_backward_config(q, k, maps, cfg), lin_sums=lin_sums, **cfg)
 
 
 def backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, sparse_dq, sparse_dkdv,
-                         linear=None, **cfg):
+                         linear=None, lin_sums=None, **cfg):
     """The backward without its sparse loops (slagen.backends.triton.bwd.linear_part) for a backend whose
     ``sparse_dq`` / ``sparse_dkdv`` run the sparse branch: (dq, dk, dv, dw, db). Config: the Triton backward's
     tuned one (or None: its default), passed through ``linear(config) -> config`` when given (the caller's
@@ -83,4 +83,4 @@ def backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, pro
     if linear is not None:
         config = linear(config)
     return bwd.linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, sparse_dq=sparse_dq,
-                           sparse_dkdv=sparse_dkdv, config=config, **cfg)
+                           sparse_dkdv=sparse_dkdv, config=config, lin_sums=lin_sums, **cfg)

@@ -189,6 +189,19 @@ def _check_inputs(do, q, k, v, o, lse, o_lin, den, maps, linear: bool, block_q: 
             raise ValueError(f"{name} must be float32, got {t.dtype}")
 
 
+def _check_lin_sums(lin_sums, q, maps) -> None:
+    """``lin_sums`` (see :func:`backward`): (H_i (B, H, T_m, D, D) in q's dtype, Z_i (B, H, T_m, D) fp32)."""
+    B, H, _, D = q.shape
+    tm = maps[0].shape[-2]
+    if not (isinstance(lin_sums, (tuple, list)) and len(lin_sums) == 2):
+        raise ValueError("lin_sums must be the pair (H_i, Z_i) a forward with states=True returns, or None")
+    for name, t, shape, dtype in (("lin_sums[0] (H_i)", lin_sums[0], (B, H, tm, D, D), q.dtype),
+                                  ("lin_sums[1] (Z_i)", lin_sums[1], (B, H, tm, D), torch.float32)):
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device != q.device:
+            raise ValueError(f"{name} must be a {dtype} tensor of shape {shape} on {q.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+
+
 def _grid_chunks(n_blocks: int, chunk: int) -> int:
     return max(-(-n_blocks // chunk), 1)
 
@@ -220,6 +233,7 @@ class _Call:
     bias: Optional[torch.Tensor]
     scale: float
     sparse: bool = True
+    lin_sums: Optional[tuple] = None
 
     def __post_init__(self):
         B, H, self.Lq, self.D = self.q.shape
@@ -248,6 +262,10 @@ class _Call:
     def gemm_states(self) -> bool:
         return self.marginal and self.cfg["prep"].get("marginal_states", "gemm") == "gemm"
 
+    def given_sums(self) -> bool:
+        """Whether dq's H_i, Z_i come from the forward (``lin_sums``): no key-state kernel, no H_i GEMM."""
+        return self.lin_sums is not None and self.gemm_states()
+
     def loop_consts(self) -> dict:
         """The dq / dkdv kernels' SPARSE and (scope 'marginal' only) GEMM_STATES constexprs."""
         return dict(SPARSE=self.sparse, **(dict(GEMM_STATES=self.gemm_states()) if self.marginal else {}))
@@ -260,7 +278,8 @@ class _Call:
             return t[:, heads]
         return dataclasses.replace(self, q=cut(self.q), k=cut(self.k), v=cut(self.v), do=cut(self.do),
                                    o=cut(self.o), lse=cut(self.lse), o_lin=cut(self.o_lin), den=cut(self.den),
-                                   maps=[cut(m) for m in self.maps])
+                                   maps=[cut(m) for m in self.maps],
+                                   lin_sums=self.lin_sums and tuple(cut(t) for t in self.lin_sums))
 
     def prep_launch(self):
         return dict(num_warps=self.cfg["prep"]["num_warps"], num_stages=self.cfg["prep"]["num_stages"])
@@ -349,6 +368,16 @@ def _marginal_states(c: _Call, mats, vecs, mask):
     return m.reshape(-1, D, D), v.reshape(-1, D)
 
 
+def _forward_sums(c: _Call):
+    """dq's (H_i Wᵀ (B*H*T_m, D, D), Z_i (B*H*T_m, D) fp32) from the forward's H_i, Z_i (``lin_sums``): the same
+    sums :func:`_marginal_states` forms from the key states (whose h_j hold W folded in), W applied here by one
+    batched (D×D)·(D×D) product."""
+    h, z = c.lin_sums
+    if c.w is not None:
+        h = torch.matmul(h, c.w.t().to(h.dtype))
+    return h.reshape(-1, c.D, c.D).contiguous(), z.reshape(-1, c.D).contiguous()
+
+
 def _dq(c: _Call, ds, dl, h, z, hsum, zsum, dq) -> None:
     """Launch ``_dq_kernel`` over the row LUT into ``dq`` (like q; with ``c.sparse`` False the linear term
     alone)."""
@@ -378,18 +407,20 @@ def _dkdv(c: _Call, ds, g, gz, gsum, gzsum, dk, dv) -> None:
 
 
 def _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, block_q, block_k, scale,
-             feature_map, scope, config, sparse) -> _Call:
+             feature_map, scope, config, sparse, lin_sums=None) -> _Call:
     """Validate a backward call and bundle it (see :func:`backward` for the arguments)."""
     fmap, scope = parse_feature_map(feature_map), parse_scope(scope)
     if fmap is None and (proj_weight is not None or proj_bias is not None):
         raise ValueError("proj_weight/proj_bias were given but feature_map='none' has no linear branch")
     _check_inputs(do, q, k, v, o, lse, o_lin, den, maps, fmap is not None, block_q, block_k)
+    if lin_sums is not None:
+        _check_lin_sums(lin_sums, q, maps)
     spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=fmap, scope=scope,
                        has_negligible=maps[5].shape[-1] > 0)
     _check_head_dim(spec)
     cfg = check_config(copy.deepcopy(config) if config is not None else default_config(spec), spec)
     return _Call(spec, cfg, codegen.load(spec, "triton"), q, k, v, do, o, lse, o_lin, den, maps, proj_weight,
-                 proj_bias, float(scale), sparse)
+                 proj_bias, float(scale), sparse, lin_sums if fmap is not None and scope == "marginal" else None)
 
 
 def _temp_bytes_per_head(c: _Call) -> int:
@@ -456,7 +487,8 @@ def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv):
     h = z = hsum = zsum = gsum = gzsum = c.lse
     proj = None
     if c.linear:
-        h, z = _key_state(c)
+        if not c.given_sums():      # the forward's H_i, Z_i replace the key states
+            h, z = _key_state(c)
         if not c.gemm_states():     # the GEMM states are summed directly; the others need per-head totals
             hsum, zsum = _totals(c, h, z)
             gsum, gzsum = _totals(c, g, gz)
@@ -468,7 +500,10 @@ def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv):
         return proj
     # One temporary at a time with the GEMM states: H_i, Z_i for dq (h, z freed once it is formed), then G_j,
     # g_j for dk / dv (g freed once G is formed); each gradient is allocated just before a kernel writes it.
-    q_terms = _marginal_states(c, h, z, c.maps[0]) if c.gemm_states() else (h, z)
+    if c.given_sums():
+        q_terms = _forward_sums(c)
+    else:
+        q_terms = _marginal_states(c, h, z, c.maps[0]) if c.gemm_states() else (h, z)
     del h, z
     _dq(c, ds, dl, *q_terms, hsum, zsum, grads("dq", heads))
     del q_terms
@@ -501,7 +536,7 @@ def _run(c: _Call, sparse_dq=None, sparse_dkdv=None):
 
 def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj_weight, proj_bias, *,
              block_q: int, block_k: int, scale: float, feature_map: Optional[str], scope: str, eps: float,
-             config: Optional[dict] = None):
+             config: Optional[dict] = None, lin_sums=None):
     """Gradients of SLA (SLA.md §5) with the Triton kernels.
 
     do, q, o, o_lin: (B, H, Lq, D); k, v: (B, H, Lk, D) (any strides, unit stride on D); lse, den: float32
@@ -510,15 +545,17 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj
     ``eps`` is already inside ``den`` and not used again. ``config``: launch configuration (default
     :func:`default_config`). Returns (dq, dk, dv, dw, db): dq/dk/dv like q/k/v (same dtype and stride
     order), dw/db in the dtypes of proj_weight/proj_bias, or empty float32 tensors when those are None.
+    ``lin_sums``: the (H_i, Z_i) a forward kept (slagen.backends: forward with states=True), or None; scope
+    'marginal' with the GEMM states then skips the key-state kernel and the H_i GEMM.
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
-                 scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=True)
+                 scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=True, lin_sums=lin_sums)
     return _run(c)
 
 
 def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj_weight, proj_bias, *,
                 block_q: int, block_k: int, scale: float, feature_map: Optional[str], scope: str, eps: float,
-                sparse_dq, sparse_dkdv, config: Optional[dict] = None):
+                sparse_dq, sparse_dkdv, config: Optional[dict] = None, lin_sums=None):
     """Everything of :func:`backward` except the sparse branch's FlashAttention loops, which a backend that
     runs them itself supplies: returns (dq, dk, dv, dw, db).
 
@@ -531,10 +568,10 @@ def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], p
     in place: dq += scale·Σ dS K, dk += scale·Σ dSᵀQ, dv += Σ PᵀdO over the critical blocks (sparse-only:
     assigned). Writing the terms into the gradients saves the fp32 buffers a separate term would take
     (384 MiB for dk / dv at the headline shape). dw, db as :func:`backward` returns them. Other arguments as
-    for :func:`backward`; the same kernels run, their sparse loops switched off (SPARSE=False).
+    for :func:`backward` (``lin_sums`` too); the same kernels run, their sparse loops switched off (SPARSE=False).
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
-                 scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=False)
+                 scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=False, lin_sums=lin_sums)
     def group_ds(ds):
         return ds.view(lse.shape[0], -1, lse.shape[-1])
     return _run(c, lambda heads, ds, dq: sparse_dq(heads, group_ds(ds), dq),
