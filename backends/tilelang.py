@@ -37,7 +37,6 @@ import time. Tunables: :func:`default_config` / :func:`check_config` (the autotu
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import math
 import os
@@ -300,7 +299,7 @@ def _default_backward_config(spec: KernelSpec) -> dict:
     kv["tile_m"], kv["tile_n"] = min(kv["tile_m"], spec.block_q), min(kv["tile_n"], spec.block_k)
     if dq["tile_m"] < 128:
         dq["num_warps"] = 4
-    cfg = {**base, "dq": dq, "dkdv": kv, "linear": copy.deepcopy(base["linear"])}
+    cfg = {**base, "dq": dq, "dkdv": kv, "linear": {part: dict(v) for part, v in base["linear"].items()}}
     try:
         _check_backward_config(cfg, spec)
     except ValueError:      # the TileLang tiles do not fit these blocks: the Triton backward serves them
@@ -364,7 +363,7 @@ def linear_config(spec: KernelSpec, overrides, base: Optional[dict] = None) -> d
     unknown = set(overrides) - {"prep", "dq", "dkdv"}
     if unknown:
         raise ValueError(f"config['linear'] has unknown keys {sorted(unknown)}; allowed: ['dkdv', 'dq', 'prep']")
-    cfg = copy.deepcopy(base) if base is not None else bwd.default_config(spec)
+    cfg = {part: dict(v) if isinstance(v, dict) else v for part, v in base.items()} if base is not None else bwd.default_config(spec)
     for part, values in overrides.items():
         cfg[part].update(values)
     return bwd.check_config(cfg, spec)
@@ -682,12 +681,8 @@ def _per_query_block(lse: torch.Tensor, ds: torch.Tensor, block_q: int):
     block no query block chose walks reads it)."""
     B, H, lq = lse.shape
     tm = -(-lq // block_q)
-    out = []
-    for src, pad in ((lse, float("inf")), (ds, 0.0)):
-        dst = src.new_full((B, H, (tm + 1) * block_q), pad)
-        dst[..., :lq] = src.view(B, H, lq)
-        out.append(dst.view(B, H, tm + 1, block_q))
-    return out
+    return [torch.nn.functional.pad(src.view(B, H, lq), (0, (tm + 1) * block_q - lq), value=pad).view(
+        B, H, tm + 1, block_q) for src, pad in ((lse, float("inf")), (ds, 0.0))]
 
 
 def backward_spec(q: torch.Tensor, maps, *, block_q: int, block_k: int, feature_map: str, scope: str) -> KernelSpec:

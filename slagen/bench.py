@@ -6,6 +6,7 @@ SLA rows include the block map and the linear branch; the "sparse-only, map give
 map, as Flex is (the sparse kernels alone: the like-for-like comparison with Flex). Every row's forward is also replayed from a CUDA graph
 ("fwd GPU ms"): its GPU time without the host's per-call work, which bounds eager calls at short lengths (an
 SLA forward costs ~1 ms of host time on an H200 box, tools/host_overhead.py); "GPU ×cuDNN" compares those.
+The forward+backward is replayed from a CUDA graph too ("f+b GPU ms"; blank where it cannot be captured).
 Dense-equivalent TFLOP/s = 4·B·H·L²·D / t (×3.5 for forward+backward, eager times); the sparse part's achieved
 TFLOP/s counts only the critical blocks.
 """
@@ -177,13 +178,15 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
 
     def attempt(name, fwd_fn, fb_fn=None, group="", sparse_flops=None, component=False):
         row = dict(name=name, group=group, fwd_ms=None, fwd_bwd_ms=None, peak_mib=None, sparse_flops=sparse_flops,
-                   component=component, note="", gpu_ms=None)
+                   component=component, note="", gpu_ms=None, fwd_bwd_gpu_ms=None)
         try:
             row["fwd_ms"] = median_ms(fwd_fn)
             row["gpu_ms"] = graph_ms(fwd_fn)
             if fb_fn is not None and backward:
                 row["fwd_bwd_ms"] = median_ms(fb_fn)
             row["peak_mib"] = peak_mib(fb_fn if fb_fn is not None and backward else fwd_fn)
+            if fb_fn is not None and backward:     # last: a capture that fails leaves the row's other numbers
+                row["fwd_bwd_gpu_ms"] = graph_ms(fb_fn)
         except Exception as err:  # a failing row is reported; the run goes on
             row["note"] = f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
         rows.append(row)
@@ -256,8 +259,8 @@ def table(result: dict) -> str:
              f"topk={h['topk']} | torch {h['torch']}, slagen {h['slagen']}",
              "",
              "| what | fwd ms | fwd+bwd ms | fwd ×cuDNN | f+b ×cuDNN | fwd ×Flex | f+b ×Flex | fwd GPU ms "
-             "| GPU ×cuDNN | dense-eq TFLOP/s fwd | sparse TFLOP/s fwd | peak MiB | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| GPU ×cuDNN | f+b GPU ms | f+b GPU ×cuDNN | dense-eq TFLOP/s fwd | sparse TFLOP/s fwd | peak MiB | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(base: Optional[dict], r: dict, key: str) -> str:
         return f"{base[key] / r[key]:.2f}" if base and base.get(key) and r.get(key) else ""
@@ -266,7 +269,7 @@ def table(result: dict) -> str:
         return f"{x:.{digits}f}" if isinstance(x, float) else ""
     for r in rows:
         if r.get("component"):  # a part of SLA's time (the block map): no attention ratios
-            lines.append(f"| {r['name']} | {num(r['fwd_ms'])} | | | | | | {num(r.get('gpu_ms'))} | | | | "
+            lines.append(f"| {r['name']} | {num(r['fwd_ms'])} | | | | | | {num(r.get('gpu_ms'))} | | | | | | "
                          f"{num(r['peak_mib'], 0)} | part of every SLA row {r['note']} |")
             continue
         flex = next((x for x in rows if x["name"].startswith("FlexAttention") and r["group"]
@@ -276,7 +279,8 @@ def table(result: dict) -> str:
                      else "")
         lines.append(f"| {r['name']} | {num(r['fwd_ms'])} | {num(r['fwd_bwd_ms'])} | {ratio(cudnn, r, 'fwd_ms')} | "
                      f"{ratio(cudnn, r, 'fwd_bwd_ms')} | {ratio(flex, r, 'fwd_ms')} | {ratio(flex, r, 'fwd_bwd_ms')} | "
-                     f"{num(r.get('gpu_ms'))} | {ratio(cudnn, r, 'gpu_ms')} | {dense_tf} | {sparse_tf} | "
+                     f"{num(r.get('gpu_ms'))} | {ratio(cudnn, r, 'gpu_ms')} | {num(r.get('fwd_bwd_gpu_ms'))} | "
+                     f"{ratio(cudnn, r, 'fwd_bwd_gpu_ms')} | {dense_tf} | {sparse_tf} | "
                      f"{num(r['peak_mib'], 0)} | {r['note']} |")
     return "\n".join(lines)
 

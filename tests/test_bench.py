@@ -13,24 +13,26 @@ from slagen import bench
 from slagen.cli import main
 
 
-def row(name, fwd, fb=None, group="", component=False, sparse_flops=None, gpu=None):
+def row(name, fwd, fb=None, group="", component=False, sparse_flops=None, gpu=None, fb_gpu=None):
     return dict(name=name, group=group, fwd_ms=fwd, fwd_bwd_ms=fb, peak_mib=100.0, sparse_flops=sparse_flops,
-                component=component, note="", gpu_ms=gpu)
+                component=component, note="", gpu_ms=gpu, fwd_bwd_gpu_ms=fb_gpu)
 
 
 def test_table_ratios_to_cudnn_and_flex_of_the_same_blocks():
     result = {"header": dict(device="GPU", clocks="-", B=1, H=12, L=32760, D=128, dtype="bf16", topk=0.05,
                              torch="x", slagen="y"),
-              "rows": [row("dense SDPA cuDNN", 10.0, 40.0, gpu=9.0),
+              "rows": [row("dense SDPA cuDNN", 10.0, 40.0, gpu=9.0, fb_gpu=36.0),
                        row("slagen-triton block map [128x64, 25/512]", 0.1, group="128x64", component=True),
-                       row("slagen-triton SLA all [128x64]", 1.0, 5.0, "128x64", sparse_flops=322e9, gpu=0.5),
+                       row("slagen-triton SLA all [128x64]", 1.0, 5.0, "128x64", sparse_flops=322e9, gpu=0.5,
+                           fb_gpu=4.5),
                        row("FlexAttention same blocks [128x64]", 2.0, 4.0, "128x64")]}
     lines = bench.table(result).splitlines()
     sla = next(line for line in lines if "SLA all" in line).split("|")
-    assert [c.strip() for c in sla[2:10]] == ["1.000", "5.000", "10.00", "8.00", "2.00", "0.80", "0.500", "18.00"]
-    assert sla[11].strip() == "322"                      # sparse TFLOP/s = 322 GFLOP / 1 ms (eager)
+    assert [c.strip() for c in sla[2:12]] == ["1.000", "5.000", "10.00", "8.00", "2.00", "0.80", "0.500", "18.00",
+                                              "4.500", "8.00"]
+    assert sla[13].strip() == "322"                      # sparse TFLOP/s = 322 GFLOP / 1 ms (eager)
     flex = next(line for line in lines if line.startswith("| FlexAttention")).split("|")
-    assert [c.strip() for c in flex[8:10]] == ["", ""]   # no GPU time: no GPU ratio
+    assert [c.strip() for c in flex[8:12]] == ["", "", "", ""]   # no GPU times: no GPU ratios
     block_map = next(line for line in lines if "block map" in line)
     assert "part of every SLA row" in block_map and "10.00" not in block_map
     result["rows"][1]["gpu_ms"] = 0.0125

@@ -21,7 +21,6 @@ Everything is deterministic (no atomics: partials are reduced with torch sums in
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import os
@@ -418,7 +417,11 @@ def _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
     spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=fmap, scope=scope,
                        has_negligible=maps[5].shape[-1] > 0)
     _check_head_dim(spec)
-    cfg = check_config(copy.deepcopy(config) if config is not None else default_config(spec), spec)
+    if config is None:
+        config = default_config(spec)
+    else:   # a copy per part (the kernels' configs are dicts of scalars)
+        config = {part: dict(v) if isinstance(v, dict) else v for part, v in config.items()}
+    cfg = check_config(config, spec)
     return _Call(spec, cfg, codegen.load(spec, "triton"), q, k, v, do, o, lse, o_lin, den, maps, proj_weight,
                  proj_bias, float(scale), sparse, lin_sums if fmap is not None and scope == "marginal" else None)
 
