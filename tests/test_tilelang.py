@@ -658,6 +658,17 @@ def test_lookup_tables_reach_the_kernels_as_int32_with_at_least_one_column():
     assert got.dtype == torch.int32 and got.is_contiguous() and torch.equal(got, lut.to(torch.int32))
 
 
+def test_lse_and_ds_reach_the_dkdv_kernel_per_query_block_with_a_padding_block():
+    """(B, H, T_m + 1, block_q): the rows past Lq and the whole block T_m (which the masked step of a key block
+    no query block chose reads) have LSE = +inf and D^s = 0; the rows below Lq are the inputs'."""
+    lse, ds = torch.randn(2, 3, 77), torch.randn(2, 3, 77)
+    plse, pds = tl_backend._per_query_block(lse, ds, 32)
+    assert plse.shape == pds.shape == (2, 3, 4, 32)
+    assert torch.equal(plse.flatten(-2)[..., :77], lse) and torch.equal(pds.flatten(-2)[..., :77], ds)
+    assert torch.isinf(plse.flatten(-2)[..., 77:]).all() and (plse.flatten(-2)[..., 77:] > 0).all()
+    assert not pds.flatten(-2)[..., 77:].any()
+
+
 def test_backward_config_defaults_to_tilelang_where_its_tiles_fit_and_checks_them():
     for block in ((128, 64), (64, 64), (128, 128)):
         spec = bwd_spec_of(block=block)
