@@ -363,7 +363,10 @@ def linear_config(spec: KernelSpec, overrides, base: Optional[dict] = None) -> d
     unknown = set(overrides) - {"prep", "dq", "dkdv"}
     if unknown:
         raise ValueError(f"config['linear'] has unknown keys {sorted(unknown)}; allowed: ['dkdv', 'dq', 'prep']")
-    cfg = {part: dict(v) if isinstance(v, dict) else v for part, v in base.items()} if base is not None else bwd.default_config(spec)
+    if base is None:
+        cfg = bwd.default_config(spec)
+    else:   # a copy per part (the kernels' configs are dicts of scalars)
+        cfg = {part: dict(v) if isinstance(v, dict) else v for part, v in base.items()}
     for part, values in overrides.items():
         cfg[part].update(values)
     return bwd.check_config(cfg, spec)

@@ -259,7 +259,8 @@ def table(result: dict) -> str:
              f"topk={h['topk']} | torch {h['torch']}, slagen {h['slagen']}",
              "",
              "| what | fwd ms | fwd+bwd ms | fwd ×cuDNN | f+b ×cuDNN | fwd ×Flex | f+b ×Flex | fwd GPU ms "
-             "| GPU ×cuDNN | f+b GPU ms | f+b GPU ×cuDNN | dense-eq TFLOP/s fwd | sparse TFLOP/s fwd | peak MiB | note |",
+             "| GPU ×cuDNN | f+b GPU ms | f+b GPU ×cuDNN | dense-eq TFLOP/s fwd | sparse TFLOP/s fwd | peak MiB "
+             "| note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(base: Optional[dict], r: dict, key: str) -> str:

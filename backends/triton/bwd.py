@@ -5,13 +5,15 @@ The backward runs five kernels of one generated module (see the template's docst
 1. ``_query_state`` (grid (ceil(T_m/chunk), B*H)): D^s and D^l per query row (fp32, (B*H, Lq)) and the
    linear-branch query state dH_i = (φ(Q_i)/den_i)^T dO^l_i (D, D), dZ_i = -(φ(Q_i)/den_i)^T D^l_i (D,).
 2. ``_key_state`` (grid (ceil(T_n/chunk), B*H)): h_j W^T = φ(K_j)^T V_j W^T, z_j = Σ_rows φ(K_j).
-   Scope 'marginal' stores both states per block (bf16, fp32 for fp32 inputs) and the per-head totals are
-   their fp32 sums; scope 'all' only needs the totals, written as per-chunk fp32 partials and summed here.
+   Scope 'marginal' stores both states per block (bf16, fp32 for fp32 inputs); scope 'all' only needs the
+   per-head totals, written as per-chunk fp32 partials and summed here. Not run when the caller passes the
+   forward's H_i, Z_i (``lin_sums``, scope 'marginal' with the GEMM states).
 3. ``_proj_grads`` (only with a projection): per-chunk fp32 partials of dW = Σ dO^T O^l and db = Σ dO.
 4. ``_dq_kernel`` (grid (T_m * block_q/BLOCK_M, B*H)) and 5. ``_dkdv_kernel`` (grid (T_n * block_k/BLOCK_N,
    B*H)): the FlashAttention-2 backward over the row / column lookup tables, each starting from its linear
-   term: the totals minus the excluded blocks' states, summed by one batched mask GEMM per kernel in the glue
-   (config prep.marginal_states='gemm', the default) or gathered through the same tables ('gather').
+   term: scope 'marginal' reads the states summed over the marginal blocks by one batched mask GEMM per kernel
+   in the glue (config prep.marginal_states='gemm', the default) or subtracts the excluded blocks' states,
+   gathered through the same tables, from fp32 per-head totals ('gather').
 
 :func:`backward` runs all five; :func:`linear_part` runs the same kernels with the sparse loops of 4 and 5
 switched off (their SPARSE constexpr), for a backend that computes the sparse branch itself (TileLang).
