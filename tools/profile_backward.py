@@ -19,11 +19,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from profile_sla import add_shape_args, kernel_times, shape_inputs  # noqa: E402
+from profile_sla import add_shape_args, kernel_times, map_inputs  # noqa: E402
 
 from slagen import reference  # noqa: E402
 from slagen.backends import tilelang as tl_backend  # noqa: E402
-from slagen.backends.triton import selection  # noqa: E402
 
 
 def main() -> None:
@@ -32,9 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     from triton.testing import do_bench
 
-    bq, bk, (q, k, v, do) = shape_inputs(args)
-    n_crit, _ = reference.block_counts(reference.num_blocks(args.seq_len, bk), args.topk, 0.0)
-    maps = list(selection.block_map(q, k, n_crit, 0, bq, bk))
+    bq, bk, (q, k, v, do), maps = map_inputs(args)
     rows = []
     for fmap, what in (("softmax", "SLA marginal"), ("none", "sparse-only")):
         cfg = dict(block_q=bq, block_k=bk, scale=128 ** -0.5, feature_map=fmap, scope="marginal",

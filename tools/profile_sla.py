@@ -89,6 +89,16 @@ def shape_inputs(args, n: int = 4):
     return bq, bk, [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(n)]
 
 
+def map_inputs(args):
+    """(block_q, block_k, [q, k, v, dO], the 9 BlockMap tensors): :func:`shape_inputs` and the Triton block map
+    of q, k at ``args.topk`` (no negligible blocks)."""
+    from slagen import reference
+    from slagen.backends.triton import selection
+    bq, bk, (q, k, v, do) = shape_inputs(args)
+    n_crit, _ = reference.block_counts(reference.num_blocks(args.seq_len, bk), args.topk, 0.0)
+    return bq, bk, (q, k, v, do), list(selection.block_map(q, k, n_crit, 0, bq, bk))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="triton,tilelang")

@@ -23,11 +23,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from profile_sla import add_shape_args, kernel_times, shape_inputs  # noqa: E402
+from profile_sla import add_shape_args, kernel_times, map_inputs  # noqa: E402
 
 from slagen import reference  # noqa: E402
 from slagen.backends import tilelang as tl_backend  # noqa: E402
-from slagen.backends.triton import bwd, selection  # noqa: E402
+from slagen.backends.triton import bwd  # noqa: E402
 
 GROUPS = {
     "prep": [dict(rows=r, num_warps=w, num_stages=s, chunk=c)
@@ -42,9 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_args(ap)
     args = ap.parse_args()
-    bq, bk, (q, k, v, do) = shape_inputs(args)
-    n_crit, _ = reference.block_counts(reference.num_blocks(args.seq_len, bk), args.topk, 0.0)
-    maps = list(selection.block_map(q, k, n_crit, 0, bq, bk))
+    bq, bk, (q, k, v, do), maps = map_inputs(args)
     cfg = dict(block_q=bq, block_k=bk, scale=128 ** -0.5, feature_map="softmax", scope="marginal",
                eps=reference.EPS)
     *saved, h_lin, z_lin = tl_backend.forward(q, k, v, maps, None, None, True, states=True, **cfg)
