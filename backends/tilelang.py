@@ -42,7 +42,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
@@ -107,7 +107,8 @@ _LINEAR_DEFAULTS = {128: {"dq": {"block_m": 64, "num_warps": 8}}}
 _BWD_DEFAULTS: Dict[int, dict] = {
     d: {"backward": "tilelang", "warp_specialized": True,
         "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True),
-        "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True),
+        "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True,
+                     lin_fused=False),
         "linear": _LINEAR_DEFAULTS.get(d, {})}
     for d in (64, 128)
 }
@@ -119,7 +120,7 @@ _LOCK = threading.RLock()
 _KERNELS: Dict[tuple, object] = {}
 _KEY_LOCKS: Dict[tuple, threading.Lock] = {}
 _CACHE_SAVED: Optional[str] = None
-_DUMMIES: Dict[tuple, Tuple[torch.Tensor, ...]] = {}
+_DUMMIES: Dict[tuple, Dict[str, torch.Tensor]] = {}
 _IMPORT_ERROR: Optional[str] = None
 _IMPORT_CHECKED = False
 
@@ -323,7 +324,7 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError(f"config['warp_specialized']={cfg['warp_specialized']!r} must be True or False")
     if cfg["backward"] == "triton":
         return
-    linear_config(spec, cfg["linear"])
+    linear = linear_config(spec, cfg["linear"])
     for kernel, rows, other in (("dq", "tile_m", "tile_n"), ("dkdv", "tile_n", "tile_m")):
         part, where = cfg[kernel], f"config[{kernel!r}]"
         if not isinstance(part, dict):
@@ -338,7 +339,7 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
             choice(other, (32, 64, 128), spec.block_q)
         choice("num_warps", (4, 8))
         choice("num_stages", (1, 2, 3, 4))
-        for name in ("lin_init", "tma_store"):
+        for name in ("lin_init", "tma_store") + (("lin_fused",) if kernel == "dkdv" else ()):
             if not isinstance(part[name], bool):
                 raise ValueError(f"{where}[{name!r}]={part[name]!r} must be True or False")
         if part[rows] == 64 and part["num_warps"] == 8:
@@ -351,6 +352,21 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
         if need > SHARED_MEMORY:
             raise ValueError(f"{where} needs about {need // 1024} KiB of shared memory; sm90 has "
                              f"{SHARED_MEMORY // 1024} KiB per block")
+    if cfg["dkdv"]["lin_fused"]:
+        _check_lin_fused(cfg["dkdv"], spec, linear)
+
+
+def _check_lin_fused(part: dict, spec: KernelSpec, linear: dict) -> None:
+    """dkdv lin_fused: the dk/dv kernel adds the linear terms from the per-key-block G_j, g_j the glue's mask
+    GEMM forms (scope 'marginal', GEMM states), read as tensor-core operands in the input dtype (bf16: the
+    states are bf16)."""
+    why = ("a linear branch" if spec.feature_map is None else "scope 'marginal'" if spec.scope != "marginal"
+           else "bf16 inputs (the linear states are bf16)" if spec.dtype != "bf16"
+           else "lin_init=False" if part["lin_init"]
+           else "the GEMM states (config['linear']['prep']['marginal_states']='gemm')"
+           if linear["prep"].get("marginal_states", "gemm") != "gemm" else None)
+    if why:
+        raise ValueError(f"config['dkdv']['lin_fused']=True needs {why}")
 
 
 def linear_config(spec: KernelSpec, overrides, base: Optional[dict] = None) -> dict:
@@ -489,6 +505,8 @@ def backward_kernel(spec: KernelSpec, cfg: dict, kernel: str):
     part = cfg[kernel]
     args = dict(tile_m=part["tile_m"], tile_n=part["tile_n"], threads=32 * part["num_warps"],
                 num_stages=part["num_stages"], lin_init=part["lin_init"], tma_store=part["tma_store"])
+    if kernel == "dkdv":
+        args["lin_fused"] = part["lin_fused"]
     key = (kernel, spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     make = mod.dq_kernel if kernel == "dq" else mod.dkdv_kernel
@@ -574,14 +592,17 @@ def _check_inputs(q, k, v, maps, proj_weight, proj_bias) -> None:
         _check_tma(name, x)
 
 
-def _dummies(device: torch.device, dtype: torch.dtype, d: int):
-    """1-element stand-ins for the epilogue inputs a variant does not read (their shapes are free)."""
+def _dummies(device: torch.device, dtype: torch.dtype, d: int) -> Dict[str, torch.Tensor]:
+    """Small stand-ins for the kernel inputs a variant does not read (their dynamic extents are free): the
+    forward's Proj weight / bias, O^l and den outputs; the dk/dv kernel's G_j / g_j (without lin_fused)."""
     key = (device, dtype, d)
     if key not in _DUMMIES:
-        _DUMMIES[key] = (torch.zeros((1, 1), dtype=dtype, device=device),
-                         torch.zeros((1,), dtype=torch.float32, device=device),
-                         torch.zeros((1, 1, 1, d), dtype=dtype, device=device),
-                         torch.zeros((1, 1, 1), dtype=torch.float32, device=device))
+        _DUMMIES[key] = dict(w=torch.zeros((1, 1), dtype=dtype, device=device),
+                             bias=torch.zeros((1,), dtype=torch.float32, device=device),
+                             o_lin=torch.zeros((1, 1, 1, d), dtype=dtype, device=device),
+                             den=torch.zeros((1, 1, 1), dtype=torch.float32, device=device),
+                             g=torch.zeros((1, 1, 1, d, d), dtype=dtype, device=device),
+                             gz=torch.zeros((1, 1, 1, d), dtype=torch.float32, device=device))
     return _DUMMIES[key]
 
 
@@ -660,10 +681,10 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
                 # Proj folds into the per-head constant: φ(Q)(H Wᵀ)/den = (φ(Q)H/den) Wᵀ (SLA.md §6).
                 h_tot = torch.matmul(h_tot, proj_weight.to(torch.float32).t())
             args += [h_tot.contiguous(), z_tot.contiguous()]
-        w_dummy, b_dummy, olin_dummy, den_dummy = _dummies(q.device, q.dtype, d)
-        args.append(proj_weight.to(q.dtype).contiguous() if has_w else w_dummy)
-        args.append(proj_bias.to(torch.float32).contiguous() if proj_bias is not None else b_dummy)
-        args += [o_lin if save else olin_dummy, den if save else den_dummy, float(eps)]
+        dummy = _dummies(q.device, q.dtype, d)
+        args.append(proj_weight.to(q.dtype).contiguous() if has_w else dummy["w"])
+        args.append(proj_bias.to(torch.float32).contiguous() if proj_bias is not None else dummy["bias"])
+        args += [o_lin if save else dummy["o_lin"], den if save else dummy["den"], float(eps)]
     args.append(float(scale))
     kernel = forward_kernel(spec, cfg, save=save, has_w=has_w, has_bias=proj_bias is not None)
     with torch.cuda.device(q.device):
@@ -728,14 +749,22 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
                                              *per_heads(heads, lse), ds, *per_heads(heads, *row_lut), dq,
                                              float(scale))
 
-    def sparse_dkdv(heads, ds, dk, dv):
+    def sparse_dkdv(heads, ds, dk, dv, terms=None):   # terms: (G_j, g_j) with lin_fused (the kernel adds them)
         (lse_g,) = per_heads(heads, lse)
+        states = []
+        if spec.feature_map is not None:
+            if terms is None:
+                dummy = _dummies(q.device, q.dtype, q.shape[-1])
+                states = [dummy["g"], dummy["gz"]]
+            else:
+                b, hg, d = q.shape[0], dk.shape[1], q.shape[-1]
+                states = [terms[0].view(b, hg, -1, d, d), terms[1].view(b, hg, -1, d)]
         with torch.cuda.device(q.device):
             backward_kernel(spec, cfg, "dkdv")(q[:, heads], k[:, heads], v[:, heads], do[:, heads],
                                                *_per_query_block(lse_g, ds, block_q), *per_heads(heads, *col_lut),
-                                               dk, dv, float(scale))
+                                               dk, dv, *states, float(scale))
 
     return _triton().backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
                                           sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv,
                                           linear=functools.partial(linear_config, spec, cfg["linear"]),
-                                          lin_sums=lin_sums, **cfg_args)
+                                          lin_sums=lin_sums, fused_dkdv=cfg["dkdv"]["lin_fused"], **cfg_args)

@@ -710,6 +710,51 @@ def test_backward_epilogue_variants_compile_for_sm90a(spec):
         tl_backend._resolve_config(spec, {"backward": "tilelang", "dq": {"lin_init": 1}})
 
 
+def _smem_offsets(src: str) -> dict:
+    """{shared buffer: byte offset in the dynamic shared memory} of generated CUDA."""
+    return {k: int(v) for k, v in re.findall(r"void\* (\w+_s) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ (\d+)\)\)", src)}
+
+
+@needs_compiler
+@pytest.mark.parametrize("spec", [bwd_spec_of(d=128, fmap="softmax", scope="marginal", negl=True),
+                                  bwd_spec_of(d=64, fmap="elu", scope="marginal"),
+                                  bwd_spec_of(d=128, fmap="relu", scope="marginal", block=(64, 64))],
+                         ids=lambda s: s.canonical)
+def test_backward_dkdv_with_fused_linear_terms_compiles_for_sm90a(spec):
+    """dkdv lin_fused: dK, dV are written whole by TMA stores and never read (no linear term in them on entry);
+    G_j and the dV staging tile take the shared memory the loop's Q / dO stages used, so the CTA's shared
+    memory does not grow (two CTAs per SM still fit); two more wgmma (φ(K_j)·G_j from registers, V_j·G_jᵀ)."""
+    fused = tl_backend._resolve_config(spec, {"backward": "tilelang", "dkdv": {"lin_fused": True}})
+    plain = tl_backend._resolve_config(spec, {"backward": "tilelang"})
+    src = tl_backend.backward_kernel(spec, fused, "dkdv").get_kernel_source()
+    base = tl_backend.backward_kernel(spec, plain, "dkdv").get_kernel_source()
+    _assert_hopper_source(src, "dkdv lin_fused")
+    _assert_sparse_loop_runs(src, "dkdv lin_fused")
+    for out in ("DK", "DV"):
+        assert f"tma_store({out}_desc" in src and not re.search(rf"\b{out}\[", src), out
+    offsets, before = _smem_offsets(src), _smem_offsets(base)
+    assert max(offsets.values()) == max(before.values()), "the fused epilogue grew the shared memory"
+    stages = sorted((before["Q_s"], before["DO_s"]))
+    end = min(v for v in before.values() if v > stages[1])        # the buffer after the Q / dO stages
+    assert all(stages[0] <= offsets[name] < end for name in ("G_s", "DV_s")), (offsets, before)
+    d, n = spec.head_dim, fused["dkdv"]["tile_n"]                 # both live at once: disjoint
+    assert offsets["DV_s"] >= offsets["G_s"] + 2 * d * d or offsets["G_s"] >= offsets["DV_s"] + 2 * n * d
+    for op in ("wgmma_rs<", "wgmma_ss<"):
+        assert src.count(op) == base.count(op) + 1, op
+
+
+def test_fused_linear_terms_need_what_the_fused_kernel_reads():
+    """lin_fused needs the per-key-block G_j of scope 'marginal' (GEMM states) in bf16, and no lin_init."""
+    cases = [(bwd_spec_of(fmap=None), {}, "a linear branch"), (bwd_spec_of(scope="all"), {}, "scope 'marginal'"),
+             (bwd_spec_of(dtype="fp16"), {}, "bf16"), (bwd_spec_of(), {"dkdv": {"lin_init": True}}, "lin_init"),
+             (bwd_spec_of(), {"linear": {"prep": {"marginal_states": "gather"}}}, "GEMM states")]
+    for spec, change, match in cases:
+        change = {**change, "dkdv": {**change.get("dkdv", {}), "lin_fused": True}}
+        with pytest.raises(ValueError, match=match):
+            tl_backend._resolve_config(spec, {"backward": "tilelang", **change})
+    tl_backend._resolve_config(bwd_spec_of(), {"backward": "tilelang", "dkdv": {"lin_fused": True}})
+
+
 BWD_GRID = [bwd_spec_of(d=d, dtype=dt, fmap=fm, scope=sc, negl=ng)
             for d, dt, fm, sc, ng in itertools.product((64, 128), ("bf16", "fp16"), ("softmax", "elu", None),
                                                        ("marginal", "all"), (False, True))
@@ -797,6 +842,13 @@ BWD_GPU_CASES = (
        dict(L=1000, d=64, n_crit=2), dict(L=4096, layout="qkv", scope="all"),
        dict(L=4096, config=dict(warp_specialized=False, dq=dict(num_stages=1), dkdv=dict(num_stages=1))),
        dict(L=4096, keep_sums=False), dict(L=1000, d=64, n_crit="mixed", keep_sums=False)]
+    # dk / dv with the linear terms computed in the TileLang kernel (dkdv lin_fused; scope 'marginal', bf16)
+    + [dict(L=L, d=d, fmap=fm, negl=ng, n_crit=c, config=dict(dkdv=dict(lin_fused=True)))
+       for L, d, fm, ng, c in ((77, 64, "softmax", 0.1, 1), (1000, 128, "elu", 0.0, "mixed"),
+                               (4096, 128, "relu", 0.1, "mixed"), (4096, 64, "softmax", 0.0, "topk"),
+                               (32760, 128, "softmax", 0.0, "topk"))]
+    + [dict(L=4096, block=(64, 64), n_crit="mixed", config=dict(dkdv=dict(lin_fused=True))),
+       dict(L=4096, layout="blhd", keep_sums=False, config=dict(dkdv=dict(lin_fused=True)))]
     # dq with two selected key blocks per step (tile_n = 2·block_k)
     + [dict(L=L, d=d, n_crit=c, config=dict(dq=dict(tile_n=128)))
        for L, c in ((77, 1), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]

@@ -186,6 +186,49 @@ def test_linear_part_is_the_backward_without_its_sparse_loops(scope, negl, budge
     assert rel(sparse_loops.term("ds"), want_ds) < 1e-5
 
 
+@pytest.mark.parametrize("fmap,budget", [("softmax", 0.0), ("elu", 0.01), ("relu", 0.0)])
+def test_linear_part_hands_the_dkdv_terms_to_a_fused_kernel(monkeypatch, fmap, budget):
+    """fused_dkdv: the dk / dv linear kernel does not run; the caller's dk / dv callback gets G_j, g_j per key
+    block ((B·H_g·T_n', D, D), (B·H_g·T_n', D), T_n' = padded_rows(T_n) per head), from which dV_j = φ(K_j) G_j and
+    dK_j = J_φ(K_j)ᵀ (V_j G_jᵀ + 1 g_jᵀ) are the unfused linear part's dk / dv terms (what a fused kernel adds)."""
+    p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=16, block_k=32, feature_map=fmap, scope="marginal",
+                          negligible=0.25, weight=True, bias=False, seed=11)
+    names = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")
+    config = bwd.default_config(bwd.kernel_spec(p["q"], feature_map=fmap, scope="marginal", has_negligible=True,
+                                                block_q=16, block_k=32))
+    config["prep"]["temp_budget"] = budget
+    want = bwd.linear_part(*(p[n] for n in names), sparse_dq=lambda *a: None, sparse_dkdv=lambda *a: None,
+                           config=config, **cfg)
+    seen = []
+
+    def fused_dkdv(heads, ds, dk, dv, terms):
+        B, H, lk, d = dk.shape
+        tn = -(-lk // 32)
+        g, gz = (t.view(B, H, -1, *t.shape[1:])[:, :, :tn] for t in terms)
+        x = reference.pad_rows(p["k"][:, heads].float(), 32).unflatten(-2, (tn, 32))
+        phi = reference.feature_map(x, fmap)
+        vb = reference.pad_rows(p["v"][:, heads].float(), 32).unflatten(-2, (tn, 32))
+        dphi = vb @ g.float().transpose(-1, -2) + gz[..., None, :]
+        if fmap == "softmax":
+            dx = phi * (dphi - (dphi * phi).sum(-1, keepdim=True))
+        else:
+            dx = torch.autograd.functional.vjp(lambda t: reference.feature_map(t, fmap), x, dphi)[1]
+        dk.copy_(dx.flatten(2, 3)[:, :, :lk])
+        dv.copy_((phi @ g.float()).flatten(2, 3)[:, :, :lk])
+        seen.append(heads)
+
+    monkeypatch.setattr(bwd, "_dkdv", lambda *a: pytest.fail("the dk/dv linear kernel ran with fused_dkdv"))
+    got = bwd.linear_part(*(p[n] for n in names), sparse_dq=lambda *a: None, sparse_dkdv=fused_dkdv,
+                          config=config, fused_dkdv=True, **cfg)
+    assert len(seen) == (2 if budget else 1)        # head groups: one per head (H = 2) with the small budget
+    for name, g, w in zip(("dk", "dv"), got[1:3], want[1:3]):
+        assert rel(g, w) < 1e-5, name
+    with pytest.raises(ValueError, match="fused_dkdv needs scope 'marginal'"):
+        bwd.linear_part(*(p[n] for n in names), sparse_dq=lambda *a: None, sparse_dkdv=fused_dkdv,
+                        config={**config, "prep": {**config["prep"], "marginal_states": "gather"}}, fused_dkdv=True,
+                        **cfg)
+
+
 @pytest.mark.parametrize("sparse", [True, False], ids=["backward", "linear_part"])
 def test_temporaries_are_freed_before_the_gradients_exist(monkeypatch, sparse):
     """The allocation order behind the backward's peak (scope 'marginal', GEMM states): the query state g is

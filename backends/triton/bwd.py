@@ -235,6 +235,7 @@ class _Call:
     scale: float
     sparse: bool = True
     lin_sums: Optional[tuple] = None
+    fused_dkdv: bool = False
 
     def __post_init__(self):
         B, H, self.Lq, self.D = self.q.shape
@@ -516,6 +517,9 @@ def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv):
         sparse_dq(ds, grads("dq", heads))
     kv_terms = _marginal_states(c, g, gz, c.maps[0].transpose(-1, -2)) if c.gemm_states() else (g, gz)
     del g, gz
+    if c.fused_dkdv:    # the caller's dk / dv kernel adds the linear terms itself, from G_j and g_j
+        sparse_dkdv(ds, grads("dk", heads), grads("dv", heads), kv_terms)
+        return proj
     _dkdv(c, ds, *kv_terms, gsum, gzsum, grads("dk", heads), grads("dv", heads))
     del kv_terms
     if not c.sparse:
@@ -560,7 +564,7 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj
 
 def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj_weight, proj_bias, *,
                 block_q: int, block_k: int, scale: float, feature_map: Optional[str], scope: str, eps: float,
-                sparse_dq, sparse_dkdv, config: Optional[dict] = None, lin_sums=None):
+                sparse_dq, sparse_dkdv, config: Optional[dict] = None, lin_sums=None, fused_dkdv: bool = False):
     """Everything of :func:`backward` except the sparse branch's FlashAttention loops, which a backend that
     runs them itself supplies: returns (dq, dk, dv, dw, db).
 
@@ -574,10 +578,22 @@ def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], p
     assigned). Writing the terms into the gradients saves the fp32 buffers a separate term would take
     (384 MiB for dk / dv at the headline shape). dw, db as :func:`backward` returns them. Other arguments as
     for :func:`backward` (``lin_sums`` too); the same kernels run, their sparse loops switched off (SPARSE=False).
+
+    ``fused_dkdv`` (scope 'marginal' with the GEMM states only): the dk / dv linear kernel does not run;
+    ``sparse_dkdv(heads, ds, dk, dv, (G, g))`` gets G_j = Σ_{i: j marginal for i} dH_i ((B·H_g·T_n', D, D) in
+    the states' dtype, T_n' = padded_rows(T_n) per head) and g_j ((B·H_g·T_n', D) fp32) and writes dk, dv whole
+    (sparse branch and linear terms: dV_j += φ(K_j) G_j, dK_j += J_φ(K_j)ᵀ(V_j G_jᵀ + 1 g_jᵀ)).
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
                  scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=False, lin_sums=lin_sums)
+    if fused_dkdv:
+        if not c.gemm_states():
+            raise ValueError("fused_dkdv needs scope 'marginal' with a linear branch and prep.marginal_states='gemm' "
+                             f"(got feature_map={feature_map!r}, scope={scope!r}, marginal_states="
+                             f"{c.cfg['prep'].get('marginal_states', 'gemm')!r})")
+        c = dataclasses.replace(c, fused_dkdv=True)
+
     def group_ds(ds):
         return ds.view(lse.shape[0], -1, lse.shape[-1])
     return _run(c, lambda heads, ds, dq: sparse_dq(heads, group_ds(ds), dq),
-                lambda heads, ds, dk, dv: sparse_dkdv(heads, group_ds(ds), dk, dv))
+                lambda heads, ds, dk, dv, *terms: sparse_dkdv(heads, group_ds(ds), dk, dv, *terms))
