@@ -106,7 +106,7 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   #
 _LINEAR_DEFAULTS = {128: {"dq": {"block_m": 64, "num_warps": 8}}}
 _BWD_DEFAULTS: Dict[int, dict] = {
     d: {"backward": "tilelang", "warp_specialized": True,
-        "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True),
+        "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True, lin_fused=False),
         "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True,
                      lin_fused=False),
         "linear": _LINEAR_DEFAULTS.get(d, {})}
@@ -339,7 +339,7 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
             choice(other, (32, 64, 128), spec.block_q)
         choice("num_warps", (4, 8))
         choice("num_stages", (1, 2, 3, 4))
-        for name in ("lin_init", "tma_store") + (("lin_fused",) if kernel == "dkdv" else ()):
+        for name in ("lin_init", "tma_store", "lin_fused"):
             if not isinstance(part[name], bool):
                 raise ValueError(f"{where}[{name!r}]={part[name]!r} must be True or False")
         if part[rows] == 64 and part["num_warps"] == 8:
@@ -352,21 +352,22 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
         if need > SHARED_MEMORY:
             raise ValueError(f"{where} needs about {need // 1024} KiB of shared memory; sm90 has "
                              f"{SHARED_MEMORY // 1024} KiB per block")
-    if cfg["dkdv"]["lin_fused"]:
-        _check_lin_fused(cfg["dkdv"], spec, linear)
+    for kernel in ("dq", "dkdv"):
+        if cfg[kernel]["lin_fused"]:
+            _check_lin_fused(kernel, cfg[kernel], spec, linear)
 
 
-def _check_lin_fused(part: dict, spec: KernelSpec, linear: dict) -> None:
-    """dkdv lin_fused: the dk/dv kernel adds the linear terms from the per-key-block G_j, g_j the glue's mask
-    GEMM forms (scope 'marginal', GEMM states), read as tensor-core operands in the input dtype (bf16: the
-    states are bf16)."""
+def _check_lin_fused(kernel: str, part: dict, spec: KernelSpec, linear: dict) -> None:
+    """lin_fused of ``kernel`` ('dq' or 'dkdv'): the kernel adds its linear-branch terms from the per-block sums
+    the glue's mask GEMMs form (H_i or G_j: scope 'marginal', GEMM states), read as tensor-core operands in the
+    input dtype (bf16: the states are bf16)."""
     why = ("a linear branch" if spec.feature_map is None else "scope 'marginal'" if spec.scope != "marginal"
            else "bf16 inputs (the linear states are bf16)" if spec.dtype != "bf16"
            else "lin_init=False" if part["lin_init"]
            else "the GEMM states (config['linear']['prep']['marginal_states']='gemm')"
            if linear["prep"].get("marginal_states", "gemm") != "gemm" else None)
     if why:
-        raise ValueError(f"config['dkdv']['lin_fused']=True needs {why}")
+        raise ValueError(f"config[{kernel!r}]['lin_fused']=True needs {why}")
 
 
 def linear_config(spec: KernelSpec, overrides, base: Optional[dict] = None) -> dict:
@@ -505,8 +506,7 @@ def backward_kernel(spec: KernelSpec, cfg: dict, kernel: str):
     part = cfg[kernel]
     args = dict(tile_m=part["tile_m"], tile_n=part["tile_n"], threads=32 * part["num_warps"],
                 num_stages=part["num_stages"], lin_init=part["lin_init"], tma_store=part["tma_store"])
-    if kernel == "dkdv":
-        args["lin_fused"] = part["lin_fused"]
+    args["lin_fused"] = part["lin_fused"]
     key = (kernel, spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     make = mod.dq_kernel if kernel == "dq" else mod.dkdv_kernel
@@ -743,10 +743,21 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
     def per_heads(heads, *tensors):     # a head group's slices as the kernels read them (LUTs, LSE: contiguous)
         return [t[:, heads].contiguous() for t in tensors]
 
-    def sparse_dq(heads, ds, dq):      # dq holds the linear term: the kernel adds the sparse branch in place
+    def sparse_dq(heads, ds, dq, terms=None):
+        # dq holds the linear term and the kernel adds the sparse branch in place, or (lin_fused) terms = (H_i Wᵀ,
+        # Z_i, D^l) and the kernel adds the linear term itself
+        states = []
+        if spec.feature_map is not None:
+            if terms is None:
+                dummy = _dummies(q.device, q.dtype, q.shape[-1])
+                states = [dummy["g"], dummy["gz"], dummy["den"], dummy["den"]]
+            else:
+                b, hg, lq, d = dq.shape
+                states = [terms[0].view(b, hg, -1, d, d), terms[1].view(b, hg, -1, d), terms[2].view(b, hg, lq),
+                          *per_heads(heads, den)]
         with torch.cuda.device(q.device):
             backward_kernel(spec, cfg, "dq")(q[:, heads], k[:, heads], v[:, heads], do[:, heads],
-                                             *per_heads(heads, lse), ds, *per_heads(heads, *row_lut), dq,
+                                             *per_heads(heads, lse), ds, *per_heads(heads, *row_lut), dq, *states,
                                              float(scale))
 
     def sparse_dkdv(heads, ds, dk, dv, terms=None):   # terms: (G_j, g_j) with lin_fused (the kernel adds them)
@@ -767,4 +778,5 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
     return _triton().backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
                                           sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv,
                                           linear=functools.partial(linear_config, spec, cfg["linear"]),
-                                          lin_sums=lin_sums, fused_dkdv=cfg["dkdv"]["lin_fused"], **cfg_args)
+                                          lin_sums=lin_sums, fused_dq=cfg["dq"]["lin_fused"],
+                                          fused_dkdv=cfg["dkdv"]["lin_fused"], **cfg_args)

@@ -720,39 +720,49 @@ def _smem_offsets(src: str) -> dict:
                                   bwd_spec_of(d=64, fmap="elu", scope="marginal"),
                                   bwd_spec_of(d=128, fmap="relu", scope="marginal", block=(64, 64))],
                          ids=lambda s: s.canonical)
-def test_backward_dkdv_with_fused_linear_terms_compiles_for_sm90a(spec):
-    """dkdv lin_fused: dK, dV are written whole by TMA stores and never read (no linear term in them on entry);
-    G_j and the dV staging tile take the shared memory the loop's Q / dO stages used, so the CTA's shared
-    memory does not grow (two CTAs per SM still fit); two more wgmma (φ(K_j)·G_j from registers, V_j·G_jᵀ)."""
-    fused = tl_backend._resolve_config(spec, {"backward": "tilelang", "dkdv": {"lin_fused": True}})
+@pytest.mark.parametrize("kernel", ["dq", "dkdv"])
+def test_backward_with_fused_linear_terms_compiles_for_sm90a(spec, kernel):
+    """lin_fused: the gradients are written whole by TMA stores and never read (no linear term in them on
+    entry); the per-block sums (dq: H_i; dk/dv: G_j, and dV's staging tile) take the shared memory of the loop's
+    streamed stages (dq: K / V; dk/dv: Q / dO), so the CTA's shared memory does not grow (two dk/dv CTAs per SM
+    still fit); more wgmma: dq dO·H_iᵀ, dk/dv φ(K_j)·G_j from registers and V_j·G_jᵀ."""
+    fused = tl_backend._resolve_config(spec, {"backward": "tilelang", kernel: {"lin_fused": True}})
     plain = tl_backend._resolve_config(spec, {"backward": "tilelang"})
-    src = tl_backend.backward_kernel(spec, fused, "dkdv").get_kernel_source()
-    base = tl_backend.backward_kernel(spec, plain, "dkdv").get_kernel_source()
-    _assert_hopper_source(src, "dkdv lin_fused")
-    _assert_sparse_loop_runs(src, "dkdv lin_fused")
-    for out in ("DK", "DV"):
+    src = tl_backend.backward_kernel(spec, fused, kernel).get_kernel_source()
+    base = tl_backend.backward_kernel(spec, plain, kernel).get_kernel_source()
+    _assert_hopper_source(src, f"{kernel} lin_fused")
+    _assert_sparse_loop_runs(src, f"{kernel} lin_fused")
+    outs, sums, streamed, added = (("DQ",), ("H_s",), ("K_s", "V_s"), {"wgmma_ss<": 1, "wgmma_rs<": 0}) \
+        if kernel == "dq" else (("DK", "DV"), ("G_s", "DV_s"), ("Q_s", "DO_s"), {"wgmma_ss<": 1, "wgmma_rs<": 1})
+    for out in outs:
         assert f"tma_store({out}_desc" in src and not re.search(rf"\b{out}\[", src), out
     offsets, before = _smem_offsets(src), _smem_offsets(base)
     assert max(offsets.values()) == max(before.values()), "the fused epilogue grew the shared memory"
-    stages = sorted((before["Q_s"], before["DO_s"]))
-    end = min(v for v in before.values() if v > stages[1])        # the buffer after the Q / dO stages
-    assert all(stages[0] <= offsets[name] < end for name in ("G_s", "DV_s")), (offsets, before)
-    d, n = spec.head_dim, fused["dkdv"]["tile_n"]                 # both live at once: disjoint
-    assert offsets["DV_s"] >= offsets["G_s"] + 2 * d * d or offsets["G_s"] >= offsets["DV_s"] + 2 * n * d
-    for op in ("wgmma_rs<", "wgmma_ss<"):
-        assert src.count(op) == base.count(op) + 1, op
+    stages = sorted(before[name] for name in streamed)
+    # the end of the streamed stages: the next buffer, or (last in memory) one more buffer of their equal size
+    end = min((v for v in before.values() if v > stages[1]), default=2 * stages[1] - stages[0])
+    assert all(stages[0] <= offsets[name] < end for name in sums), (offsets, before)
+    if kernel == "dkdv":
+        d, n = spec.head_dim, fused["dkdv"]["tile_n"]             # both live at once: disjoint
+        assert offsets["DV_s"] >= offsets["G_s"] + 2 * d * d or offsets["G_s"] >= offsets["DV_s"] + 2 * n * d
+    for op, more in added.items():
+        assert src.count(op) == base.count(op) + more, op
 
 
 def test_fused_linear_terms_need_what_the_fused_kernel_reads():
-    """lin_fused needs the per-key-block G_j of scope 'marginal' (GEMM states) in bf16, and no lin_init."""
+    """lin_fused (dq, dkdv) needs the per-block sums of scope 'marginal' (GEMM states) in bf16, and no lin_init."""
     cases = [(bwd_spec_of(fmap=None), {}, "a linear branch"), (bwd_spec_of(scope="all"), {}, "scope 'marginal'"),
-             (bwd_spec_of(dtype="fp16"), {}, "bf16"), (bwd_spec_of(), {"dkdv": {"lin_init": True}}, "lin_init"),
+             (bwd_spec_of(dtype="fp16"), {}, "bf16"), (bwd_spec_of(), {}, "lin_init"),
              (bwd_spec_of(), {"linear": {"prep": {"marginal_states": "gather"}}}, "GEMM states")]
-    for spec, change, match in cases:
-        change = {**change, "dkdv": {**change.get("dkdv", {}), "lin_fused": True}}
-        with pytest.raises(ValueError, match=match):
-            tl_backend._resolve_config(spec, {"backward": "tilelang", **change})
-    tl_backend._resolve_config(bwd_spec_of(), {"backward": "tilelang", "dkdv": {"lin_fused": True}})
+    for kernel in ("dq", "dkdv"):
+        for spec, change, match in cases:
+            change = {**change, kernel: {**change.get(kernel, {}), "lin_fused": True}}
+            if "lin_init" in match:
+                change[kernel]["lin_init"] = True
+            with pytest.raises(ValueError, match=rf"config\['{kernel}'\]\['lin_fused'\]=True needs .*{match}"):
+                tl_backend._resolve_config(spec, {"backward": "tilelang", **change})
+    tl_backend._resolve_config(bwd_spec_of(), {"backward": "tilelang", "dq": {"lin_fused": True},
+                                               "dkdv": {"lin_fused": True}})
 
 
 BWD_GRID = [bwd_spec_of(d=d, dtype=dt, fmap=fm, scope=sc, negl=ng)
@@ -849,6 +859,13 @@ BWD_GPU_CASES = (
                                (32760, 128, "softmax", 0.0, "topk"))]
     + [dict(L=4096, block=(64, 64), n_crit="mixed", config=dict(dkdv=dict(lin_fused=True))),
        dict(L=4096, layout="blhd", keep_sums=False, config=dict(dkdv=dict(lin_fused=True)))]
+    # dq likewise (dq lin_fused), and both
+    + [dict(L=L, d=d, fmap=fm, negl=ng, n_crit=c, config=dict(dq=dict(lin_fused=True)))
+       for L, d, fm, ng, c in ((77, 128, "softmax", 0.1, 1), (1000, 64, "elu", 0.0, "mixed"),
+                               (4096, 128, "relu", 0.1, "mixed"), (32760, 128, "softmax", 0.0, "topk"))]
+    + [dict(L=4096, n_crit="mixed", config=dict(dq=dict(lin_fused=True, tile_n=128))),
+       dict(L=4096, layout="blhd", config=dict(dq=dict(lin_fused=True), dkdv=dict(lin_fused=True))),
+       dict(L=32760, config=dict(dq=dict(lin_fused=True), dkdv=dict(lin_fused=True)))]
     # dq with two selected key blocks per step (tile_n = 2·block_k)
     + [dict(L=L, d=d, n_crit=c, config=dict(dq=dict(tile_n=128)))
        for L, c in ((77, 1), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]

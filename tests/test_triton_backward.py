@@ -223,10 +223,48 @@ def test_linear_part_hands_the_dkdv_terms_to_a_fused_kernel(monkeypatch, fmap, b
     assert len(seen) == (2 if budget else 1)        # head groups: one per head (H = 2) with the small budget
     for name, g, w in zip(("dk", "dv"), got[1:3], want[1:3]):
         assert rel(g, w) < 1e-5, name
-    with pytest.raises(ValueError, match="fused_dkdv needs scope 'marginal'"):
+    with pytest.raises(ValueError, match="fused_dq / fused_dkdv need scope 'marginal'"):
         bwd.linear_part(*(p[n] for n in names), sparse_dq=lambda *a: None, sparse_dkdv=fused_dkdv,
                         config={**config, "prep": {**config["prep"], "marginal_states": "gather"}}, fused_dkdv=True,
                         **cfg)
+
+
+@pytest.mark.parametrize("fmap,budget", [("softmax", 0.0), ("elu", 0.01), ("relu", 0.0)])
+def test_linear_part_hands_the_dq_terms_to_a_fused_kernel(monkeypatch, fmap, budget):
+    """fused_dq: the dq linear kernel does not run; the caller's dq callback gets H_i Wᵀ, Z_i per query block and
+    D^l per row, from which dφ(Q_i) = (dO (H_i Wᵀ)ᵀ − D^l Z_iᵀ) / den and dQ_i = J_φ(Q_i)ᵀ dφ are the unfused
+    linear part's dq term (what a fused kernel adds)."""
+    p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=32, block_k=16, feature_map=fmap, scope="marginal",
+                          negligible=0.25, weight=True, bias=True, seed=12)
+    names = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")
+    config = bwd.default_config(bwd.kernel_spec(p["q"], feature_map=fmap, scope="marginal", has_negligible=True,
+                                                block_q=32, block_k=16))
+    config["prep"]["temp_budget"] = budget
+    want = bwd.linear_part(*(p[n] for n in names), sparse_dq=lambda *a: None, sparse_dkdv=lambda *a: None,
+                           config=config, **cfg)
+    seen = []
+
+    def fused_dq(heads, ds, dq, terms):
+        B, H, lq, d = dq.shape
+        tm = -(-lq // 32)
+        h, z = (t.view(B, H, -1, *t.shape[1:])[:, :, :tm] for t in terms[:2])
+        dl = terms[2].view(B, H, lq)
+        x = reference.pad_rows(p["q"][:, heads].float(), 32).unflatten(-2, (tm, 32))
+        do = reference.pad_rows(p["do"][:, heads].float(), 32).unflatten(-2, (tm, 32))
+        den = reference.pad_rows(p["den"][:, heads, :, None], 32).unflatten(-2, (tm, 32))
+        dlb = reference.pad_rows(dl[..., None], 32).unflatten(-2, (tm, 32))
+        dphi = (do @ h.float().transpose(-1, -2) - dlb * z[..., None, :]) / den
+        dx = torch.autograd.functional.vjp(lambda t: reference.feature_map(t, fmap), x, dphi)[1]
+        dq.copy_(dx.flatten(2, 3)[:, :, :lq])
+        seen.append(heads)
+
+    monkeypatch.setattr(bwd, "_dq", lambda *a: pytest.fail("the dq linear kernel ran with fused_dq"))
+    got = bwd.linear_part(*(p[n] for n in names), sparse_dq=fused_dq, sparse_dkdv=lambda *a: None, config=config,
+                          fused_dq=True, **cfg)
+    assert len(seen) == (2 if budget else 1)        # head groups: one per head (H = 2) with the small budget
+    assert rel(got[0], want[0]) < 1e-5
+    for g, w in zip(got[1:], want[1:]):            # dk, dv (linear terms), dW, db: as without fusion
+        assert rel(g, w) < 1e-6
 
 
 @pytest.mark.parametrize("sparse", [True, False], ids=["backward", "linear_part"])

@@ -235,6 +235,7 @@ class _Call:
     scale: float
     sparse: bool = True
     lin_sums: Optional[tuple] = None
+    fused_dq: bool = False
     fused_dkdv: bool = False
 
     def __post_init__(self):
@@ -511,10 +512,13 @@ def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv):
     else:
         q_terms = _marginal_states(c, h, z, c.maps[0]) if c.gemm_states() else (h, z)
     del h, z
-    _dq(c, ds, dl, *q_terms, hsum, zsum, grads("dq", heads))
+    if c.fused_dq:      # the caller's dq kernel adds the linear term itself, from H_i (W folded), Z_i and D^l
+        sparse_dq(ds, grads("dq", heads), (*q_terms, dl))
+    else:
+        _dq(c, ds, dl, *q_terms, hsum, zsum, grads("dq", heads))
+        if not c.sparse:
+            sparse_dq(ds, grads("dq", heads))
     del q_terms
-    if not c.sparse:
-        sparse_dq(ds, grads("dq", heads))
     kv_terms = _marginal_states(c, g, gz, c.maps[0].transpose(-1, -2)) if c.gemm_states() else (g, gz)
     del g, gz
     if c.fused_dkdv:    # the caller's dk / dv kernel adds the linear terms itself, from G_j and g_j
@@ -564,7 +568,8 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj
 
 def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj_weight, proj_bias, *,
                 block_q: int, block_k: int, scale: float, feature_map: Optional[str], scope: str, eps: float,
-                sparse_dq, sparse_dkdv, config: Optional[dict] = None, lin_sums=None, fused_dkdv: bool = False):
+                sparse_dq, sparse_dkdv, config: Optional[dict] = None, lin_sums=None, fused_dq: bool = False,
+                fused_dkdv: bool = False):
     """Everything of :func:`backward` except the sparse branch's FlashAttention loops, which a backend that
     runs them itself supplies: returns (dq, dk, dv, dw, db).
 
@@ -579,21 +584,24 @@ def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], p
     (384 MiB for dk / dv at the headline shape). dw, db as :func:`backward` returns them. Other arguments as
     for :func:`backward` (``lin_sums`` too); the same kernels run, their sparse loops switched off (SPARSE=False).
 
-    ``fused_dkdv`` (scope 'marginal' with the GEMM states only): the dk / dv linear kernel does not run;
+    ``fused_dq`` (scope 'marginal' with the GEMM states only): the dq linear kernel does not run;
+    ``sparse_dq(heads, ds, dq, (H, Z, dl))`` gets H_i Wᵀ ((B·H_g·T_m, D, D) in the states' dtype), Z_i ((B·H_g·T_m,
+    D) fp32) and D^l ((B·H_g, Lq) fp32) and writes dq whole (dφ(Q_i) = (dO (H_i Wᵀ)ᵀ − D^l Z_iᵀ) / den_i,
+    dQ_i += J_φ(Q_i)ᵀ dφ besides the sparse branch).
+    ``fused_dkdv`` (likewise): the dk / dv linear kernel does not run;
     ``sparse_dkdv(heads, ds, dk, dv, (G, g))`` gets G_j = Σ_{i: j marginal for i} dH_i ((B·H_g·T_n', D, D) in
     the states' dtype, T_n' = padded_rows(T_n) per head) and g_j ((B·H_g·T_n', D) fp32) and writes dk, dv whole
     (sparse branch and linear terms: dV_j += φ(K_j) G_j, dK_j += J_φ(K_j)ᵀ(V_j G_jᵀ + 1 g_jᵀ)).
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
                  scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=False, lin_sums=lin_sums)
-    if fused_dkdv:
-        if not c.gemm_states():
-            raise ValueError("fused_dkdv needs scope 'marginal' with a linear branch and prep.marginal_states='gemm' "
-                             f"(got feature_map={feature_map!r}, scope={scope!r}, marginal_states="
-                             f"{c.cfg['prep'].get('marginal_states', 'gemm')!r})")
-        c = dataclasses.replace(c, fused_dkdv=True)
+    if (fused_dq or fused_dkdv) and not c.gemm_states():
+        raise ValueError("fused_dq / fused_dkdv need scope 'marginal' with a linear branch and "
+                         f"prep.marginal_states='gemm' (got feature_map={feature_map!r}, scope={scope!r}, "
+                         f"marginal_states={c.cfg['prep'].get('marginal_states', 'gemm')!r})")
+    c = dataclasses.replace(c, fused_dq=bool(fused_dq), fused_dkdv=bool(fused_dkdv))
 
     def group_ds(ds):
         return ds.view(lse.shape[0], -1, lse.shape[-1])
-    return _run(c, lambda heads, ds, dq: sparse_dq(heads, group_ds(ds), dq),
+    return _run(c, lambda heads, ds, dq, *terms: sparse_dq(heads, group_ds(ds), dq, *terms),
                 lambda heads, ds, dk, dv, *terms: sparse_dkdv(heads, group_ds(ds), dk, dv, *terms))
