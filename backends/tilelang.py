@@ -594,7 +594,8 @@ def _check_inputs(q, k, v, maps, proj_weight, proj_bias) -> None:
 
 def _dummies(device: torch.device, dtype: torch.dtype, d: int) -> Dict[str, torch.Tensor]:
     """Small stand-ins for the kernel inputs a variant does not read (their dynamic extents are free): the
-    forward's Proj weight / bias, O^l and den outputs; the dk/dv kernel's G_j / g_j (without lin_fused)."""
+    forward's Proj weight / bias, O^l and den outputs; the backward kernels' linear-branch sums and per-row
+    vectors (without lin_fused)."""
     key = (device, dtype, d)
     if key not in _DUMMIES:
         _DUMMIES[key] = dict(w=torch.zeros((1, 1), dtype=dtype, device=device),
@@ -699,6 +700,17 @@ def _lut(lut: torch.Tensor) -> torch.Tensor:
     return lut if lut.shape[-1] else lut.new_zeros((*lut.shape[:-1], 1))
 
 
+def _lin_inputs(spec: KernelSpec, q: torch.Tensor, terms, shapes, stand_ins) -> list:
+    """A backward kernel's linear-branch inputs: ``terms`` (lin_fused: the glue's sums and per-row vectors)
+    viewed as ``shapes``, else the named stand-ins of q's device and dtype; none for a sparse-only spec."""
+    if spec.feature_map is None:
+        return []
+    if terms is None:
+        dummy = _dummies(q.device, q.dtype, q.shape[-1])
+        return [dummy[name] for name in stand_ins]
+    return [t.view(shape) for t, shape in zip(terms, shapes)]
+
+
 def _per_query_block(lse: torch.Tensor, ds: torch.Tensor, block_q: int):
     """LSE and D^s (fp32 (B, H, Lq)) as the dkdv kernel reads them: (B, H, T_m + 1, block_q), padded past Lq
     with LSE = +inf and D^s = 0 (those rows then get P = dS = 0); block T_m is all padding (the step a key
@@ -746,15 +758,9 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
     def sparse_dq(heads, ds, dq, terms=None):
         # dq holds the linear term and the kernel adds the sparse branch in place, or (lin_fused) terms = (H_i Wᵀ,
         # Z_i, D^l) and the kernel adds the linear term itself
-        states = []
-        if spec.feature_map is not None:
-            if terms is None:
-                dummy = _dummies(q.device, q.dtype, q.shape[-1])
-                states = [dummy["g"], dummy["gz"], dummy["den"], dummy["den"]]
-            else:
-                b, hg, lq, d = dq.shape
-                states = [terms[0].view(b, hg, -1, d, d), terms[1].view(b, hg, -1, d), terms[2].view(b, hg, lq),
-                          *per_heads(heads, den)]
+        b, hg, lq, d = dq.shape
+        states = _lin_inputs(spec, q, terms and (*terms, *per_heads(heads, den)),
+                             [(b, hg, -1, d, d), (b, hg, -1, d), (b, hg, lq), (b, hg, lq)], ("g", "gz", "den", "den"))
         with torch.cuda.device(q.device):
             backward_kernel(spec, cfg, "dq")(q[:, heads], k[:, heads], v[:, heads], do[:, heads],
                                              *per_heads(heads, lse), ds, *per_heads(heads, *row_lut), dq, *states,
@@ -762,14 +768,8 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
 
     def sparse_dkdv(heads, ds, dk, dv, terms=None):   # terms: (G_j, g_j) with lin_fused (the kernel adds them)
         (lse_g,) = per_heads(heads, lse)
-        states = []
-        if spec.feature_map is not None:
-            if terms is None:
-                dummy = _dummies(q.device, q.dtype, q.shape[-1])
-                states = [dummy["g"], dummy["gz"]]
-            else:
-                b, hg, d = q.shape[0], dk.shape[1], q.shape[-1]
-                states = [terms[0].view(b, hg, -1, d, d), terms[1].view(b, hg, -1, d)]
+        b, hg, _, d = dk.shape
+        states = _lin_inputs(spec, q, terms, [(b, hg, -1, d, d), (b, hg, -1, d)], ("g", "gz"))
         with torch.cuda.device(q.device):
             backward_kernel(spec, cfg, "dkdv")(q[:, heads], k[:, heads], v[:, heads], do[:, heads],
                                                *_per_query_block(lse_g, ds, block_q), *per_heads(heads, *col_lut),

@@ -658,6 +658,19 @@ def test_lookup_tables_reach_the_kernels_as_int32_with_at_least_one_column():
     assert got.dtype == torch.int32 and got.is_contiguous() and torch.equal(got, lut.to(torch.int32))
 
 
+def test_backward_kernels_get_the_fused_terms_or_stand_ins():
+    """The linear-branch inputs of the dq / dk-dv kernels: with lin_fused the glue's terms, viewed per head
+    (B, H_g, ...); without it the small stand-ins of the right rank and dtype; none for sparse-only."""
+    q = torch.zeros(1, 3, 77, 64, dtype=torch.bfloat16)
+    g, gz = torch.randn(1 * 3 * 8, 64, 64).to(torch.bfloat16), torch.randn(1 * 3 * 8, 64)
+    got = tl_backend._lin_inputs(bwd_spec_of(d=64), q, (g, gz), [(1, 3, -1, 64, 64), (1, 3, -1, 64)], ("g", "gz"))
+    assert [t.shape for t in got] == [(1, 3, 8, 64, 64), (1, 3, 8, 64)] and got[0].data_ptr() == g.data_ptr()
+    stand = tl_backend._lin_inputs(bwd_spec_of(d=64), q, None, [], ("g", "gz", "den"))
+    assert [(t.dim(), t.dtype) for t in stand] == [(5, torch.bfloat16), (4, torch.float32), (3, torch.float32)]
+    assert stand[0].shape[-2:] == (64, 64)
+    assert tl_backend._lin_inputs(bwd_spec_of(d=64, fmap=None), q, None, [], ("g", "gz")) == []
+
+
 def test_lse_and_ds_reach_the_dkdv_kernel_per_query_block_with_a_padding_block():
     """(B, H, T_m + 1, block_q): the rows past Lq and the whole block T_m (which the masked step of a key block
     no query block chose reads) have LSE = +inf and D^s = 0; the rows below Lq are the inputs'."""
