@@ -186,19 +186,28 @@ def test_linear_part_is_the_backward_without_its_sparse_loops(scope, negl, budge
     assert rel(sparse_loops.term("ds"), want_ds) < 1e-5
 
 
+NAMES = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")
+
+
+def unfused_linear_part(fmap, budget, *, block_q, block_k, bias, seed):
+    """(problem, cfg, config, the linear part's gradients with its own linear kernels) of a marginal-scope call
+    with negligible blocks and Proj, head-group budget ``budget``."""
+    p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=block_q, block_k=block_k, feature_map=fmap,
+                          scope="marginal", negligible=0.25, weight=True, bias=bias, seed=seed)
+    config = bwd.default_config(bwd.kernel_spec(p["q"], feature_map=fmap, scope="marginal", has_negligible=True,
+                                                block_q=block_q, block_k=block_k))
+    config["prep"]["temp_budget"] = budget
+    want = bwd.linear_part(*(p[n] for n in NAMES), sparse_dq=lambda *a: None, sparse_dkdv=lambda *a: None,
+                           config=config, **cfg)
+    return p, cfg, config, want
+
+
 @pytest.mark.parametrize("fmap,budget", [("softmax", 0.0), ("elu", 0.01), ("relu", 0.0)])
 def test_linear_part_hands_the_dkdv_terms_to_a_fused_kernel(monkeypatch, fmap, budget):
     """fused_dkdv: the dk / dv linear kernel does not run; the caller's dk / dv callback gets G_j, g_j per key
     block ((B·H_g·T_n', D, D), (B·H_g·T_n', D), T_n' = padded_rows(T_n) per head), from which dV_j = φ(K_j) G_j and
     dK_j = J_φ(K_j)ᵀ (V_j G_jᵀ + 1 g_jᵀ) are the unfused linear part's dk / dv terms (what a fused kernel adds)."""
-    p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=16, block_k=32, feature_map=fmap, scope="marginal",
-                          negligible=0.25, weight=True, bias=False, seed=11)
-    names = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")
-    config = bwd.default_config(bwd.kernel_spec(p["q"], feature_map=fmap, scope="marginal", has_negligible=True,
-                                                block_q=16, block_k=32))
-    config["prep"]["temp_budget"] = budget
-    want = bwd.linear_part(*(p[n] for n in names), sparse_dq=lambda *a: None, sparse_dkdv=lambda *a: None,
-                           config=config, **cfg)
+    p, cfg, config, want = unfused_linear_part(fmap, budget, block_q=16, block_k=32, bias=False, seed=11)
     seen = []
 
     def fused_dkdv(heads, ds, dk, dv, terms):
@@ -218,13 +227,13 @@ def test_linear_part_hands_the_dkdv_terms_to_a_fused_kernel(monkeypatch, fmap, b
         seen.append(heads)
 
     monkeypatch.setattr(bwd, "_dkdv", lambda *a: pytest.fail("the dk/dv linear kernel ran with fused_dkdv"))
-    got = bwd.linear_part(*(p[n] for n in names), sparse_dq=lambda *a: None, sparse_dkdv=fused_dkdv,
+    got = bwd.linear_part(*(p[n] for n in NAMES), sparse_dq=lambda *a: None, sparse_dkdv=fused_dkdv,
                           config=config, fused_dkdv=True, **cfg)
     assert len(seen) == (2 if budget else 1)        # head groups: one per head (H = 2) with the small budget
     for name, g, w in zip(("dk", "dv"), got[1:3], want[1:3]):
         assert rel(g, w) < 1e-5, name
     with pytest.raises(ValueError, match="fused_dq / fused_dkdv need scope 'marginal'"):
-        bwd.linear_part(*(p[n] for n in names), sparse_dq=lambda *a: None, sparse_dkdv=fused_dkdv,
+        bwd.linear_part(*(p[n] for n in NAMES), sparse_dq=lambda *a: None, sparse_dkdv=fused_dkdv,
                         config={**config, "prep": {**config["prep"], "marginal_states": "gather"}}, fused_dkdv=True,
                         **cfg)
 
@@ -234,14 +243,7 @@ def test_linear_part_hands_the_dq_terms_to_a_fused_kernel(monkeypatch, fmap, bud
     """fused_dq: the dq linear kernel does not run; the caller's dq callback gets H_i Wᵀ, Z_i per query block and
     D^l per row, from which dφ(Q_i) = (dO (H_i Wᵀ)ᵀ − D^l Z_iᵀ) / den and dQ_i = J_φ(Q_i)ᵀ dφ are the unfused
     linear part's dq term (what a fused kernel adds)."""
-    p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=32, block_k=16, feature_map=fmap, scope="marginal",
-                          negligible=0.25, weight=True, bias=True, seed=12)
-    names = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")
-    config = bwd.default_config(bwd.kernel_spec(p["q"], feature_map=fmap, scope="marginal", has_negligible=True,
-                                                block_q=32, block_k=16))
-    config["prep"]["temp_budget"] = budget
-    want = bwd.linear_part(*(p[n] for n in names), sparse_dq=lambda *a: None, sparse_dkdv=lambda *a: None,
-                           config=config, **cfg)
+    p, cfg, config, want = unfused_linear_part(fmap, budget, block_q=32, block_k=16, bias=True, seed=12)
     seen = []
 
     def fused_dq(heads, ds, dq, terms):
@@ -259,7 +261,7 @@ def test_linear_part_hands_the_dq_terms_to_a_fused_kernel(monkeypatch, fmap, bud
         seen.append(heads)
 
     monkeypatch.setattr(bwd, "_dq", lambda *a: pytest.fail("the dq linear kernel ran with fused_dq"))
-    got = bwd.linear_part(*(p[n] for n in names), sparse_dq=fused_dq, sparse_dkdv=lambda *a: None, config=config,
+    got = bwd.linear_part(*(p[n] for n in NAMES), sparse_dq=fused_dq, sparse_dkdv=lambda *a: None, config=config,
                           fused_dq=True, **cfg)
     assert len(seen) == (2 if budget else 1)        # head groups: one per head (H = 2) with the small budget
     assert rel(got[0], want[0]) < 1e-5
