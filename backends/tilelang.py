@@ -662,9 +662,9 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     lse = torch.empty((B, H, lq), dtype=torch.float32, device=q.device)
     o_lin = q.new_empty((B, H, lq, d)) if save else q.new_empty((0,))
     den = q.new_empty((B, H, lq), dtype=torch.float32) if save else q.new_empty((0,), dtype=torch.float32)
-    sums = (q.new_empty((0,)), q.new_empty((0,), dtype=torch.float32))
+    sums = None                       # (H_i, Z_i) kept for the backward (states, save, scope 'marginal')
     if o.numel() == 0:
-        return (o, lse, o_lin, den) + (sums if states else ())
+        return _with_sums((o, lse, o_lin, den), sums, states)
     terms = linear_terms_of(spec, cfg, k, v) if linear else None     # the pre-pass reads no block map
     wait_for_maps(maps_ready, q.device)
     crit_count = maps[2].to(torch.int32).contiguous()
@@ -690,7 +690,15 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     kernel = forward_kernel(spec, cfg, save=save, has_w=has_w, has_bias=proj_bias is not None)
     with torch.cuda.device(q.device):
         kernel(*args)
-    return (o, lse, o_lin, den) + (sums if states else ())
+    return _with_sums((o, lse, o_lin, den), sums, states)
+
+
+def _with_sums(out: tuple, sums: Optional[tuple], states: bool) -> tuple:
+    """The forward's outputs, with ``states`` also the kept (H_i, Z_i) or two empty tensors."""
+    if not states:
+        return out
+    q = out[0]
+    return out + (sums if sums is not None else (q.new_empty((0,)), q.new_empty((0,), dtype=torch.float32)))
 
 
 def _lut(lut: torch.Tensor) -> torch.Tensor:

@@ -57,14 +57,15 @@ def _cfg(block_q, block_k, scale, feature_map, scope, eps):
     return dict(block_q=block_q, block_k=block_k, scale=scale, feature_map=feature_map, scope=scope, eps=eps)
 
 
-def _forward(q, k, v, maps, proj_weight, proj_bias, save, cfg, backend, maps_ready=None) -> Tuple[Tensor, ...]:
+def _forward(q, k, v, maps, proj_weight, proj_bias, save, cfg, backend, maps_ready=None,
+             full: bool = True) -> Tuple[Tensor, ...]:
     """(o, lse, o_lin, den, h_lin, z_lin) as slagen.backends describes them (h_lin / z_lin empty unless the
-    backend keeps the linear sums for the backward)."""
+    backend keeps the linear sums for the backward); ``full`` False: the backend's own tuple (o first)."""
     extra = {} if maps_ready is None else dict(maps_ready=maps_ready)
     if backends.keeps_linear_sums(backend, save, cfg["feature_map"], cfg["scope"]):
         extra["states"] = True
     out = tuple(backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, save, **cfg, **extra))
-    if len(out) == 4:
+    if full and len(out) == 4:
         out += (q.new_empty((0,)), q.new_empty((0,), dtype=torch.float32))
     return out
 
@@ -197,4 +198,4 @@ def forward(q: Tensor, k: Tensor, v: Tensor, maps: List[Tensor], proj_weight: Op
     cfg = _cfg(block_q, block_k, scale, feature_map, scope, eps)
     if save:
         return _Forward.apply(q, k, v, proj_weight, proj_bias, tuple(maps), cfg, backend, maps_ready)[0]
-    return _forward(q, k, v, maps, proj_weight, proj_bias, False, cfg, backend, maps_ready)[0]
+    return _forward(q, k, v, maps, proj_weight, proj_bias, False, cfg, backend, maps_ready, full=False)[0]
