@@ -21,6 +21,7 @@ from slagen.spec import KernelSpec
 
 KEY_FIELDS = ("spec", "backend", "gpu", "arch", "bucket")
 META_FIELDS = ("slagen", "torch", "cuda", "triton", "tilelang")
+CONFIG_NESTING = 2  # config["dq"] (a kernel of the role), config["linear"]["dq"] (a kernel it delegates to)
 DENSITY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.5, 1.0)
 Key = Tuple[str, ...]
 
@@ -60,14 +61,16 @@ def _need(rec: dict, field: str, kind, where: str):
     return value
 
 
-def _check_config_values(config: dict, where: str, nested_ok: bool) -> None:
-    """A config maps names to ints, strings or booleans, or (one level) to such maps, one per kernel."""
+def _check_config_values(config: dict, where: str, depth: int) -> None:
+    """A config maps names to ints, finite floats, strings or booleans, or to such maps nested at most ``depth``
+    levels (one per kernel, one more for a kernel's sub-configs: the TileLang backward's config["linear"]["dq"])."""
     for name, value in config.items():
-        if nested_ok and isinstance(name, str) and isinstance(value, dict):
-            _check_config_values(value, f"{where} config[{name!r}]", nested_ok=False)
-        elif not isinstance(name, str) or not isinstance(value, (int, str)):  # bool is an int
-            raise RecordError(f"{where}: config entries must map names to ints, strings or booleans (or, one "
-                              f"level deep, to such maps), got {name!r}: {value!r}")
+        if depth > 0 and isinstance(name, str) and isinstance(value, dict):
+            _check_config_values(value, f"{where} config[{name!r}]", depth - 1)
+        elif not isinstance(name, str) or not (isinstance(value, (int, str)) or  # bool is an int
+                                               isinstance(value, float) and math.isfinite(value)):
+            raise RecordError(f"{where}: config entries must map names to ints, finite floats, strings or booleans "
+                              f"(or to such maps, nested at most {CONFIG_NESTING} levels), got {name!r}: {value!r}")
 
 
 def validate(rec: Any, where: str = "record") -> dict:
@@ -82,7 +85,7 @@ def validate(rec: Any, where: str = "record") -> dict:
     except ValueError as err:
         raise RecordError(f"{where}: bad spec: {err}") from None
     config = _need(rec, "config", dict, where)
-    _check_config_values(config, where, nested_ok=True)
+    _check_config_values(config, where, depth=CONFIG_NESTING)
     for field in ("time_ms", "default_ms", "created"):
         value = rec.get(field)
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:

@@ -80,7 +80,7 @@ def test_invalid_record_is_skipped_and_the_rest_used(user):
 
 
 @pytest.mark.parametrize("field,value", [("spec", "forward_sm90_d96_b64x64_softmax_marginal_nonegl_bf16"),
-                                         ("config", {"num_warps": 1.5}), ("config", {"x": [1]}),
+                                         ("config", {"temp_budget": float("nan")}), ("config", {"x": [1]}),
                                          ("meta", {"slagen": "1"}), ("created", float("nan"))])
 def test_schema_rejects(field, value):
     with pytest.raises(records.RecordError):
@@ -372,3 +372,24 @@ def test_tilelang_backward_space_times_both_implementations():
     got = space.candidates(spec, tl_backend.default_config(spec), tl_backend.check_config)
     assert got[0] == tl_backend.default_config(spec)
     assert [c["backward"] for c in got] == ["tilelang", "triton"]
+
+
+@pytest.mark.parametrize("backend,role", [("triton", "forward"), ("triton", "backward"), ("tilelang", "forward"),
+                                          ("tilelang", "backward")])
+def test_every_candidate_config_is_storable_as_a_record(backend, role):
+    """What `slagen tune` stores (a candidate, default included) must pass the record schema: the TileLang
+    backward's config nests its Triton linear part's configs one level deeper (config["linear"]["dq"])."""
+    if backend == "tilelang":
+        pytest.importorskip("tilelang", reason="the TileLang backend's config module needs tilelang installed")
+    from slagen.autotune import problems
+    module = problems.role_module(backend, role)
+    spec = KernelSpec(arch="sm90", head_dim=128, block_q=128, block_k=64, role=role)
+    configs = space.candidates(spec, module.default_config(spec), module.check_config)
+    assert configs and configs[0] == module.default_config(spec)
+    for config in configs:
+        assert records.validate(dict(rec(), backend=backend, spec=spec.canonical, config=config))["config"] == config
+
+
+def test_schema_rejects_configs_nested_too_deep():
+    with pytest.raises(records.RecordError, match="nested at most 2 levels"):
+        records.validate(dict(rec(), config={"linear": {"dq": {"block_m": {"x": 1}}}}))
