@@ -99,6 +99,10 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   #
 # (default), lin_init puts the linear-branch term in the fp32 accumulator before the loop (per-thread loads
 # that otherwise follow the loop). H200, headline shape, 128x64, SLA marginal backward (`slagen tune`, session
 # 8): default before 4.834 ms, tma_store 4.523, tma_store + lin_init 4.513 (noise), lin_init alone 4.842.
+# lin_fused adds the linear-branch terms in the epilogue from the per-block sums instead of the Triton linear
+# part's dq / dk-dv kernels; on wherever it applies (_lin_fused_blocker; the caller's lin_init or gathered states
+# turn a default lin_fused off). H200, headline shape, 128x64 (session 10, `slagen tune`): backward 3.896 ms
+# without, 3.725 dkdv alone, 3.870 dq alone, 3.686 both.
 # "linear": overrides of the Triton backward config ({"prep" | "dq" | "dkdv": {...}}, onto its tuned or default
 # config) for the Triton kernels of the linear part (slagen.backends.triton.backward_linear_part); their dq
 # kernel, without the sparse loop, is fastest with 64-row programs (H200, headline shape, 128x64, session 9,
@@ -106,9 +110,9 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   #
 _LINEAR_DEFAULTS = {128: {"dq": {"block_m": 64, "num_warps": 8}}}
 _BWD_DEFAULTS: Dict[int, dict] = {
     d: {"backward": "tilelang", "warp_specialized": True,
-        "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True, lin_fused=False),
+        "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True, lin_fused=True),
         "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True,
-                     lin_fused=False),
+                     lin_fused=True),
         "linear": _LINEAR_DEFAULTS.get(d, {})}
     for d in (64, 128)
 }
@@ -301,6 +305,8 @@ def _default_backward_config(spec: KernelSpec) -> dict:
     if dq["tile_m"] < 128:
         dq["num_warps"] = 4
     cfg = {**base, "dq": dq, "dkdv": kv, "linear": {part: dict(v) for part, v in base["linear"].items()}}
+    for part in (dq, kv):   # the linear terms in the kernels' epilogues wherever they apply
+        part["lin_fused"] = _lin_fused_blocker(part, spec, linear_config(spec, cfg["linear"])) is None
     try:
         _check_backward_config(cfg, spec)
     except ValueError:      # the TileLang tiles do not fit these blocks: the Triton backward serves them
@@ -357,15 +363,19 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
             _check_lin_fused(kernel, cfg[kernel], spec, linear)
 
 
+def _lin_fused_blocker(part: dict, spec: KernelSpec, linear: dict) -> Optional[str]:
+    """Why lin_fused cannot serve a kernel config ``part`` ('dq' or 'dkdv') of ``spec``, or None: the kernel adds
+    its linear-branch terms from the per-block sums the glue's mask GEMMs form (H_i or G_j: scope 'marginal', GEMM
+    states), read as tensor-core operands in the input dtype (bf16: the states are bf16)."""
+    return ("a linear branch" if spec.feature_map is None else "scope 'marginal'" if spec.scope != "marginal"
+            else "bf16 inputs (the linear states are bf16)" if spec.dtype != "bf16"
+            else "lin_init=False" if part["lin_init"]
+            else "the GEMM states (config['linear']['prep']['marginal_states']='gemm')"
+            if linear["prep"].get("marginal_states", "gemm") != "gemm" else None)
+
+
 def _check_lin_fused(kernel: str, part: dict, spec: KernelSpec, linear: dict) -> None:
-    """lin_fused of ``kernel`` ('dq' or 'dkdv'): the kernel adds its linear-branch terms from the per-block sums
-    the glue's mask GEMMs form (H_i or G_j: scope 'marginal', GEMM states), read as tensor-core operands in the
-    input dtype (bf16: the states are bf16)."""
-    why = ("a linear branch" if spec.feature_map is None else "scope 'marginal'" if spec.scope != "marginal"
-           else "bf16 inputs (the linear states are bf16)" if spec.dtype != "bf16"
-           else "lin_init=False" if part["lin_init"]
-           else "the GEMM states (config['linear']['prep']['marginal_states']='gemm')"
-           if linear["prep"].get("marginal_states", "gemm") != "gemm" else None)
+    why = _lin_fused_blocker(part, spec, linear)
     if why:
         raise ValueError(f"config[{kernel!r}]['lin_fused']=True needs {why}")
 
@@ -406,6 +416,11 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
         cfg[name] = {**cfg[name], **value} if isinstance(cfg.get(name), dict) and isinstance(value, dict) else value
     if cfg.get("overlap") and "overlap" not in (config or {}) and not cfg["warp_specialized"]:
         cfg["overlap"] = False      # a default, not the caller's choice: the overlapped loop needs warp specialisation
+    if spec.role == "backward" and cfg["backward"] == "tilelang":
+        for kernel in ("dq", "dkdv"):   # a default lin_fused gives way to the caller's lin_init or gathered states
+            if cfg[kernel].get("lin_fused") and "lin_fused" not in (config or {}).get(kernel, {}) and \
+                    _lin_fused_blocker(cfg[kernel], spec, linear_config(spec, cfg["linear"])):
+                cfg[kernel]["lin_fused"] = False
     check_config(cfg, spec)
     return cfg
 

@@ -740,7 +740,7 @@ def test_backward_with_fused_linear_terms_compiles_for_sm90a(spec, kernel):
     streamed stages (dq: K / V; dk/dv: Q / dO), so the CTA's shared memory does not grow (two dk/dv CTAs per SM
     still fit); more wgmma: dq dO·H_iᵀ, dk/dv φ(K_j)·G_j from registers and V_j·G_jᵀ."""
     fused = tl_backend._resolve_config(spec, {"backward": "tilelang", kernel: {"lin_fused": True}})
-    plain = tl_backend._resolve_config(spec, {"backward": "tilelang"})
+    plain = tl_backend._resolve_config(spec, {"backward": "tilelang", kernel: {"lin_fused": False}})
     src = tl_backend.backward_kernel(spec, fused, kernel).get_kernel_source()
     base = tl_backend.backward_kernel(spec, plain, kernel).get_kernel_source()
     _assert_hopper_source(src, f"{kernel} lin_fused")
@@ -776,6 +776,20 @@ def test_fused_linear_terms_need_what_the_fused_kernel_reads():
                 tl_backend._resolve_config(spec, {"backward": "tilelang", **change})
     tl_backend._resolve_config(bwd_spec_of(), {"backward": "tilelang", "dq": {"lin_fused": True},
                                                "dkdv": {"lin_fused": True}})
+
+
+def test_fused_linear_terms_are_the_default_where_they_apply():
+    """Default lin_fused: on for scope 'marginal' in bf16 with a linear branch, off elsewhere; a caller's lin_init
+    or gathered states turn the default off (an explicit lin_fused=True with them is an error, above)."""
+    for spec, want in ((bwd_spec_of(), True), (bwd_spec_of(d=64, block=(64, 64)), True), (bwd_spec_of(fmap=None), False),
+                       (bwd_spec_of(scope="all"), False), (bwd_spec_of(dtype="fp16"), False)):
+        cfg = tl_backend._resolve_config(spec, {"backward": "tilelang"})
+        assert (cfg["dq"]["lin_fused"], cfg["dkdv"]["lin_fused"]) == (want, want), spec.canonical
+    cfg = tl_backend._resolve_config(bwd_spec_of(), {"backward": "tilelang", "dq": {"lin_init": True}})
+    assert (cfg["dq"]["lin_fused"], cfg["dkdv"]["lin_fused"]) == (False, True)
+    cfg = tl_backend._resolve_config(bwd_spec_of(), {"backward": "tilelang",
+                                                     "linear": {"prep": {"marginal_states": "gather"}}})
+    assert (cfg["dq"]["lin_fused"], cfg["dkdv"]["lin_fused"]) == (False, False)
 
 
 BWD_GRID = [bwd_spec_of(d=d, dtype=dt, fmap=fm, scope=sc, negl=ng)
@@ -865,20 +879,22 @@ BWD_GPU_CASES = (
        dict(L=1000, d=64, n_crit=2), dict(L=4096, layout="qkv", scope="all"),
        dict(L=4096, config=dict(warp_specialized=False, dq=dict(num_stages=1), dkdv=dict(num_stages=1))),
        dict(L=4096, keep_sums=False), dict(L=1000, d=64, n_crit="mixed", keep_sums=False)]
-    # dk / dv with the linear terms computed in the TileLang kernel (dkdv lin_fused; scope 'marginal', bf16)
-    + [dict(L=L, d=d, fmap=fm, negl=ng, n_crit=c, config=dict(dkdv=dict(lin_fused=True)))
+    # (lin_fused, dq and dk/dv adding the linear terms in their epilogues, is the default where it applies: scope
+    # 'marginal', bf16; the cases above run it there) dk / dv alone with the linear terms (dq without)
+    + [dict(L=L, d=d, fmap=fm, negl=ng, n_crit=c, config=dict(dq=dict(lin_fused=False), dkdv=dict(lin_fused=True)))
        for L, d, fm, ng, c in ((77, 64, "softmax", 0.1, 1), (1000, 128, "elu", 0.0, "mixed"),
                                (4096, 128, "relu", 0.1, "mixed"), (4096, 64, "softmax", 0.0, "topk"),
                                (32760, 128, "softmax", 0.0, "topk"))]
-    + [dict(L=4096, block=(64, 64), n_crit="mixed", config=dict(dkdv=dict(lin_fused=True))),
-       dict(L=4096, layout="blhd", keep_sums=False, config=dict(dkdv=dict(lin_fused=True)))]
-    # dq likewise (dq lin_fused), and both
-    + [dict(L=L, d=d, fmap=fm, negl=ng, n_crit=c, config=dict(dq=dict(lin_fused=True)))
+    + [dict(L=4096, block=(64, 64), n_crit="mixed", config=dict(dq=dict(lin_fused=False))),
+       dict(L=4096, layout="blhd", keep_sums=False, config=dict(dq=dict(lin_fused=False)))]
+    # dq alone likewise, and neither (the Triton linear part's dq and dk/dv kernels)
+    + [dict(L=L, d=d, fmap=fm, negl=ng, n_crit=c, config=dict(dq=dict(lin_fused=True), dkdv=dict(lin_fused=False)))
        for L, d, fm, ng, c in ((77, 128, "softmax", 0.1, 1), (1000, 64, "elu", 0.0, "mixed"),
                                (4096, 128, "relu", 0.1, "mixed"), (32760, 128, "softmax", 0.0, "topk"))]
-    + [dict(L=4096, n_crit="mixed", config=dict(dq=dict(lin_fused=True, tile_n=128))),
-       dict(L=4096, layout="blhd", config=dict(dq=dict(lin_fused=True), dkdv=dict(lin_fused=True))),
-       dict(L=32760, config=dict(dq=dict(lin_fused=True), dkdv=dict(lin_fused=True)))]
+    + [dict(L=4096, n_crit="mixed", config=dict(dq=dict(tile_n=128), dkdv=dict(lin_fused=False))),
+       dict(L=4096, layout="blhd", config=dict(dq=dict(lin_fused=False), dkdv=dict(lin_fused=False))),
+       dict(L=32760, config=dict(dq=dict(lin_fused=False), dkdv=dict(lin_fused=False))),
+       dict(L=77, d=64, fmap="elu", n_crit=1, config=dict(dq=dict(lin_fused=False), dkdv=dict(lin_fused=False)))]
     # dq with two selected key blocks per step (tile_n = 2·block_k)
     + [dict(L=L, d=d, n_crit=c, config=dict(dq=dict(tile_n=128)))
        for L, c in ((77, 1), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]

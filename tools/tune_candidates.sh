@@ -21,15 +21,16 @@ TRITON_TUNE_ARGS=(
 # overlap (session 8): S_{t+1} = QK_{t+1}ᵀ in flight during step t's softmax (FA3's intra-warpgroup overlap):
 # 1.157 vs 1.202 ms at 128x64; default at d 128 / 128-row tiles since session 9 (its 39 GPU cases passed), so
 # the candidate is the old loop there and overlap on 64-row tiles elsewhere.
-# dq / dkdv lin_fused (session 9, offline: compile-tested, not GPU-run): the linear terms inside the TileLang
-# kernels instead of the Triton `_dq` (0.16 ms) / `_dkdv` (0.26 ms); predicted −0.1 / −0.2 ms backward.
+# dq / dkdv lin_fused: the linear terms inside the TileLang kernels instead of the Triton `_dq` / `_dkdv`
+# (session 10, backward: 3.896 ms without, 3.725 dkdv alone, 3.870 dq alone, 3.686 both); default where it
+# applies since, so the candidates are without it, each alone, and lin_init (which needs lin_fused off).
 # (session 5, 64x64 block map: pool_stages 3 / pool_warps 8 slower.)
 TILELANG_TUNE_CANDIDATES=(
   --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 1}'
   --config '{"tma_store": true}' --config '{"tma_store": false}' --config '{"prefetch_h": true}'
   --config '{"tile_n": 128}' --config '{"overlap": true}' --config '{"overlap": false}'
-  --config '{"dq": {"lin_init": true}, "dkdv": {"lin_init": true}}'
+  --config '{"dq": {"lin_init": true, "lin_fused": false}, "dkdv": {"lin_init": true, "lin_fused": false}}'
   --config '{"dq": {"tma_store": false}, "dkdv": {"tma_store": false}}'
-  --config '{"dkdv": {"lin_fused": true}}' --config '{"dq": {"lin_fused": true}}'
-  --config '{"dq": {"lin_fused": true}, "dkdv": {"lin_fused": true}}'
+  --config '{"dkdv": {"lin_fused": false}}' --config '{"dq": {"lin_fused": false}}'
+  --config '{"dq": {"lin_fused": false}, "dkdv": {"lin_fused": false}}'
 )
