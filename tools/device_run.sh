@@ -13,21 +13,33 @@
 #     (set to the empty string to skip that backend)
 #   CHECK_ARGS, BENCH_ARGS, TEST_ARGS                  extra arguments for each step; TEST_K: pytest -k expression
 #   (TEST_K with ';' between expressions: one pytest process per expression, run concurrently — the TileLang
-#    GPU tests are bound by single-threaded kernel compiles; each process has its own cache dir; logs go to
-#    tests-N.log, tests.log sums up)
+#    GPU tests are bound by single-threaded kernel compiles; each process has its own cache dir; its log goes
+#    to $LOGS/tests-N.log and tests.log in $OUT sums up: summary and failure lines of each, or how far a process
+#    cut by the timeout got)
+#   The device tool brings back at most 8 files from $OUT: only the steps' logs and tables go there (the
+#   install log and per-process test logs stay in $LOGS, default /tmp/slagen-logs, printed on failure).
 set -u
 source "$(dirname "$0")/tune_candidates.sh"
 [ -n "${TRITON_TUNE_ARGS_TEXT:-}" ] && read -r -a TRITON_TUNE_ARGS <<<"$TRITON_TUNE_ARGS_TEXT"
 OUT=${OUT:-/tmp/slagen-out}
-mkdir -p "$OUT"
+LOGS=${LOGS:-/tmp/slagen-logs}
+mkdir -p "$OUT" "$LOGS"
 STEPS=${STEPS:-"check bench"}
 if [ "${TL:-0}" = 1 ]; then
   mkdir -p /tmp/site && tar xJf .device/tilelang-site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 || {
-  cat "$OUT/install.log"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$LOGS/install.log" 2>&1 || {
+  cat "$LOGS/install.log"; exit 1; }
 export SLAGEN_CACHE_DIR=${SLAGEN_CACHE_DIR:-/tmp/slagen-cache}
-slagen info 2>&1 | tee "$OUT/info.txt"
+slagen info 2>&1 | tee "$LOGS/info.txt"
+summarize_tests() {   # a pytest -q log: its summary and failure lines, or (cut by the timeout) how far it got
+  if grep -qE "[0-9]+ (passed|failed|errors?)\b" "$1"; then
+    grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed|errors?)\b" "$1"
+  else
+    local progress; progress=$(grep -E '^[.FEsx]+( |$)' "$1" | cut -d' ' -f1 | tr -d '\n')
+    echo "(cut by the timeout: ${#progress} tests done, $(tr -cd 'FE' <<<"$progress" | wc -c) failed or errors)"
+  fi
+}
 refs=""
 for d in .baselines/sla_main .baselines/sla_1; do
   [ -d "$d" ] && refs="$refs --reference-sla $(basename "$d")=$d"
@@ -42,11 +54,11 @@ for step in $STEPS; do
              for e in "${exprs[@]}"; do
                n=$((n + 1))
                SLAGEN_CACHE_DIR="$SLAGEN_CACHE_DIR/tests-$n" timeout "${TEST_TIMEOUT:-400}" \
-                 python3 -m pytest -m gpu -q -p no:cacheprovider -k "$e" ${TEST_ARGS:-tests} >"$OUT/tests-$n.log" 2>&1 &
+                 python3 -m pytest -m gpu -q -p no:cacheprovider -k "$e" ${TEST_ARGS:-tests} >"$LOGS/tests-$n.log" 2>&1 &
              done
              wait
-             for i in $(seq 1 $n); do   # (a process cut by the timeout leaves its dots without a newline)
-               echo "-- -k \"${exprs[$((i - 1))]}\""; tail -n 25 "$OUT/tests-$i.log"; echo
+             for i in $(seq 1 $n); do   # (a process cut by the timeout leaves only its progress characters)
+               echo "-- -k \"${exprs[$((i - 1))]}\""; summarize_tests "$LOGS/tests-$i.log"; echo
              done >"$OUT/tests.log"
            else
              timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1
