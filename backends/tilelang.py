@@ -418,9 +418,10 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
         cfg["overlap"] = False      # a default, not the caller's choice: the overlapped loop needs warp specialisation
     if spec.role == "backward" and cfg["backward"] == "tilelang":
         for kernel in ("dq", "dkdv"):   # a default lin_fused gives way to the caller's lin_init or gathered states
-            if cfg[kernel].get("lin_fused") and "lin_fused" not in (config or {}).get(kernel, {}) and \
-                    _lin_fused_blocker(cfg[kernel], spec, linear_config(spec, cfg["linear"])):
-                cfg[kernel]["lin_fused"] = False
+            part, asked = cfg[kernel], (config or {}).get(kernel, {})
+            if isinstance(part, dict) and part.get("lin_fused") and isinstance(asked, dict) and \
+                    "lin_fused" not in asked and _lin_fused_blocker(part, spec, linear_config(spec, cfg["linear"])):
+                part["lin_fused"] = False   # (check_config reports a malformed part or "linear")
     check_config(cfg, spec)
     return cfg
 

@@ -790,6 +790,9 @@ def test_fused_linear_terms_are_the_default_where_they_apply():
     cfg = tl_backend._resolve_config(bwd_spec_of(), {"backward": "tilelang",
                                                      "linear": {"prep": {"marginal_states": "gather"}}})
     assert (cfg["dq"]["lin_fused"], cfg["dkdv"]["lin_fused"]) == (False, False)
+    for bad, match in (({"dq": 5}, r"config\['dq'\] must be a dict"), ({"linear": 3}, r"config\['linear'\]=3")):
+        with pytest.raises(ValueError, match=match):
+            tl_backend._resolve_config(bwd_spec_of(), {"backward": "tilelang", **bad})
 
 
 BWD_GRID = [bwd_spec_of(d=d, dtype=dt, fmap=fm, scope=sc, negl=ng)
