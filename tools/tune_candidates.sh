@@ -24,11 +24,14 @@ TRITON_TUNE_ARGS=(
 # dq / dkdv lin_fused: the linear terms inside the TileLang kernels instead of the Triton `_dq` / `_dkdv`
 # (session 10, backward: 3.896 ms without, 3.725 dkdv alone, 3.870 dq alone, 3.686 both); default where it
 # applies since, so the candidates are without it, each alone, and lin_init (which needs lin_fused off).
+# 64-row tiles with two CTAs per SM at 128x64 blocks (untimed there: each query block's K / V read by its two
+# CTAs, one CTA's softmax under the other's GEMMs; at 64x64 blocks 1.399 vs 1.756 ms, session 7).
 # (session 5, 64x64 block map: pool_stages 3 / pool_warps 8 slower.)
 TILELANG_TUNE_CANDIDATES=(
   --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 1}'
   --config '{"tma_store": true}' --config '{"tma_store": false}' --config '{"prefetch_h": true}'
   --config '{"tile_n": 128}' --config '{"overlap": true}' --config '{"overlap": false}'
+  --config '{"tile_m": 64, "num_warps": 4, "ctas_per_sm": 2, "tma_store": false, "overlap": false}'
   --config '{"dq": {"lin_init": true, "lin_fused": false}, "dkdv": {"lin_init": true, "lin_fused": false}}'
   --config '{"dq": {"tma_store": false}, "dkdv": {"tma_store": false}}'
   --config '{"dkdv": {"lin_fused": false}}' --config '{"dq": {"lin_fused": false}}'
