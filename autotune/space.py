@@ -38,6 +38,11 @@ RELEVANT = {"marginal": _HAS_MARGINAL, "marginal_states": _HAS_MARGINAL, "epilog
             "pre_stages": _HAS_LINEAR, "pre_per_sm": _HAS_LINEAR, "prefetch_h": _HAS_LINEAR}
 
 
+def copy_config(config: dict) -> dict:
+    """A copy of a config (names to scalars, nested by kernel at any depth) that shares no dict with it."""
+    return {name: copy_config(value) if isinstance(value, dict) else value for name, value in config.items()}
+
+
 def shared_bytes(cfg: dict, spec: KernelSpec) -> int:
     """Rough shared memory of a tile loop: a (tile_m x D) query tile plus num_stages (tile_n x D) K and V
     tiles, in the input dtype (a lower bound: kernels that stage more are pruned by the compiler)."""

@@ -48,6 +48,7 @@ import torch
 
 from slagen import codegen
 from slagen.backends import call_spec, check_forward_inputs, linear_terms, wait_for_maps
+from slagen.autotune.space import copy_config
 from slagen.paths import cache_dir
 from slagen.spec import KernelSpec
 
@@ -305,8 +306,9 @@ def _default_backward_config(spec: KernelSpec) -> dict:
     if dq["tile_m"] < 128:
         dq["num_warps"] = 4
     cfg = {**base, "dq": dq, "dkdv": kv, "linear": {part: dict(v) for part, v in base["linear"].items()}}
+    linear = linear_config(spec, cfg["linear"])
     for part in (dq, kv):   # the linear terms in the kernels' epilogues wherever they apply
-        part["lin_fused"] = _lin_fused_blocker(part, spec, linear_config(spec, cfg["linear"])) is None
+        part["lin_fused"] = _lin_fused_blocker(part, spec, linear) is None
     try:
         _check_backward_config(cfg, spec)
     except ValueError:      # the TileLang tiles do not fit these blocks: the Triton backward serves them
@@ -390,10 +392,7 @@ def linear_config(spec: KernelSpec, overrides, base: Optional[dict] = None) -> d
     unknown = set(overrides) - {"prep", "dq", "dkdv"}
     if unknown:
         raise ValueError(f"config['linear'] has unknown keys {sorted(unknown)}; allowed: ['dkdv', 'dq', 'prep']")
-    if base is None:
-        cfg = bwd.default_config(spec)
-    else:   # a copy per part (the kernels' configs are dicts of scalars)
-        cfg = {part: dict(v) if isinstance(v, dict) else v for part, v in base.items()}
+    cfg = bwd.default_config(spec) if base is None else copy_config(base)
     for part, values in overrides.items():
         cfg[part].update(values)
     return bwd.check_config(cfg, spec)
@@ -416,12 +415,14 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
         cfg[name] = {**cfg[name], **value} if isinstance(cfg.get(name), dict) and isinstance(value, dict) else value
     if cfg.get("overlap") and "overlap" not in (config or {}) and not cfg["warp_specialized"]:
         cfg["overlap"] = False      # a default, not the caller's choice: the overlapped loop needs warp specialisation
-    if spec.role == "backward" and cfg["backward"] == "tilelang":
+    if config and spec.role == "backward" and cfg["backward"] == "tilelang":
+        linear = None
         for kernel in ("dq", "dkdv"):   # a default lin_fused gives way to the caller's lin_init or gathered states
             part, asked = cfg[kernel], (config or {}).get(kernel, {})
             if isinstance(part, dict) and part.get("lin_fused") and isinstance(asked, dict) and \
-                    "lin_fused" not in asked and _lin_fused_blocker(part, spec, linear_config(spec, cfg["linear"])):
-                part["lin_fused"] = False   # (check_config reports a malformed part or "linear")
+                    "lin_fused" not in asked:      # (check_config reports a malformed part or "linear")
+                linear = linear or linear_config(spec, cfg["linear"])
+                part["lin_fused"] = _lin_fused_blocker(part, spec, linear) is None
     check_config(cfg, spec)
     return cfg
 

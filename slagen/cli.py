@@ -404,7 +404,8 @@ def tune(backend, head_dims, dtypes, blocks, feature_maps, scopes, negligibles, 
 def _override(default: dict, override: dict, check, spec):
     """``default`` with ``override`` applied (one level deep for nested configs), or None (reported) when the
     kernel's check_config rejects the result or the override names keys the kernel does not have."""
-    cfg = {key: dict(val) if isinstance(val, dict) else val for key, val in default.items()}
+    from slagen.autotune.space import copy_config
+    cfg = copy_config(default)
     for key, val in override.items():
         if key not in cfg or isinstance(cfg[key], dict) != isinstance(val, dict):
             click.echo(f"  --config {json.dumps(override)}: {key!r} is not a {spec.role} tunable "

@@ -393,3 +393,10 @@ def test_every_candidate_config_is_storable_as_a_record(backend, role):
 def test_schema_rejects_configs_nested_too_deep():
     with pytest.raises(records.RecordError, match="nested at most 2 levels"):
         records.validate(dict(rec(), config={"linear": {"dq": {"block_m": {"x": 1}}}}))
+
+
+def test_copy_config_shares_no_dict_at_any_depth():
+    config = {"backward": "tilelang", "dq": {"tile_m": 128}, "linear": {"dq": {"block_m": 64}}}
+    copied = space.copy_config(config)
+    copied["dq"]["tile_m"], copied["linear"]["dq"]["block_m"] = 64, 128
+    assert config == {"backward": "tilelang", "dq": {"tile_m": 128}, "linear": {"dq": {"block_m": 64}}}

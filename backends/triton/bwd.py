@@ -34,6 +34,7 @@ import torch
 from slagen import codegen
 from slagen.backends import linear_terms
 from slagen.backends.triton import fwd
+from slagen.autotune.space import copy_config
 from slagen.dispatch import device_arch
 from slagen.spec import KernelSpec, parse_feature_map, parse_scope
 
@@ -421,11 +422,7 @@ def _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
     spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=fmap, scope=scope,
                        has_negligible=maps[5].shape[-1] > 0)
     _check_head_dim(spec)
-    if config is None:
-        config = default_config(spec)
-    else:   # a copy per part (the kernels' configs are dicts of scalars)
-        config = {part: dict(v) if isinstance(v, dict) else v for part, v in config.items()}
-    cfg = check_config(config, spec)
+    cfg = check_config(default_config(spec) if config is None else copy_config(config), spec)
     return _Call(spec, cfg, codegen.load(spec, "triton"), q, k, v, do, o, lse, o_lin, den, maps, proj_weight,
                  proj_bias, float(scale), sparse, lin_sums if fmap is not None and scope == "marginal" else None)
 
