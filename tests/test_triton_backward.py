@@ -17,6 +17,7 @@ from slagen.backends.triton import bwd
 from slagen.blockmap import BlockMap
 
 GRADS = ("dq", "dk", "dv", "dw", "db")
+NAMES = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")   # backward's args
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with -m gpu)")
 
 
@@ -160,9 +161,8 @@ def test_linear_part_is_the_backward_without_its_sparse_loops(scope, negl, budge
                                                 block_q=cfg["block_q"], block_k=cfg["block_k"]))
     config["prep"]["temp_budget"] = budget
     groups = 3 if budget and scope == "marginal" else 1     # scope 'all' has no per-head temporaries
-    names = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")
     loops = SparseLoops()
-    got = bwd.linear_part(*(p[name] for name in names), sparse_dq=loops.dq, sparse_dkdv=loops.dkdv,
+    got = bwd.linear_part(*(p[name] for name in NAMES), sparse_dq=loops.dq, sparse_dkdv=loops.dkdv,
                           config=config, **cfg)
     heads = [h for kind, h in loops.calls if kind == "dq"]
     assert len(heads) == groups and loops.calls == [(kind, h) for h in heads for kind in ("dq", "dkdv")]
@@ -180,13 +180,10 @@ def test_linear_part_is_the_backward_without_its_sparse_loops(scope, negl, budge
     want_ds = (sparse_p["do"] * sparse_p["o"]).sum(-1)                 # rowsum(dO ⊙ O^s)
     assert loops.term("ds").shape == p["lse"].shape and rel(loops.term("ds"), want_ds) < 1e-5
     sparse_loops = SparseLoops()
-    bwd.linear_part(*(sparse_p[name] for name in names), sparse_dq=sparse_loops.dq, sparse_dkdv=sparse_loops.dkdv,
+    bwd.linear_part(*(sparse_p[name] for name in NAMES), sparse_dq=sparse_loops.dq, sparse_dkdv=sparse_loops.dkdv,
                     **sparse_cfg)
     assert [kind for kind, _ in sparse_loops.calls] == ["dq", "dkdv"]
     assert rel(sparse_loops.term("ds"), want_ds) < 1e-5
-
-
-NAMES = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")
 
 
 def unfused_linear_part(fmap, budget, *, block_q, block_k, bias, seed):
@@ -299,12 +296,11 @@ def test_temporaries_are_freed_before_the_gradients_exist(monkeypatch, sparse):
     monkeypatch.setattr(bwd, "_dkdv", dkdv_kernel)
     monkeypatch.setattr(bwd._Grads, "__call__", grad)
     p, cfg = make_problem(feature_map="softmax", scope="marginal", negligible=0.2, seed=13)
-    names = ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight", "proj_bias")
     if sparse:
-        bwd.backward(*(p[name] for name in names), **cfg)
+        bwd.backward(*(p[name] for name in NAMES), **cfg)
     else:
         loops = SparseLoops()
-        bwd.linear_part(*(p[name] for name in names), sparse_dq=loops.dq, sparse_dkdv=loops.dkdv, **cfg)
+        bwd.linear_part(*(p[name] for name in NAMES), sparse_dq=loops.dq, sparse_dkdv=loops.dkdv, **cfg)
         assert [kind for kind, _ in loops.calls] == ["dq", "dkdv"]
     assert events == ["alloc dq", "dq kernel", "alloc dk", "alloc dv", ("dkdv kernel", "g freed")]
 
@@ -431,15 +427,13 @@ def test_forward_sums_replace_the_key_states(monkeypatch, weight, negl):
     sums = forward_sums(p, cfg)
     want = triton_grads(p, cfg)
     monkeypatch.setattr(bwd, "_key_state", lambda c: pytest.fail("the key-state kernel ran although H_i was given"))
-    got = bwd.backward(*(p[n] for n in ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight",
-                                        "proj_bias")), **cfg, lin_sums=sums)
+    got = bwd.backward(*(p[n] for n in NAMES), **cfg, lin_sums=sums)
     ref = reference_grads(p, cfg)
     for name, g, w, r in zip(GRADS, got, want, ref):
         if r.numel():
             assert rel(g, w) < 1e-5 and rel(g, r) < 1e-4, name
     with pytest.raises(ValueError, match=r"lin_sums\[0\] \(H_i\) must be"):
-        bwd.backward(*(p[n] for n in ("do", "q", "k", "v", "o", "lse", "o_lin", "den", "maps", "proj_weight",
-                                      "proj_bias")), **cfg, lin_sums=(sums[0][:, :, :1], sums[1]))
+        bwd.backward(*(p[n] for n in NAMES), **cfg, lin_sums=(sums[0][:, :, :1], sums[1]))
 
 
 def test_non_default_tiles():
