@@ -84,11 +84,17 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # each batch right after issuing it, so the tensor cores idle during the softmax). Step 0's K gets a tile of
 # its own (+ tile_n·D·2 bytes of shared memory); the last step's S is computed and masked (one extra QKᵀ per
 # CTA). Both step widths (tile_n dividing block_k, and 2·block_k); needs warp specialisation.
+# pingpong (instead of overlap; 128-row tiles, two consumer warpgroups, tile_n dividing block_k): FlashAttention-
+# 3's schedule — the warpgroups take turns issuing S_t = QK_tᵀ and the previous step's P·V (two named barriers),
+# so one's softmax runs under the other's GEMMs. ptxas (CUDA 13.0) moves the P·V wait ahead of the softmax, so
+# the intra-warpgroup part of that schedule is lost. H200, headline shape, 128x64, sparse-only forward given the
+# map (tools/forward_configs.py, session 11, one process): overlap 0.702 ms, plain loop 0.757, pingpong 0.806,
+# pingpong with 3 stages 0.764 — slower; tunable only.
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
-             warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False),
+             warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False, pingpong=False),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
-              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=True),
+              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=True, pingpong=False),
 }
 _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   # 64-row tiles, where two CTAs fit an SM
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
@@ -220,7 +226,7 @@ def shared_bytes(cfg: dict, spec: KernelSpec) -> int:
     linear = spec.feature_map is not None
     w = esize * d * d if linear else 0               # Proj weight, loaded before the loop
     h = esize * d * d if linear and cfg.get("prefetch_h") else 0     # H_i, loaded before the loop
-    k0 = esize * cfg["tile_n"] * d if cfg.get("overlap") else 0      # overlap: step 0's K tile
+    k0 = esize * cfg["tile_n"] * d if cfg.get("overlap") or cfg.get("pingpong") else 0   # step 0's K / last V tile
     loop = esize * m * d + esize * 2 * cfg["tile_n"] * d * cfg["num_stages"] + w + h + k0
     epilogue = (esize * m * d + esize * d * d + w + 4 * m) if linear else 0   # φ(Q), H_i, W, den
     return max(loop, epilogue) + 1024
@@ -279,12 +285,17 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError("config tile_m=64 with num_warps=8 is not supported (TileLang layout inference "
                          "rejects it); use num_warps=4")
     choice("ctas_per_sm", (1, 2))
-    for name in ("prefetch_h", "tma_store", "overlap"):
+    for name in ("prefetch_h", "tma_store", "overlap", "pingpong"):
         if not isinstance(cfg[name], bool):
             raise ValueError(f"config[{name!r}]={cfg[name]!r} must be True or False")
     if cfg["overlap"] and not cfg["warp_specialized"]:
         raise ValueError("config overlap=True needs warp_specialized=True (the overlapped loop relies on the "
                          "producer warpgroup's barriers to keep a K / V tile until the wgmma reading it is done)")
+    if cfg["pingpong"] and (cfg["overlap"] or not cfg["warp_specialized"] or cfg["num_warps"] != 8 or
+                            cfg["tile_m"] != 128 or spec.block_k % cfg["tile_n"]):
+        raise ValueError("config pingpong=True needs overlap=False (they are alternative key loops), "
+                         "warp_specialized=True, num_warps=8 and tile_m=128 (two consumer warpgroups take turns) "
+                         "and a tile_n dividing block_k")
     if cfg["ctas_per_sm"] == 2 and cfg["num_warps"] != 4:
         raise ValueError("config ctas_per_sm=2 needs num_warps=4 (one consumer warpgroup: two CTAs of 256 threads "
                          "at 128 registers each fill the SM's register file)")
@@ -501,7 +512,8 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
     ctas_per_sm = 1 if save and has_w else cfg["ctas_per_sm"]     # see _DEFAULTS: two of these CTAs hang
     args = dict(tile_m=cfg["tile_m"], tile_n=cfg["tile_n"], threads=32 * cfg["num_warps"],
                 num_stages=cfg["num_stages"], ctas_per_sm=ctas_per_sm, prefetch_h=cfg["prefetch_h"] and linear,
-                tma_store=cfg["tma_store"], save=save, has_w=has_w, has_bias=has_bias, overlap=cfg["overlap"])
+                tma_store=cfg["tma_store"], save=save, has_w=has_w, has_bias=has_bias, overlap=cfg["overlap"],
+                pingpong=cfg["pingpong"])
     key = ("forward", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     return _compile(key, lambda: mod.forward_kernel(**args), cfg["warp_specialized"])

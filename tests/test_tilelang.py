@@ -286,6 +286,42 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
 
 
 @needs_compiler
+@pytest.mark.parametrize("spec,flags", [
+    (spec_of(d=128, fmap=None), {}),
+    (spec_of(d=128, scope="marginal"), dict(save=True, has_w=True, has_bias=True)),
+    (spec_of(d=64, scope="all", block=(128, 128)), {})],
+    ids=lambda x: x.canonical if isinstance(x, KernelSpec) else "-".join(sorted(x)) or "plain")
+def test_forward_pingpong_compiles_for_sm90a(spec, flags):
+    """pingpong: each consumer step waits for its warpgroup's turn (bar.sync on named barrier 10 + wg), commits
+    S_t = QK_tᵀ and the previous step's P·V as two batches without waiting, hands the turn over (bar.arrive on
+    the other's barrier), waits for S_t alone (wait_wgmma<1>) before the softmax and for P·V (wait_wgmma<0>)
+    before O's rescale; warpgroup 1 gives the first turn, warpgroup 0 takes the last hand-over, so the
+    arrivals and syncs pair up. The last step's V tile is TMA-loaded before the loop and waited for once, in
+    the consumer loop (its P·V is the last step's). The loop runs at least once."""
+    cfg = tl_backend._resolve_config(spec, {"pingpong": True, "overlap": False})
+    src = tl_backend.forward_kernel(spec, cfg, **flags).get_kernel_source()
+    _assert_hopper_source(src, "forward pingpong")
+    loop = _consumer_loop(src)
+    turn = loop.index("tl::__sync_thread_partial(((((int)threadIdx.x) >> 7) + 9), 256);")
+    hand = loop.index("tl::__named_barrier_arrive((12 - (((int)threadIdx.x) >> 7)), 256);")
+    commits = [m.start() for m in re.finditer(r"tl::warpgroup_commit_batch\(\);", loop)]
+    assert len(commits) == 3 and turn < commits[0] < commits[1] < hand < commits[2], "S_t, P·V in the turn; last P·V"
+    assert "tl::warpgroup_wait<" not in loop[turn:hand], "a batch waited for inside the turn"
+    first_wait, second_wait = loop.index("tl::wait_wgmma<1>();"), loop.index("tl::wait_wgmma<0>();")
+    assert hand < first_wait < loop.index("exp2f(", first_wait) < second_wait
+    assert re.search(r"\(t_1 == 0\) && \(\(\(\(int\)threadIdx.x\) >> 7\) == 2\)\) \{\s*tl::__named_barrier_arrive"
+                     r"\(10, 256\);", loop), "warpgroup 1 does not give warpgroup 0 the first turn"
+    assert re.search(r"== 1\)\) \{\s*tl::__sync_thread_partial\(10, 256\);", loop), "the last hand-over not taken"
+    bar = re.search(r"tl::tma_load\(V_desc, mbarrier\[(\d+)\], \(&\(\(\(\w+\*\)V1_s\)", src).group(1)
+    assert src.count(f"mbarrier[{bar}].wait(") == 1 and f"mbarrier[{bar}].wait(" in loop
+    _assert_sparse_loop_runs(src, "forward pingpong")
+    for change in ({"pingpong": True, "overlap": True},
+                   {"pingpong": True, "overlap": False, "num_warps": 4, "tile_m": 64}):
+        with pytest.raises(ValueError, match="pingpong=True needs"):
+            tl_backend._resolve_config(spec, change)
+
+
+@needs_compiler
 @pytest.mark.parametrize("spec", [spec_of(d=128, scope="marginal"), spec_of(d=64, fmap=None)],
                          ids=lambda s: s.canonical)
 def test_forward_with_two_key_blocks_per_step_compiles_for_sm90a(spec):
@@ -445,6 +481,7 @@ def run_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="margina
     return errs
 
 
+PINGPONG = {"pingpong": True, "overlap": False}   # the forward's turn-taking key loop (FlashAttention-3's order)
 GPU_CASES = (
     [dict(L=L, d=d, scope=sc, negl=ng, n_crit=c)
      for L, c in ((77, 1), (77, 2), (77, "all"), (4096, 1), (4096, 2), (4096, "all"), (32760, 1), (32760, 2),
@@ -522,7 +559,19 @@ GPU_CASES = (
        dict(L=4096, n_crit=3, config=dict(overlap=True, tile_n=128)),
        dict(L=77, n_crit=1, config=dict(overlap=True, tile_n=128)),
        dict(L=1000, Lk=3001, fmap="none", n_crit="mixed", config=dict(overlap=True, tile_n=128)),
-       dict(L=32760, d=64, n_crit="topk", config=dict(overlap=True, tile_n=128))])
+       dict(L=32760, d=64, n_crit="topk", config=dict(overlap=True, tile_n=128))]
+    # pingpong: the two consumer warpgroups take turns at the tensor cores, P·V one step behind S (the last
+    # step's V in a tile of its own): scopes, head dims, 1 / 2 / all / top-k / mixed (0, 1, 2) counts, odd
+    # lengths, sparse-only, fp16, deeper pipeline, two steps per key block (128x128 blocks, 64-key steps)
+    + [dict(L=L, d=d, scope=sc, negl=0.1, n_crit=c, config=PINGPONG)
+       for L, c in ((77, "all"), (77, 1), (4096, 2), (32760, "topk")) for d in (64, 128) for sc in ("marginal",)]
+    + [dict(L=L, fmap="none", n_crit=c, config=PINGPONG) for L, c in ((77, 1), (4096, "mixed"), (32760, "topk"))]
+    + [dict(L=1000, Lk=3001, negl=0.1, n_crit=2, config=PINGPONG),
+       dict(L=4096, scope="marginal", n_crit="mixed", config=PINGPONG),
+       dict(L=4096, scope="all", save=False, proj=False, config=PINGPONG),
+       dict(L=4096, dtype="fp16", negl=0.1, config=PINGPONG),
+       dict(L=4096, config={**PINGPONG, "num_stages": 3}),
+       dict(L=4096, block=(128, 128), n_crit="mixed", config=PINGPONG)])
 
 
 def kernels_of(case: dict):
