@@ -1,0 +1,100 @@
+"""Time TileLang forward configs side by side in one process (the kernel launch given a block map: no block map,
+no autograd), for the sparse-only and the SLA marginal forward at one shape. `slagen tune` times the SLA forward
+with its block map for one spec; this one A/Bs loop variants on both specs, with GPU (CUDA-event) medians.
+
+    python tools/forward_configs.py --config '{}' --config '{"pingpong": true, "overlap": false}'
+    python tools/forward_configs.py --seq-len 16384 --block 128x64 --config '{"overlap": false}'
+
+Prints one row per (variant, config): median ms over ``--reps`` timed calls (after warm-up), the sparse part's
+TFLOP/s (4·B·H·Lq·d per selected key, sparse-only) and the ratio to the first config. The first output is
+filled with NaN and freed before a second call, whose output (the same allocation) must come back finite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_sla import add_shape_args, map_inputs  # noqa: E402
+
+from slagen.backends import tilelang as tl_backend  # noqa: E402
+
+
+def median_ms(fn, reps: int) -> float:
+    """Median of ``reps`` CUDA-event timings of back-to-back calls of ``fn`` (after 10 warm-up calls; one
+    synchronisation at the end, so the GPU time, not the host's launch time, is measured while the host keeps
+    ahead of the GPU — true for these kernels: ~0.3 ms of host time per call)."""
+    for _ in range(10):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return times[len(times) // 2]
+
+
+def precompile(q, bq: int, bk: int, variants, configs) -> None:
+    """Compile every (variant, config) kernel on 8 threads first (TileLang compiles are single-threaded)."""
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = []
+    for fmap in variants:
+        spec = tl_backend.kernel_spec(q, block_q=bq, block_k=bk, feature_map=fmap, scope="marginal",
+                                      has_negligible=False)
+        jobs += [(spec, cfg) for cfg in configs]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda job: tl_backend.compile_for_call(job[0], job[1], save=False, has_w=False,
+                                                              has_bias=False), jobs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_args(ap)
+    ap.add_argument("--config", action="append", default=[], help="a JSON forward config (repeatable); '{}' is "
+                                                                   "the default")
+    ap.add_argument("--variants", default="sparse-only,marginal", help="comma-separated: sparse-only, marginal")
+    ap.add_argument("--reps", type=int, default=50)
+    args = ap.parse_args()
+    configs = [json.loads(c) for c in (args.config or ["{}"])]
+    bq, bk, (q, k, v, _), maps = map_inputs(args)
+    # the sparse part's FLOPs: QKᵀ and P·V over every query row's selected keys (mean count × block_k)
+    flops = 4.0 * q.shape[1] * q.shape[2] * float(maps[2].to(torch.float64).mean()) * bk * q.shape[-1]
+    variants = args.variants.split(",")
+    fmaps = {variant: None if variant == "sparse-only" else "softmax" for variant in variants}
+    precompile(q, bq, bk, list(fmaps.values()), configs)
+    rows = []
+    for variant in variants:
+        fmap = fmaps[variant]
+        base = None
+        for cfg in configs:
+            def call(cfg=cfg, fmap=fmap):
+                return tl_backend.forward(q, k, v, maps, None, None, False, block_q=bq, block_k=bk,
+                                          scale=q.shape[-1] ** -0.5, feature_map=fmap, scope="marginal",
+                                          eps=1e-6, config=cfg)
+            out = call()[0]
+            out.fill_(float("nan"))     # freed and handed out again for the next call's output (same size)
+            del out
+            out = call()[0]
+            torch.cuda.synchronize()
+            if not bool(torch.isfinite(out).all()):
+                raise SystemExit(f"{variant} {cfg}: non-finite output")
+            ms = median_ms(call, args.reps)
+            base = base or ms
+            rows.append((variant, json.dumps(cfg), ms, flops / ms / 1e9, base / ms))
+            print(f"  {variant} {json.dumps(cfg)}: {ms:.3f} ms", flush=True)
+    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 "
+          f"topk={args.topk} block {args.block} | forward kernels given the block map, CUDA-event medians\n")
+    print("| variant | config | ms | sparse TFLOP/s | × first |\n|---|---|---|---|---|")
+    for variant, cfg, ms, tflops, ratio in rows:
+        print(f"| {variant} | `{cfg}` | {ms:.3f} | {tflops:.0f} | {ratio:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
