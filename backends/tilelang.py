@@ -86,10 +86,11 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # CTA). Both step widths (tile_n dividing block_k, and 2·block_k); needs warp specialisation.
 # pingpong (instead of overlap; 128-row tiles, two consumer warpgroups, tile_n dividing block_k): FlashAttention-
 # 3's schedule — the warpgroups take turns issuing S_t = QK_tᵀ and the previous step's P·V (two named barriers),
-# so one's softmax runs under the other's GEMMs. ptxas (CUDA 13.0) moves the P·V wait ahead of the softmax, so
-# the intra-warpgroup part of that schedule is lost. H200, headline shape, 128x64, sparse-only forward given the
-# map (tools/forward_configs.py, session 11, one process): overlap 0.702 ms, plain loop 0.757, pingpong 0.806,
-# pingpong with 3 stages 0.764 — slower; tunable only.
+# so one's softmax runs under the other's GEMMs, and under its own P·V (a per-step store of the row sums keeps
+# ptxas from hoisting the K / V release, and with it the P·V wait, above the exp2s). H200, headline shape,
+# 128x64, sparse-only forward given the map (tools/forward_configs.py, session 11): overlap 0.702 / 0.704 ms,
+# plain loop 0.757; pingpong without the store (softmax after the P·V wait) 0.806, with 3 stages 0.764; with it
+# 0.868 — slower in every form measured; tunable only.
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False, pingpong=False),

@@ -309,6 +309,9 @@ def test_forward_pingpong_compiles_for_sm90a(spec, flags):
     assert "tl::warpgroup_wait<" not in loop[turn:hand], "a batch waited for inside the turn"
     first_wait, second_wait = loop.index("tl::wait_wgmma<1>();"), loop.index("tl::wait_wgmma<0>();")
     assert hand < first_wait < loop.index("exp2f(", first_wait) < second_wait
+    # a store of the softmax's row sums before the K / V release keeps ptxas from hoisting that release, and
+    # with it the P·V wait, above the exp2s
+    assert "LSE[" in loop[loop.index("exp2f(", first_wait):second_wait], "no store pins the release after the softmax"
     assert re.search(r"\(t_1 == 0\) && \(\(\(\(int\)threadIdx.x\) >> 7\) == 2\)\) \{\s*tl::__named_barrier_arrive"
                      r"\(10, 256\);", loop), "warpgroup 1 does not give warpgroup 0 the first turn"
     assert re.search(r"== 1\)\) \{\s*tl::__sync_thread_partial\(10, 256\);", loop), "the last hand-over not taken"

@@ -5,6 +5,8 @@ with its block map for one spec; this one A/Bs loop variants on both specs, with
     python tools/forward_configs.py --config '{}' --config '{"pingpong": true, "overlap": false}'
     python tools/forward_configs.py --seq-len 16384 --block 128x64 --config '{"overlap": false}'
 
+Every distinct kernel compiles first (8 threads; still ~25–30 s each on the H200 host, TileLang's lowering
+holds the GIL), so keep the configs few: 2 variants × 4 configs took ~5 min there (session 11).
 Prints one row per (variant, config): median ms over ``--reps`` timed calls (after warm-up), the sparse part's
 TFLOP/s (4·B·H·Lq·d per selected key, sparse-only) and the ratio to the first config. The first output is
 filled with NaN and freed before a second call, whose output (the same allocation) must come back finite.

@@ -26,12 +26,18 @@ TRITON_TUNE_ARGS=(
 # applies since, so the candidates are without it, each alone, and lin_init (which needs lin_fused off).
 # 64-row tiles with two CTAs per SM at 128x64 blocks (untimed there: each query block's K / V read by its two
 # CTAs, one CTA's softmax under the other's GEMMs; at 64x64 blocks 1.399 vs 1.756 ms, session 7).
+# pingpong (session 11): the two consumer warpgroups take turns at the tensor cores (FlashAttention-3's order);
+# sparse-only 0.806 vs overlap 0.702 ms given the map at 128x64 (tools/forward_configs.py): slower, a candidate.
+# 64-row tiles with two CTAs per SM and the TMA store: 1.136 vs 1.156 ms (session 11 tune, SLA forward with its
+# block map; the same process's profile showed its sla_forward at 0.838 ms, so within noise at best).
 # (session 5, 64x64 block map: pool_stages 3 / pool_warps 8 slower.)
 TILELANG_TUNE_CANDIDATES=(
   --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 1}'
   --config '{"tma_store": true}' --config '{"tma_store": false}' --config '{"prefetch_h": true}'
   --config '{"tile_n": 128}' --config '{"overlap": true}' --config '{"overlap": false}'
   --config '{"tile_m": 64, "num_warps": 4, "ctas_per_sm": 2, "tma_store": false, "overlap": false}'
+  --config '{"tile_m": 64, "num_warps": 4, "ctas_per_sm": 2, "overlap": false}'
+  --config '{"pingpong": true, "overlap": false}'
   --config '{"dq": {"lin_init": true, "lin_fused": false}, "dkdv": {"lin_init": true, "lin_fused": false}}'
   --config '{"dq": {"tma_store": false}, "dkdv": {"tma_store": false}}'
   --config '{"dkdv": {"lin_fused": false}}' --config '{"dq": {"lin_fused": false}}'
