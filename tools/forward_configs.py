@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_sla import add_shape_args, map_inputs  # noqa: E402
 
+from slagen import reference  # noqa: E402
 from slagen.backends import tilelang as tl_backend  # noqa: E402
 
 
@@ -67,7 +68,7 @@ def main() -> None:
     configs = [json.loads(c) for c in (args.config or ["{}"])]
     bq, bk, (q, k, v, _), maps = map_inputs(args)
     # the sparse part's FLOPs: QKᵀ and P·V over every query row's selected keys (mean count × block_k)
-    flops = 4.0 * q.shape[1] * q.shape[2] * float(maps[2].to(torch.float64).mean()) * bk * q.shape[-1]
+    flops = 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * float(maps[2].to(torch.float64).mean()) * bk * q.shape[-1]
     variants = args.variants.split(",")
     fmaps = {variant: None if variant == "sparse-only" else "softmax" for variant in variants}
     precompile(q, bq, bk, list(fmaps.values()), configs)
@@ -79,7 +80,7 @@ def main() -> None:
             def call(cfg=cfg, fmap=fmap):
                 return tl_backend.forward(q, k, v, maps, None, None, False, block_q=bq, block_k=bk,
                                           scale=q.shape[-1] ** -0.5, feature_map=fmap, scope="marginal",
-                                          eps=1e-6, config=cfg)
+                                          eps=reference.EPS, config=cfg)
             out = call()[0]
             out.fill_(float("nan"))     # freed and handed out again for the next call's output (same size)
             del out
