@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -60,8 +59,7 @@ def main() -> None:
         ("slagen.attention, q requires grad", public_grad),
     ]
     out = [(name, host_ms(fn) * 1e3) for name, fn in rows]
-    # what the layers are made of: primitives each call repeats (µs per call, 200 calls, GPU idle)
-    from slagen import api as slagen_api
+    # what the layers are made of: primitives each call repeats (µs per call, 200 calls)
     dev = q.device
     fields = dict(block_q=bq, block_k=bk, feature_map="softmax", scope="marginal", has_negligible=False,
                   role="forward")
@@ -69,18 +67,11 @@ def main() -> None:
         ("torch.cuda.get_device_capability", lambda: torch.cuda.get_device_capability(dev)),
         ("torch.cuda.get_device_properties", lambda: torch.cuda.get_device_properties(dev)),
         ("torch.empty (CUDA, 1 MiB)", lambda: torch.empty(1 << 19, dtype=torch.bfloat16, device=dev)),
-        ("api._resolve_backend (forward spec)", lambda: slagen_api._resolve_backend(args.backend, q, **fields)),
+        ("api._resolve_backend (forward spec)", lambda: slagen.api._resolve_backend(args.backend, q, **fields)),
         ("ops.direct", lambda: ops.direct(q, k, v, None, None)),
         ("backend block_map (direct, 4 Triton launches)", lambda: be.block_map(q, k, n_crit, n_negl, bq, bk)),
     ]
-    for name, fn in prims:
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(200):
-            fn()
-        out.append((f"primitive: {name}", (time.perf_counter() - t0) / 200 * 1e6))
-        torch.cuda.synchronize()
+    out += [(f"primitive: {name}", host_ms(fn, n=200) * 1e3) for name, fn in prims]
     print(cprofile_report(public, "slagen.attention no_grad", args.cprofile, keys=("tottime", "cumulative")))
     print(f"\n{torch.cuda.get_device_name()} | {args.backend} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 "
           f"| torch {torch.__version__}\n")
