@@ -91,17 +91,11 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # 128x64, sparse-only forward given the map (tools/forward_configs.py, session 11): overlap 0.702 / 0.704 ms,
 # plain loop 0.757; pingpong without the store (softmax after the P·V wait) 0.806, with 3 stages 0.764; with it
 # 0.868 — slower in every form measured; tunable only.
-# rescale_tau (log2 units, 0 = off): FlashAttention-4's conditional rescaling in the online softmax — a row's
-# reference max moves only when the step's max passes it by more than tau (exponentials stay ≤ 2^tau, exact:
-# the same reference feeds O, l and the LSE), and a thread skips O's rescale (64 multiplies per step at d 128)
-# when none of its rows moved. Any key loop.
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
-             warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False, pingpong=False,
-             rescale_tau=0.0),
+             warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False, pingpong=False),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
-              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=True, pingpong=False,
-              rescale_tau=0.0),
+              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=True, pingpong=False),
 }
 _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   # 64-row tiles, where two CTAs fit an SM
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
@@ -131,7 +125,6 @@ _BWD_DEFAULTS: Dict[int, dict] = {
     for d in (64, 128)
 }
 BACKWARDS = ("triton", "tilelang")
-RESCALE_TAU_MAX = 16.0      # the forward's rescale_tau: exp2 values up to 2^16 keep fp32 row sums far from overflow
 SHARED_MEMORY = 227 * 1024
 SHARED_MEMORY_PER_SM = 228 * 1024   # what resident CTAs share (each also reserves 1 KiB: in shared_bytes)
 
@@ -296,10 +289,6 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
     for name in ("prefetch_h", "tma_store", "overlap", "pingpong"):
         if not isinstance(cfg[name], bool):
             raise ValueError(f"config[{name!r}]={cfg[name]!r} must be True or False")
-    tau = cfg["rescale_tau"]
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau <= RESCALE_TAU_MAX:
-        raise ValueError(f"config['rescale_tau']={tau!r} must be a number from 0 (off) to {RESCALE_TAU_MAX} "
-                         f"(log2 units: the softmax's exponentials stay below 2**rescale_tau)")
     if cfg["overlap"] and not cfg["warp_specialized"]:
         raise ValueError("config overlap=True needs warp_specialized=True (the overlapped loop relies on the "
                          "producer warpgroup's barriers to keep a K / V tile until the wgmma reading it is done)")
@@ -525,7 +514,7 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
     args = dict(tile_m=cfg["tile_m"], tile_n=cfg["tile_n"], threads=32 * cfg["num_warps"],
                 num_stages=cfg["num_stages"], ctas_per_sm=ctas_per_sm, prefetch_h=cfg["prefetch_h"] and linear,
                 tma_store=cfg["tma_store"], save=save, has_w=has_w, has_bias=has_bias, overlap=cfg["overlap"],
-                pingpong=cfg["pingpong"], rescale_tau=float(cfg["rescale_tau"]))
+                pingpong=cfg["pingpong"])
     key = ("forward", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     return _compile(key, lambda: mod.forward_kernel(**args), cfg["warp_specialized"])

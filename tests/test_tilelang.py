@@ -82,8 +82,7 @@ def test_default_config_is_valid(d, block, fmap, scope):
     (dict(num_warps=6), "num_warps"), (dict(num_stages=0), "num_stages"), (dict(tile_m=64, num_warps=8), "num_warps=4"),
     (dict(warp_specialized=False), "num_stages=1"), (dict(warp_specialized=False, num_stages=1), "pre_stages=1"), (dict(warp_specialized="yes"), "warp_specialized"),
     (dict(pre_tile=128), "pre_tile"), (dict(bogus=1), "unknown keys"), (dict(ctas_per_sm=3), "ctas_per_sm"),
-    (dict(ctas_per_sm=2), "num_warps=4"), (dict(overlap=1), "overlap"), (dict(rescale_tau=-1.0), "rescale_tau"),
-    (dict(rescale_tau=17), "rescale_tau"), (dict(rescale_tau=True), "rescale_tau"),
+    (dict(ctas_per_sm=2), "num_warps=4"), (dict(overlap=1), "overlap"),
     (dict(overlap=True, warp_specialized=False, num_stages=1, pre_stages=1), "needs warp_specialized=True"),
 ])
 def test_bad_config_is_a_clear_error(change, match):
@@ -279,32 +278,11 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
         assert f"mbarrier[{bar}].wait(" in loop, f"{name}'s barrier not waited in the consumer's loop"
         assert src.count(f"mbarrier[{bar}].wait(") == 1
     _assert_sparse_loop_runs(src, "forward overlap")
-    if cfg["tile_n"] == spec.block_k:   # the LUT walked last-first: only step 0's S (first iteration) is masked
-        assert loop.count("< Lk") == 1 and "LUT" not in loop, "the loop's S is masked or reads the LUT"
     plain = tl_backend.forward_kernel(spec, tl_backend._resolve_config(spec, {**change, "overlap": False}),
                                       **flags).get_kernel_source()
     base = _consumer_loop(plain)
     assert base.count("tl::warpgroup_commit_batch();") == base.count("tl::warpgroup_wait<0>();") == 2
     assert "K0_s" not in plain
-
-
-@needs_compiler
-@pytest.mark.parametrize("loop", [{}, {"overlap": False}, {"pingpong": True, "overlap": False}],
-                         ids=["overlap", "plain", "pingpong"])
-def test_forward_lazy_rescale_compiles_for_sm90a(loop):
-    """rescale_tau > 0: the consumer's key loop multiplies O by the rescale factors only inside a branch on
-    whether one of the thread's rows moved its reference max; rescale_tau = 0 generates no such branch."""
-    spec = spec_of(d=128, scope="marginal")
-    src = tl_backend.forward_kernel(spec, tl_backend._resolve_config(spec, {**loop, "rescale_tau": 8.0}),
-                                    save=True, has_w=True, has_bias=True).get_kernel_source()
-    _assert_hopper_source(src, "forward rescale_tau")
-    body = _consumer_loop(src)
-    branch = body.index("if (moved[0] != 0) {")
-    assert re.search(r"\(acc_o \+ \(i_\d+ \* 2\)\) = ", body[branch:]), "O's rescale is not inside the branch"
-    assert body.count("acc_o + (i_") == body[branch:].count("acc_o + (i_"), "O rescaled outside the branch"
-    eager = tl_backend.forward_kernel(spec, tl_backend._resolve_config(spec, loop), save=True, has_w=True,
-                                      has_bias=True).get_kernel_source()
-    assert "moved" not in eager
 
 
 @needs_compiler
@@ -475,41 +453,9 @@ def case_inputs(*, B, H, L, lk, d, dtype, layout, fmap, scope, negl, n_crit, blo
     return q, k, v, maps, w, b, cfg
 
 
-def spread_keys(k: torch.Tensor, block_k: int, spread: float, gen) -> torch.Tensor:
-    """k (B, H, L, D) with each key block scaled by its own factor exp(U(-spread, spread)): the blocks' score
-    maxima then differ by many log2 units in random order, so a row's running max moves far in mid-loop."""
-    B, H, L, _ = k.shape
-    f = torch.exp((torch.rand(B, H, -(-L // block_k), device=k.device, generator=gen) * 2 - 1) * spread)
-    return (k.float() * f.repeat_interleave(block_k, dim=-1)[..., :L, None]).to(k.dtype)
-
-
-def far_moves(q, k, crit_lut, crit_count, block_q, block_k, scale, tau) -> int:
-    """How many (row, step > 0) pairs of the TileLang forward's walk (a row's critical key blocks, last
-    first) raise the row's running score max by more than tau log2 units: the lazy rescale's moves."""
-    s = (q.float() @ k.float().transpose(-1, -2)) * (scale * math.log2(math.e))
-    B, H, L, Lk = s.shape
-    tn = -(-Lk // block_k)
-    s = torch.nn.functional.pad(s, (0, tn * block_k - Lk), value=-math.inf).view(B, H, L, tn, block_k).amax(-1)
-    lut = crit_lut.long().repeat_interleave(block_q, dim=2)[:, :, :L]
-    cnt = crit_count.long().repeat_interleave(block_q, dim=2)[:, :, :L]
-    moves, run = 0, torch.full((B, H, L), -math.inf, device=s.device)
-    for t in range(lut.shape[-1]):
-        idx = (cnt - 1 - t).clamp_min(0)
-        blk = torch.gather(lut, -1, idx[..., None]).clamp_min(0)
-        cur = torch.gather(s, -1, blk).squeeze(-1)
-        live = t < cnt
-        if t > 0:
-            moves += int((live & (cur - run > tau)).sum())
-        run = torch.where(live, torch.maximum(run, cur), run)
-    return moves
-
-
 def run_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="marginal", negl=0.0, n_crit="topk",
-             block=(128, 64), layout="bhld", proj=True, save=True, seed=0, Lk=None, config=None,
-             spread=0.0) -> dict:
-    """One TileLang forward vs the reference (fp32, same inputs); returns {output: rel. err}. spread > 0
-    scales each key block by its own factor (spread_keys) and asserts that rows' maxima move by more than
-    the config's rescale_tau in mid-loop (so a lazy rescale is exercised).
+             block=(128, 64), layout="bhld", proj=True, save=True, seed=0, Lk=None, config=None) -> dict:
+    """One TileLang forward vs the reference (fp32, same inputs); returns {output: rel. err}.
 
     Raises AssertionError when o's layout/dtype is wrong or the non-finite pattern (NaN anywhere, -inf LSE
     rows) differs from the reference's."""
@@ -517,10 +463,6 @@ def run_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="margina
     gen = torch.Generator(device=dev).manual_seed(seed)
     q, k, v, maps, w, b, cfg = case_inputs(B=B, H=H, L=L, lk=Lk or L, d=d, dtype=dtype, layout=layout, fmap=fmap,
                                            scope=scope, negl=negl, n_crit=n_crit, block=block, proj=proj, gen=gen)
-    if spread:
-        k = spread_keys(k, block[1], spread, gen)
-        tau = (config or {}).get("rescale_tau", 0.0)
-        assert far_moves(q, k, maps[1], maps[2], *block, cfg["scale"], tau) > 0, "no row's max moves past tau"
     linear = fmap != "none"
     poison_allocator(8 * q.numel() * 4, dev)
     o, lse, o_lin, den = tl_backend.forward(q, k, v, maps, w, b, save, config=config, **cfg)
@@ -543,7 +485,6 @@ def run_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="margina
 
 
 PINGPONG = {"pingpong": True, "overlap": False}   # the forward's turn-taking key loop (FlashAttention-3's order)
-LAZY = {"rescale_tau": 8.0}                      # the forward's conditional O rescale (FlashAttention-4's)
 GPU_CASES = (
     [dict(L=L, d=d, scope=sc, negl=ng, n_crit=c)
      for L, c in ((77, 1), (77, 2), (77, "all"), (4096, 1), (4096, 2), (4096, "all"), (32760, 1), (32760, 2),
@@ -633,19 +574,7 @@ GPU_CASES = (
        dict(L=4096, scope="all", save=False, proj=False, config=PINGPONG),
        dict(L=4096, dtype="fp16", negl=0.1, config=PINGPONG),
        dict(L=4096, config={**PINGPONG, "num_stages": 3}),
-       dict(L=4096, block=(128, 128), n_crit="mixed", config=PINGPONG)]
-    # rescale_tau: O's rescale only where a row's reference max moved past tau (log2 units); spread keys make
-    # maxima move far in mid-loop (run_case asserts it). Each key loop (overlap, plain, pingpong), scopes, head
-    # dims, counts, odd lengths, sparse-only, fp16, 64x64 blocks with two CTAs per SM
-    + [dict(L=L, d=d, scope=sc, negl=0.1, n_crit=c, spread=sp, config=LAZY)
-       for L, c, sp in ((77, "all", 0.0), (4096, "all", 3.0), (32760, "topk", 0.0)) for d in (64, 128)
-       for sc in ("marginal", "all")]
-    + [dict(L=4096, n_crit="all", spread=3.0, config={**LAZY, **extra})
-       for extra in ({"overlap": False}, PINGPONG, {"rescale_tau": 2.0}, {"rescale_tau": 16.0})]
-    + [dict(L=L, fmap="none", n_crit=c, spread=sp, config=LAZY) for L, c, sp in ((77, 1, 0.0), (4096, "mixed", 3.0))]
-    + [dict(L=1000, Lk=3001, negl=0.1, n_crit="all", spread=3.0, config=LAZY),
-       dict(L=4096, dtype="fp16", n_crit="all", spread=3.0, config=LAZY),
-       dict(L=4096, block=(64, 64), n_crit="all", spread=3.0, config={**LAZY, "ctas_per_sm": 2})])
+       dict(L=4096, block=(128, 128), n_crit="mixed", config=PINGPONG)])
 
 
 def kernels_of(case: dict):
