@@ -32,7 +32,6 @@ OPTIONS: Dict[str, Sequence] = {
     "tma_store": (False, True),          # the TileLang forward stores O through shared memory (TMA)
     "overlap": (False, True),            # the TileLang forward overlaps S_{t+1} = QK_{t+1}ᵀ with step t's softmax
     "pingpong": (False, True),           # the TileLang forward's two warpgroups take turns at the tensor cores
-    "pv_behind": (False, True),          # the TileLang forward's P·V one step behind, in flight during the softmax
 }
 _HAS_LINEAR = lambda spec: spec.feature_map is not None  # noqa: E731
 _HAS_MARGINAL = lambda spec: spec.scope == "marginal" and spec.feature_map is not None  # noqa: E731

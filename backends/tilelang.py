@@ -93,11 +93,9 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # 0.868 — slower in every form measured; tunable only.
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
-             warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False, pingpong=False,
-             pv_behind=False),
+             warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False, pingpong=False),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
-              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=True, pingpong=False,
-              pv_behind=False),
+              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=True, pingpong=False),
 }
 _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   # 64-row tiles, where two CTAs fit an SM
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
@@ -229,8 +227,7 @@ def shared_bytes(cfg: dict, spec: KernelSpec) -> int:
     linear = spec.feature_map is not None
     w = esize * d * d if linear else 0               # Proj weight, loaded before the loop
     h = esize * d * d if linear and cfg.get("prefetch_h") else 0     # H_i, loaded before the loop
-    k0 = esize * cfg["tile_n"] * d * ((cfg.get("overlap") or cfg.get("pingpong")) + bool(cfg.get("pv_behind")))
-    # (step 0's K tile, the last step's V tile)
+    k0 = esize * cfg["tile_n"] * d if cfg.get("overlap") or cfg.get("pingpong") else 0   # step 0's K / last V tile
     loop = esize * m * d + esize * 2 * cfg["tile_n"] * d * cfg["num_stages"] + w + h + k0
     epilogue = (esize * m * d + esize * d * d + w + 4 * m) if linear else 0   # φ(Q), H_i, W, den
     return max(loop, epilogue) + 1024
@@ -289,7 +286,7 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError("config tile_m=64 with num_warps=8 is not supported (TileLang layout inference "
                          "rejects it); use num_warps=4")
     choice("ctas_per_sm", (1, 2))
-    for name in ("prefetch_h", "tma_store", "overlap", "pingpong", "pv_behind"):
+    for name in ("prefetch_h", "tma_store", "overlap", "pingpong"):
         if not isinstance(cfg[name], bool):
             raise ValueError(f"config[{name!r}]={cfg[name]!r} must be True or False")
     if cfg["overlap"] and not cfg["warp_specialized"]:
@@ -300,9 +297,6 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError("config pingpong=True needs overlap=False (they are alternative key loops), "
                          "warp_specialized=True, num_warps=8 and tile_m=128 (two consumer warpgroups take turns) "
                          "and a tile_n dividing block_k")
-    if cfg["pv_behind"] and (not cfg["overlap"] or spec.block_k % cfg["tile_n"]):
-        raise ValueError("config pv_behind=True needs overlap=True (it is a form of the overlapped loop) and a "
-                         "tile_n dividing block_k")
     if cfg["ctas_per_sm"] == 2 and cfg["num_warps"] != 4:
         raise ValueError("config ctas_per_sm=2 needs num_warps=4 (one consumer warpgroup: two CTAs of 256 threads "
                          "at 128 registers each fill the SM's register file)")
@@ -520,7 +514,7 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
     args = dict(tile_m=cfg["tile_m"], tile_n=cfg["tile_n"], threads=32 * cfg["num_warps"],
                 num_stages=cfg["num_stages"], ctas_per_sm=ctas_per_sm, prefetch_h=cfg["prefetch_h"] and linear,
                 tma_store=cfg["tma_store"], save=save, has_w=has_w, has_bias=has_bias, overlap=cfg["overlap"],
-                pingpong=cfg["pingpong"], pv_behind=cfg["pv_behind"])
+                pingpong=cfg["pingpong"])
     key = ("forward", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     return _compile(key, lambda: mod.forward_kernel(**args), cfg["warp_specialized"])

@@ -289,38 +289,6 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
 @pytest.mark.parametrize("spec,flags", [
     (spec_of(d=128, fmap=None), {}),
     (spec_of(d=128, scope="marginal"), dict(save=True, has_w=True, has_bias=True)),
-    (spec_of(d=64, scope="all", block=(128, 128)), {}),
-    (spec_of(d=128, fmap=None, block=(64, 64)), {})],
-    ids=lambda x: x.canonical if isinstance(x, KernelSpec) else "-".join(sorted(x)) or "plain")
-def test_forward_pv_behind_compiles_for_sm90a(spec, flags):
-    """pv_behind: each consumer step commits the previous step's P·V batch, then S_{t+1} = QKᵀ, both without
-    a wait; the softmax's exp2 runs while they are in flight; one wait for both follows, before O's rescale; the
-    last step's P·V reads its own V tile (V1_s) in the loop. With one sub-tile per key block the loop's S is
-    not masked and the consumer reads no LUT entry."""
-    cfg = tl_backend._resolve_config(spec, {"overlap": True, "pv_behind": True})
-    src = tl_backend.forward_kernel(spec, cfg, **flags).get_kernel_source()
-    if cfg["tile_m"] == 128:
-        _assert_hopper_source(src, "forward pv_behind")
-    loop = _consumer_loop(src)
-    pv = loop.index("tl::warpgroup_commit_batch();", loop.index("(bfloat16_t*)V_s)"))
-    s_next = loop.index("tl::warpgroup_commit_batch();", loop.index("(bfloat16_t*)K_s)"))
-    wait = loop.index("tl::wait_wgmma<0>();", s_next)
-    assert pv < s_next, "P·V not committed before S_{t+1}"
-    assert "tl::warpgroup_wait" not in loop[pv:s_next], "P·V waited before S_{t+1} is issued"
-    assert "exp2f(" in loop[s_next:wait], "no exp2 while P·V and S_{t+1} are in flight"
-    assert re.search(r"acc_o \+ \(i_\d+ \* 2\)\) = ", loop[wait:]), "O rescaled before the wait"
-    assert "V1_s" in loop and "K0_s" in loop
-    _assert_sparse_loop_runs(src, "forward pv_behind")
-    if cfg["tile_n"] == spec.block_k:
-        assert loop.count("< Lk") == 1 and "LUT" not in loop, "the loop's S is masked or reads the LUT"
-    with pytest.raises(ValueError, match="pv_behind=True needs"):
-        tl_backend._resolve_config(spec, {"overlap": False, "pv_behind": True})
-
-
-@needs_compiler
-@pytest.mark.parametrize("spec,flags", [
-    (spec_of(d=128, fmap=None), {}),
-    (spec_of(d=128, scope="marginal"), dict(save=True, has_w=True, has_bias=True)),
     (spec_of(d=64, scope="all", block=(128, 128)), {})],
     ids=lambda x: x.canonical if isinstance(x, KernelSpec) else "-".join(sorted(x)) or "plain")
 def test_forward_pingpong_compiles_for_sm90a(spec, flags):
@@ -517,7 +485,6 @@ def run_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="margina
 
 
 PINGPONG = {"pingpong": True, "overlap": False}   # the forward's turn-taking key loop (FlashAttention-3's order)
-BEHIND = {"overlap": True, "pv_behind": True}     # the overlapped loop with P·V one step behind
 GPU_CASES = (
     [dict(L=L, d=d, scope=sc, negl=ng, n_crit=c)
      for L, c in ((77, 1), (77, 2), (77, "all"), (4096, 1), (4096, 2), (4096, "all"), (32760, 1), (32760, 2),
@@ -607,23 +574,7 @@ GPU_CASES = (
        dict(L=4096, scope="all", save=False, proj=False, config=PINGPONG),
        dict(L=4096, dtype="fp16", negl=0.1, config=PINGPONG),
        dict(L=4096, config={**PINGPONG, "num_stages": 3}),
-       dict(L=4096, block=(128, 128), n_crit="mixed", config=PINGPONG)]
-    # pv_behind: P·V one step behind S, in flight with S_{t+1} during the softmax (the last step's V in a tile
-    # of its own): scopes, head dims, 1 / 2 / all / top-k / mixed (0, 1, 2) counts, odd lengths, sparse-only,
-    # save and Proj off, fp16, two steps per key block (128x128 blocks, 64-key steps), 64x64 blocks
-    + [dict(L=L, d=d, scope=sc, negl=0.1, n_crit=c, config=BEHIND)
-       for L, c in ((77, "all"), (77, 1), (4096, 2), (32760, "topk")) for d in (64, 128) for sc in ("marginal", "all")]
-    + [dict(L=L, fmap="none", n_crit=c, config=BEHIND) for L, c in ((77, 1), (4096, "mixed"), (32760, "topk"))]
-    + [dict(L=1000, Lk=3001, negl=0.1, n_crit=2, config=BEHIND),
-       dict(L=1000, Lk=3001, fmap="none", n_crit="mixed", config=BEHIND),
-       dict(L=4096, scope="marginal", n_crit="mixed", config=BEHIND),
-       dict(L=4096, scope="marginal", save=False, config=BEHIND),
-       dict(L=4096, scope="all", save=False, proj=False, config=BEHIND),
-       dict(L=4096, dtype="fp16", negl=0.1, config=BEHIND),
-       dict(L=4096, config={**BEHIND, "num_stages": 3}),
-       dict(L=4096, block=(128, 128), n_crit="mixed", config=BEHIND),
-       dict(L=4096, block=(64, 64), config={**BEHIND, "ctas_per_sm": 1}),
-       dict(L=32760, block=(64, 64), fmap="none", n_crit="topk", config={**BEHIND, "ctas_per_sm": 1})])
+       dict(L=4096, block=(128, 128), n_crit="mixed", config=PINGPONG)])
 
 
 def kernels_of(case: dict):
