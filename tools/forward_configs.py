@@ -5,11 +5,15 @@ with its block map for one spec; this one A/Bs loop variants on both specs, with
     python tools/forward_configs.py --config '{}' --config '{"pingpong": true, "overlap": false}'
     python tools/forward_configs.py --seq-len 16384 --block 128x64 --config '{"overlap": false}'
 
-Every distinct kernel compiles first (8 threads; still ~25–30 s each on the H200 host, TileLang's lowering
-holds the GIL), so keep the configs few: 2 variants × 4 configs took ~5 min there (session 11).
-Prints one row per (variant, config): median ms over ``--reps`` timed calls (after warm-up), the sparse part's
-TFLOP/s (4·B·H·Lq·d per selected key, sparse-only) and the ratio to the first config. The first output is
-filled with NaN and freed before a second call, whose output (the same allocation) must come back finite.
+Every distinct kernel compiles first (8 threads; ~10–30 s each on the H200 host, TileLang's lowering holds the
+GIL). Then ``--rounds`` rounds time every (variant, config) in turn, ``--reps`` calls each (after warm-up);
+a row reports the median of its round medians, the fastest and slowest round, the sparse part's TFLOP/s
+(4·B·H·Lq·d per selected key) and the ratio to the first config. Rounds, not one block per config: on the
+H200 the first kernel timed runs at boost clocks and later ones at the sustained clock (session 12: the same
+kernel 0.638 ms timed first, 0.714 after three others), so configs timed one after the other are not
+comparable. Two identical configs (e.g. '{}' and '{"overlap": true}' at d 128) show the noise floor: ±2 %.
+Each output is first filled with NaN and freed before a second call, whose output (the same allocation)
+must come back finite.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ def main() -> None:
     ap.add_argument("--config", action="append", default=[], help="a JSON forward config (repeatable); '{}' is "
                                                                    "the default")
     ap.add_argument("--variants", default="sparse-only,marginal", help="comma-separated: sparse-only, marginal")
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=50, help="timed calls per round")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds over all configs, interleaved")
     args = ap.parse_args()
     configs = [json.loads(c) for c in (args.config or ["{}"])]
     bq, bk, (q, k, v, _), maps = map_inputs(args)
@@ -72,11 +77,10 @@ def main() -> None:
     variants = args.variants.split(",")
     fmaps = {variant: None if variant == "sparse-only" else "softmax" for variant in variants}
     precompile(q, bq, bk, list(fmaps.values()), configs)
-    rows = []
+    calls = {}
     for variant in variants:
         fmap = fmaps[variant]
-        base = None
-        for cfg in configs:
+        for i, cfg in enumerate(configs):
             def call(cfg=cfg, fmap=fmap):
                 return tl_backend.forward(q, k, v, maps, None, None, False, block_q=bq, block_k=bk,
                                           scale=q.shape[-1] ** -0.5, feature_map=fmap, scope="marginal",
@@ -88,15 +92,28 @@ def main() -> None:
             torch.cuda.synchronize()
             if not bool(torch.isfinite(out).all()):
                 raise SystemExit(f"{variant} {cfg}: non-finite output")
-            ms = median_ms(call, args.reps)
+            calls[variant, i] = call
+    # Rounds: every (variant, config) timed once per round, in turn, so that a drift of the card's speed over
+    # the run (measured: the same kernel 12 % slower when timed after three others) hits all of them alike.
+    times = {key: [] for key in calls}
+    for r in range(args.rounds):
+        for key, call in calls.items():
+            times[key].append(median_ms(call, args.reps))
+        print(f"  round {r + 1}: " + ", ".join(f"{v} #{i} {times[v, i][-1]:.3f}" for v, i in calls), flush=True)
+    rows = []
+    for variant in variants:
+        base = None
+        for i, cfg in enumerate(configs):
+            ts = sorted(times[variant, i])
+            ms = ts[len(ts) // 2]
             base = base or ms
-            rows.append((variant, json.dumps(cfg), ms, flops / ms / 1e9, base / ms))
-            print(f"  {variant} {json.dumps(cfg)}: {ms:.3f} ms", flush=True)
+            rows.append((variant, json.dumps(cfg), ms, ts[0], ts[-1], flops / ms / 1e9, base / ms))
     print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 "
           f"topk={args.topk} block {args.block} | forward kernels given the block map, CUDA-event medians\n")
-    print("| variant | config | ms | sparse TFLOP/s | × first |\n|---|---|---|---|---|")
-    for variant, cfg, ms, tflops, ratio in rows:
-        print(f"| {variant} | `{cfg}` | {ms:.3f} | {tflops:.0f} | {ratio:.3f} |")
+    print(f"median of {args.rounds} rounds (each a median of {args.reps} calls), min and max round\n")
+    print("| variant | config | ms | min–max | sparse TFLOP/s | × first |\n|---|---|---|---|---|---|")
+    for variant, cfg, ms, lo, hi, tflops, ratio in rows:
+        print(f"| {variant} | `{cfg}` | {ms:.3f} | {lo:.3f}–{hi:.3f} | {tflops:.0f} | {ratio:.3f} |")
 
 
 if __name__ == "__main__":
