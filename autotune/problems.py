@@ -116,6 +116,9 @@ def make_problem(spec: KernelSpec, backend: str, device: torch.device, *, batch:
                    check_bwd, mod.default_config(spec), mod)
 
 
+TUNE_ROUNDS = 3     # timing rounds over the candidates (tuner.tune: boost-clock drift)
+
+
 def time_ms(fn) -> float:
     from triton.testing import do_bench
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
@@ -132,7 +135,7 @@ def tune_and_store(spec: KernelSpec, backend: str, device: torch.device, *, seq_
                            negligible=negligible)
     configs = configs or space.candidates(spec, problem.default, problem.module.check_config)
     result = tuner.tune(configs, problem.run, problem.check, time_ms, progress, compile=problem.compile,
-                        jobs=codegen.compile_threads(jobs))
+                        jobs=codegen.compile_threads(jobs), rounds=TUNE_ROUNDS)
     bucket = records.shape_bucket(seq_len, density)
     cache.save([tuner.record(spec.canonical, backend, select.gpu_name(device), spec.arch, bucket, result,
                              records.stack_meta())])

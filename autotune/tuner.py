@@ -11,6 +11,7 @@ timing then happen one candidate at a time, and only what fails there counts.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Optional
@@ -58,11 +59,15 @@ def compile_all(configs: List[dict], compile: Callable[[dict], object], jobs: in
 def tune(configs: List[dict], run: Callable[[dict], object], check: Callable[[object], None],
          time_ms: Callable[[Callable[[], object]], float],
          progress: Optional[Callable[[int, Outcome], None]] = None,
-         compile: Optional[Callable[[dict], object]] = None, jobs: int = 1) -> TuneResult:
+         compile: Optional[Callable[[dict], object]] = None, jobs: int = 1, rounds: int = 1) -> TuneResult:
     """Try ``configs`` (the first is the default); return the fastest correct one.
 
     compile, jobs: with a compile-only callable and jobs > 1, every candidate compiles on that many threads
-    before they run one by one. Raises RuntimeError if the default config itself fails (then nothing is
+    before they run one by one. rounds > 1 times the correct candidates again, in turn, rounds - 1 more times
+    and keeps each one's median: a GPU that runs the first kernels at boost clocks and later ones at its
+    sustained clock (the H200, session 12: the same kernel 12 % slower when timed after three others) would
+    otherwise favour the candidates timed first — the default among them. progress is called after each
+    candidate's first round. Raises RuntimeError if the default config itself fails (then nothing is
     trustworthy).
     """
     if compile is not None and jobs > 1:
@@ -80,6 +85,13 @@ def tune(configs: List[dict], run: Callable[[dict], object], check: Callable[[ob
             progress(i, outcome)
     if outcomes[0].error:
         raise RuntimeError(f"the default config {configs[0]} failed: {outcomes[0].error}")
+    timed = [o for o in outcomes if o.time_ms is not None]
+    samples = {id(o): [o.time_ms] for o in timed}
+    for _ in range(rounds - 1):
+        for o in timed:
+            samples[id(o)].append(float(time_ms(lambda cfg=o.config: run(cfg))))
+    for o in timed:
+        o.time_ms = statistics.median(samples[id(o)])
     best = min((o for o in outcomes if o.time_ms is not None), key=lambda o: o.time_ms)
     return TuneResult(best=best.config, best_ms=best.time_ms, default_ms=outcomes[0].time_ms,
                       outcomes=outcomes)

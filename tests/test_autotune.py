@@ -217,6 +217,28 @@ def test_tuner_skips_failures_and_wrong_results_and_keeps_the_fastest():
         tuner.tune([{"w": 2}], run, check, time_ms=lambda fn: 1.0)
 
 
+def test_tuner_times_candidates_in_rounds_and_keeps_medians():
+    """rounds=3: after the first pass (run, check, time) the correct candidates are timed twice more, in turn
+    (a failed one never again), and each keeps its median — a candidate fast only in the first pass (the GPU
+    at boost clocks) does not win."""
+    configs = [{"w": 1}, {"w": 2}, {"w": 3}]
+    series = {1: [1.0, 2.0, 2.1], 2: [1.5, 1.6, 1.4], 3: [0.5]}
+    order = []
+
+    def run(cfg):
+        if cfg["w"] == 3:
+            raise RuntimeError("out of resources")
+        return "right"
+
+    def time_ms(fn):
+        w = fn.__defaults__[0]["w"]
+        order.append(w)
+        return series[w][sum(x == w for x in order) - 1]
+    result = tuner.tune(configs, run, lambda out: None, time_ms, rounds=3)
+    assert order == [1, 2, 1, 2, 1, 2]
+    assert result.best == {"w": 2} and result.best_ms == 1.5 and result.default_ms == 2.0
+
+
 def test_tuner_compiles_candidates_on_threads_first():
     """With a compile-only callable and jobs > 1 every candidate compiles on a thread pool before the serial
     runs; only failures of the serial run count (w=2 fails to compile on the pool only, w=5 fails to run);
