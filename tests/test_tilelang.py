@@ -536,9 +536,10 @@ GPU_CASES = (
     + [dict(L=L, d=d, scope="marginal", negl=0.1, n_crit=c, config=dict(tile_n=128))
        for L, c in ((77, 1), (77, "all"), (4096, 1), (4096, 2), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
     + [dict(L=4096, fmap="none", n_crit="mixed", config=dict(tile_n=128)),
-       dict(L=4096, block=(64, 64), n_crit=3, config=dict(tile_n=128, tile_m=64, num_warps=4)),
+       dict(L=4096, block=(64, 64), n_crit=3, config=dict(tile_n=128, tile_m=64, num_warps=4, ctas_per_sm=1)),
        dict(L=1000, Lk=3001, n_crit=3, config=dict(tile_n=128))]
-    # overlap: S_{t+1} = QK_{t+1}ᵀ in flight during step t's softmax (step 0 peeled, the last step's S masked):
+    # overlap: S_{t+1} = QK_{t+1}ᵀ in flight during step t's softmax (step 0 peeled and masked, the LUT walked
+    # last-first so that only step 0 can hold the partial key block; the last step's S unused):
     # scopes, head dims, 1 / 2 / all / top-k / mixed (0, 1, 2) counts, odd lengths, save and Proj off, 64x64
     # blocks (two CTAs per SM, and the one-CTA training forward with Proj), two key blocks per step (odd counts)
     + [dict(L=L, d=d, scope=sc, negl=0.1, n_crit=c, config=dict(overlap=True))
@@ -577,6 +578,18 @@ GPU_CASES = (
        dict(L=4096, block=(128, 128), n_crit="mixed", config=PINGPONG)])
 
 
+def test_gpu_cases_have_valid_configs():
+    """Every GPU case's tunables pass check_config (on the CPU: a stale case — e.g. tile_n=128 on 64x64 blocks,
+    whose default became two CTAs per SM that no longer fit — fails here, not as a GPU failure)."""
+    for case in GPU_CASES:
+        kernels_of(case)
+    for case in BWD_GPU_CASES:
+        spec = spec_of(d=case.get("d", 128), fmap=None if case.get("fmap") == "none" else case.get("fmap", "softmax"),
+                       scope=case.get("scope", "marginal"), negl=case.get("negl", 0.0) > 0,
+                       block=case.get("block", (128, 64))).replace(role="backward")
+        tl_backend._resolve_config(spec, {"backward": "tilelang", **(case.get("config") or {})})
+
+
 def kernels_of(case: dict):
     """(spec, tunables, epilogue flags) of the kernels ``run_case(**case)`` launches."""
     fmap = case.get("fmap", "softmax")
@@ -585,7 +598,7 @@ def kernels_of(case: dict):
                    block=case.get("block", (128, 64)))
     linear = spec.feature_map is not None
     proj, save = case.get("proj", True) and linear, case.get("save", True) and linear
-    cfg = {**tl_backend.default_config(spec), **(case.get("config") or {})}
+    cfg = tl_backend._resolve_config(spec, case.get("config"))    # as the call resolves it (validated)
     return spec, cfg, dict(save=save, has_w=proj and not (spec.scope == "all" and not save), has_bias=proj)
 
 
