@@ -9,10 +9,15 @@ SLA forward costs ~1 ms of host time on an H200 box, tools/host_overhead.py); "G
 The forward+backward is replayed from a CUDA graph too ("f+b GPU ms"; blank where it cannot be captured).
 Dense-equivalent TFLOP/s = 4·B·H·L²·D / t (×3.5 for forward+backward, eager times); the sparse part's achieved
 TFLOP/s counts only the critical blocks.
+Times are medians over ``rounds``: every row is measured once as it is built (compiling what it needs), then
+``rounds`` - 1 more times, all rows in turn — a GPU that runs the first kernels of a process at boost clocks and
+later ones at its sustained clock (an H200: the same kernel 12 % slower after others) would otherwise favour the
+rows timed first (dense cuDNN). Peak memory is measured once.
 """
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -50,6 +55,41 @@ def graph_ms(fn) -> Optional[float]:
         return float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
     except Exception:  # noqa: BLE001 - an uncapturable call has no GPU-only time; the eager one stands
         return None
+
+
+TIMES = ("fwd_ms", "gpu_ms", "fwd_bwd_ms", "fwd_bwd_gpu_ms")
+
+
+def measure_times(fwd_fn, fb_fn=None) -> dict:
+    """One measurement of a row: eager and CUDA-graph medians of the forward (and of forward+backward when
+    ``fb_fn`` is given); a graph that cannot be captured gives None."""
+    times = dict(fwd_ms=median_ms(fwd_fn), gpu_ms=graph_ms(fwd_fn), fwd_bwd_ms=None, fwd_bwd_gpu_ms=None)
+    if fb_fn is not None:
+        times["fwd_bwd_ms"] = median_ms(fb_fn)
+        times["fwd_bwd_gpu_ms"] = graph_ms(fb_fn)
+    return times
+
+
+def interleave(entries: Sequence[Tuple[dict, Callable[[], dict]]], rounds: int,
+               echo: Callable[[str], None] = print) -> None:
+    """Measure each (row, measure) entry ``rounds`` more times, all rows in turn per round, and set each row's
+    TIMES to the median of its samples (the row's first measurement, already in it, included; None samples —
+    a graph that could not be captured — are left out). A row whose re-measurement fails keeps what it has and
+    says so in its note."""
+    samples = {id(row): {key: [row[key]] for key in TIMES} for row, _ in entries}
+    for r in range(rounds):
+        for row, measure in entries:
+            try:
+                for key, value in measure().items():
+                    samples[id(row)][key].append(value)
+            except Exception as err:  # noqa: BLE001 - the first round's numbers stand
+                row["note"] = (row.get("note", "") + f" round {r + 2} failed: {type(err).__name__}").strip()
+        echo(f"  round {r + 2} of {rounds + 1} done")
+    for row, _ in entries:
+        for key, values in samples[id(row)].items():
+            values = [v for v in values if v is not None]
+            row[key] = statistics.median(values) if values else None
+        row["rounds"] = len(samples[id(row)]["fwd_ms"])
 
 
 def peak_mib(fn) -> float:
@@ -154,8 +194,9 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
         blocks: Sequence[Tuple[int, int]] = ((128, 64), (64, 64)), dtype: str = "bf16",
         backends: Sequence[str] = ("triton",), flex: bool = True, backward: bool = True,
         reference_sla: Sequence[Tuple[str, str]] = (), echo: Callable[[str], None] = print,
-        into: Optional[dict] = None, slagen_rows: Sequence[str] = tuple(SLAGEN_ROWS)) -> dict:
-    """Measure every row; returns {"header": {...}, "rows": [...]} (times in ms, memory in MiB).
+        into: Optional[dict] = None, slagen_rows: Sequence[str] = tuple(SLAGEN_ROWS), rounds: int = 3) -> dict:
+    """Measure every row; returns {"header": {...}, "rows": [...]} (times in ms, memory in MiB; times are
+    medians of ``rounds`` measurements, the later ones interleaved across rows: see the module docstring).
 
     slagen_rows: which slagen rows to time per block size and backend (keys of SLAGEN_ROWS; the dense and
     FlexAttention baselines always run).
@@ -176,17 +217,21 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
     rows: List[dict] = result["rows"]
     wanted = {SLAGEN_ROWS[r] for r in slagen_rows}
 
+    measured = []      # (row, measure) of the rows whose first measurement succeeded: re-timed in rounds
+
     def attempt(name, fwd_fn, fb_fn=None, group="", sparse_flops=None, component=False):
         row = dict(name=name, group=group, fwd_ms=None, fwd_bwd_ms=None, peak_mib=None, sparse_flops=sparse_flops,
                    component=component, note="", gpu_ms=None, fwd_bwd_gpu_ms=None)
+        fb = fb_fn if backward else None
         try:
             row["fwd_ms"] = median_ms(fwd_fn)
             row["gpu_ms"] = graph_ms(fwd_fn)
-            if fb_fn is not None and backward:
-                row["fwd_bwd_ms"] = median_ms(fb_fn)
-            row["peak_mib"] = peak_mib(fb_fn if fb_fn is not None and backward else fwd_fn)
-            if fb_fn is not None and backward:     # last: a capture that fails leaves the row's other numbers
-                row["fwd_bwd_gpu_ms"] = graph_ms(fb_fn)
+            if fb is not None:
+                row["fwd_bwd_ms"] = median_ms(fb)
+            row["peak_mib"] = peak_mib(fb if fb is not None else fwd_fn)
+            if fb is not None:     # last: a capture that fails leaves the row's other numbers
+                row["fwd_bwd_gpu_ms"] = graph_ms(fb)
+            measured.append((row, lambda: measure_times(fwd_fn, fb)))
         except Exception as err:  # a failing row is reported; the run goes on
             row["note"] = f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
         rows.append(row)
@@ -247,6 +292,10 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
                 rows.append(dict(name=f"FlexAttention same blocks [{group}]", group=group, fwd_ms=None,
                                  fwd_bwd_ms=None, peak_mib=None, sparse_flops=None, component=False,
                                  note=f"FAILED: {type(err).__name__}: {str(err)[:160]}"))
+    if rounds > 1:
+        echo(f"  timing every row {rounds - 1} more times, in turn")
+        interleave(measured, rounds - 1, echo)
+    result["header"]["rounds"] = rounds
     return result
 
 
@@ -256,7 +305,8 @@ def table(result: dict) -> str:
     dense = dense_flops(h)
     cudnn = next((r for r in rows if r["name"] == "dense SDPA cuDNN"), None)
     lines = [f"{h['device']} ({h['clocks']}) | B={h['B']} H={h['H']} L={h['L']} D={h['D']} {h['dtype']} "
-             f"topk={h['topk']} | torch {h['torch']}, slagen {h['slagen']}",
+             f"topk={h['topk']} | torch {h['torch']}, slagen {h['slagen']}"
+             + (f" | medians of {h['rounds']} rounds" if h.get("rounds", 1) > 1 else ""),
              "",
              "| what | fwd ms | fwd+bwd ms | fwd ×cuDNN | f+b ×cuDNN | fwd ×Flex | f+b ×Flex | fwd GPU ms "
              "| GPU ×cuDNN | f+b GPU ms | f+b GPU ×cuDNN | dense-eq TFLOP/s fwd | sparse TFLOP/s fwd | peak MiB "

@@ -442,9 +442,12 @@ def _override(default: dict, override: dict, check, spec):
               callback=_csv(str), help="slagen rows to time per block size and backend, comma-separated: "
               "blockmap (the block map alone), marginal / all (SLA, scope marginal / all), sparse (sparse-only), "
               "given (sparse-only given the block map). The dense and FlexAttention rows always run.")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Times are medians of this many measurements per row, every row re-timed in turn (a GPU's "
+              "boost clock favours what is timed first).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
 def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex, backward, reference_sla,
-          slagen_rows, json_path):
+          slagen_rows, rounds, json_path):
     """SLA vs dense attention (SDPA cuDNN/flash) and FlexAttention on this GPU: a table per length (and JSON)."""
 
     import torch
@@ -475,7 +478,7 @@ def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex,
             bench_mod.run(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, topk=topk, blocks=blocks,
                           dtype=dtype, backward=backward, flex=flex, echo=click.echo, into=results[-1],
                           backends=[b.strip() for b in backends.split(",") if b.strip()], reference_sla=refs,
-                          slagen_rows=slagen_rows)
+                          slagen_rows=slagen_rows, rounds=rounds)
             torch.cuda.empty_cache()
             click.echo("\n" + bench_mod.table(results[-1]) + "\n")
     except KeyboardInterrupt:

@@ -128,3 +128,50 @@ def test_live_at_peak_replays_an_allocator_trace():
     assert bench.allocation_site(alive[0]) == "torch/y.py:1 f"
     assert bench.allocation_site(dict(frames=[])) == "?:0 ?"
     assert bench.live_at_peak([]) == (0, [])
+
+
+def test_interleave_retimes_rows_in_turn_and_keeps_medians():
+    """interleave: every row is measured once more per round, all rows in turn (the order a drifting GPU clock
+    hits alike), and each time becomes the median of the row's samples, its first measurement included; a
+    graph that could not be captured (None) is left out of its median; a failing re-measurement keeps the
+    row's numbers and is noted."""
+    order = []
+    first = dict(name="a", fwd_ms=1.0, gpu_ms=0.9, fwd_bwd_ms=4.0, fwd_bwd_gpu_ms=None, note="")
+    second = dict(name="b", fwd_ms=2.0, gpu_ms=2.0, fwd_bwd_ms=None, fwd_bwd_gpu_ms=None, note="")
+    third = dict(name="c", fwd_ms=3.0, gpu_ms=3.0, fwd_bwd_ms=None, fwd_bwd_gpu_ms=None, note="")
+    later = {"a": iter([dict(fwd_ms=1.4, gpu_ms=1.1, fwd_bwd_ms=5.0, fwd_bwd_gpu_ms=3.9),
+                        dict(fwd_ms=1.2, gpu_ms=1.0, fwd_bwd_ms=4.6, fwd_bwd_gpu_ms=None)]),
+             "b": iter([dict(fwd_ms=2.6, gpu_ms=2.2, fwd_bwd_ms=None, fwd_bwd_gpu_ms=None)] * 2)}
+
+    def measure(name):
+        def run():
+            order.append(name)
+            if name == "c":
+                raise RuntimeError("out of memory")
+            return next(later[name])
+        return run
+    log = []
+    bench.interleave([(first, measure("a")), (second, measure("b")), (third, measure("c"))], 2, log.append)
+    assert order == ["a", "b", "c", "a", "b", "c"] and len(log) == 2
+    assert (first["fwd_ms"], first["gpu_ms"], first["fwd_bwd_ms"], first["fwd_bwd_gpu_ms"]) == (1.2, 1.0, 4.6, 3.9)
+    assert first["rounds"] == 3 and second["fwd_ms"] == 2.6 and second["fwd_bwd_ms"] is None
+    assert third["fwd_ms"] == 3.0 and "round 2 failed: RuntimeError" in third["note"]
+
+
+def test_bench_rounds_option_reaches_the_run_and_is_shown(monkeypatch):
+    """`--rounds 5` reaches bench.run; the table's header says the times are medians of that many rounds;
+    0 rounds is a usage error naming the option."""
+    seen = {}
+
+    def record(*, into, rounds, **kwargs):
+        seen["rounds"] = rounds
+        into.update(header=dict(device="GPU", clocks="-", B=1, H=1, L=4096, D=128, dtype="bf16", topk=0.05,
+                                torch="x", slagen="y", rounds=rounds), rows=[row("dense SDPA cuDNN", 10.0, 40.0, gpu=9.0)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run", record)
+    result = CliRunner().invoke(main, ["bench", "--seq-len", "4096", "--rounds", "5"])
+    assert result.exit_code == 0, result.output
+    assert seen["rounds"] == 5 and "medians of 5 rounds" in result.output
+    assert CliRunner().invoke(main, ["bench", "--seq-len", "4096"]).exit_code == 0 and seen["rounds"] == 3
+    bad = CliRunner().invoke(main, ["bench", "--rounds", "0"])
+    assert bad.exit_code == 2 and "--rounds" in bad.output
