@@ -224,13 +224,8 @@ def run(*, batch: int = 1, heads: int = 12, seq_len: int = 32760, head_dim: int 
                    component=component, note="", gpu_ms=None, fwd_bwd_gpu_ms=None)
         fb = fb_fn if backward else None
         try:
-            row["fwd_ms"] = median_ms(fwd_fn)
-            row["gpu_ms"] = graph_ms(fwd_fn)
-            if fb is not None:
-                row["fwd_bwd_ms"] = median_ms(fb)
+            row.update(measure_times(fwd_fn, fb))      # (a graph that cannot be captured gives None)
             row["peak_mib"] = peak_mib(fb if fb is not None else fwd_fn)
-            if fb is not None:     # last: a capture that fails leaves the row's other numbers
-                row["fwd_bwd_gpu_ms"] = graph_ms(fb)
             measured.append((row, lambda: measure_times(fwd_fn, fb)))
         except Exception as err:  # a failing row is reported; the run goes on
             row["note"] = f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"

@@ -588,18 +588,21 @@ def test_gpu_cases_have_valid_configs():
     for case in GPU_CASES:
         kernels_of(case)
     for case in BWD_GPU_CASES:
-        spec = spec_of(d=case.get("d", 128), fmap=None if case.get("fmap") == "none" else case.get("fmap", "softmax"),
-                       scope=case.get("scope", "marginal"), negl=case.get("negl", 0.0) > 0,
-                       block=case.get("block", (128, 64))).replace(role="backward")
-        tl_backend._resolve_config(spec, {"backward": "tilelang", **(case.get("config") or {})})
+        tl_backend._resolve_config(case_spec(case).replace(role="backward"),
+                                   {"backward": "tilelang", **(case.get("config") or {})})
+
+
+def case_spec(case: dict) -> KernelSpec:
+    """The forward KernelSpec of a GPU case (run_case's / run_backward_case's defaults)."""
+    fmap = case.get("fmap", "softmax")
+    return spec_of(d=case.get("d", 128), dtype=case.get("dtype", "bf16"), fmap=None if fmap == "none" else fmap,
+                   scope=case.get("scope", "marginal"), negl=case.get("negl", 0.0) > 0,
+                   block=case.get("block", (128, 64)))
 
 
 def kernels_of(case: dict):
     """(spec, tunables, epilogue flags) of the kernels ``run_case(**case)`` launches."""
-    fmap = case.get("fmap", "softmax")
-    spec = spec_of(d=case.get("d", 128), dtype=case.get("dtype", "bf16"), fmap=None if fmap == "none" else fmap,
-                   scope=case.get("scope", "marginal"), negl=case.get("negl", 0.0) > 0,
-                   block=case.get("block", (128, 64)))
+    spec = case_spec(case)
     linear = spec.feature_map is not None
     proj, save = case.get("proj", True) and linear, case.get("save", True) and linear
     cfg = tl_backend._resolve_config(spec, case.get("config"))    # as the call resolves it (validated)
