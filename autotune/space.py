@@ -26,6 +26,7 @@ OPTIONS: Dict[str, Sequence] = {
     "epilogue": ("fused", "split", "lowp"),  # the Triton forward's linear epilogue
     "pre_stages": (1, 2, 3),             # the Triton forward's linear pre-pass
     "pre_per_sm": (2, 4, 8),
+    "pre_async": (True, False),          # the TileLang pre-pass leaves each H tile's TMA store in flight
     "backward": ("triton", "tilelang"),  # the TileLang backend's backward: Triton's, or its own sparse loops
     "ctas_per_sm": (1, 2),               # the TileLang forward's requested residency
     "prefetch_h": (False, True),         # the TileLang forward loads H_i before its key loop
@@ -36,7 +37,8 @@ OPTIONS: Dict[str, Sequence] = {
 _HAS_LINEAR = lambda spec: spec.feature_map is not None  # noqa: E731
 _HAS_MARGINAL = lambda spec: spec.scope == "marginal" and spec.feature_map is not None  # noqa: E731
 RELEVANT = {"marginal": _HAS_MARGINAL, "marginal_states": _HAS_MARGINAL, "epilogue": _HAS_LINEAR,
-            "pre_stages": _HAS_LINEAR, "pre_per_sm": _HAS_LINEAR, "prefetch_h": _HAS_LINEAR}
+            "pre_stages": _HAS_LINEAR, "pre_per_sm": _HAS_LINEAR, "prefetch_h": _HAS_LINEAR,
+            "pre_async": _HAS_MARGINAL}
 
 
 def copy_config(config: dict) -> dict:

@@ -61,7 +61,11 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # TMA pipeline depth; pre_*: the linear pre-pass; warp_specialized: False sets TL_DISABLE_WARP_SPECIALIZED and
 # TL_DISABLE_TMA_LOWER (a slow fallback, ~4x, for the Hopper warp-specialisation bugs TileLang has had; it
 # needs num_stages = pre_stages = 1). d=128 defaults measured on an H200 (B=1, H=12, L=32760, 128x64 blocks):
-# num_stages 2/3/4 time the same; pre_tile 128 beats 64 for scope 'all' (0.115 vs 0.16 ms).
+# num_stages 2/3/4 time the same; pre_tile 128 beats 64 for scope 'all' (0.115 vs 0.16 ms). pre_async (scope
+# 'marginal'): two H tiles in the pre-pass, each tile's TMA store left in flight while the next tile is formed
+# (the store two tiles back is waited for before its buffer is reused) instead of a wait after every store;
+# H200, headline shape, session 13: pre-pass 0.1294 -> 0.1178 ms, SLA marginal forward given the map 1.010 ->
+# 0.984 (interleaved rounds); d 64 not timed (its GPU tests pass).
 # ctas_per_sm: 2 asks for two resident CTAs per SM (registers capped at 128 per thread, no producer /
 # consumer register reallocation; both CTAs' shared memory must fit the SM): meant for 64-row tiles, whose one
 # consumer warpgroup runs alone on an SM otherwise (240 registers per thread). H200, 64x64 blocks, headline
@@ -95,9 +99,9 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # plain loop 0.757; pingpong without the store (softmax after the P·V wait) 0.806, with 3 stages 0.764; with it
 # 0.868 — slower in every form measured; tunable only.
 _DEFAULTS: Dict[int, dict] = {
-    64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
+    64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2, pre_async=True,
              warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False, pingpong=False),
-    128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
+    128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2, pre_async=True,
               warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=True, pingpong=False),
 }
 _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   # 64-row tiles, where two CTAs fit an SM
@@ -289,7 +293,7 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError("config tile_m=64 with num_warps=8 is not supported (TileLang layout inference "
                          "rejects it); use num_warps=4")
     choice("ctas_per_sm", (1, 2))
-    for name in ("prefetch_h", "tma_store", "overlap", "pingpong"):
+    for name in ("pre_async", "prefetch_h", "tma_store", "overlap", "pingpong"):
         if not isinstance(cfg[name], bool):
             raise ValueError(f"config[{name!r}]={cfg[name]!r} must be True or False")
     if cfg["overlap"] and not cfg["warp_specialized"]:
@@ -527,7 +531,8 @@ def prepass_kernel(spec: KernelSpec, cfg: dict):
     """The compiled linear pre-pass of ``spec`` (linear branch only)."""
     if spec.feature_map is None:
         raise ValueError("a sparse-only spec (feature_map=None) has no linear pre-pass")
-    args = dict(tile=cfg["pre_tile"], threads=32 * cfg["pre_warps"], num_stages=cfg["pre_stages"])
+    args = dict(tile=cfg["pre_tile"], threads=32 * cfg["pre_warps"], num_stages=cfg["pre_stages"],
+                async_h=cfg["pre_async"] and spec.scope == "marginal")
     key = ("prepass", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     return _compile(key, lambda: mod.prepass_kernel(**args), cfg["warp_specialized"])

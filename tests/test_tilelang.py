@@ -390,6 +390,17 @@ def test_prepass_compiles_for_sm90a(spec):
 
 
 @needs_compiler
+def test_prepass_async_stores_compile_for_sm90a():
+    """pre_async: two H tiles, each tile's TMA store left in flight; a tile waits only for the store two tiles
+    back (wait_group.read 1), and the CTA for all of them before it exits."""
+    spec = spec_of(d=128, scope="marginal")
+    src = tl_backend.prepass_kernel(spec, {**tl_backend.default_config(spec), "pre_async": True}).get_kernel_source()
+    _assert_hopper_source(src, "pre-pass")
+    assert src.count("tl::tma_store(") == 2 and "tma_store_wait<1, true>" in src, "H tiles not double-buffered"
+    assert src.count("tma_store_wait<0, true>") == 1, "only the final wait may drain every store"
+
+
+@needs_compiler
 def test_compile_for_call_builds_the_variant_a_call_launches():
     """The autotuner's compile-only step: scope 'all' without saving folds W into H (the kernel has no W),
     with saving the kernel applies W; both come with the pre-pass; compiled once (memoised)."""
@@ -568,6 +579,9 @@ GPU_CASES = (
        dict(L=77, n_crit=1, config=dict(overlap=True, tile_n=128)),
        dict(L=1000, Lk=3001, fmap="none", n_crit="mixed", config=dict(overlap=True, tile_n=128)),
        dict(L=32760, d=64, n_crit="topk", config=dict(overlap=True, tile_n=128))]
+    # the pre-pass with asynchronous H stores feeding the forward (scope 'marginal')
+    + [dict(L=L, d=d, scope="marginal", negl=0.1, n_crit=c, config=dict(pre_async=True))
+       for L, c in ((77, "all"), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
     # pingpong: the two consumer warpgroups take turns at the tensor cores, P·V one step behind S (the last
     # step's V in a tile of its own): scopes, head dims, 1 / 2 / all / top-k / mixed (0, 1, 2) counts, odd
     # lengths, sparse-only, fp16, deeper pipeline, two steps per key block (128x128 blocks, 64-key steps)
@@ -666,7 +680,11 @@ PREPASS_GPU_CASES = (
     + [dict(L=4099, block=(128, 128)), dict(L=4099, d=64, block=(128, 128), scope="all"),
        dict(L=4096, B=2, H=3, layout="blhd"), dict(L=4096, layout="qkv", scope="all"),
        dict(L=4096, config=dict(pre_stages=1)), dict(L=4096, config=dict(pre_stages=3)),
-       dict(L=4096, config=dict(warp_specialized=False, num_stages=1, pre_stages=1))])
+       dict(L=4096, config=dict(warp_specialized=False, num_stages=1, pre_stages=1, pre_async=False))]
+    # two H tiles with asynchronous TMA stores (odd tile counts per chunk, partial last tiles, 32-key tiles)
+    + [dict(L=L, d=d, config=dict(pre_async=True)) for L in (77, 4099, 32760) for d in (64, 128)]
+    + [dict(L=4099, d=d, config=dict(pre_async=True, pre_tile=32)) for d in (64, 128)]
+    + [dict(L=4099, config=dict(warp_specialized=False, num_stages=1, pre_stages=1, pre_async=True))])
 
 PREPASS_TOL = {"h": 1e-2, "z": 1e-3}     # z: φ rounding ties (fast-math exp2 vs float64) ~1e-5
 
