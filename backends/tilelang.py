@@ -296,6 +296,9 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
     for name in ("pre_async", "prefetch_h", "tma_store", "overlap", "pingpong"):
         if not isinstance(cfg[name], bool):
             raise ValueError(f"config[{name!r}]={cfg[name]!r} must be True or False")
+    if cfg["pre_async"] and not cfg["warp_specialized"]:
+        raise ValueError("config pre_async=True needs warp_specialized=True (warp_specialized=False is the fallback "
+                         "without TMA lowering; pre_async issues its own TMA stores)")
     if cfg["overlap"] and not cfg["warp_specialized"]:
         raise ValueError("config overlap=True needs warp_specialized=True (the overlapped loop relies on the "
                          "producer warpgroup's barriers to keep a K / V tile until the wgmma reading it is done)")
@@ -432,8 +435,9 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
     cfg = default_config(spec)
     for name, value in (config or {}).items():
         cfg[name] = {**cfg[name], **value} if isinstance(cfg.get(name), dict) and isinstance(value, dict) else value
-    if cfg.get("overlap") and "overlap" not in (config or {}) and not cfg["warp_specialized"]:
-        cfg["overlap"] = False      # a default, not the caller's choice: the overlapped loop needs warp specialisation
+    for name in ("overlap", "pre_async"):   # defaults, not the caller's choice: both need warp specialisation
+        if cfg.get(name) and name not in (config or {}) and not cfg["warp_specialized"]:
+            cfg[name] = False
     if config and spec.role == "backward" and cfg["backward"] == "tilelang":
         linear = None
         for kernel in ("dq", "dkdv"):   # a default lin_fused gives way to the caller's lin_init or gathered states

@@ -77,13 +77,25 @@ def test_default_config_is_valid(d, block, fmap, scope):
         assert block[1] % cfg["pre_tile"] == 0
 
 
+def test_defaults_that_need_warp_specialisation_give_way_without_it():
+    """warp_specialized=False (the fallback without TMA lowering) turns the default overlap and pre_async off; the
+    caller's explicit choice of either is an error (test_bad_config_is_a_clear_error)."""
+    spec = spec_of(d=128, scope="marginal", block=(128, 64))
+    assert tl_backend.default_config(spec)["overlap"] and tl_backend.default_config(spec)["pre_async"]
+    cfg = tl_backend._resolve_config(spec, dict(warp_specialized=False, num_stages=1, pre_stages=1))
+    assert not cfg["overlap"] and not cfg["pre_async"]
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(tile_m=96), "tile_m"), (dict(tile_m=256), "tile_m"), (dict(tile_n=96), "tile_n"),
     (dict(num_warps=6), "num_warps"), (dict(num_stages=0), "num_stages"), (dict(tile_m=64, num_warps=8), "num_warps=4"),
     (dict(warp_specialized=False), "num_stages=1"), (dict(warp_specialized=False, num_stages=1), "pre_stages=1"), (dict(warp_specialized="yes"), "warp_specialized"),
     (dict(pre_tile=128), "pre_tile"), (dict(bogus=1), "unknown keys"), (dict(ctas_per_sm=3), "ctas_per_sm"),
     (dict(ctas_per_sm=2), "num_warps=4"), (dict(overlap=1), "overlap"),
-    (dict(overlap=True, warp_specialized=False, num_stages=1, pre_stages=1), "needs warp_specialized=True"),
+    (dict(overlap=True, pre_async=False, warp_specialized=False, num_stages=1, pre_stages=1),
+     "overlap=True needs warp_specialized=True"),
+    (dict(pre_async=True, overlap=False, warp_specialized=False, num_stages=1, pre_stages=1),
+     "pre_async=True needs warp_specialized=True"),
 ])
 def test_bad_config_is_a_clear_error(change, match):
     spec = spec_of(scope="marginal", block=(128, 64))
@@ -680,11 +692,10 @@ PREPASS_GPU_CASES = (
     + [dict(L=4099, block=(128, 128)), dict(L=4099, d=64, block=(128, 128), scope="all"),
        dict(L=4096, B=2, H=3, layout="blhd"), dict(L=4096, layout="qkv", scope="all"),
        dict(L=4096, config=dict(pre_stages=1)), dict(L=4096, config=dict(pre_stages=3)),
-       dict(L=4096, config=dict(warp_specialized=False, num_stages=1, pre_stages=1, pre_async=False))]
+       dict(L=4096, config=dict(warp_specialized=False, num_stages=1, pre_stages=1))]
     # two H tiles with asynchronous TMA stores (odd tile counts per chunk, partial last tiles, 32-key tiles)
     + [dict(L=L, d=d, config=dict(pre_async=True)) for L in (77, 4099, 32760) for d in (64, 128)]
-    + [dict(L=4099, d=d, config=dict(pre_async=True, pre_tile=32)) for d in (64, 128)]
-    + [dict(L=4099, config=dict(warp_specialized=False, num_stages=1, pre_stages=1, pre_async=True))])
+    + [dict(L=4099, d=d, config=dict(pre_async=True, pre_tile=32)) for d in (64, 128)])
 
 PREPASS_TOL = {"h": 1e-2, "z": 1e-3}     # z: φ rounding ties (fast-math exp2 vs float64) ~1e-5
 
@@ -697,8 +708,7 @@ def prepass_case(*, L, B=1, H=2, d=128, dtype="bf16", fmap="softmax", scope="mar
     gen = torch.Generator(device=dev).manual_seed(seed)
     _, k, v = make_qkv(B, H, L, L, d, DT[dtype], layout, dev, gen)
     spec = spec_of(d=d, dtype=dtype, fmap=fmap, scope=scope, block=block)
-    cfg = {**tl_backend.default_config(spec), **(config or {})}
-    tl_backend.check_config(cfg, spec)
+    cfg = tl_backend._resolve_config(spec, config)      # as a call resolves it (defaults that need WS give way)
     poison_allocator(8 * k.numel() * 4, dev)
     got_h, got_z = tl_backend.linear_terms_of(spec, cfg, k, v)
     torch.cuda.synchronize()
