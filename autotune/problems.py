@@ -116,7 +116,7 @@ def make_problem(spec: KernelSpec, backend: str, device: torch.device, *, batch:
                    check_bwd, mod.default_config(spec), mod)
 
 
-TUNE_ROUNDS = 3     # timing rounds over the candidates (tuner.tune: boost-clock drift)
+TUNE_ROUNDS = 3     # timing rounds over the candidates (tuner.tune: drift and order effects)
 
 
 def time_ms(fn) -> float:

@@ -10,9 +10,11 @@ The forward+backward is replayed from a CUDA graph too ("f+b GPU ms"; blank wher
 Dense-equivalent TFLOP/s = 4·B·H·L²·D / t (×3.5 for forward+backward, eager times); the sparse part's achieved
 TFLOP/s counts only the critical blocks.
 Times are medians over ``rounds``: every row is measured once as it is built (compiling what it needs), then
-``rounds`` - 1 more times, all rows in turn — a GPU that runs the first kernels of a process at boost clocks and
-later ones at its sustained clock (an H200: the same kernel 12 % slower after others) would otherwise favour the
-rows timed first (dense cuDNN). Peak memory is measured once.
+``rounds`` - 1 more times, all rows in turn, each round starting one row further on (autotune.tuner.rotation).
+On an H200 the same kernel measured up to 9–12 % apart depending on its place in the order (sessions 12–13;
+the SM clock read 1980 MHz throughout session 13's samples, so not the boost clock alone): timing rows one
+after the other, or always in the same order, would favour some rows (dense cuDNN first). Peak memory is
+measured once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 import slagen
+from slagen.autotune.tuner import rotation
 
 SLA_VARIANTS = (("softmax", "marginal", "SLA marginal"), ("softmax", "all", "SLA all"),
                 (None, "marginal", "sparse-only"))
@@ -72,13 +75,14 @@ def measure_times(fwd_fn, fb_fn=None) -> dict:
 
 def interleave(entries: Sequence[Tuple[dict, Callable[[], dict]]], rounds: int,
                echo: Callable[[str], None] = print) -> None:
-    """Measure each (row, measure) entry ``rounds`` more times, all rows in turn per round, and set each row's
+    """Measure each (row, measure) entry ``rounds`` more times, all rows in turn per round (round r in
+    ``rotation(entries, r)`` order, r = 1, 2, ...: the build order was round 0), and set each row's
     TIMES to the median of its samples (the row's first measurement, already in it, included; None samples —
     a graph that could not be captured — are left out). A row whose re-measurement fails keeps what it has and
     says so in its note."""
     samples = {id(row): {key: [row[key]] for key in TIMES} for row, _ in entries}
     for r in range(rounds):
-        for row, measure in entries:
+        for row, measure in rotation(entries, r + 1):
             try:
                 for key, value in measure().items():
                     samples[id(row)][key].append(value)

@@ -443,8 +443,8 @@ def _override(default: dict, override: dict, check, spec):
               "blockmap (the block map alone), marginal / all (SLA, scope marginal / all), sparse (sparse-only), "
               "given (sparse-only given the block map). The dense and FlexAttention rows always run.")
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Times are medians of this many measurements per row, every row re-timed in turn (a GPU's "
-              "boost clock favours what is timed first).")
+              help="Times are medians of this many measurements per row, every row re-timed in turn, each round "
+              "starting one row further on (a row's place in the order changes its time).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
 def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex, backward, reference_sla,
           slagen_rows, rounds, json_path):

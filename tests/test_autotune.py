@@ -219,8 +219,8 @@ def test_tuner_skips_failures_and_wrong_results_and_keeps_the_fastest():
 
 def test_tuner_times_candidates_in_rounds_and_keeps_medians():
     """rounds=3: after the first pass (run, check, time) the correct candidates are timed twice more, in turn
-    (a failed one never again), and each keeps its median — a candidate fast only in the first pass (the GPU
-    at boost clocks) does not win."""
+    (a failed one never again), each round starting one candidate further on, and each keeps its median — a
+    candidate fast only in the first pass does not win."""
     configs = [{"w": 1}, {"w": 2}, {"w": 3}]
     series = {1: [1.0, 2.0, 2.1], 2: [1.5, 1.6, 1.4], 3: [0.5]}
     order = []
@@ -235,8 +235,13 @@ def test_tuner_times_candidates_in_rounds_and_keeps_medians():
         order.append(w)
         return series[w][sum(x == w for x in order) - 1]
     result = tuner.tune(configs, run, lambda out: None, time_ms, rounds=3)
-    assert order == [1, 2, 1, 2, 1, 2]
+    assert order == [1, 2, 2, 1, 1, 2]      # the first pass, then rounds starting one candidate further on
     assert result.best == {"w": 2} and result.best_ms == 1.5 and result.default_ms == 2.0
+
+
+def test_rotation_starts_each_round_one_item_further_on():
+    assert tuner.rotation("abc", 0) == list("abc") and tuner.rotation("abc", 1) == list("bca")
+    assert tuner.rotation("abc", 5) == list("cab") and tuner.rotation([], 3) == []
 
 
 def test_tuner_compiles_candidates_on_threads_first():

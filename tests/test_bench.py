@@ -131,8 +131,8 @@ def test_live_at_peak_replays_an_allocator_trace():
 
 
 def test_interleave_retimes_rows_in_turn_and_keeps_medians():
-    """interleave: every row is measured once more per round, all rows in turn (the order a drifting GPU clock
-    hits alike), and each time becomes the median of the row's samples, its first measurement included; a
+    """interleave: every row is measured once more per round, all rows in turn, each round starting one row
+    further on (a drifting GPU clock and the place in the order hit all alike), and each time becomes the median of the row's samples, its first measurement included; a
     graph that could not be captured (None) is left out of its median; a failing re-measurement keeps the
     row's numbers and is noted."""
     order = []
@@ -152,7 +152,7 @@ def test_interleave_retimes_rows_in_turn_and_keeps_medians():
         return run
     log = []
     bench.interleave([(first, measure("a")), (second, measure("b")), (third, measure("c"))], 2, log.append)
-    assert order == ["a", "b", "c", "a", "b", "c"] and len(log) == 2
+    assert order == ["b", "c", "a", "c", "a", "b"] and len(log) == 2     # each round starts one row on
     assert (first["fwd_ms"], first["gpu_ms"], first["fwd_bwd_ms"], first["fwd_bwd_gpu_ms"]) == (1.2, 1.0, 4.6, 3.9)
     assert first["rounds"] == 3 and second["fwd_ms"] == 2.6 and second["fwd_bwd_ms"] is None
     assert third["fwd_ms"] == 3.0 and "round 2 failed: RuntimeError" in third["note"]

@@ -9,9 +9,10 @@ Every distinct kernel compiles first (8 threads; ~10–30 s each on the H200 hos
 GIL). Then ``--rounds`` rounds time every (variant, config) in turn, ``--reps`` calls each (after warm-up);
 a row reports the median of its round medians, the fastest and slowest round, the sparse part's TFLOP/s
 (4·B·H·Lq·d per selected key) and the ratio to the first config. Rounds, not one block per config: on the
-H200 the first kernel timed runs at boost clocks and later ones at the sustained clock (session 12: the same
-kernel 0.638 ms timed first, 0.714 after three others), so configs timed one after the other are not
-comparable. Two identical configs (e.g. '{}' and '{"overlap": true}' at d 128) show the noise floor: ±2 %.
+H200 the same kernel measured 0.638 ms timed first and 0.714 after three others (session 12), so configs timed
+one after the other are not comparable; and each round starts one (variant, config) further on than the last (session 13: a kernel timed
+first in every round, after the last round's slowest config, ran 9 % faster than the same kernel timed second).
+Two identical configs (e.g. '{}' and '{"overlap": true}' at d 128) show the noise floor.
 Each output is first filled with NaN and freed before a second call, whose output (the same allocation)
 must come back finite.
 """
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_sla import add_shape_args, map_inputs  # noqa: E402
 
 from slagen import reference  # noqa: E402
+from slagen.autotune.tuner import rotation  # noqa: E402
 from slagen.backends import tilelang as tl_backend  # noqa: E402
 
 
@@ -93,11 +95,12 @@ def main() -> None:
             if not bool(torch.isfinite(out).all()):
                 raise SystemExit(f"{variant} {cfg}: non-finite output")
             calls[variant, i] = call
-    # Rounds: every (variant, config) timed once per round, in turn, so that a drift of the card's speed over
-    # the run (measured: the same kernel 12 % slower when timed after three others) hits all of them alike.
+    # Rounds: every (variant, config) timed once per round, in turn, each round starting one further on, so that
+    # a drift of the card's speed over the run and the place in the order (session 13: the same kernel 0.639 ms
+    # timed first in its rounds, 0.701 second) hit all of them alike.
     times = {key: [] for key in calls}
     for r in range(args.rounds):
-        for key, call in calls.items():
+        for key, call in rotation(list(calls.items()), r):
             times[key].append(median_ms(call, args.reps))
         print(f"  round {r + 1}: " + ", ".join(f"{v} #{i} {times[v, i][-1]:.3f}" for v, i in calls), flush=True)
     rows = []
