@@ -410,6 +410,8 @@ def test_prepass_async_stores_compile_for_sm90a():
     _assert_hopper_source(src, "pre-pass")
     assert src.count("tl::tma_store(") == 2 and "tma_store_wait<1, true>" in src, "H tiles not double-buffered"
     assert src.count("tma_store_wait<0, true>") == 1, "only the final wait may drain every store"
+    for branch in src.split("tma_store_wait<1, true>")[1].split("} else {")[:2]:   # the consumers' barrier
+        assert branch.index("__sync_thread_partial") < branch.index("stmatrix"), "H tile written before the barrier"
 
 
 @needs_compiler
