@@ -31,13 +31,17 @@ TRITON_TUNE_ARGS=(
 # 64-row tiles with two CTAs per SM and the TMA store: 1.136 vs 1.156 ms (session 11 tune, SLA forward with its
 # block map; the same process's profile showed its sla_forward at 0.838 ms, so within noise at best).
 # (session 5, 64x64 block map: pool_stages 3 / pool_warps 8 slower.)
+# Session 13 (interleaved rounds, given the map): 64-row tiles with two CTAs per SM at 128x64 are slower
+# (sparse-only 0.766 / 0.858 ms with / without the TMA store vs 0.639–0.701), kept as candidates for other cards;
+# pre_async (the pre-pass's asynchronous H stores) default since (SLA forward 1.010 -> 0.984 ms): the old
+# synchronous stores are the candidate.
 TILELANG_TUNE_CANDIDATES=(
   --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 1}'
   --config '{"tma_store": true}' --config '{"tma_store": false}' --config '{"prefetch_h": true}'
   --config '{"tile_n": 128}' --config '{"overlap": true}' --config '{"overlap": false}'
   --config '{"tile_m": 64, "num_warps": 4, "ctas_per_sm": 2, "tma_store": false, "overlap": false}'
   --config '{"tile_m": 64, "num_warps": 4, "ctas_per_sm": 2, "overlap": false}'
-  --config '{"pingpong": true, "overlap": false}'
+  --config '{"pingpong": true, "overlap": false}' --config '{"pre_async": false}'
   --config '{"dq": {"lin_init": true, "lin_fused": false}, "dkdv": {"lin_init": true, "lin_fused": false}}'
   --config '{"dq": {"tma_store": false}, "dkdv": {"tma_store": false}}'
   --config '{"dkdv": {"lin_fused": false}}' --config '{"dq": {"lin_fused": false}}'
