@@ -4,7 +4,9 @@ Each backend module exposes the same four functions, all on logical (B, H, L, D)
 strides that keep D contiguous:
 
   unavailable_reason(device, spec) -> str | None   why it cannot serve ``spec`` on ``device`` (None: it can)
-  block_map(q, k, n_crit, n_negl, block_q, block_k) -> the 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS)
+  block_map(q, k, n_crit, n_negl, block_q, block_k, columns=True) -> the 9 BlockMap tensors
+      (slagen.blockmap.LUT_FIELDS; with columns=False the column tables are zero-size stand-ins, for a call
+      that will not be differentiated: slagen.blockmap.no_columns)
   forward(q, k, v, maps, proj_weight, proj_bias, save, **cfg) -> (o, lse, o_lin, den)
       (the kernel backends also take ``maps_ready``: a CUDA event the maps' producer recorded on another
       stream; they wait for it after launching their linear pre-pass, which does not read the maps;

@@ -14,10 +14,10 @@ def unavailable_reason(device: torch.device, spec) -> Optional[str]:
     return None
 
 
-def block_map(q, k, n_crit: int, n_negl: int, block_q: int, block_k: int):
+def block_map(q, k, n_crit: int, n_negl: int, block_q: int, block_k: int, columns: bool = True):
     with torch.no_grad():
         mask = reference.classify(reference.block_scores(q, k, block_q, block_k), n_crit, n_negl)
-        return lists_from_mask(mask, n_crit, n_negl)
+        return lists_from_mask(mask, n_crit, n_negl, columns)
 
 
 def _parts(q, k, v, maps, proj_weight, proj_bias, *, block_q, block_k, scale, feature_map, scope, eps):

@@ -202,9 +202,9 @@ def unavailable_reason(device: torch.device, spec: KernelSpec) -> Optional[str]:
     return None
 
 
-def block_map(q, k, n_crit: int, n_negl: int, block_q: int, block_k: int):
+def block_map(q, k, n_crit: int, n_negl: int, block_q: int, block_k: int, columns: bool = True):
     """Delegated to the Triton backend (no TileLang selection kernel yet)."""
-    return _triton().block_map(q, k, n_crit, n_negl, block_q, block_k)
+    return _triton().block_map(q, k, n_crit, n_negl, block_q, block_k, columns)
 
 
 # ----------------------------------------------------------------------------------------------------

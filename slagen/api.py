@@ -84,8 +84,8 @@ def _resolve_backend(backend, q: Tensor, **fields) -> str:
 
 
 def _block_map_bhld(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,
-                    backend: str) -> BlockMap:
-    tensors = ops.block_map(q, k, topk, negligible, block_q, block_k, backend)
+                    backend: str, columns: bool = True) -> BlockMap:
+    tensors = ops.block_map(q, k, topk, negligible, block_q, block_k, backend, columns)
     return BlockMap(*tensors, block_q=block_q, block_k=block_k)
 
 
@@ -103,7 +103,7 @@ def _overlaps_block_map(backend: str, feature_map: Optional[str], *tensors) -> b
 
 
 def _block_map_beside(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,
-                      backend: str) -> Tuple[BlockMap, "torch.cuda.Event"]:
+                      backend: str, columns: bool = True) -> Tuple[BlockMap, "torch.cuda.Event"]:
     """The block map computed on a side stream that first waits for the current one: (the BlockMap, the
     event the forward waits for before it reads the map). Its tensors are marked as used by the current
     stream, so the allocator does not hand them out again while the forward still reads them."""
@@ -113,7 +113,7 @@ def _block_map_beside(q: Tensor, k: Tensor, topk: float, negligible: float, bloc
         side = _SIDE_STREAMS[q.device] = torch.cuda.Stream(device=q.device)
     side.wait_stream(cur)
     with torch.cuda.stream(side):
-        bmap = _block_map_bhld(q, k, topk, negligible, block_q, block_k, backend)
+        bmap = _block_map_bhld(q, k, topk, negligible, block_q, block_k, backend, columns)
         ready = torch.cuda.Event()
         ready.record(side)
     for t in bmap.tensors():
@@ -212,12 +212,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, topk: float = 0.05, negligible
                   has_negligible=has_negligible, role="forward")
     name = _resolve_backend(backend, qb, **fields)
     ready = None
-    if block_map is None and _overlaps_block_map(name, feature_map, qb, kb, vb, proj_weight, proj_bias):
-        block_map, ready = _block_map_beside(qb.detach(), kb.detach(), topk, negligible, block_q, block_k, name)
-    elif block_map is None:
-        block_map = _block_map_bhld(qb.detach(), kb.detach(), topk, negligible, block_q, block_k, name)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (qb, kb, vb, proj_weight, proj_bias))
+    # the column tables serve only the backward: a call that saves nothing for one does not build them
+    if block_map is None and _overlaps_block_map(name, feature_map, qb, kb, vb, proj_weight, proj_bias):
+        block_map, ready = _block_map_beside(qb.detach(), kb.detach(), topk, negligible, block_q, block_k, name,
+                                             columns=save)
+    elif block_map is None:
+        block_map = _block_map_bhld(qb.detach(), kb.detach(), topk, negligible, block_q, block_k, name,
+                                    columns=save)
     try:
         o = ops.forward(qb, kb, vb, list(block_map.tensors()), proj_weight, proj_bias, block_q, block_k,
                         float(scale), feature_map or "none", scope, float(eps), save, name, maps_ready=ready)

@@ -9,6 +9,8 @@ Shapes (T_m = ceil(Lq / block_q), T_n = ceil(Lk / block_k)), all int32 except ``
   negl_lut, negl_count, negl_col_lut, negl_col_count: the same for the negligible class (W_n may be 0;
                   without a negligible class negl_col_lut is (B, H, T_n, 0): no T_n × T_m table of -1s)
 Slots past a row's count hold -1 and are never read by a kernel.
+The column tables (crit_col_*, negl_col_*) serve only the backward: ``attention`` builds a map without them
+(:func:`no_columns`: zero-size stand-ins, ``has_columns`` False) for a call that will not be differentiated.
 """
 
 from __future__ import annotations
@@ -35,15 +37,34 @@ def class_lists(mask: torch.Tensor, value: int, width: int) -> Tuple[torch.Tenso
     return lut.contiguous(), hit.sum(-1, dtype=torch.int32)
 
 
-def lists_from_mask(mask: torch.Tensor, crit_width: int, negl_width: int) -> Tuple[torch.Tensor, ...]:
-    """All lookup tables of a class mask, in the order of ``LUT_FIELDS``."""
-    cols = mask.transpose(-1, -2)
+def no_columns(mask: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Zero-size stand-ins (crit_col_lut, crit_col_count, negl_col_lut, negl_col_count) for a map that will not
+    reach a backward: (B, H, 0, 0) and (B, H, 0) int32."""
+    lead = mask.shape[:-2]
+    lut, count = mask.new_empty((*lead, 0, 0), dtype=torch.int32), mask.new_empty((*lead, 0), dtype=torch.int32)
+    return lut, count, lut, count
+
+
+def lists_from_mask(mask: torch.Tensor, crit_width: int, negl_width: int,
+                    columns: bool = True) -> Tuple[torch.Tensor, ...]:
+    """All lookup tables of a class mask, in the order of ``LUT_FIELDS`` (without ``columns``: the column
+    tables are :func:`no_columns` stand-ins)."""
     crit_lut, crit_count = class_lists(mask, 1, crit_width)
-    crit_col_lut, crit_col_count = class_lists(cols, 1, mask.shape[-2])
     negl_lut, negl_count = class_lists(mask, -1, negl_width)
-    negl_col_lut, negl_col_count = class_lists(cols, -1, mask.shape[-2] if negl_width else 0)
+    if columns:
+        cols = mask.transpose(-1, -2)
+        crit_col_lut, crit_col_count = class_lists(cols, 1, mask.shape[-2])
+        negl_col_lut, negl_col_count = class_lists(cols, -1, mask.shape[-2] if negl_width else 0)
+    else:
+        crit_col_lut, crit_col_count, negl_col_lut, negl_col_count = no_columns(mask)
     return (mask, crit_lut, crit_count, crit_col_lut, crit_col_count,
             negl_lut, negl_count, negl_col_lut, negl_col_count)
+
+
+def has_columns(maps) -> bool:
+    """Whether the BlockMap tensors ``maps`` (in ``LUT_FIELDS`` order) carry their column tables (one count per
+    key block), as a backward needs."""
+    return maps[4].shape[-1] == maps[0].shape[-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +98,11 @@ class BlockMap:
     def tensors(self) -> Tuple[torch.Tensor, ...]:
         """The tensors in the order of ``LUT_FIELDS`` (the order the custom ops take them)."""
         return tuple(getattr(self, f) for f in LUT_FIELDS)
+
+    @property
+    def has_columns(self) -> bool:
+        """Whether the column tables are here (False only for the map of a call that is not differentiated)."""
+        return has_columns(self.tensors())
 
     @property
     def has_negligible(self) -> bool:

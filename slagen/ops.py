@@ -21,16 +21,17 @@ import torch
 from torch import Tensor
 
 from slagen import backends
+from slagen.blockmap import has_columns
 from slagen.reference import block_counts, num_blocks
 
 MapTensors = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _block_map(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,
-               backend: str) -> MapTensors:
+               backend: str, columns: bool = True) -> MapTensors:
     tn = num_blocks(k.shape[-2], block_k)
     n_crit, n_negl = block_counts(tn, topk, negligible)
-    return tuple(backends.get(backend).block_map(q, k, n_crit, n_negl, block_q, block_k))
+    return tuple(backends.get(backend).block_map(q, k, n_crit, n_negl, block_q, block_k, columns))
 
 
 @torch.library.custom_op("slagen::block_map", mutates_args=())
@@ -109,7 +110,11 @@ def sla_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
 
 
 def _backward_call(backend, do, q, k, v, o, lse, o_lin, den, h_lin, z_lin, maps, proj_weight, proj_bias, cfg):
-    """The backend's backward, given the forward's linear sums where it kept them."""
+    """The backend's backward, given the forward's linear sums where it kept them. A broadcast output gradient
+    (``out.sum().backward()`` gives one with zero strides) or one without unit stride on D is made contiguous
+    first: the kernels read dO as tiles."""
+    if do.stride(-1) != 1 or 0 in do.stride():
+        do = do.contiguous()
     extra = dict(lin_sums=(h_lin, z_lin)) if h_lin.numel() else {}
     return tuple(backends.get(backend).backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
                                                 **cfg, **extra))
@@ -153,10 +158,12 @@ def direct(*tensors) -> bool:
 
 
 def block_map(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,
-              backend: str) -> MapTensors:
-    """``slagen::block_map``'s result (see :func:`block_map_op`), through the operator only when needed."""
+              backend: str, columns: bool = True) -> MapTensors:
+    """``slagen::block_map``'s result (see :func:`block_map_op`), through the operator only when needed.
+    ``columns`` False (eager calls only; the operator always forms them): the column tables, which only a
+    backward reads, are zero-size stand-ins (slagen.blockmap.no_columns) and their kernel does not run."""
     if direct(q, k):
-        return _block_map(q, k, topk, negligible, block_q, block_k, backend)
+        return _block_map(q, k, topk, negligible, block_q, block_k, backend, columns)
     return block_map_op(q, k, topk, negligible, block_q, block_k, backend)
 
 
@@ -197,5 +204,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, maps: List[Tensor], proj_weight: Op
                        save, backend)[0]
     cfg = _cfg(block_q, block_k, scale, feature_map, scope, eps)
     if save:
+        if not has_columns(maps):
+            raise ValueError("a forward that saves for the backward needs a block map with its column tables "
+                             "(this one was built without them, for a call that is not differentiated)")
         return _Forward.apply(q, k, v, proj_weight, proj_bias, tuple(maps), cfg, backend, maps_ready)[0]
     return _forward(q, k, v, maps, proj_weight, proj_bias, False, cfg, backend, maps_ready, full=False)[0]

@@ -91,6 +91,49 @@ def test_eager_path_equals_the_operator_path(fmap, proj, scope, backend):
         assert torch.equal(ops.forward(q, k, v, *args[:-2], False, backend), out_op)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_call_that_is_not_differentiated_builds_no_column_tables(monkeypatch, backend):
+    """The column tables serve only the backward: attention builds its map without them when it saves
+    nothing (no grad), with them when it does, and gives the same output as with a full map; a forward that
+    saves refuses a map without them."""
+    from slagen import blockmap
+    seen = []
+    block_map = ops.block_map
+
+    def spy(q, k, topk, negligible, block_q, block_k, backend, columns=True):
+        seen.append(columns)
+        return block_map(q, k, topk, negligible, block_q, block_k, backend, columns)
+    monkeypatch.setattr(ops, "block_map", spy)
+    q, k, v = inputs(d=16)
+    cfg = dict(topk=0.3, negligible=0.2, block_q=16, block_k=16, backend=backend)
+    full = slagen.block_map(q, k, **cfg)
+    assert full.has_columns
+    got = slagen.attention(q, k, v, **cfg)
+    assert torch.equal(got, slagen.attention(q, k, v, block_map=full, **cfg))
+    qg = q.clone().requires_grad_(True)
+    slagen.attention(qg, k, v, **cfg).sum().backward()
+    assert seen[1:] == [False, True] and qg.grad.abs().sum() > 0      # (seen[0]: the public block_map)
+    lean = blockmap.BlockMap(*ops.block_map(q, k, 0.3, 0.2, 16, 16, backend, False), block_q=16, block_k=16)
+    assert not lean.has_columns
+    with pytest.raises(ValueError, match="column tables"):
+        ops.forward(qg, k, v, list(lean.tensors()), None, None, 16, 16, 0.25, "softmax", "marginal", 1e-5, True,
+                    backend)
+
+
+def test_a_broadcast_output_gradient_is_accepted():
+    """out.sum().backward() hands the backward a dO with zero strides: the same gradients as an explicit ones."""
+    q, k, v = inputs(d=16, requires_grad=True)
+    cfg = dict(topk=0.3, block_q=16, block_k=16, backend="triton")
+    slagen.attention(q, k, v, **cfg).sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    out = slagen.attention(q, k, v, **cfg)
+    out.backward(torch.ones_like(out))
+    for g, t in zip(got, (q, k, v)):
+        assert torch.equal(g, t.grad) and g.abs().sum() > 0
+
+
 def test_eager_path_is_skipped_for_tensor_subclasses_and_while_compiling(monkeypatch):
     class Sub(torch.Tensor):
         pass

@@ -122,6 +122,24 @@ def test_plan_launches_one_by_one():
     assert_equal_maps(out, torch_backend.block_map(q, k, 2, 3, 16, 16))
 
 
+def test_map_without_columns_skips_their_launch():
+    """columns=False (a call that will not be differentiated): no column launch, zero-size column tables, the
+    other five tensors as with columns; the torch backend's map the same way."""
+    q, k = make_qk(1, 2, 77, 130, 16, seed=4)
+    out, launches = selection.plan(q, k, 2, 3, 16, 16, columns=False)
+    assert [name for name, _ in launches] == ["pool", "scores", "select"]
+    for _, launch in launches:
+        launch()
+    full = torch_backend.block_map(q, k, 2, 3, 16, 16)
+    lean = torch_backend.block_map(q, k, 2, 3, 16, 16, columns=False)
+    for i, name in enumerate(LUT_FIELDS):
+        if "col" in name:
+            want = (1, 2, 0, 0) if name.endswith("lut") else (1, 2, 0)
+            assert out[i].shape == lean[i].shape == want and out[i].dtype == lean[i].dtype == torch.int32, name
+        else:
+            assert torch.equal(out[i], full[i]) and torch.equal(lean[i], full[i]), name
+
+
 def test_rows_longer_than_a_chunk():
     """Rows of several select chunks (the last one partial), ties straddling both thresholds across chunks."""
     patterns = [i % 7 for i in range(150)]             # T_n = 150 (ld 160): 5 chunks of 32; 21-22 ties each

@@ -128,14 +128,17 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _outputs(B: int, H: int, t_m: int, t_n: int, n_crit: int, n_negl: int, device) -> Tuple[torch.Tensor, ...]:
-    """Uninitialised BlockMap tensors in the order of slagen.blockmap.LUT_FIELDS (every slot gets written)."""
+def _outputs(B: int, H: int, t_m: int, t_n: int, n_crit: int, n_negl: int, device,
+             columns: bool = True) -> Tuple[torch.Tensor, ...]:
+    """Uninitialised BlockMap tensors in the order of slagen.blockmap.LUT_FIELDS (every slot gets written;
+    without ``columns`` the column tables have zero size: (B, H, 0, 0) and (B, H, 0))."""
     i32 = dict(dtype=torch.int32, device=device)
+    c_n, c_m = (t_n, t_m) if columns else (0, 0)
     return (torch.empty((B, H, t_m, t_n), dtype=torch.int8, device=device),
             torch.empty((B, H, t_m, n_crit), **i32), torch.empty((B, H, t_m), **i32),
-            torch.empty((B, H, t_n, t_m), **i32), torch.empty((B, H, t_n), **i32),
+            torch.empty((B, H, c_n, c_m), **i32), torch.empty((B, H, c_n), **i32),
             torch.empty((B, H, t_m, n_negl), **i32), torch.empty((B, H, t_m), **i32),
-            torch.empty((B, H, t_n, t_m if n_negl else 0), **i32), torch.empty((B, H, t_n), **i32))
+            torch.empty((B, H, c_n, c_m if n_negl else 0), **i32), torch.empty((B, H, c_n), **i32))
 
 
 def _scratch(device, **shapes) -> Dict[str, torch.Tensor]:
@@ -146,11 +149,13 @@ def _scratch(device, **shapes) -> Dict[str, torch.Tensor]:
 
 
 def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
-         config: Optional[dict] = None) -> Tuple[Tuple[torch.Tensor, ...], List[Tuple[str, Callable[[], None]]]]:
+         config: Optional[dict] = None,
+         columns: bool = True) -> Tuple[Tuple[torch.Tensor, ...], List[Tuple[str, Callable[[], None]]]]:
     """Allocate the outputs and scratch of a block map and return (outputs, launches): the 9 BlockMap
     tensors (uninitialised until the launches ran) and the four kernel launches in order, as
-    (name, zero-argument callable) pairs (names pool, scores, select, column). tools/bench_blockmap.py
-    times them one by one; :func:`block_map` runs them."""
+    (name, zero-argument callable) pairs (names pool, scores, select, column; without ``columns`` the column
+    tables are zero-size stand-ins and the column launch is left out). tools/bench_blockmap.py times them one
+    by one; :func:`block_map` runs them."""
     t_n = num_blocks(k.shape[2], block_k) if k.dim() == 4 else 0
     _check_inputs(q, k, n_crit, n_negl, t_n)
     spec = kernel_spec(q, block_q, block_k, n_negl > 0)
@@ -158,7 +163,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: in
     check_config(cfg, spec)
     B, H, Lq, D = q.shape
     Lk, t_m, bh = k.shape[2], num_blocks(Lq, block_q), B * H
-    out = _outputs(B, H, t_m, t_n, n_crit, n_negl, q.device)
+    out = _outputs(B, H, t_m, t_n, n_crit, n_negl, q.device, columns)
     if bh == 0:
         return out, []
     mask, crit_lut, crit_count, crit_col, crit_col_count, negl_lut, negl_count, negl_col, negl_col_count = out
@@ -196,19 +201,21 @@ def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: in
             mask, crit_col, crit_col_count, negl_col, negl_col_count, t_m, t_n,
             ROWS=cfg["col_rows"], COLS=cols, num_warps=cfg["col_warps"])
 
-    return out, [("pool", pool), ("scores", scores), ("select", select), ("column", column)]
+    launches = [("pool", pool), ("scores", scores), ("select", select)]
+    return out, launches + [("column", column)] if columns else launches
 
 
 def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
-              config: Optional[dict] = None) -> Tuple[torch.Tensor, ...]:
+              config: Optional[dict] = None, columns: bool = True) -> Tuple[torch.Tensor, ...]:
     """The 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS) of q (B, H, Lq, D) and k (B, H, Lk, D).
 
     n_crit key blocks per query block are critical and n_negl negligible (SLA.md §1); ``config`` overrides
     entries of :func:`default_config`. Returns mask int8 (B, H, T_m, T_n); crit_lut (B, H, T_m, n_crit),
     crit_count (B, H, T_m), crit_col_lut (B, H, T_n, T_m), crit_col_count (B, H, T_n), and the same four
-    for the negligible class (negl_lut width n_negl), all int32 and contiguous.
+    for the negligible class (negl_lut width n_negl), all int32 and contiguous. Without ``columns`` the four
+    column tables are zero-size stand-ins (slagen.blockmap.no_columns) and their launch does not run.
     """
-    out, launches = plan(q, k, n_crit, n_negl, block_q, block_k, config)
+    out, launches = plan(q, k, n_crit, n_negl, block_q, block_k, config, columns)
     for _, launch in launches:
         launch()
     return out
