@@ -194,3 +194,25 @@ def test_gpu_overlapped_block_map_gives_the_same_outputs_and_gradients(monkeypat
     torch.cuda.synchronize()
     for serial, overlapped in zip(*results):
         assert torch.equal(serial, overlapped)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with -m gpu on the device)")
+@pytest.mark.parametrize("backend", ["triton", "tilelang"])
+def test_gpu_inference_map_without_columns_gives_the_same_output(backend):
+    """An attention call without grad builds its map without the column tables; its output equals, bitwise,
+    the call given the full map, and a broadcast dO (out.sum().backward()) reaches the kernel backward."""
+    from slagen.backends import tilelang
+    if backend == "tilelang" and (torch.cuda.get_device_capability() != (9, 0) or tilelang.tilelang_import_error()):
+        pytest.skip("the TileLang backend needs a Hopper GPU and tilelang installed")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(1, 4, 4099, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    cfg = dict(topk=0.05, block_q=128, block_k=64, backend=backend)
+    full = slagen.block_map(q, k, **cfg)
+    with torch.no_grad():
+        lean = slagen.attention(q, k, v, **cfg)
+        given = slagen.attention(q, k, v, block_map=full, **cfg)
+    assert torch.equal(lean, given)
+    qs = q.clone().requires_grad_(True)
+    slagen.attention(qs, k, v, **cfg).sum().backward()
+    assert torch.isfinite(qs.grad).all() and qs.grad.abs().sum() > 0
