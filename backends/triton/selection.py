@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from slagen import codegen
+from slagen.blockmap import no_columns
 from slagen.backends.triton import HEAD_DIMS
 from slagen.dispatch import device_arch
 from slagen.reference import num_blocks
@@ -131,14 +132,16 @@ def _next_pow2(n: int) -> int:
 def _outputs(B: int, H: int, t_m: int, t_n: int, n_crit: int, n_negl: int, device,
              columns: bool = True) -> Tuple[torch.Tensor, ...]:
     """Uninitialised BlockMap tensors in the order of slagen.blockmap.LUT_FIELDS (every slot gets written;
-    without ``columns`` the column tables have zero size: (B, H, 0, 0) and (B, H, 0))."""
+    without ``columns`` the column tables are slagen.blockmap.no_columns stand-ins)."""
     i32 = dict(dtype=torch.int32, device=device)
-    c_n, c_m = (t_n, t_m) if columns else (0, 0)
-    return (torch.empty((B, H, t_m, t_n), dtype=torch.int8, device=device),
-            torch.empty((B, H, t_m, n_crit), **i32), torch.empty((B, H, t_m), **i32),
-            torch.empty((B, H, c_n, c_m), **i32), torch.empty((B, H, c_n), **i32),
-            torch.empty((B, H, t_m, n_negl), **i32), torch.empty((B, H, t_m), **i32),
-            torch.empty((B, H, c_n, c_m if n_negl else 0), **i32), torch.empty((B, H, c_n), **i32))
+    mask = torch.empty((B, H, t_m, t_n), dtype=torch.int8, device=device)
+    if columns:
+        cols = (torch.empty((B, H, t_n, t_m), **i32), torch.empty((B, H, t_n), **i32),
+                torch.empty((B, H, t_n, t_m if n_negl else 0), **i32), torch.empty((B, H, t_n), **i32))
+    else:
+        cols = no_columns(mask)
+    return (mask, torch.empty((B, H, t_m, n_crit), **i32), torch.empty((B, H, t_m), **i32), *cols[:2],
+            torch.empty((B, H, t_m, n_negl), **i32), torch.empty((B, H, t_m), **i32), *cols[2:])
 
 
 def _scratch(device, **shapes) -> Dict[str, torch.Tensor]:
