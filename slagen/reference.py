@@ -59,11 +59,18 @@ def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
-    """Pooled scores S̄ = pool(Q) · pool(K - mean(K))^T, (B, H, T_m, T_n), in the compute dtype."""
+    """Pooled scores S̄ = pool(Q) · pool(K - mean(K))^T, (B, H, T_m, T_n), in the compute dtype.
+
+    Each score is an elementwise product summed over D, the same reduction for every (i, j) — not a matmul,
+    whose kernels may round tail columns differently (a CPU BLAS did), so equal key blocks score exactly equal
+    and ties resolve as classify says. Query blocks go in chunks of at most 2^26 products."""
     ct = compute_dtype(q.dtype)
     q, k = q.to(ct), k.to(ct)
     k_smooth = k - k.mean(dim=-2, keepdim=True)
-    return pool_blocks(q, block_q) @ pool_blocks(k_smooth, block_k).transpose(-1, -2)
+    qp, kp = pool_blocks(q, block_q), pool_blocks(k_smooth, block_k)
+    rows = max(1, (1 << 26) // max(1, qp.shape[0] * qp.shape[1] * kp.shape[-2] * kp.shape[-1]))
+    return torch.cat([(qp[..., i:i + rows, None, :] * kp[..., None, :, :]).sum(-1)
+                      for i in range(0, max(qp.shape[-2], 1), rows)], dim=-2)
 
 
 def classify(scores: torch.Tensor, n_crit: int, n_negl: int) -> torch.Tensor:
