@@ -34,7 +34,6 @@ import torch
 from slagen import codegen
 from slagen.backends import linear_terms
 from slagen.backends.triton import fwd
-from slagen.backends.triton.launch import fast
 from slagen.autotune.space import copy_config
 from slagen.dispatch import device_arch
 from slagen.spec import KernelSpec, parse_feature_map, parse_scope
@@ -388,7 +387,7 @@ def _dq(c: _Call, ds, dl, h, z, hsum, zsum, dq) -> None:
     alone)."""
     t = c.cfg["dq"]
     lut, count, nlut, ncount = c.maps[1], c.maps[2], c.maps[5], c.maps[6]
-    fast(c.mod._dq_kernel)[(c.Tm * (c.spec.block_q // t["block_m"]), c.BH)](
+    c.mod._dq_kernel[(c.Tm * (c.spec.block_q // t["block_m"]), c.BH)](
         c.q, c.k, c.v, c.do, c.lse, ds, dq, dl, c.den, h, z, hsum, zsum, lut, count, nlut, ncount,
         *c.q.stride(), *c.k.stride(), *c.v.stride(), *c.do.stride(), *dq.stride(), *c.lse.stride(),
         *c.den.stride(), *lut.stride(), *count.stride(), *nlut.stride(), *ncount.stride(),
@@ -402,7 +401,7 @@ def _dkdv(c: _Call, ds, g, gz, gsum, gzsum, dk, dv) -> None:
     k, v; with ``c.sparse`` False the linear terms alone)."""
     t = c.cfg["dkdv"]
     lut, count, nlut, ncount = c.maps[3], c.maps[4], c.maps[7], c.maps[8]
-    fast(c.mod._dkdv_kernel)[(c.Tn * (c.spec.block_k // t["block_n"]), c.BH)](
+    c.mod._dkdv_kernel[(c.Tn * (c.spec.block_k // t["block_n"]), c.BH)](
         c.q, c.k, c.v, c.do, c.lse, ds, dk, dv, g, gz, gsum, gzsum, lut, count, nlut, ncount,
         *c.q.stride(), *c.k.stride(), *c.v.stride(), *c.do.stride(), *dk.stride(), *dv.stride(),
         *c.lse.stride(), *lut.stride(), *count.stride(), *nlut.stride(), *ncount.stride(),

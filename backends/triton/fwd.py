@@ -31,7 +31,6 @@ import torch
 
 from slagen import codegen
 from slagen.backends import call_spec, check_forward_inputs, linear_terms, wait_for_maps
-from slagen.backends.triton.launch import fast
 from slagen.dispatch import device_arch
 from slagen.spec import KernelSpec
 
@@ -192,7 +191,7 @@ def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Opt
         if n_rows > n_units:
             hb[:, :, n_units:].zero_()
             zb[:, :, n_units:].zero_()
-    fast(mod.sla_linear_totals_kernel)[(n_chunks, B * H)](
+    mod.sla_linear_totals_kernel[(n_chunks, B * H)](
         k, v, hp, zp, hb, zb, *k.stride(), *v.stride(), H, lk, per * unit, n_rows,
         TILE=tile, BLOCKS=bool(block_k), TOTALS=totals, num_warps=cfg["pre_warps"], num_stages=cfg["pre_stages"])
     return (*(linear_terms.chunk_totals(hp, zp) if totals else (None, None)), hb, zb)
@@ -228,7 +227,7 @@ def mask_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, 
     row_tiles, col_tiles = math.ceil(tm / cfg["block_m"]), math.ceil(k_cols / cfg["block_j"])
     z_tiles = math.ceil(k_cols / (cfg["block_m"] * col_tiles)) if split else 0   # BLOCK_M z rows per program
     grid = (row_tiles + z_tiles, col_tiles, B * H)
-    fast(mod.sla_mask_operands_kernel)[grid](
+    mod.sla_mask_operands_kernel[grid](
         mask, z, a, planes, *mask.stride(), H, tm, tn, k_cols, z.shape[1], row_tiles, EXCLUDED=excluded,
         BLOCK_M=cfg["block_m"], BLOCK_J=cfg["block_j"], num_warps=cfg["warps"])
     if split:
@@ -271,7 +270,7 @@ def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, s
         tile = min(_LIN_TILE, spec.block_q)
         counts = [dh, maps[2].contiguous(), maps[6].contiguous()] if marginal else []
         ints = [H, lq, maps[0].shape[-2]] + ([maps[0].shape[-1]] if marginal else [])
-        fast(mod.sla_linear_kernel)[(math.ceil(lq / tile), B * H)](
+        mod.sla_linear_kernel[(math.ceil(lq / tile), B * H)](
             q, ht, zt, *counts, w, bias, o_lin, den, add, *q.stride(), *ints, float(cfg["eps"]),
             TILE_M=tile, **consts, num_warps=cfg["pre_warps"])
     consts.update(SPLIT=split, LOWP=lowp)
@@ -329,5 +328,5 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     args += [maps[0].shape[-1]] if marginal else []
     args += [float(scale) * math.log2(math.e)] + ([float(eps)] if linear else [])
     grid = (math.ceil(lq / cfg["tile_m"]), B * H)
-    fast(mod.sla_forward_kernel)[grid](*args, **consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    mod.sla_forward_kernel[grid](*args, **consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o, lse, o_lin, den

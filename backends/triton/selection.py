@@ -26,7 +26,6 @@ import torch
 from slagen import codegen
 from slagen.blockmap import no_columns
 from slagen.backends.triton import HEAD_DIMS
-from slagen.backends.triton.launch import fast
 from slagen.dispatch import device_arch
 from slagen.reference import num_blocks
 from slagen.spec import BLOCK_SIZES, KernelSpec
@@ -184,24 +183,24 @@ def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: in
     keys = work["keys"].view(torch.int32)  # the scores' order-preserving int32 image
 
     def pool():
-        fast(mod.pool_kernel)[((n_kprog + n_qprog) * bh,)](
+        mod.pool_kernel[((n_kprog + n_qprog) * bh,)](
             q, k, work["q_mean"], work["k_mean"], work["k_part"], *q.stride(), *k.stride(),
             bh, H, Lq, Lk, t_m, t_n, q_per, k_per, n_qprog, n_kprog, ROWS=cfg["pool_rows"],
             STAGES=cfg["pool_stages"], num_warps=cfg["pool_warps"], num_stages=cfg["pool_stages"])
 
     def scores():
-        fast(mod.scores_kernel)[(n_tiles_m * n_tiles_n, bh)](
+        mod.scores_kernel[(n_tiles_m * n_tiles_n, bh)](
             work["q_mean"], work["k_mean"], work["k_part"], keys, Lk, t_m, t_n, ld, n_kprog, n_tiles_n,
             BM=bm, BN=bn, DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"], PARTS=cfg["score_parts"],
             num_warps=cfg["score_warps"], num_stages=cfg["score_stages"])
 
     def select():
-        fast(mod.select_kernel)[(-(-t_m // sel_rows), bh)](
+        mod.select_kernel[(-(-t_m // sel_rows), bh)](
             keys, mask, crit_lut, crit_count, negl_lut, negl_count, t_m, t_n, ld, n_crit, n_negl,
             ROWS=sel_rows, CH=cfg["select_chunk"], num_warps=1)
 
     def column():
-        fast(mod.column_kernel)[(-(-t_n // cols), bh)](
+        mod.column_kernel[(-(-t_n // cols), bh)](
             mask, crit_col, crit_col_count, negl_col, negl_col_count, t_m, t_n,
             ROWS=cfg["col_rows"], COLS=cols, num_warps=cfg["col_warps"])
 
