@@ -34,6 +34,7 @@ from slagen.blockmap import BlockMap
 from slagen.spec import KernelSpec
 
 TOL = 2e-2
+PINGPONG = {"pingpong": True, "overlap": False}   # the forward's turn-taking key loop (FlashAttention-3's order)
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -483,8 +484,10 @@ def case_inputs(*, B, H, L, lk, d, dtype, layout, fmap, scope, negl, n_crit, blo
 
 
 def run_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="marginal", negl=0.0, n_crit="topk",
-             block=(128, 64), layout="bhld", proj=True, save=True, seed=0, Lk=None, config=None) -> dict:
-    """One TileLang forward vs the reference (fp32, same inputs); returns {output: rel. err}.
+             block=(128, 64), layout="bhld", proj=True, save=True, seed=0, Lk=None, config=None,
+             q_scale=1.0) -> dict:
+    """One TileLang forward vs the reference (fp32, same inputs); returns {output: rel. err}. ``q_scale``
+    multiplies q after the block map is formed (wide score ranges: a row's running max moves far between steps).
 
     Raises AssertionError when o's layout/dtype is wrong or the non-finite pattern (NaN anywhere, -inf LSE
     rows) differs from the reference's."""
@@ -492,6 +495,8 @@ def run_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="margina
     gen = torch.Generator(device=dev).manual_seed(seed)
     q, k, v, maps, w, b, cfg = case_inputs(B=B, H=H, L=L, lk=Lk or L, d=d, dtype=dtype, layout=layout, fmap=fmap,
                                            scope=scope, negl=negl, n_crit=n_crit, block=block, proj=proj, gen=gen)
+    if q_scale != 1.0:
+        q = q * q_scale
     linear = fmap != "none"
     poison_allocator(8 * q.numel() * 4, dev)
     o, lse, o_lin, den = tl_backend.forward(q, k, v, maps, w, b, save, config=config, **cfg)
@@ -513,7 +518,6 @@ def run_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="margina
     return errs
 
 
-PINGPONG = {"pingpong": True, "overlap": False}   # the forward's turn-taking key loop (FlashAttention-3's order)
 GPU_CASES = (
     [dict(L=L, d=d, scope=sc, negl=ng, n_crit=c)
      for L, c in ((77, 1), (77, 2), (77, "all"), (4096, 1), (4096, 2), (4096, "all"), (32760, 1), (32760, 2),
@@ -607,7 +611,15 @@ GPU_CASES = (
        dict(L=4096, scope="all", save=False, proj=False, config=PINGPONG),
        dict(L=4096, dtype="fp16", negl=0.1, config=PINGPONG),
        dict(L=4096, config={**PINGPONG, "num_stages": 3}),
-       dict(L=4096, block=(128, 128), n_crit="mixed", config=PINGPONG)])
+       dict(L=4096, block=(128, 128), n_crit="mixed", config=PINGPONG)]
+    # wide score ranges (q ×8, ×30 after the map is formed): rows' running maxima move far and often, P spans
+    # many binades; each key loop (overlap, plain, pingpong, two key blocks per step, two CTAs per SM)
+    + [dict(L=L, d=d, n_crit=c, q_scale=qs) for L, c in ((4096, "all"), (32760, "topk")) for d in (64, 128)
+       for qs in (8.0, 30.0)]
+    + [dict(L=4096, n_crit="all", q_scale=30.0, config=cfg)
+       for cfg in (dict(overlap=False), PINGPONG, dict(tile_n=128))]
+    + [dict(L=4096, block=(64, 64), n_crit="all", q_scale=30.0, save=False, config=dict(ctas_per_sm=2)),
+       dict(L=4096, fmap="none", n_crit="mixed", q_scale=30.0)])
 
 
 def test_gpu_cases_have_valid_configs():
