@@ -70,7 +70,7 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -
     qp, kp = pool_blocks(q, block_q), pool_blocks(k_smooth, block_k)
     rows = max(1, (1 << 26) // max(1, qp.shape[0] * qp.shape[1] * kp.shape[-2] * kp.shape[-1]))
     return torch.cat([(qp[..., i:i + rows, None, :] * kp[..., None, :, :]).sum(-1)
-                      for i in range(0, max(qp.shape[-2], 1), rows)], dim=-2)
+                      for i in range(0, max(qp.shape[-2], 1), rows)], dim=-2)   # ≥ 1 chunk, even for T_m = 0
 
 
 def classify(scores: torch.Tensor, n_crit: int, n_negl: int) -> torch.Tensor:
