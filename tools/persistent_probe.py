@@ -1,17 +1,18 @@
 """Feasibility probe for a persistent sparse forward with a hand-written producer / consumer (TileLang 0.1.15).
 
     python tools/persistent_probe.py                  # on an H100/H200: check against slagen's kernel, time both
-    python tools/persistent_probe.py --compile-only   # anywhere with nvcc: compile for sm_90a, print the source
+    python tools/persistent_probe.py --compile-only   # anywhere with nvcc: compile the four kernels for sm_90a
 
 The library's forward runs one CTA per 128-row query tile; TileLang's automatic warp specialisation puts a CTA
 barrier per tile, so a tile's prologue (Q, the first K / V) and epilogue (normalise, store O; for SLA the
 linear branch, ~0.08 ms of the headline forward) are not overlapped with any loads (docs/perf-notes.md,
 session 14, "Next"). Here one CTA per SM walks its tiles (tile = cta + i·SMs, query block fastest, as the
-library's grid orders them): a producer warpgroup issues TMA loads of every tile's Q (two buffers) and each
-selected key block's K, V (``--stages`` buffers) and, for SLA, the tile's H_i, running ahead into the next tile while the two consumer
-warpgroups finish the current one; full / empty mbarriers with phase parity hand the buffers over. The key loop
-is the library's (online softmax in exp2; ``--overlap``: the next step's QKᵀ in flight during this step's
-softmax, FlashAttention-3's intra-warpgroup overlap, as the library's default loop).
+library's grid orders them): a producer warpgroup issues TMA loads of every tile's Q (two buffers), each
+selected key block's K, V (``--stages`` buffers) and, for SLA, the tile's H_i, running ahead into the next tile
+while the two consumer warpgroups finish the current one; full / empty mbarriers with phase parity hand the
+buffers over. The key loop is the library's online softmax in exp2, plain and (a second kernel) with the next
+step's QKᵀ in flight during this step's softmax (FlashAttention-3's intra-warpgroup overlap, as the library's
+default loop).
 
 Sparse-only and SLA marginal (softmax φ; the linear epilogue as the library's: H_i / Z_i from the same pre-pass
 and mask GEMMs), key blocks of 64 and query tiles of 128 rows, D = 128, bf16, no Proj, inference (no LSE / O^l
