@@ -67,8 +67,8 @@ def tune(configs: List[dict], run: Callable[[dict], object], check: Callable[[ob
     and keeps each one's median, each round starting one candidate further on (:func:`rotation`): on the H200
     the same kernel measured 12 % slower timed after three others (session 12) and 9 % apart by its place in
     the round (session 13), which would otherwise favour the candidates timed first — the default among them.
-    progress is called after each candidate's first round. Raises RuntimeError if the default config itself fails (then nothing is
-    trustworthy).
+    progress is called after each candidate's first round. Raises RuntimeError if the default config itself
+    fails (then nothing is trustworthy).
     """
     if compile is not None and jobs > 1:
         compile_all(configs, compile, jobs)

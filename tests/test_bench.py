@@ -132,9 +132,9 @@ def test_live_at_peak_replays_an_allocator_trace():
 
 def test_interleave_retimes_rows_in_turn_and_keeps_medians():
     """interleave: every row is measured once more per round, all rows in turn, each round starting one row
-    further on (a drifting GPU clock and the place in the order hit all alike), and each time becomes the median of the row's samples, its first measurement included; a
-    graph that could not be captured (None) is left out of its median; a failing re-measurement keeps the
-    row's numbers and is noted."""
+    further on (a drifting GPU clock and the place in the order hit all alike), and each time becomes the
+    median of the row's samples, its first measurement included; a graph that could not be captured (None) is
+    left out of its median; a failing re-measurement keeps the row's numbers and is noted."""
     order = []
     first = dict(name="a", fwd_ms=1.0, gpu_ms=0.9, fwd_bwd_ms=4.0, fwd_bwd_gpu_ms=None, note="")
     second = dict(name="b", fwd_ms=2.0, gpu_ms=2.0, fwd_bwd_ms=None, fwd_bwd_gpu_ms=None, note="")

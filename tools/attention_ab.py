@@ -1,14 +1,15 @@
 """A/B whole ``slagen.attention`` calls (block map + forward, no grad) under environment settings, one process.
 
-    python tools/attention_ab.py --variant base= --variant overlap=SLAGEN_OVERLAP_BLOCK_MAP=1 --variant control= \
-        [--seq-len 32760 --block 128x64 --backend tilelang]
+    python tools/attention_ab.py --variant base= --variant overlap=SLAGEN_OVERLAP_BLOCK_MAP=1 \
+        --variant control= [--seq-len 32760 --block 128x64 --backend tilelang]
 
 Each ``--variant NAME=VAR=VALUE[,VAR=VALUE...]`` sets those environment variables while it is timed (read per
-call, as SLAGEN_OVERLAP_BLOCK_MAP is); two identical variants show the noise floor. ``--rounds`` rounds time every variant in turn, each round starting one variant
-further on (slagen.autotune.tuner.rotation: a row's place in the order changes its time); a row reports the
-median over rounds of the eager time (triton.testing.do_bench: back-to-back calls, so max(host, GPU) per call)
-and of the GPU time (the call replayed from a CUDA graph), with the fastest and slowest round. Every variant's
-output must equal the first variant's (the knobs change launches and streams, not results).
+call, as SLAGEN_OVERLAP_BLOCK_MAP is); two identical variants show the noise floor. ``--rounds`` rounds time
+every variant in turn, each round starting one variant further on (slagen.autotune.tuner.rotation: a row's place
+in the order changes its time); a row reports the median over rounds of the eager time (triton.testing.do_bench:
+back-to-back calls, so max(host, GPU) per call) and of the GPU time (the call replayed from a CUDA graph), with
+the fastest and slowest round. Every variant's output must equal the first variant's (the knobs change launches
+and streams, not results).
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ GIL). Then ``--rounds`` rounds time every (variant, config) in turn, ``--reps`` 
 a row reports the median of its round medians, the fastest and slowest round, the sparse part's TFLOP/s
 (4·B·H·Lq·d per selected key) and the ratio to the first config. Rounds, not one block per config: on the
 H200 the same kernel measured 0.638 ms timed first and 0.714 after three others (session 12), so configs timed
-one after the other are not comparable; and each round starts one (variant, config) further on than the last (session 13: a kernel timed
-first in every round, after the last round's slowest config, ran 9 % faster than the same kernel timed second).
+one after the other are not comparable; and each round starts one (variant, config) further on than the last
+(session 13: a kernel timed first in every round, after the last round's slowest config, ran 9 % faster than
+the same kernel timed second).
 Two identical configs (e.g. '{}' and '{"overlap": true}' at d 128) show the noise floor.
 Each output is first filled with NaN and freed before a second call, whose output (the same allocation)
 must come back finite.
