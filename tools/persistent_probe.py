@@ -19,6 +19,10 @@ and mask GEMMs), key blocks of 64 and query tiles of 128 rows, D = 128, bf16, no
 outputs), lengths that are multiples of 128 (no partial blocks: no masks). It checks O against slagen's TileLang
 forward on the same block map (relative error), then times both given the map (CUDA-event medians, rounds in
 turn; the SLA rows include the pre-pass and mask GEMMs, the same in both).
+
+Outcome (session 15, H200, L = 32768, H = 12, 5 rounds; docs/perf-notes.md): correct (O within 3e-3 of the
+library's) and slower — sparse-only 0.796 ms (overlap 1.008) vs the library's 0.662, SLA marginal 1.589
+(overlap 1.915) vs 0.956. The persistent route stays a probe.
 """
 
 import argparse
@@ -48,10 +52,12 @@ def kernel_source(num_sms: int, stages: int, overlap: bool, marginal: bool):
             V_s = T.alloc_shared([stages, N, D], DT)
             O_s = T.alloc_shared([M, D], DT)           # O's staging; with the linear branch φ(Q_i) first
             Hi_s = T.alloc_shared([D, D], DT)
-            q_full, q_empty = T.alloc_barrier([1, 1]), T.alloc_barrier([256, 256])
-            k_full, k_empty = T.alloc_barrier([1] * stages), T.alloc_barrier([256] * stages)
-            v_full, v_empty = T.alloc_barrier([1] * stages), T.alloc_barrier([256] * stages)
-            h_full, h_empty = T.alloc_barrier([1]), T.alloc_barrier([256])
+            # full: the producer's 128 threads arrive (T.tma_copy only adds the expected bytes); empty: the
+            # consumers' 256
+            q_full, q_empty = T.alloc_barrier([128, 128]), T.alloc_barrier([256, 256])
+            k_full, k_empty = T.alloc_barrier([128] * stages), T.alloc_barrier([256] * stages)
+            v_full, v_empty = T.alloc_barrier([128] * stages), T.alloc_barrier([256] * stages)
+            h_full, h_empty = T.alloc_barrier([128]), T.alloc_barrier([256])
             acc_s = T.alloc_fragment([M, N], ACC)
             acc_n = T.alloc_fragment([M, N], ACC)
             acc_c = T.alloc_fragment([M, N], DT)
@@ -80,17 +86,21 @@ def kernel_source(num_sms: int, stages: int, overlap: bool, marginal: bool):
                     qb, h, b = tile % Tm, (tile // Tm) % H, tile // (Tm * H)
                     T.mbarrier_wait_parity(q_empty[it % 2], ((it // 2) % 2) ^ 1)
                     T.tma_copy(Q[b, h, qb * M:(qb + 1) * M, :], Q_s[it % 2, :, :], barrier=q_full[it % 2])
+                    T.mbarrier_arrive(q_full[it % 2])
                     for t in T.serial(CNT[b, h, qb]):
                         s = step % stages
                         kb = LUT[b, h, qb, t] * N
                         T.mbarrier_wait_parity(k_empty[s], ((step // stages) % 2) ^ 1)
                         T.tma_copy(K[b, h, kb:kb + N, :], K_s[s, :, :], barrier=k_full[s])
+                        T.mbarrier_arrive(k_full[s])
                         T.mbarrier_wait_parity(v_empty[s], ((step // stages) % 2) ^ 1)
                         T.tma_copy(V[b, h, kb:kb + N, :], V_s[s, :, :], barrier=v_full[s])
+                        T.mbarrier_arrive(v_full[s])
                         step = step + 1
                     if marginal:      # H_i after the tile's keys: waits for the previous tile's epilogue
                         T.mbarrier_wait_parity(h_empty[0], (it % 2) ^ 1)
                         T.tma_copy(HG[b, h, qb, :, :], Hi_s, barrier=h_full[0])
+                        T.mbarrier_arrive(h_full[0])
             else:                             # two consumer warpgroups, 64 rows each
                 T.inc_max_nreg(240)
                 for it in T.serial(n_mine):
