@@ -1029,7 +1029,10 @@ BWD_GPU_CASES = (
        dict(L=4096, config=dict(dq=dict(lin_init=True, tma_store=False), dkdv=dict(lin_init=True, tma_store=False))),
        dict(L=4096, config=dict(dq=dict(tma_store=False), dkdv=dict(tma_store=False))),
        dict(L=77, d=64, config=dict(dq=dict(tma_store=False), dkdv=dict(tma_store=False))),
-       dict(L=32760, fmap="none", config=dict(dq=dict(tma_store=False), dkdv=dict(tma_store=False)))])
+       dict(L=32760, fmap="none", config=dict(dq=dict(tma_store=False), dkdv=dict(tma_store=False)))]
+    # two dK / dV tiles per key block (block_k 128, tile_n 64) with a partial last block, SLA and sparse-only
+    + [dict(L=4099, block=(128, 128), n_crit="mixed"),
+       dict(L=1000, d=64, fmap="none", block=(128, 128), n_crit="mixed")])
 
 
 @pytest.mark.gpu

@@ -22,7 +22,10 @@ turn; the SLA rows include the pre-pass and mask GEMMs, the same in both).
 
 Outcome (session 15, H200, L = 32768, H = 12, 5 rounds; docs/perf-notes.md): correct (O within 3e-3 of the
 library's) and slower — sparse-only 0.796 ms (overlap 1.008) vs the library's 0.662, SLA marginal 1.589
-(overlap 1.915) vs 0.956. The persistent route stays a probe.
+(overlap 1.915) vs 0.956. The SASS then showed why: the tile's coordinates, derived from its index by
+64-bit divisions at every use, cost the producer ~1000 instructions per key step and serialised the epilogue's
+Z_i loads; they are now 32-bit registers formed once per tile (SASS 18.5k → 11.8k lines, the producer's step
+~150 instructions, the Z_i loads issued together). That form is not GPU-run yet.
 """
 
 import argparse
@@ -79,11 +82,17 @@ def kernel_source(num_sms: int, stages: int, overlap: bool, marginal: bool):
             n_mine = T.ceildiv(Tm * H * B - cta, num_sms)
             step = T.alloc_var(T.int32)       # key steps so far (both roles count alike: stage and parity)
             step = 0
+            # The tile's coordinates, formed once per tile in 32-bit registers: as expressions of the tile
+            # index they were re-derived (64-bit divisions and modulos by the run-time Tm, H: ~250 subroutine
+            # calls in the SASS) at every use, in the producer's per-step LUT read and the epilogue's loads.
+            qb, h, b = T.alloc_var(T.int32), T.alloc_var(T.int32), T.alloc_var(T.int32)
             if tx >= 256:                     # producer warpgroup: TMA loads only
                 T.dec_max_nreg(24)
                 for it in T.serial(n_mine):
                     tile = cta + it * num_sms
-                    qb, h, b = tile % Tm, (tile // Tm) % H, tile // (Tm * H)
+                    qb = tile % Tm
+                    h = (tile // Tm) % H
+                    b = tile // (Tm * H)
                     T.mbarrier_wait_parity(q_empty[it % 2], ((it // 2) % 2) ^ 1)
                     T.tma_copy(Q[b, h, qb * M:(qb + 1) * M, :], Q_s[it % 2, :, :], barrier=q_full[it % 2])
                     T.mbarrier_arrive(q_full[it % 2])
@@ -105,7 +114,9 @@ def kernel_source(num_sms: int, stages: int, overlap: bool, marginal: bool):
                 T.inc_max_nreg(240)
                 for it in T.serial(n_mine):
                     tile = cta + it * num_sms
-                    qb, h, b = tile % Tm, (tile // Tm) % H, tile // (Tm * H)
+                    qb = tile % Tm
+                    h = (tile // Tm) % H
+                    b = tile // (Tm * H)
                     n = CNT[b, h, qb]
                     T.fill(acc_o, 0)
                     T.fill(l, 0)
