@@ -11,7 +11,9 @@ Forward (templates/tilelang/forward.py.j2, rendered per KernelSpec and imported 
   2. ``sla_forward``, grid (ceil(Lq / tile_m), H, B): one TMA + warp-specialised ``T.Pipelined`` loop over
      the row's critical key blocks (online softmax, exp2, fp32), then the linear epilogue
      O^l = φ(Q_i)H_i / (φ(Q_i)Z_i + eps) — scope 'all': H_i = H with Proj folded in when o_lin need not be
-     saved; scope 'marginal': the H_i above — and one store of O = O^s + Proj(O^l).
+     saved; scope 'marginal': the H_i above — and one store of O = O^s + Proj(O^l). Config ``persistent``
+     runs it instead as ``sla_forward_persistent``: one CTA per SM (grid: the SM count, carried by the length
+     of a GRID argument) walking its tiles with a hand-written TMA producer / consumer split.
 Every length and every stride of q, k, v and o is a run-time value (one compile per spec × tunables ×
 {save, Proj weight, bias}); inputs may be any (B, H, L, D) views with unit stride on D whose other strides
 are multiples of 16 bytes (bhld, blhd viewed as bhld, slices of a fused qkv tensor), as TMA requires —
@@ -98,13 +100,21 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # 128x64, sparse-only forward given the map (tools/forward_configs.py, session 11): overlap 0.702 / 0.704 ms,
 # plain loop 0.757; pingpong without the store (softmax after the P·V wait) 0.806, with 3 stages 0.764; with it
 # 0.868 — slower in every form measured; tunable only.
+# persistent: the forward as one CTA per SM with a hand-written producer / consumer (templates/tilelang/
+# forward.py.j2 persistent_forward_kernel): the producer's TMA loads run into the next tile while the consumers
+# finish the current one (its epilogue, for SLA the linear branch), and no wave tail. 128-row tiles, key blocks
+# of 64, scope 'marginal' or sparse-only, its own loop (overlap and pingpong off); its K / V stages are
+# num_stages (ask for 3 at d 128: with 2 a step's loads land late). H200, headline shape, given the map,
+# session 16: as a probe (no masks, no LSE; removed since) 0.697 vs 0.702 ms sparse-only and 0.968 vs 0.997
+# SLA marginal; as this kernel (tools/forward_configs.py, 5 rounds in turn) 0.716 vs 0.704 and 1.026 vs 0.995
+# (equal at the fastest round, 0.990 / 0.991): not faster than the per-tile overlapped loop, so tunable only.
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
              pre_async=True, warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False,
-             pingpong=False),
+             pingpong=False, persistent=False),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
               pre_async=True, warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=True,
-              pingpong=False),
+              pingpong=False, persistent=False),
 }
 _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   # 64-row tiles, where two CTAs fit an SM
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
@@ -230,10 +240,28 @@ def default_config(spec: KernelSpec) -> dict:
     return cfg
 
 
-def shared_bytes(cfg: dict, spec: KernelSpec) -> int:
+def persistent_applies(spec: KernelSpec) -> Optional[str]:
+    """None where the persistent forward serves ``spec``, else why not."""
+    if spec.feature_map is not None and spec.scope != "marginal":
+        return "scope 'all' (its per-head H is fp32, not a TMA tile)"
+    if spec.block_k != 64 or spec.block_q % 128:
+        return f"blocks {spec.block_q}x{spec.block_k} (it needs block_k = 64 and block_q a multiple of 128)"
+    return None
+
+
+def persistent_stages(cfg: dict, has_w: bool) -> int:
+    """K / V stages of the persistent kernel: the config's, at most 2 when Proj's weight takes its room."""
+    return min(cfg["num_stages"], 2) if has_w else cfg["num_stages"]
+
+
+def shared_bytes(cfg: dict, spec: KernelSpec, has_w: bool = False) -> int:
     """Upper bound of the forward kernel's shared memory (TileLang may alias epilogue buffers)."""
     esize, d, m = 2, spec.head_dim, cfg["tile_m"]
     linear = spec.feature_map is not None
+    if cfg.get("persistent"):   # Q (two), K / V stages, O's staging, H_i, den, W
+        stages = persistent_stages(cfg, has_w and linear)
+        return (esize * (2 * m * d + 2 * stages * cfg["tile_n"] * d + m * d) + 1024 +
+                ((esize * d * d + 4 * m) if linear else 0) + (esize * d * d if has_w and linear else 0))
     w = esize * d * d if linear else 0               # Proj weight, loaded before the loop
     h = esize * d * d if linear and cfg.get("prefetch_h") else 0     # H_i, loaded before the loop
     k0 = esize * cfg["tile_n"] * d if cfg.get("overlap") or cfg.get("pingpong") else 0   # step 0's K / last V tile
@@ -295,7 +323,7 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError("config tile_m=64 with num_warps=8 is not supported (TileLang layout inference "
                          "rejects it); use num_warps=4")
     choice("ctas_per_sm", (1, 2))
-    for name in ("pre_async", "prefetch_h", "tma_store", "overlap", "pingpong"):
+    for name in ("pre_async", "prefetch_h", "tma_store", "overlap", "pingpong", "persistent"):
         if not isinstance(cfg[name], bool):
             raise ValueError(f"config[{name!r}]={cfg[name]!r} must be True or False")
     if cfg["pre_async"] and not cfg["warp_specialized"]:
@@ -309,6 +337,24 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError("config pingpong=True needs overlap=False (they are alternative key loops), "
                          "warp_specialized=True, num_warps=8 and tile_m=128 (two consumer warpgroups take turns) "
                          "and a tile_n dividing block_k")
+    if cfg["persistent"]:
+        why = persistent_applies(spec)
+        if why:
+            raise ValueError(f"config persistent=True does not serve {why}")
+        loop = dict(tile_m=128, tile_n=64, num_warps=8, ctas_per_sm=1, prefetch_h=False, tma_store=True,
+                    overlap=False, pingpong=False, warp_specialized=True)
+        wrong = {name: cfg[name] for name, want in loop.items() if cfg[name] != want}
+        if wrong or cfg["num_stages"] < 2:
+            raise ValueError(f"config persistent=True needs {loop} and num_stages >= 2 (its own loop: "
+                             f"two consumer warpgroups of 64 rows, TMA loads and stores); got "
+                             f"{wrong or {'num_stages': cfg['num_stages']} }")
+        for has_w in (False, True):
+            need = shared_bytes(cfg, spec, has_w)
+            if need > SHARED_MEMORY:
+                raise ValueError(f"config persistent=True with num_stages={cfg['num_stages']} needs about "
+                                 f"{need // 1024} KiB of shared memory{' with a Proj weight' if has_w else ''}; "
+                                 f"sm90 has {SHARED_MEMORY // 1024} KiB per block (use fewer stages)")
+        return
     if cfg["ctas_per_sm"] == 2 and cfg["num_warps"] != 4:
         raise ValueError("config ctas_per_sm=2 needs num_warps=4 (one consumer warpgroup: two CTAs of 256 threads "
                          "at 128 registers each fill the SM's register file)")
@@ -482,16 +528,20 @@ def _tilelang_cache():
                     os.environ["TILELANG_CACHE_DIR"] = _CACHE_SAVED
 
 
-def pass_configs(warp_specialized: bool = True) -> dict:
+def pass_configs(warp_specialized: bool = True, hand_specialized: bool = False) -> dict:
+    """TileLang pass configs: fast math; ``warp_specialized`` False turns TileLang's warp specialisation and
+    TMA lowering off (the fallback); ``hand_specialized`` (the persistent forward, which splits producer and
+    consumer itself) turns the automatic warp specialisation off and keeps TMA."""
     import tilelang
     cfg = {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
-    if not warp_specialized:    # (warp specialisation off alone fails codegen in 0.1.15 for these kernels)
+    if hand_specialized or not warp_specialized:
         cfg[tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED] = True
+    if not warp_specialized:    # (warp specialisation off alone fails codegen in 0.1.15 for these kernels)
         cfg[tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER] = True
     return cfg
 
 
-def _compile(key: tuple, make, warp_specialized: bool):
+def _compile(key: tuple, make, warp_specialized: bool, hand_specialized: bool = False):
     """Compile (once per process and key) the prim_func ``make()`` for sm_90a; TileLang's disk cache
     makes a new process's compile a load. Different keys may compile in parallel threads."""
     kernel = _KERNELS.get(key)
@@ -507,7 +557,8 @@ def _compile(key: tuple, make, warp_specialized: bool):
                 raise RuntimeError(missing)
             import tilelang
             with _tilelang_cache():
-                kernel = tilelang.compile(make(), target=TARGET, pass_configs=pass_configs(warp_specialized))
+                kernel = tilelang.compile(make(), target=TARGET,
+                                          pass_configs=pass_configs(warp_specialized, hand_specialized))
             _KERNELS[key] = kernel
         return kernel
 
@@ -523,13 +574,17 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
     """The compiled forward kernel of ``spec`` for tunables ``cfg`` and the epilogue flags."""
     linear = spec.feature_map is not None
     save, has_w, has_bias = (bool(save) and linear, bool(has_w) and linear, bool(has_bias) and linear)
+    mod = _module(spec)
+    if cfg["persistent"]:
+        args = dict(num_stages=persistent_stages(cfg, has_w), save=save, has_w=has_w, has_bias=has_bias)
+        key = ("forward-persistent", spec, tuple(sorted(args.items())))
+        return _compile(key, lambda: mod.persistent_forward_kernel(**args), True, hand_specialized=True)
     ctas_per_sm = 1 if save and has_w else cfg["ctas_per_sm"]     # see _DEFAULTS: two of these CTAs hang
     args = dict(tile_m=cfg["tile_m"], tile_n=cfg["tile_n"], threads=32 * cfg["num_warps"],
                 num_stages=cfg["num_stages"], ctas_per_sm=ctas_per_sm, prefetch_h=cfg["prefetch_h"] and linear,
                 tma_store=cfg["tma_store"], save=save, has_w=has_w, has_bias=has_bias, overlap=cfg["overlap"],
                 pingpong=cfg["pingpong"])
     key = ("forward", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
-    mod = _module(spec)
     return _compile(key, lambda: mod.forward_kernel(**args), cfg["warp_specialized"])
 
 
@@ -636,6 +691,17 @@ def _check_inputs(q, k, v, maps, proj_weight, proj_bias) -> None:
         _check_tma(name, x)
 
 
+def _persistent_grid(device: torch.device, tiles: int) -> torch.Tensor:
+    """The persistent forward's GRID argument: an int32 vector (never read) whose length is its grid, the
+    device's SM count or ``tiles`` if fewer."""
+    key = ("grid", device)
+    if key not in _DUMMIES:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        _DUMMIES[key] = {"grid": torch.empty(sms, dtype=torch.int32, device=device)}
+    grid = _DUMMIES[key]["grid"]
+    return grid[:min(tiles, grid.numel())]
+
+
 def _dummies(device: torch.device, dtype: torch.dtype, d: int) -> Dict[str, torch.Tensor]:
     """Small stand-ins for the kernel inputs a variant does not read (their dynamic extents are free): the
     forward's Proj weight / bias, O^l and den outputs; the backward kernels' linear-branch sums and per-row
@@ -731,6 +797,8 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
         args.append(proj_bias.to(torch.float32).contiguous() if proj_bias is not None else dummy["bias"])
         args += [o_lin if save else dummy["o_lin"], den if save else dummy["den"], float(eps)]
     args.append(float(scale))
+    if cfg["persistent"]:   # the grid's length: one CTA per SM, at most one per tile
+        args.append(_persistent_grid(q.device, math.ceil(lq / 128) * H * B))
     kernel = forward_kernel(spec, cfg, save=save, has_w=has_w, has_bias=proj_bias is not None)
     with torch.cuda.device(q.device):
         kernel(*args)

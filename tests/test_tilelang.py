@@ -34,6 +34,7 @@ from slagen.blockmap import BlockMap
 from slagen.spec import KernelSpec
 
 TOL = 2e-2
+PERSISTENT = dict(persistent=True, overlap=False, num_stages=3)   # the forward's persistent kernel (a tunable)
 PINGPONG = {"pingpong": True, "overlap": False}   # the forward's turn-taking key loop (FlashAttention-3's order)
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -85,6 +86,40 @@ def test_defaults_that_need_warp_specialisation_give_way_without_it():
     assert tl_backend.default_config(spec)["overlap"] and tl_backend.default_config(spec)["pre_async"]
     cfg = tl_backend._resolve_config(spec, dict(warp_specialized=False, num_stages=1, pre_stages=1))
     assert not cfg["overlap"] and not cfg["pre_async"]
+
+
+@pytest.mark.parametrize("d", tl_backend.HEAD_DIMS)
+@pytest.mark.parametrize("block", [(128, 64), (256, 64), (64, 64), (128, 128)])
+@pytest.mark.parametrize("fmap,scope", [("softmax", "marginal"), ("elu", "all"), (None, "marginal")])
+def test_persistent_serves_128_row_tiles_over_64_key_blocks(d, block, fmap, scope):
+    """The persistent forward (a tunable, off by default) serves 128-row tiles over key blocks of 64, scope
+    'marginal' or sparse-only; elsewhere asking for it names why not."""
+    spec = spec_of(d=d, fmap=fmap, scope=scope, block=block)
+    assert not tl_backend.default_config(spec)["persistent"]
+    if block[1] == 64 and block[0] % 128 == 0 and (fmap is None or scope == "marginal"):
+        assert tl_backend._resolve_config(spec, PERSISTENT)["persistent"]
+    else:
+        with pytest.raises(ValueError, match="persistent=True does not serve"):
+            tl_backend._resolve_config(spec, PERSISTENT)
+
+
+@pytest.mark.parametrize("change", [dict(overlap=True), dict(tile_n=128), dict(pingpong=True, overlap=False),
+                                    dict(tile_m=64, num_warps=4), dict(prefetch_h=True), dict(num_stages=1)])
+def test_persistent_with_a_per_tile_loop_knob_is_a_clear_error(change):
+    spec = spec_of(d=128, scope="marginal", block=(128, 64))
+    with pytest.raises(ValueError, match="persistent=True needs"):
+        tl_backend._resolve_config(spec, {**PERSISTENT, **change})
+
+
+def test_persistent_shared_memory_and_proj_stages():
+    """d 128: 3 K / V stages fit (224 KiB with H_i), 4 do not; with Proj's weight the kernel runs 2."""
+    spec = spec_of(d=128, scope="marginal", block=(128, 64))
+    cfg = tl_backend._resolve_config(spec, PERSISTENT)
+    assert tl_backend.shared_bytes(cfg, spec) <= tl_backend.SHARED_MEMORY
+    assert tl_backend.shared_bytes(cfg, spec, has_w=True) <= tl_backend.SHARED_MEMORY
+    assert tl_backend.persistent_stages(cfg, True) == 2 and tl_backend.persistent_stages(cfg, False) == 3
+    with pytest.raises(ValueError, match="shared memory"):
+        tl_backend.check_config({**cfg, "num_stages": 4}, spec)
 
 
 @pytest.mark.parametrize("change,match", [
@@ -215,6 +250,17 @@ def _assert_sparse_loop_runs(src: str, what: str):
     assert len(bounds) >= 2 and all(re.fullmatch(r"max\(.*, 1\)", x) for x in bounds), f"{what}: loop bounds {bounds}"
 
 
+def _assert_persistent_structure(src: str, what: str):
+    """The persistent forward: producer and consumer each walk the CTA's tiles (a stride-G loop), the
+    consumers wait for the tile's Q before its key loop (so a row without critical blocks, whose loop runs
+    zero times, still waits for the load it releases), and O leaves only through TMA stores."""
+    assert len(re.findall(r"for \(int it\w* = 0;", src)) == 2, f"{what}: not one tile loop per role"
+    loops = [m.start() for m in re.finditer(r"for \(int t\w* = 0; t\w* < n_crit; \+\+t\w*\)", src)]
+    q_wait = src.find("q_full[(it_1 & 1)].wait(")
+    assert len(loops) == 2 and loops[0] < q_wait < loops[1], f"{what}: the consumer does not wait for Q first"
+    assert "tma_store(O_desc" in src and not re.search(r"\bO\[", src), f"{what}: O is not written by TMA alone"
+
+
 @needs_compiler
 @pytest.mark.parametrize("spec,flags", COMPILES, ids=lambda x: x.canonical if isinstance(x, KernelSpec) else
                          "-".join(k for k, v in sorted(x.items()) if v) or "plain")
@@ -225,6 +271,16 @@ def test_forward_compiles_for_sm90a(spec, flags):
     _assert_sparse_loop_runs(kernel.get_kernel_source(), "forward")
     cache = tl_backend.cache_dir() / "tilelang"
     assert cache.is_dir() and any(cache.rglob("*.cu")), "TileLang's cache is not inside slagen's cache dir"
+
+
+@needs_compiler
+@pytest.mark.parametrize("spec,flags", [(spec_of(d=128, scope="marginal"), dict(save=True, has_w=True, has_bias=True)),
+                                        (spec_of(d=64, fmap=None), {})],
+                         ids=lambda x: x.canonical if isinstance(x, KernelSpec) else "-".join(sorted(x)) or "plain")
+def test_persistent_forward_compiles_for_sm90a(spec, flags):
+    src = tl_backend.forward_kernel(spec, tl_backend._resolve_config(spec, PERSISTENT), **flags).get_kernel_source()
+    _assert_hopper_source(src, "persistent forward")
+    _assert_persistent_structure(src, "persistent forward")
 
 
 @needs_compiler
@@ -612,6 +668,27 @@ GPU_CASES = (
        dict(L=4096, dtype="fp16", negl=0.1, config=PINGPONG),
        dict(L=4096, config={**PINGPONG, "num_stages": 3}),
        dict(L=4096, block=(128, 128), n_crit="mixed", config=PINGPONG)]
+    # the persistent forward (config persistent): head dims, counts 0 / 1 / 2 / all / top-k, partial query
+    # tiles and key blocks, sparse-only, several batches and heads (the tile index decoded per tile), Proj's
+    # weight (2 stages) with and without saving, 2 stages, 256-row query blocks (two tiles per LUT row), fp16,
+    # layouts (blhd, a fused qkv tensor), elu / relu, wide score ranges, one head at 32760 with every block
+    + [dict(L=L, d=d, scope="marginal", negl=0.1, n_crit=c, config=PERSISTENT)
+       for L, c in ((77, "all"), (77, 1), (4096, 2), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
+    + [dict(L=L, d=d, fmap="none", n_crit=c, config=PERSISTENT)
+       for L, c in ((77, 1), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
+    + [dict(L=1000, Lk=3001, negl=0.1, n_crit=2, config=PERSISTENT),
+       dict(L=1000, Lk=3001, fmap="none", n_crit="mixed", config=PERSISTENT),
+       dict(L=4096, B=2, H=3, n_crit="mixed", config=PERSISTENT),
+       dict(L=1000, B=3, H=5, fmap="none", n_crit=2, config=PERSISTENT),
+       dict(L=4096, save=False, config=PERSISTENT), dict(L=4096, n_crit="mixed", config={**PERSISTENT, "num_stages": 2}),
+       dict(L=4096, block=(256, 64), n_crit="mixed", config=PERSISTENT),
+       dict(L=1000, Lk=3001, d=64, block=(256, 64), config=PERSISTENT),
+       dict(L=4096, layout="qkv", save=False, proj=False, config=PERSISTENT),
+       dict(L=4096, layout="blhd", config=PERSISTENT), dict(L=4096, dtype="fp16", negl=0.1, config=PERSISTENT),
+       dict(L=4096, fmap="elu", negl=0.1, config=PERSISTENT),
+       dict(L=4096, fmap="relu", n_crit="mixed", proj=False, config=PERSISTENT),
+       dict(L=4096, n_crit="all", q_scale=30.0, config=PERSISTENT),
+       dict(L=32760, scope="marginal", negl=0.1, n_crit="all", H=1, config=PERSISTENT)]
     # wide score ranges (q ×8, ×30 after the map is formed): rows' running maxima move far and often, P spans
     # many binades; each key loop (overlap, plain, pingpong, two key blocks per step, two CTAs per SM)
     + [dict(L=L, d=d, n_crit=c, q_scale=qs) for L, c in ((4096, "all"), (32760, "topk")) for d in (64, 128)

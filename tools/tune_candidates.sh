@@ -35,6 +35,8 @@ TRITON_TUNE_ARGS=(
 # (sparse-only 0.766 / 0.858 ms with / without the TMA store vs 0.639–0.701), kept as candidates for other cards;
 # pre_async (the pre-pass's asynchronous H stores) default since (SLA forward 1.010 -> 0.984 ms): the old
 # synchronous stores are the candidate.
+# persistent (session 16): one CTA per SM, hand-written producer / consumer; 1.026 vs 0.995 ms SLA marginal and
+# 0.716 vs 0.704 sparse-only given the map (interleaved rounds): a candidate.
 TILELANG_TUNE_CANDIDATES=(
   --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 1}'
   --config '{"tma_store": true}' --config '{"tma_store": false}' --config '{"prefetch_h": true}'
@@ -42,6 +44,7 @@ TILELANG_TUNE_CANDIDATES=(
   --config '{"tile_m": 64, "num_warps": 4, "ctas_per_sm": 2, "tma_store": false, "overlap": false}'
   --config '{"tile_m": 64, "num_warps": 4, "ctas_per_sm": 2, "overlap": false}'
   --config '{"pingpong": true, "overlap": false}' --config '{"pre_async": false}'
+  --config '{"persistent": true, "overlap": false, "num_stages": 3}'
   --config '{"dq": {"lin_init": true, "lin_fused": false}, "dkdv": {"lin_init": true, "lin_fused": false}}'
   --config '{"dq": {"tma_store": false}, "dkdv": {"tma_store": false}}'
   --config '{"dkdv": {"lin_fused": false}}' --config '{"dq": {"lin_fused": false}}'
