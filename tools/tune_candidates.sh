@@ -35,8 +35,8 @@ TRITON_TUNE_ARGS=(
 # (sparse-only 0.766 / 0.858 ms with / without the TMA store vs 0.639–0.701), kept as candidates for other cards;
 # pre_async (the pre-pass's asynchronous H stores) default since (SLA forward 1.010 -> 0.984 ms): the old
 # synchronous stores are the candidate.
-# persistent (session 16): one CTA per SM, hand-written producer / consumer; 1.026 vs 0.995 ms SLA marginal and
-# 0.716 vs 0.704 sparse-only given the map (interleaved rounds): a candidate.
+# persistent (session 16): one CTA per SM, hand-written producer / consumer; 0.989 vs 1.000 ms SLA marginal and
+# 0.705 vs 0.689 sparse-only given the map (9 interleaved rounds): a candidate.
 TILELANG_TUNE_CANDIDATES=(
   --config '{"backward": "triton"}' --config '{"dq": {"tile_n": 128}}' --config '{"ctas_per_sm": 1}'
   --config '{"tma_store": true}' --config '{"tma_store": false}' --config '{"prefetch_h": true}'
