@@ -4,15 +4,20 @@
 
 Each row is the wall time per call while the GPU is held busy by a sleep kernel (so no call waits for
 the GPU): the backend's kernels called directly, the torch.library operator around them, and the public
-API (block map + forward, as a user calls it). The differences are what each layer costs. Then the
-cProfile of the public call: the functions with the most own time and the most cumulative time.
+API (block map + forward, as a user calls it). The differences are what each layer costs. With
+``--backend tilelang`` one more row: the host time from the public call's start to its sparse forward
+kernel's launch — an eager call timed alone (the bench's eager column) takes about that plus the forward
+kernel's GPU time, since the short kernels before it wait for their launches (docs/perf-notes.md, session 16).
+Then the cProfile of the public call: the functions with the most own time and the most cumulative time.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -21,6 +26,37 @@ from profile_sla import add_shape_args, cprofile_report, host_ms, shape_inputs  
 
 import slagen  # noqa: E402
 from slagen import backends, ops, reference  # noqa: E402
+
+
+def host_ms_to_forward_launch(fn, n: int = 20) -> float:
+    """Median host ms from the start of ``fn()`` (a TileLang-backend call) to its sparse forward kernel's
+    launch, the GPU held busy as in host_ms (the compiled kernel is wrapped to stamp the time of its call)."""
+    from slagen.backends import tilelang as tl_backend
+    stamps, compiled = [], tl_backend.forward_kernel
+
+    def stamped(*args, **kwargs):
+        kernel = compiled(*args, **kwargs)
+
+        def launch(*kernel_args):
+            stamps.append(time.perf_counter())
+            return kernel(*kernel_args)
+        return launch
+
+    tl_backend.forward_kernel = stamped
+    try:
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)
+        starts = []
+        for _ in range(n):
+            starts.append(time.perf_counter())
+            fn()
+        torch.cuda.synchronize()
+    finally:
+        tl_backend.forward_kernel = compiled
+    if len(stamps) != n + 1:
+        raise RuntimeError(f"expected one forward launch per call, saw {len(stamps)} for {n + 1} calls")
+    return statistics.median(t - s for s, t in zip(starts, stamps[1:])) * 1e3
 
 
 def main() -> None:
@@ -59,6 +95,9 @@ def main() -> None:
         ("slagen.attention, q requires grad", public_grad),
     ]
     out = [(name, host_ms(fn) * 1e3) for name, fn in rows]
+    if args.backend == "tilelang":
+        out.append(("slagen.attention no_grad: start to the sparse forward's launch",
+                    host_ms_to_forward_launch(public) * 1e3))
     # what the layers are made of: primitives each call repeats (µs per call, 200 calls)
     dev = q.device
     fields = dict(block_q=bq, block_k=bk, feature_map="softmax", scope="marginal", has_negligible=False,
