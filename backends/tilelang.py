@@ -798,7 +798,7 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
         args += [o_lin if save else dummy["o_lin"], den if save else dummy["den"], float(eps)]
     args.append(float(scale))
     if cfg["persistent"]:   # the grid's length: one CTA per SM, at most one per tile
-        args.append(_persistent_grid(q.device, math.ceil(lq / 128) * H * B))
+        args.append(_persistent_grid(q.device, math.ceil(lq / cfg["tile_m"]) * H * B))
     kernel = forward_kernel(spec, cfg, save=save, has_w=has_w, has_bias=proj_bias is not None)
     with torch.cuda.device(q.device):
         kernel(*args)

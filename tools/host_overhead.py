@@ -30,9 +30,9 @@ from slagen import backends, ops, reference  # noqa: E402
 
 def host_ms_to_forward_launch(fn, n: int = 20) -> float:
     """Median host ms from the start of ``fn()`` (a TileLang-backend call) to its sparse forward kernel's
-    launch, the GPU held busy as in host_ms (the compiled kernel is wrapped to stamp the time of its call)."""
+    launch, timed as host_ms times (the compiled kernel is wrapped to stamp the time of its call)."""
     from slagen.backends import tilelang as tl_backend
-    stamps, compiled = [], tl_backend.forward_kernel
+    starts, stamps, compiled = [], [], tl_backend.forward_kernel
 
     def stamped(*args, **kwargs):
         kernel = compiled(*args, **kwargs)
@@ -42,21 +42,18 @@ def host_ms_to_forward_launch(fn, n: int = 20) -> float:
             return kernel(*kernel_args)
         return launch
 
+    def call():
+        starts.append(time.perf_counter())
+        fn()
+
     tl_backend.forward_kernel = stamped
     try:
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda._sleep(2_000_000_000)
-        starts = []
-        for _ in range(n):
-            starts.append(time.perf_counter())
-            fn()
-        torch.cuda.synchronize()
+        host_ms(call, n)
     finally:
         tl_backend.forward_kernel = compiled
-    if len(stamps) != n + 1:
-        raise RuntimeError(f"expected one forward launch per call, saw {len(stamps)} for {n + 1} calls")
-    return statistics.median(t - s for s, t in zip(starts, stamps[1:])) * 1e3
+    if len(stamps) != len(starts):
+        raise RuntimeError(f"expected one forward launch per call, saw {len(stamps)} for {len(starts)} calls")
+    return statistics.median(t - s for s, t in zip(starts, stamps)) * 1e3
 
 
 def main() -> None:
