@@ -19,6 +19,7 @@ from slagen.spec import KernelSpec
 
 log = logging.getLogger("slagen")
 _MEMO: Dict[Tuple, Optional[dict]] = {}
+_GENERATION = [0]   # how many times the memo was dropped: per-call plans that hold a config key on it
 
 
 def gpu_name(device: torch.device) -> str:
@@ -60,3 +61,9 @@ def config_for(spec: KernelSpec, backend: str, device: torch.device, seq_len: in
 def forget() -> None:
     """Drop the in-process memo (after tuning or importing records)."""
     _MEMO.clear()
+    _GENERATION[0] += 1
+
+
+def generation() -> int:
+    """Changes whenever :func:`forget` runs: a memo of resolved configs is stale once this differs."""
+    return _GENERATION[0]

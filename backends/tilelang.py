@@ -39,6 +39,7 @@ import time. Tunables: :func:`default_config` / :func:`check_config` (the autotu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -741,14 +742,73 @@ def linear_terms_of(spec: KernelSpec, cfg: dict, k: torch.Tensor, v: torch.Tenso
     return linear_terms.chunk_totals(hp, zp)
 
 
-def marginal_sums(spec: KernelSpec, cfg: dict, ht: torch.Tensor, zt: torch.Tensor, mask: torch.Tensor):
+def marginal_sums(spec: KernelSpec, cfg: dict, ht: torch.Tensor, zt: torch.Tensor, mask: torch.Tensor,
+                  relaunch_key=None):
     """(H_i (B,H,T_m,D,D) in h's dtype, Z_i (B,H,T_m,D) fp32): Σ h_j and Σ z_j over each query block's
     marginal key blocks (mask == 0): the GEMM's 0/1 operand and Z_i from the Triton backend's
     sla_mask_operands_kernel, then one GEMM (slagen.backends.linear_terms.marginal_sums; the pre-pass
-    tiles of ``pre_tile`` keys are summed into selection blocks first)."""
+    tiles of ``pre_tile`` keys are summed into selection blocks first). ``relaunch_key``: the mask-operand
+    launch's Relauncher key (a forward plan's), or None."""
     from slagen.backends.triton import fwd as triton_fwd
-    operands = functools.partial(triton_fwd.mask_operands, codegen.load(spec, "triton"))
+    operands = functools.partial(triton_fwd.mask_operands, codegen.load(spec, "triton"), relaunch_key=relaunch_key)
     return linear_terms.marginal_sums(ht, zt, mask, per_block=spec.block_k // cfg["pre_tile"], operands=operands)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ForwardPlan:
+    """What a forward call's shapes, strides, dtypes, devices, alignment, flags and config decide, checked and
+    resolved once per process for each (see :func:`_forward_plan`): the spec, the config, the epilogue flags and
+    the compiled forward kernel."""
+    key: Optional[tuple]
+    spec: KernelSpec
+    cfg: dict
+    save: bool
+    has_w: bool
+    kernel: object
+
+    def launch_key(self, name: str) -> Optional[tuple]:
+        """The Relauncher key of the Triton launch ``name`` (None for a plan without a key)."""
+        return None if self.key is None else (self.key, name)
+
+
+_FORWARD_PLANS: Dict[tuple, _ForwardPlan] = {}
+
+
+def _layout(x: Optional[torch.Tensor]) -> Optional[tuple]:
+    """What a plan's checks and launches see of a tensor: shape, strides, dtype, device, 16-byte alignment."""
+    if x is None:
+        return None
+    return tuple(x.shape), x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0
+
+
+def _forward_plan(q, k, v, maps, proj_weight, proj_bias, save: bool, block_q: int, block_k: int, feature_map: str,
+                  scope: str, config: Optional[dict]) -> _ForwardPlan:
+    """The plan of a forward call, built (inputs checked, spec and config resolved, kernel compiled) once per
+    process for each key: the layouts of q, k, v, the map tensors the forward reads and Proj's, the flags, the
+    config (a tuned one: per generation of slagen.autotune.select's memo)."""
+    from slagen.autotune import select
+    try:
+        key = (_layout(q), _layout(k), _layout(v), len(maps), _layout(maps[0]), _layout(maps[1]), _layout(maps[2]),
+               tuple(maps[5].shape), _layout(proj_weight), _layout(proj_bias), bool(save), block_q, block_k,
+               feature_map, scope, None if config is None else tuple(sorted(config.items())), select.generation())
+        found = _FORWARD_PLANS.get(key)
+    except (TypeError, IndexError, AttributeError):   # malformed arguments: the checks below name them
+        key = found = None
+    if found is not None:
+        return found
+    _check_inputs(q, k, v, maps, proj_weight, proj_bias)
+    spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
+                       has_negligible=maps[5].shape[-1] > 0)
+    cfg = _call_config(spec, q, k, maps, config)
+    save = bool(save) and spec.feature_map is not None
+    has_w = _kernel_has_w(spec, save, proj_weight is not None)
+    plan = _ForwardPlan(key=key, spec=spec, cfg=cfg, save=save, has_w=has_w,
+                        kernel=forward_kernel(spec, cfg, save=save, has_w=has_w, has_bias=proj_bias is not None))
+    if key is not None:
+        if len(_FORWARD_PLANS) >= 256:    # a bound, never reached by real use (a few shapes per model)
+            _FORWARD_PLANS.clear()
+        _FORWARD_PLANS[key] = plan
+    return plan
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,
@@ -761,13 +821,10 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     :func:`default_config`; maps_ready: an event the maps' producer recorded on another stream (waited for
     after the linear pre-pass, which does not read them, is launched).
     """
-    _check_inputs(q, k, v, maps, proj_weight, proj_bias)
-    spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
-                       has_negligible=maps[5].shape[-1] > 0)
-    cfg = _call_config(spec, q, k, maps, config)
+    plan = _forward_plan(q, k, v, maps, proj_weight, proj_bias, save, block_q, block_k, feature_map, scope, config)
+    spec, cfg, save, has_w = plan.spec, plan.cfg, plan.save, plan.has_w
     B, H, lq, d = q.shape
     linear = spec.feature_map is not None
-    save = bool(save) and linear
     o = torch.empty_like(q)
     lse = torch.empty((B, H, lq), dtype=torch.float32, device=q.device)
     o_lin = q.new_empty((B, H, lq, d)) if save else q.new_empty((0,))
@@ -779,10 +836,9 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     wait_for_maps(maps_ready, q.device)
     crit_count = maps[2].to(torch.int32).contiguous()
     args = [q, k, v, o, lse, _lut(maps[1]), crit_count]
-    has_w = _kernel_has_w(spec, save, proj_weight is not None)
     if linear:
         if spec.scope == "marginal":
-            marginal = marginal_sums(spec, cfg, *terms, maps[0])
+            marginal = marginal_sums(spec, cfg, *terms, maps[0], plan.launch_key("mask operands"))
             args += marginal
             if save:
                 sums = marginal
@@ -799,9 +855,8 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     args.append(float(scale))
     if cfg["persistent"]:   # the grid's length: one CTA per SM, at most one per tile
         args.append(_persistent_grid(q.device, math.ceil(lq / cfg["tile_m"]) * H * B))
-    kernel = forward_kernel(spec, cfg, save=save, has_w=has_w, has_bias=proj_bias is not None)
     with torch.cuda.device(q.device):
-        kernel(*args)
+        plan.kernel(*args)
     return _with_sums((o, lse, o_lin, den), sums, states)
 
 

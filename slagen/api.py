@@ -76,11 +76,21 @@ def _check_qk(q: Tensor, k: Tensor) -> None:
         raise ValueError(f"sequence lengths and head dim must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
+_RESOLVED: Dict[tuple, str] = {}
+
+
 def _resolve_backend(backend, q: Tensor, **fields) -> str:
+    """The backend that serves a call (slagen.dispatch.resolve), memoised per process for each backend
+    request, device, dtype, head dim, spec fields and TRITON_INTERPRET setting (only choices that succeed
+    are kept: a call that cannot be served raises every time)."""
     if not isinstance(backend, str):
         raise ValueError(f"backend={backend!r} must be a string: auto, torch, triton or tilelang")
-    spec, why = spec_for(q.device, q.dtype, head_dim=q.shape[-1], **fields)
-    return resolve(backend, q.device, spec, why)
+    key = (backend, q.device, q.dtype, q.shape[-1], tuple(sorted(fields.items())), os.environ.get("TRITON_INTERPRET"))
+    name = _RESOLVED.get(key)
+    if name is None:
+        spec, why = spec_for(q.device, q.dtype, head_dim=q.shape[-1], **fields)
+        name = _RESOLVED[key] = resolve(backend, q.device, spec, why)
+    return name
 
 
 def _block_map_bhld(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,

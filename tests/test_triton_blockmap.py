@@ -319,6 +319,60 @@ def _gpu_check(q, k, topk, negligible, block_q, block_k):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
+def test_plan_serves_new_inputs_of_the_same_layout_and_a_new_layout_gets_its_own():
+    """A block map's plan (checks, config, grids) is built once per layout: a second call of the same layout
+    on new inputs gives that input's map, and a strided view of the same shape is a different plan."""
+    n_plans = len(selection._PLANS)
+    for seed in (0, 1):
+        q, k = make_qk(1, 2, 300, 260, 32, seed=seed)
+        assert_equal_maps(selection.block_map(q, k, 2, 1, 32, 32), torch_backend.block_map(q, k, 2, 1, 32, 32))
+    assert len(selection._PLANS) == n_plans + 1
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(1, n, 2, 32, generator=g).transpose(1, 2) for n in (300, 260))   # (B, L, H, D) storage
+    assert_equal_maps(selection.block_map(q, k, 2, 1, 32, 32), torch_backend.block_map(q, k, 2, 1, 32, 32))
+    assert len(selection._PLANS) == n_plans + 2
+
+
+def test_relauncher_relaunches_by_key_with_the_constexprs_in_parameter_order(monkeypatch):
+    """The first launch of a key goes through Triton; later ones call the compiled kernel's launcher with the
+    positional arguments followed by every constexpr (given or default) in the kernel's parameter order. No
+    key (None) or another device: through Triton again."""
+    from slagen.backends.triton import launch
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("direct", grid, args))
+
+    def kernel(x, n, BLOCK, FLAG=7):   # the Python function a triton.jit wraps
+        pass
+
+    class Jit:
+        fn = staticmethod(kernel)
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                calls.append(("triton", grid, args, kwargs))
+                return Compiled()
+            return run
+
+    device = [0]
+    monkeypatch.setattr(launch, "_compiled_kernel_type", lambda: Compiled)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
+    run = launch.Relauncher(Jit())
+    run("k", (4, 2), ("x", 3), BLOCK=16, num_warps=4)
+    run("k", (4, 2), ("y", 5), BLOCK=16, num_warps=4)
+    run(None, (4, 2), ("z", 5), BLOCK=16, num_warps=4)
+    device[0] = 1
+    run("k", (4, 2), ("w", 5), BLOCK=16, num_warps=4)
+    assert calls == [("triton", (4, 2), ("x", 3), dict(BLOCK=16, num_warps=4)),
+                     ("direct", (4, 2, 1), ("y", 5, 16, 7)),
+                     ("triton", (4, 2), ("z", 5), dict(BLOCK=16, num_warps=4)),
+                     ("triton", (4, 2), ("w", 5), dict(BLOCK=16, num_warps=4))]
+    with pytest.raises(TypeError, match="'BLOCK'"):
+        launch.Relauncher(Jit())("other", (1,), ("x", 3), num_warps=4)
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("length", [32760, 75600])

@@ -31,6 +31,7 @@ import torch
 
 from slagen import codegen
 from slagen.backends import call_spec, check_forward_inputs, linear_terms, wait_for_maps
+from slagen.backends.triton import launch as triton_launch
 from slagen.dispatch import device_arch
 from slagen.spec import KernelSpec
 
@@ -202,7 +203,7 @@ MASK_OPERANDS_LAUNCH = dict(block_m=32, block_j=64, warps=4)
 
 
 def mask_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, dtype: torch.dtype, *,
-                  excluded: bool = False, launch: Optional[dict] = None):
+                  excluded: bool = False, launch: Optional[dict] = None, relaunch_key=None):
     """(a (B, H, T_m, k_cols) in ``dtype``: 1 on each row's selected blocks — marginal (mask == 0), or with
     ``excluded`` critical and negligible (mask != 0) — 0 elsewhere and in the columns T_n..k_cols;
     Σ_{selected j} z_j (B, H, T_m, D) fp32) from an int8 class mask (B, H, T_m, T_n; any strides, e.g. the
@@ -214,7 +215,8 @@ def mask_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, 
     floor). fp32 operands, fp16 ones (fp16's range cannot hold every z and its remainders) and torch < 2.8
     (no fp32-result half GEMM) take an fp32 GEMM of a instead. ``mod``: a marginal-scope forward module of the
     spec (its HEAD_DIM); ``launch`` overrides keys of MASK_OPERANDS_LAUNCH (tools/sweep_mask_operands.py times
-    the choices)."""
+    the choices). ``relaunch_key``: a key of slagen.backends.triton.launch.Relauncher that the caller derives
+    from everything the kernel's launch depends on (the TileLang forward's per-call plan), or None."""
     B, H, tm, tn = mask.shape
     d = z_blocks.shape[-1]
     z = z_blocks.reshape(B * H, -1, d)
@@ -227,9 +229,9 @@ def mask_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, 
     row_tiles, col_tiles = math.ceil(tm / cfg["block_m"]), math.ceil(k_cols / cfg["block_j"])
     z_tiles = math.ceil(k_cols / (cfg["block_m"] * col_tiles)) if split else 0   # BLOCK_M z rows per program
     grid = (row_tiles + z_tiles, col_tiles, B * H)
-    mod.sla_mask_operands_kernel[grid](
-        mask, z, a, planes, *mask.stride(), H, tm, tn, k_cols, z.shape[1], row_tiles, EXCLUDED=excluded,
-        BLOCK_M=cfg["block_m"], BLOCK_J=cfg["block_j"], num_warps=cfg["warps"])
+    triton_launch.of(mod, "sla_mask_operands_kernel")(
+        relaunch_key, grid, (mask, z, a, planes, *mask.stride(), H, tm, tn, k_cols, z.shape[1], row_tiles),
+        EXCLUDED=excluded, BLOCK_M=cfg["block_m"], BLOCK_J=cfg["block_j"], num_warps=cfg["warps"])
     if split:
         return a, linear_terms.operand_matmul(a, planes, torch.float32).view(B, H, tm, 3, d).sum(-2)
     return a, torch.matmul(a[..., :tn].to(torch.float32), z[:, :tn].view(B, H, tn, d))

@@ -18,14 +18,15 @@ Four launches per call, all accumulating in fp32 whatever the input dtype, no at
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from slagen import codegen
 from slagen.blockmap import no_columns
-from slagen.backends.triton import HEAD_DIMS
+from slagen.backends.triton import HEAD_DIMS, launch
 from slagen.dispatch import device_arch
 from slagen.reference import num_blocks
 from slagen.spec import BLOCK_SIZES, KernelSpec
@@ -151,6 +152,82 @@ def _scratch(device, **shapes) -> Dict[str, torch.Tensor]:
     return {name: t.view(shape) for (name, shape), t in zip(shapes.items(), flat)}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a block-map call's shapes, strides, dtype, device, counts, blocks and config decide: the checked
+    spec and config, the extents and grids, and one Relauncher key per launch (see :func:`_plan_of`)."""
+    key: Optional[tuple]
+    cfg: dict
+    mod: Any
+    B: int
+    H: int
+    t_m: int
+    t_n: int
+    n_crit: int
+    n_negl: int
+    columns: bool
+    pool_grid: Tuple[int, ...]
+    pool_args: Tuple[int, ...]       # the pool kernel's integer arguments after its five pointers
+    score_grid: Tuple[int, ...]
+    n_kprog: int
+    n_tiles_n: int
+    ld: int
+    select_grid: Tuple[int, ...]
+    column_grid: Tuple[int, ...]
+    column_cols: int
+
+    def launch_key(self, name: str) -> Optional[tuple]:
+        """The Relauncher key of launch ``name`` (None for a plan without a key: never relaunched)."""
+        return None if self.key is None else (self.key, name)
+
+
+_PLANS: Dict[tuple, _Plan] = {}
+
+
+def _freeze(config: Optional[dict]):
+    return None if config is None else tuple(sorted(config.items()))
+
+
+def _plan_of(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
+             config: Optional[dict], columns: bool) -> _Plan:
+    """The plan of a call, built and checked once per process for each key: q's and k's shapes, strides,
+    dtypes, devices and 16-byte alignment, the counts, blocks, config and ``columns`` (everything the checks,
+    the grids and Triton's specialisation of the launches depend on)."""
+    key = (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), q.dtype, k.dtype, q.device, k.device,
+           q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, n_crit, n_negl, block_q, block_k,
+           _freeze(config), bool(columns))
+    try:
+        found = _PLANS.get(key)
+    except TypeError:     # an unhashable config value: check_config below names it
+        key = found = None
+    if found is not None:
+        return found
+    t_n = num_blocks(k.shape[2], block_k) if k.dim() == 4 else 0
+    _check_inputs(q, k, n_crit, n_negl, t_n)
+    spec = kernel_spec(q, block_q, block_k, n_negl > 0)
+    cfg = {**default_config(spec), **(config or {})}
+    check_config(cfg, spec)
+    B, H, Lq, D = q.shape
+    Lk, t_m, bh = k.shape[2], num_blocks(Lq, block_q), B * H
+    q_per = cfg["pool_qgroup"]
+    k_per = -(-t_n // min(cfg["pool_kprogs"], t_n))
+    n_qprog, n_kprog = -(-t_m // q_per), -(-t_n // k_per)
+    n_tiles_m, n_tiles_n = -(-t_m // cfg["score_rows"]), -(-t_n // cfg["score_cols"])
+    cols = min(cfg["col_cols"], _next_pow2(t_n))
+    plan = _Plan(key=key, cfg=cfg, mod=codegen.load(spec, "triton"), B=B, H=H, t_m=t_m, t_n=t_n, n_crit=n_crit,
+                 n_negl=n_negl, columns=bool(columns), pool_grid=((n_kprog + n_qprog) * bh,),
+                 pool_args=(*q.stride(), *k.stride(), bh, H, Lq, Lk, t_m, t_n, q_per, k_per, n_qprog, n_kprog),
+                 score_grid=(n_tiles_m * n_tiles_n, bh), n_kprog=n_kprog, n_tiles_n=n_tiles_n,
+                 ld=-(-t_n // 16) * 16,  # key rows padded to 16 (INT32_MIN) for 16-byte loads
+                 select_grid=(-(-t_m // cfg["select_rows"]), bh), column_grid=(-(-t_n // cols), bh),
+                 column_cols=cols)
+    if key is not None:
+        if len(_PLANS) >= 256:    # a bound, never reached by real use (a few shapes per model)
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
 def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
          config: Optional[dict] = None,
          columns: bool = True) -> Tuple[Tuple[torch.Tensor, ...], List[Tuple[str, Callable[[], None]]]]:
@@ -159,50 +236,43 @@ def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: in
     (name, zero-argument callable) pairs (names pool, scores, select, column; without ``columns`` the column
     tables are zero-size stand-ins and the column launch is left out). tools/bench_blockmap.py times them one
     by one; :func:`block_map` runs them."""
-    t_n = num_blocks(k.shape[2], block_k) if k.dim() == 4 else 0
-    _check_inputs(q, k, n_crit, n_negl, t_n)
-    spec = kernel_spec(q, block_q, block_k, n_negl > 0)
-    cfg = {**default_config(spec), **(config or {})}
-    check_config(cfg, spec)
-    B, H, Lq, D = q.shape
-    Lk, t_m, bh = k.shape[2], num_blocks(Lq, block_q), B * H
-    out = _outputs(B, H, t_m, t_n, n_crit, n_negl, q.device, columns)
+    p = _plan_of(q, k, n_crit, n_negl, block_q, block_k, config, columns)
+    out = _outputs(p.B, p.H, p.t_m, p.t_n, n_crit, n_negl, q.device, columns)
+    bh = p.B * p.H
     if bh == 0:
         return out, []
     mask, crit_lut, crit_count, crit_col, crit_col_count, negl_lut, negl_count, negl_col, negl_col_count = out
-    mod = codegen.load(spec, "triton")
-    q_per = cfg["pool_qgroup"]
-    k_per = -(-t_n // min(cfg["pool_kprogs"], t_n))
-    n_qprog, n_kprog = -(-t_m // q_per), -(-t_n // k_per)
-    bm, bn = cfg["score_rows"], cfg["score_cols"]
-    n_tiles_m, n_tiles_n = -(-t_m // bm), -(-t_n // bn)
-    sel_rows, cols = cfg["select_rows"], min(cfg["col_cols"], _next_pow2(t_n))
-    ld = -(-t_n // 16) * 16  # key rows padded to 16 (INT32_MIN) for 16-byte loads
-    work = _scratch(q.device, q_mean=(bh, t_m, D), k_mean=(bh, t_n, D), k_part=(bh, n_kprog, D),
-                    keys=(bh, t_m, ld))
+    cfg, mod, D = p.cfg, p.mod, q.shape[-1]
+    work = _scratch(q.device, q_mean=(bh, p.t_m, D), k_mean=(bh, p.t_n, D), k_part=(bh, p.n_kprog, D),
+                    keys=(bh, p.t_m, p.ld))
     keys = work["keys"].view(torch.int32)  # the scores' order-preserving int32 image
 
     def pool():
-        mod.pool_kernel[((n_kprog + n_qprog) * bh,)](
-            q, k, work["q_mean"], work["k_mean"], work["k_part"], *q.stride(), *k.stride(),
-            bh, H, Lq, Lk, t_m, t_n, q_per, k_per, n_qprog, n_kprog, ROWS=cfg["pool_rows"],
-            STAGES=cfg["pool_stages"], num_warps=cfg["pool_warps"], num_stages=cfg["pool_stages"])
+        launch.of(mod, "pool_kernel")(
+            p.launch_key("pool"), p.pool_grid,
+            (q, k, work["q_mean"], work["k_mean"], work["k_part"], *p.pool_args),
+            ROWS=cfg["pool_rows"], STAGES=cfg["pool_stages"], num_warps=cfg["pool_warps"],
+            num_stages=cfg["pool_stages"])
 
     def scores():
-        mod.scores_kernel[(n_tiles_m * n_tiles_n, bh)](
-            work["q_mean"], work["k_mean"], work["k_part"], keys, Lk, t_m, t_n, ld, n_kprog, n_tiles_n,
-            BM=bm, BN=bn, DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"], PARTS=cfg["score_parts"],
-            num_warps=cfg["score_warps"], num_stages=cfg["score_stages"])
+        launch.of(mod, "scores_kernel")(
+            p.launch_key("scores"), p.score_grid,
+            (work["q_mean"], work["k_mean"], work["k_part"], keys, k.shape[2], p.t_m, p.t_n, p.ld, p.n_kprog,
+             p.n_tiles_n),
+            BM=cfg["score_rows"], BN=cfg["score_cols"], DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"],
+            PARTS=cfg["score_parts"], num_warps=cfg["score_warps"], num_stages=cfg["score_stages"])
 
     def select():
-        mod.select_kernel[(-(-t_m // sel_rows), bh)](
-            keys, mask, crit_lut, crit_count, negl_lut, negl_count, t_m, t_n, ld, n_crit, n_negl,
-            ROWS=sel_rows, CH=cfg["select_chunk"], num_warps=1)
+        launch.of(mod, "select_kernel")(
+            p.launch_key("select"), p.select_grid,
+            (keys, mask, crit_lut, crit_count, negl_lut, negl_count, p.t_m, p.t_n, p.ld, n_crit, n_negl),
+            ROWS=cfg["select_rows"], CH=cfg["select_chunk"], num_warps=1)
 
     def column():
-        mod.column_kernel[(-(-t_n // cols), bh)](
-            mask, crit_col, crit_col_count, negl_col, negl_col_count, t_m, t_n,
-            ROWS=cfg["col_rows"], COLS=cols, num_warps=cfg["col_warps"])
+        launch.of(mod, "column_kernel")(
+            p.launch_key("column"), p.column_grid,
+            (mask, crit_col, crit_col_count, negl_col, negl_col_count, p.t_m, p.t_n),
+            ROWS=cfg["col_rows"], COLS=p.column_cols, num_warps=cfg["col_warps"])
 
     launches = [("pool", pool), ("scores", scores), ("select", select)]
     return out, launches + [("column", column)] if columns else launches
@@ -219,6 +289,6 @@ def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_
     column tables are zero-size stand-ins (slagen.blockmap.no_columns) and their launch does not run.
     """
     out, launches = plan(q, k, n_crit, n_negl, block_q, block_k, config, columns)
-    for _, launch in launches:
-        launch()
+    for _, run in launches:
+        run()
     return out
