@@ -85,6 +85,9 @@ def operand_matmul(a: torch.Tensor, terms: torch.Tensor, out_dtype: torch.dtype)
     out_dtype), never an fp32 copy of the terms; on CPU (no such kernel there) the product runs in fp32.
     """
     if out_dtype == terms.dtype:
+        if a.shape[:-2] == terms.shape[:-2]:   # batched alike: bmm on (…, T_m, K) views (torch.matmul's
+            lead, (tm, k), cols = a.shape[:-2], a.shape[-2:], terms.shape[-1]   # broadcasting costs host time)
+            return torch.bmm(a.reshape(-1, tm, k), terms.reshape(-1, k, cols)).view(*lead, tm, cols)
         return torch.matmul(a, terms)
     half = terms.dtype in (torch.float16, torch.bfloat16)
     if terms.is_cuda and half and out_dtype == torch.float32 and not HAS_BMM_OUT_DTYPE:

@@ -718,15 +718,16 @@ def _dummies(device: torch.device, dtype: torch.dtype, d: int) -> Dict[str, torc
     return _DUMMIES[key]
 
 
-def linear_terms_of(spec: KernelSpec, cfg: dict, k: torch.Tensor, v: torch.Tensor):
+def linear_terms_of(spec: KernelSpec, cfg: dict, k: torch.Tensor, v: torch.Tensor, kernel=None):
     """The pre-pass's key-side terms. Scope 'all': (H (B,H,D,D), Z (B,H,D)), fp32 sums over all keys.
     Scope 'marginal': (h_t (B,H,n,D,D) in k's dtype, z_t (B,H,n,D) fp32) per key tile of ``pre_tile`` keys,
     n = linear_terms.padded_rows(n_tiles) with the rows past n_tiles zero (no per-head total: the glue sums
-    the marginal blocks' terms directly, by GEMMs whose K extent n is a multiple of 8)."""
+    the marginal blocks' terms directly, by GEMMs whose K extent n is a multiple of 8). ``kernel``: the
+    compiled pre-pass (a forward plan's), else looked up."""
     B, H, lk, d = k.shape
-    tile = cfg["pre_tile"]
-    n_tiles = math.ceil(lk / tile)
+    n_tiles = math.ceil(lk / cfg["pre_tile"])
     n_chunks, _ = linear_terms.prepass_chunks(n_tiles, B * H, k.device)
+    kernel = kernel or prepass_kernel(spec, cfg)
     if spec.scope == "marginal":
         n_rows = linear_terms.padded_rows(n_tiles)
         ht = torch.empty((B, H, n_rows, d, d), dtype=k.dtype, device=k.device)
@@ -734,11 +735,11 @@ def linear_terms_of(spec: KernelSpec, cfg: dict, k: torch.Tensor, v: torch.Tenso
         if n_rows > n_tiles:        # the kernel writes tiles 0..n_tiles-1 (its loop runs over Lk)
             ht[:, :, n_tiles:].zero_()
             zt[:, :, n_tiles:].zero_()
-        prepass_kernel(spec, cfg)(k, v, ht, zt, n_chunks)
+        kernel(k, v, ht, zt, n_chunks)
         return ht, zt
     hp = torch.empty((B, H, n_chunks, d, d), dtype=torch.float32, device=k.device)
     zp = torch.empty((B, H, n_chunks, d), dtype=torch.float32, device=k.device)
-    prepass_kernel(spec, cfg)(k, v, hp, zp)
+    kernel(k, v, hp, zp)
     return linear_terms.chunk_totals(hp, zp)
 
 
@@ -758,13 +759,14 @@ def marginal_sums(spec: KernelSpec, cfg: dict, ht: torch.Tensor, zt: torch.Tenso
 class _ForwardPlan:
     """What a forward call's shapes, strides, dtypes, devices, alignment, flags and config decide, checked and
     resolved once per process for each (see :func:`_forward_plan`): the spec, the config, the epilogue flags and
-    the compiled forward kernel."""
+    the compiled kernels."""
     key: Optional[tuple]
     spec: KernelSpec
     cfg: dict
     save: bool
     has_w: bool
     kernel: object
+    prepass: Optional[object]    # the linear pre-pass (a linear branch only)
 
     def launch_key(self, name: str) -> Optional[tuple]:
         """The Relauncher key of the Triton launch ``name`` (None for a plan without a key)."""
@@ -803,7 +805,8 @@ def _forward_plan(q, k, v, maps, proj_weight, proj_bias, save: bool, block_q: in
     save = bool(save) and spec.feature_map is not None
     has_w = _kernel_has_w(spec, save, proj_weight is not None)
     plan = _ForwardPlan(key=key, spec=spec, cfg=cfg, save=save, has_w=has_w,
-                        kernel=forward_kernel(spec, cfg, save=save, has_w=has_w, has_bias=proj_bias is not None))
+                        kernel=forward_kernel(spec, cfg, save=save, has_w=has_w, has_bias=proj_bias is not None),
+                        prepass=prepass_kernel(spec, cfg) if spec.feature_map is not None else None)
     if key is not None:
         if len(_FORWARD_PLANS) >= 256:    # a bound, never reached by real use (a few shapes per model)
             _FORWARD_PLANS.clear()
@@ -832,7 +835,7 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     sums = None                       # (H_i, Z_i) kept for the backward (states, save, scope 'marginal')
     if o.numel() == 0:
         return _with_sums((o, lse, o_lin, den), sums, states)
-    terms = linear_terms_of(spec, cfg, k, v) if linear else None     # the pre-pass reads no block map
+    terms = linear_terms_of(spec, cfg, k, v, plan.prepass) if linear else None   # (it reads no block map)
     wait_for_maps(maps_ready, q.device)
     crit_count = maps[2].to(torch.int32).contiguous()
     args = [q, k, v, o, lse, _lut(maps[1]), crit_count]

@@ -645,7 +645,7 @@ build(mod.sla_linear_totals_kernel, cfg["pre_warps"], cfg["pre_stages"], TILE=cf
                                                                  and epilogue == "lowp"))
 if scope == "marginal" and mode == "gemm":    # 'lowp' sums the marginal blocks, the others the excluded ones
     launch = fwd.MASK_OPERANDS_LAUNCH
-    build(mod.sla_mask_operands_kernel, launch["warps"], 1, EXCLUDED=epilogue != "lowp",
+    build(mod.sla_mask_operands_kernel, launch["warps"], 1, EXCLUDED=epilogue != "lowp", SPLIT=True,
           BLOCK_M=launch["block_m"], BLOCK_J=launch["block_j"], smn=1)
 """
 

@@ -55,9 +55,9 @@ def main() -> None:
         k_cols = linear_terms.padded_rows(tn)
         z = torch.rand(1, H, k_cols, d, device="cuda") * 64
         want_a, want_z = fwd.mask_operands(mod, mask, z, k_cols, torch.bfloat16, excluded=excluded)
-        # bytes: mask read, operand written and read by the GEMM (bf16), z read, planes written and read, the
-        # GEMM's fp32 result written and summed, the z sums written
-        floor_us = H * (tm * (tn + 4 * k_cols + 3 * 4 * d * 2 + 4 * d) + k_cols * (4 * d + 4 * 3 * d)) / 4.8e12 * 1e6
+        # bytes: mask read, the operand three times side by side (bf16) written and read by the GEMM, z read,
+        # planes written and read, the GEMM's fp32 result (the z sums) written
+        floor_us = H * (tm * (tn + 12 * k_cols + 4 * d) + k_cols * (4 * d + 12 * d)) / 4.8e12 * 1e6
         timed = []
         for launch in [fwd.MASK_OPERANDS_LAUNCH] + [c for c in CANDIDATES if c != fwd.MASK_OPERANDS_LAUNCH]:
             call = lambda: fwd.mask_operands(mod, mask, z, k_cols, torch.bfloat16, excluded=excluded,  # noqa: E731

@@ -40,10 +40,7 @@ def _tuned(role_module, spec: KernelSpec, q: torch.Tensor, seq_len: int, density
 
 def block_map(q, k, n_crit, n_negl, block_q, block_k, columns=True):
     from slagen.backends.triton import selection
-    spec = selection.kernel_spec(q, block_q, block_k, n_negl > 0)
-    t_n = -(-k.shape[-2] // block_k)
-    config = _tuned(selection, spec, q, k.shape[-2], n_crit / t_n)
-    return selection.block_map(q, k, n_crit, n_negl, block_q, block_k, config=config, columns=columns)
+    return selection.block_map(q, k, n_crit, n_negl, block_q, block_k, config=selection.TUNED, columns=columns)
 
 
 def _spec_and_density(role_module, q, maps, cfg) -> tuple:

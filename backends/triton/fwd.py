@@ -209,8 +209,9 @@ def mask_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, 
     Σ_{selected j} z_j (B, H, T_m, D) fp32) from an int8 class mask (B, H, T_m, T_n; any strides, e.g. the
     transposed mask of the backward's dk/dv side) and per-block z_j (B, H, n ≥ T_n, D) fp32 (for
     linear_terms' ``operands``). One launch of ``mod``'s sla_mask_operands_kernel forms a and, for bf16
-    operands, z split into three bf16 planes; the z sums are then one tensor-core GEMM of a with the planes
-    (fp32 result, linear_terms.operand_matmul) and a sum over the planes: fp32-accurate (session 6: the
+    operands, z split into three bf16 planes stacked along the GEMM's K (a three times side by side, a itself
+    being the first third, a strided view); the z sums are then one tensor-core GEMM of those (fp32 result,
+    linear_terms.operand_matmul; no sum over planes after it): fp32-accurate (session 6: the
     previous form, a tf32x3 dot per 32-block step inside one kernel, was latency-bound at 42 µs for a 2.6 µs
     floor). fp32 operands, fp16 ones (fp16's range cannot hold every z and its remainders) and torch < 2.8
     (no fp32-result half GEMM) take an fp32 GEMM of a instead. ``mod``: a marginal-scope forward module of the
@@ -224,16 +225,17 @@ def mask_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, 
     assert d == mod.HEAD_DIM.value and mask.dtype == torch.int8, (d, mod.HEAD_DIM, mask.dtype)
     cfg = {**MASK_OPERANDS_LAUNCH, **(launch or {})}
     split = dtype == torch.bfloat16 and (not mask.is_cuda or linear_terms.HAS_BMM_OUT_DTYPE)
-    a = torch.empty((B, H, tm, k_cols), dtype=dtype, device=mask.device)
-    planes = torch.empty((B, H, k_cols, 3 * d), dtype=dtype, device=mask.device) if split else a
+    sel = torch.empty((B, H, tm, 3 * k_cols if split else k_cols), dtype=dtype, device=mask.device)
+    planes = torch.empty((B, H, 3 * k_cols, d), dtype=dtype, device=mask.device) if split else sel
     row_tiles, col_tiles = math.ceil(tm / cfg["block_m"]), math.ceil(k_cols / cfg["block_j"])
     z_tiles = math.ceil(k_cols / (cfg["block_m"] * col_tiles)) if split else 0   # BLOCK_M z rows per program
     grid = (row_tiles + z_tiles, col_tiles, B * H)
     triton_launch.of(mod, "sla_mask_operands_kernel")(
-        relaunch_key, grid, (mask, z, a, planes, *mask.stride(), H, tm, tn, k_cols, z.shape[1], row_tiles),
-        EXCLUDED=excluded, BLOCK_M=cfg["block_m"], BLOCK_J=cfg["block_j"], num_warps=cfg["warps"])
-    if split:
-        return a, linear_terms.operand_matmul(a, planes, torch.float32).view(B, H, tm, 3, d).sum(-2)
+        relaunch_key, grid, (mask, z, sel, planes, *mask.stride(), H, tm, tn, k_cols, z.shape[1], row_tiles),
+        EXCLUDED=excluded, SPLIT=split, BLOCK_M=cfg["block_m"], BLOCK_J=cfg["block_j"], num_warps=cfg["warps"])
+    a = sel[..., :k_cols]
+    if split:   # [a a a] @ [hi; mid; lo]: the three planes summed by the GEMM's own accumulation
+        return a, linear_terms.operand_matmul(sel, planes, torch.float32)
     return a, torch.matmul(a[..., :tn].to(torch.float32), z[:, :tn].view(B, H, tn, d))
 
 

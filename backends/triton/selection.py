@@ -184,7 +184,14 @@ class _Plan:
 _PLANS: Dict[tuple, _Plan] = {}
 
 
-def _freeze(config: Optional[dict]):
+TUNED = "tuned"   # config=TUNED: the tuned config of this GPU and shape (slagen.autotune.select), else the default
+
+
+def _freeze(config):
+    """A plan key's part for ``config``: the tuned lookup per generation of its memo, or the items."""
+    if config is TUNED:
+        from slagen.autotune import select
+        return TUNED, select.generation()
     return None if config is None else tuple(sorted(config.items()))
 
 
@@ -205,6 +212,9 @@ def _plan_of(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q
     t_n = num_blocks(k.shape[2], block_k) if k.dim() == 4 else 0
     _check_inputs(q, k, n_crit, n_negl, t_n)
     spec = kernel_spec(q, block_q, block_k, n_negl > 0)
+    if config is TUNED:
+        from slagen.autotune import select
+        config = select.config_for(spec, "triton", q.device, k.shape[-2], n_crit / t_n, check=check_config)
     cfg = {**default_config(spec), **(config or {})}
     check_config(cfg, spec)
     B, H, Lq, D = q.shape
@@ -283,7 +293,7 @@ def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_
     """The 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS) of q (B, H, Lq, D) and k (B, H, Lk, D).
 
     n_crit key blocks per query block are critical and n_negl negligible (SLA.md §1); ``config`` overrides
-    entries of :func:`default_config`. Returns mask int8 (B, H, T_m, T_n); crit_lut (B, H, T_m, n_crit),
+    entries of :func:`default_config` (:data:`TUNED`: the tuned config of this GPU and shape, if any). Returns mask int8 (B, H, T_m, T_n); crit_lut (B, H, T_m, n_crit),
     crit_count (B, H, T_m), crit_col_lut (B, H, T_n, T_m), crit_col_count (B, H, T_n), and the same four
     for the negligible class (negl_lut width n_negl), all int32 and contiguous. Without ``columns`` the four
     column tables are zero-size stand-ins (slagen.blockmap.no_columns) and their launch does not run.
