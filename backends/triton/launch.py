@@ -45,6 +45,8 @@ class Relauncher:
                 return
         compiled = self.fn[grid](*args, **kwargs)
         if key is not None and isinstance(compiled, _compiled_kernel_type()):
+            if len(self._runners) >= 1024:     # a bound, as for the plans that name the keys
+                self._runners.clear()
             runner = compiled[tuple(grid) + (1,) * (3 - len(grid))]
             self._runners[key] = (runner, self._tail(len(args), kwargs), torch.cuda.current_device())
 
