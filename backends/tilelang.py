@@ -50,7 +50,7 @@ from typing import Dict, Optional
 import torch
 
 from slagen import codegen
-from slagen.backends import call_spec, check_forward_inputs, linear_terms, wait_for_maps
+from slagen.backends import call_spec, check_forward_inputs, linear_terms, plans, wait_for_maps
 from slagen.autotune.space import copy_config
 from slagen.paths import cache_dir
 from slagen.spec import KernelSpec
@@ -773,45 +773,35 @@ class _ForwardPlan:
         return None if self.key is None else (self.key, name)
 
 
-_FORWARD_PLANS: Dict[tuple, _ForwardPlan] = {}
-
-
-def _layout(x: Optional[torch.Tensor]) -> Optional[tuple]:
-    """What a plan's checks and launches see of a tensor: shape, strides, dtype, device, 16-byte alignment."""
-    if x is None:
-        return None
-    return tuple(x.shape), x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0
+_FORWARD_PLANS: plans.Plans[_ForwardPlan] = plans.Plans()
 
 
 def _forward_plan(q, k, v, maps, proj_weight, proj_bias, save: bool, block_q: int, block_k: int, feature_map: str,
                   scope: str, config: Optional[dict]) -> _ForwardPlan:
-    """The plan of a forward call, built (inputs checked, spec and config resolved, kernel compiled) once per
-    process for each key: the layouts of q, k, v, the map tensors the forward reads and Proj's, the flags, the
-    config (a tuned one: per generation of slagen.autotune.select's memo)."""
-    from slagen.autotune import select
-    try:
-        key = (_layout(q), _layout(k), _layout(v), len(maps), _layout(maps[0]), _layout(maps[1]), _layout(maps[2]),
-               tuple(maps[5].shape), _layout(proj_weight), _layout(proj_bias), bool(save), block_q, block_k,
-               feature_map, scope, None if config is None else tuple(sorted(config.items())), select.generation())
-        found = _FORWARD_PLANS.get(key)
-    except (TypeError, IndexError, AttributeError):   # malformed arguments: the checks below name them
-        key = found = None
-    if found is not None:
-        return found
+    """The plan of a forward call (slagen.backends.plans), built (inputs checked, spec and config resolved,
+    kernels compiled) once per process for each key: the layouts of q, k, v, of the map tensors the forward
+    reads and of Proj's, the flags, the config (None: the tuned one, per generation of slagen.autotune.select's
+    memo)."""
+    layout = plans.layout
+    return _FORWARD_PLANS.get(
+        lambda: (layout(q), layout(k), layout(v), len(maps), layout(maps[0]), layout(maps[1]), layout(maps[2]),
+                 tuple(maps[5].shape), layout(proj_weight), layout(proj_bias), bool(save), block_q, block_k,
+                 feature_map, scope, plans.config_key(plans.TUNED if config is None else config)),
+        lambda key: _build_forward_plan(key, q, k, v, maps, proj_weight, proj_bias, save, block_q, block_k,
+                                        feature_map, scope, config))
+
+
+def _build_forward_plan(key, q, k, v, maps, proj_weight, proj_bias, save, block_q, block_k, feature_map, scope,
+                        config) -> _ForwardPlan:
     _check_inputs(q, k, v, maps, proj_weight, proj_bias)
     spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
                        has_negligible=maps[5].shape[-1] > 0)
     cfg = _call_config(spec, q, k, maps, config)
     save = bool(save) and spec.feature_map is not None
     has_w = _kernel_has_w(spec, save, proj_weight is not None)
-    plan = _ForwardPlan(key=key, spec=spec, cfg=cfg, save=save, has_w=has_w,
+    return _ForwardPlan(key=key, spec=spec, cfg=cfg, save=save, has_w=has_w,
                         kernel=forward_kernel(spec, cfg, save=save, has_w=has_w, has_bias=proj_bias is not None),
                         prepass=prepass_kernel(spec, cfg) if spec.feature_map is not None else None)
-    if key is not None:
-        if len(_FORWARD_PLANS) >= 256:    # a bound, never reached by real use (a few shapes per model)
-            _FORWARD_PLANS.clear()
-        _FORWARD_PLANS[key] = plan
-    return plan
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,

@@ -51,10 +51,9 @@ def _spec_and_density(role_module, q, maps, cfg) -> tuple:
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, maps_ready=None, **cfg):
+    from slagen.backends import plans
     from slagen.backends.triton import fwd
-    spec, density = _spec_and_density(fwd, q, maps, cfg)
-    config = _tuned(fwd, spec, q, k.shape[-2], density)
-    return fwd.forward(q, k, v, maps, proj_weight, proj_bias, save, config=config, maps_ready=maps_ready, **cfg)
+    return fwd.forward(q, k, v, maps, proj_weight, proj_bias, save, config=plans.TUNED, maps_ready=maps_ready, **cfg)
 
 
 def _backward_config(q, k, maps, cfg) -> Optional[dict]:

@@ -23,14 +23,15 @@ Two launches per call (one without a linear branch), plus torch GEMMs for scope 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from slagen import codegen
-from slagen.backends import call_spec, check_forward_inputs, linear_terms, wait_for_maps
+from slagen.backends import call_spec, check_forward_inputs, linear_terms, plans, wait_for_maps
 from slagen.backends.triton import launch as triton_launch
 from slagen.dispatch import device_arch
 from slagen.spec import KernelSpec
@@ -169,11 +170,12 @@ def kernel_spec(q: torch.Tensor, *, block_q: int, block_k: int, feature_map: str
 # 2e-2 bf16 tolerance), it halves the GEMM's reads and lets cuBLAS run a bf16 tensor-core GEMM with an fp32
 # result — ΔH and the subtraction H − ΔH_i stay fp32 (an fp32 h_j would need an fp32 SIMT GEMM: ~1 ms).
 def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Optional[int] = None,
-                  totals: bool = True):
+                  totals: bool = True, relaunch_key=None):
     """Per-head H = Σ φ(K)ᵀV (B·H, D, D) and Z = Σ φ(K) (B·H, D), fp32, over all Lk keys; with ``block_k``
     also the per-key-block terms h_j (B, H, n, D, D) in k's dtype and z_j (B, H, n, D) fp32 (else None),
     n = linear_terms.padded_rows(T_n) with rows T_n.. zero (the mask GEMMs' K extent, a multiple of 8).
-    ``totals=False`` (with ``block_k`` only: a caller that sums the h_j itself) skips H and Z (None)."""
+    ``totals=False`` (with ``block_k`` only: a caller that sums the h_j itself) skips H and Z (None).
+    ``relaunch_key``: the launch's Relauncher key (a forward plan's, covering every argument), or None."""
     if not (totals or block_k):
         raise ValueError("linear_totals: totals=False needs block_k (the per-block terms are all it returns)")
     B, H, lk, d = k.shape
@@ -192,8 +194,8 @@ def linear_totals(mod, k: torch.Tensor, v: torch.Tensor, cfg: dict, block_k: Opt
         if n_rows > n_units:
             hb[:, :, n_units:].zero_()
             zb[:, :, n_units:].zero_()
-    mod.sla_linear_totals_kernel[(n_chunks, B * H)](
-        k, v, hp, zp, hb, zb, *k.stride(), *v.stride(), H, lk, per * unit, n_rows,
+    triton_launch.of(mod, "sla_linear_totals_kernel")(
+        relaunch_key, (n_chunks, B * H), (k, v, hp, zp, hb, zb, *k.stride(), *v.stride(), H, lk, per * unit, n_rows),
         TILE=tile, BLOCKS=bool(block_k), TOTALS=totals, num_warps=cfg["pre_warps"], num_stages=cfg["pre_stages"])
     return (*(linear_terms.chunk_totals(hp, zp) if totals else (None, None)), hb, zb)
 
@@ -239,16 +241,18 @@ def mask_operands(mod, mask: torch.Tensor, z_blocks: torch.Tensor, k_cols: int, 
     return a, torch.matmul(a[..., :tn].to(torch.float32), z[:, :tn].view(B, H, tn, d))
 
 
-def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, save: bool, o_lin, den,
-                 cfg: dict, maps_ready=None):
+def _linear_args(plan: "_ForwardPlan", q, k, v, maps, proj_weight, proj_bias, save: bool, o_lin, den, eps: float,
+                 maps_ready=None):
     """Pointer arguments HT, ZT, (DH,) W, BIAS, OLIN, DEN, ADD of the main kernel's linear branch and its
     constexprs. Runs the pre-pass, then (after waiting for ``maps_ready``) for marginal='gemm' the
     excluded-block GEMM (epilogue 'lowp': the marginal-block GEMM forming H_i in q's dtype instead), and for
     epilogue='split' sla_linear_kernel (which writes ADD, and O^l / den when saving)."""
+    mod, spec, cfg = plan.mod, plan.spec, plan.cfg
     gemm = _gemm_marginal(spec, cfg)
     split, lowp = cfg["epilogue"] == "split", cfg["epilogue"] == "lowp"
     # 'lowp' with 'gemm' sums the marginal blocks' h_j directly (H_i): the per-head totals are not read
-    ht, zt, hb, zb = linear_totals(mod, k, v, cfg, spec.block_k if gemm else None, totals=not (lowp and gemm))
+    ht, zt, hb, zb = linear_totals(mod, k, v, cfg, spec.block_k if gemm else None, totals=not (lowp and gemm),
+                                   relaunch_key=plan.launch_key("linear totals"))
     wait_for_maps(maps_ready, q.device)
     w = None if proj_weight is None else proj_weight.to(torch.float32).contiguous()
     bias = None if proj_bias is None else proj_bias.to(torch.float32).contiguous()
@@ -259,14 +263,15 @@ def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, s
     marginal = spec.scope == "marginal"
     dh = None
     if lowp and gemm:   # H_i = Σ_{j marginal} h_j (B·H·T_m, D, D) in q's dtype, Z_i fp32, replace H and Z
-        h_i, z_i = linear_terms.marginal_sums(hb, zb, maps[0], out_dtype=q.dtype,
-                                              operands=functools.partial(mask_operands, mod))
+        h_i, z_i = linear_terms.marginal_sums(hb, zb, maps[0], out_dtype=q.dtype, operands=functools.partial(
+            mask_operands, mod, relaunch_key=plan.launch_key("mask operands")))
         ht, zt = h_i.reshape(-1, q.shape[-1], q.shape[-1]), z_i.reshape(-1, q.shape[-1])
     elif lowp:          # scope 'all': the per-head H (Proj folded in when not saving) as an MMA operand
         ht = ht.to(q.dtype)
     elif gemm:   # ΔH (B, H, T_m, D, D) and Z_i (B, H, T_m, D), fp32, replace Z; the h_j are freed on return
         dh, zt = linear_terms.excluded_sums(zt.view(*q.shape[:2], -1), hb, zb, maps[0], out_dtype=torch.float32,
-                                            operands=functools.partial(mask_operands, mod, excluded=True))
+                                            operands=functools.partial(mask_operands, mod, excluded=True,
+                                                                       relaunch_key=plan.launch_key("mask operands")))
     B, H, lq, d = q.shape
     add = None
     if split:
@@ -274,8 +279,9 @@ def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, s
         tile = min(_LIN_TILE, spec.block_q)
         counts = [dh, maps[2].contiguous(), maps[6].contiguous()] if marginal else []
         ints = [H, lq, maps[0].shape[-2]] + ([maps[0].shape[-1]] if marginal else [])
-        mod.sla_linear_kernel[(math.ceil(lq / tile), B * H)](
-            q, ht, zt, *counts, w, bias, o_lin, den, add, *q.stride(), *ints, float(cfg["eps"]),
+        triton_launch.of(mod, "sla_linear_kernel")(
+            plan.launch_key("linear"), (math.ceil(lq / tile), B * H),
+            (q, ht, zt, *counts, w, bias, o_lin, den, add, *q.stride(), *ints, float(eps)),
             TILE_M=tile, **consts, num_warps=cfg["pre_warps"])
     consts.update(SPLIT=split, LOWP=lowp)
     if marginal:
@@ -284,23 +290,65 @@ def _linear_args(mod, spec: KernelSpec, q, k, v, maps, proj_weight, proj_bias, s
     return [ht, zt, w, bias, o_lin, den, add], consts
 
 
+@dataclasses.dataclass(frozen=True)
+class _ForwardPlan:
+    """What a forward call's layouts, flags and config decide (slagen.backends.plans): the checked spec and
+    config and the generated module, built once per process for each key (see :func:`_forward_plan`)."""
+    key: Optional[tuple]
+    spec: KernelSpec
+    cfg: dict
+    mod: Any
+
+    def launch_key(self, name: str) -> Optional[tuple]:
+        """The Relauncher key of launch ``name`` (None for a plan without a key: never relaunched)."""
+        return None if self.key is None else (self.key, name)
+
+
+_FORWARD_PLANS: plans.Plans[_ForwardPlan] = plans.Plans()
+
+
+def _forward_plan(q, k, v, maps, proj_weight, proj_bias, save, block_q, block_k, feature_map, scope,
+                  config) -> _ForwardPlan:
+    """The plan of a forward call: keyed by the layouts of q, k, v, of the map tensors the forward reads and of
+    Proj's, the flags and the config (plans.TUNED: the tuned one, per generation of its memo)."""
+    layout = plans.layout
+    return _FORWARD_PLANS.get(
+        lambda: (layout(q), layout(k), layout(v), len(maps), *(layout(maps[i]) for i in (0, 1, 2, 5, 6)),
+                 layout(proj_weight), layout(proj_bias), bool(save), block_q, block_k, feature_map, scope,
+                 plans.config_key(config)),
+        lambda key: _build_forward_plan(key, q, k, v, maps, proj_weight, proj_bias, block_q, block_k, feature_map,
+                                        scope, config))
+
+
+def _build_forward_plan(key, q, k, v, maps, proj_weight, proj_bias, block_q, block_k, feature_map, scope,
+                        config) -> _ForwardPlan:
+    check_forward_inputs(q, k, v, maps, proj_weight, proj_bias)
+    spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
+                       has_negligible=maps[5].shape[-1] > 0)
+    if config is plans.TUNED:
+        from slagen.autotune import select
+        config = select.config_for(spec, "triton", q.device, k.shape[-2],
+                                   maps[1].shape[-1] / max(maps[0].shape[-1], 1), check=check_config)
+    cfg = {**default_config(spec, (config or {}).get("marginal"), (config or {}).get("epilogue")), **(config or {})}
+    check_config(cfg, spec)
+    return _ForwardPlan(key=key, spec=spec, cfg=cfg, mod=codegen.load(spec, "triton"))
+
+
 def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,
             config: Optional[dict] = None, maps_ready=None):
     """SLA forward on the Triton kernels; returns (o, lse, o_lin, den) as slagen.backends describes.
 
     q (B, H, Lq, D), k and v (B, H, Lk, D) with any strides; maps the 9 BlockMap tensors; proj_weight (D, D)
-    and proj_bias (D,) or None; scale the softmax scale; config overrides of :func:`default_config`;
-    maps_ready: an event the maps' producer recorded on another stream (waited for after the linear
-    pre-pass, which does not read them, is launched).
+    and proj_bias (D,) or None; scale the softmax scale; config overrides of :func:`default_config`
+    (slagen.backends.plans.TUNED: the tuned config of this GPU and shape, if any); maps_ready: an event the
+    maps' producer recorded on another stream (waited for after the linear pre-pass, which does not read them,
+    is launched).
     o has q's dtype and stride order; lse float32 (B, H, Lq) natural log; o_lin (B, H, Lq, D) in q's dtype
     and den float32 (B, H, Lq) when ``save`` and a linear branch, else empty.
     """
-    check_forward_inputs(q, k, v, maps, proj_weight, proj_bias)
+    plan = _forward_plan(q, k, v, maps, proj_weight, proj_bias, save, block_q, block_k, feature_map, scope, config)
+    spec, cfg = plan.spec, plan.cfg
     negl_width = maps[5].shape[-1]
-    spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
-                       has_negligible=negl_width > 0)
-    cfg = {**default_config(spec, (config or {}).get("marginal"), (config or {}).get("epilogue")), **(config or {})}
-    check_config(cfg, spec)
     B, H, lq, d = q.shape
     linear = spec.feature_map is not None
     marginal = linear and spec.scope == "marginal"
@@ -313,11 +361,10 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     if B * H == 0:
         return o, lse, o_lin, den
 
-    mod = codegen.load(spec, "triton")
     args, consts = [q, k, v, o, lse], dict(TILE_M=cfg["tile_m"], TILE_N=cfg["tile_n"])
     if linear:
-        lin_args, lin_consts = _linear_args(mod, spec, q, k, v, maps, proj_weight, proj_bias, save, o_lin, den,
-                                            dict(cfg, eps=eps), maps_ready)
+        lin_args, lin_consts = _linear_args(plan, q, k, v, maps, proj_weight, proj_bias, save, o_lin, den, eps,
+                                            maps_ready)
         args += lin_args
         consts.update(lin_consts)
     else:
@@ -331,6 +378,7 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     args += [negl_width] if negl_loop else []
     args += [maps[0].shape[-1]] if marginal else []
     args += [float(scale) * math.log2(math.e)] + ([float(eps)] if linear else [])
-    grid = (math.ceil(lq / cfg["tile_m"]), B * H)
-    mod.sla_forward_kernel[grid](*args, **consts, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    triton_launch.of(plan.mod, "sla_forward_kernel")(
+        plan.launch_key("forward"), (math.ceil(lq / cfg["tile_m"]), B * H), tuple(args), **consts,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o, lse, o_lin, den

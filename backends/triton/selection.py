@@ -26,6 +26,7 @@ import torch
 
 from slagen import codegen
 from slagen.blockmap import no_columns
+from slagen.backends import plans
 from slagen.backends.triton import HEAD_DIMS, launch
 from slagen.dispatch import device_arch
 from slagen.reference import num_blocks
@@ -181,34 +182,24 @@ class _Plan:
         return None if self.key is None else (self.key, name)
 
 
-_PLANS: Dict[tuple, _Plan] = {}
+_PLANS: plans.Plans[_Plan] = plans.Plans()
 
 
-TUNED = "tuned"   # config=TUNED: the tuned config of this GPU and shape (slagen.autotune.select), else the default
-
-
-def _freeze(config):
-    """A plan key's part for ``config``: the tuned lookup per generation of its memo, or the items."""
-    if config is TUNED:
-        from slagen.autotune import select
-        return TUNED, select.generation()
-    return None if config is None else tuple(sorted(config.items()))
+TUNED = plans.TUNED
 
 
 def _plan_of(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
-             config: Optional[dict], columns: bool) -> _Plan:
-    """The plan of a call, built and checked once per process for each key: q's and k's shapes, strides,
-    dtypes, devices and 16-byte alignment, the counts, blocks, config and ``columns`` (everything the checks,
-    the grids and Triton's specialisation of the launches depend on)."""
-    key = (tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), q.dtype, k.dtype, q.device, k.device,
-           q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, n_crit, n_negl, block_q, block_k,
-           _freeze(config), bool(columns))
-    try:
-        found = _PLANS.get(key)
-    except TypeError:     # an unhashable config value: check_config below names it
-        key = found = None
-    if found is not None:
-        return found
+             config, columns: bool) -> _Plan:
+    """The plan of a call (slagen.backends.plans), built and checked once per process for each key: q's and
+    k's layouts, the counts, blocks, config and ``columns`` (everything the checks, the grids and Triton's
+    specialisation of the launches depend on)."""
+    return _PLANS.get(lambda: (plans.layout(q), plans.layout(k), n_crit, n_negl, block_q, block_k,
+                               plans.config_key(config), bool(columns)),
+                      lambda key: _build_plan(key, q, k, n_crit, n_negl, block_q, block_k, config, columns))
+
+
+def _build_plan(key: Optional[tuple], q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int,
+                block_k: int, config, columns: bool) -> _Plan:
     t_n = num_blocks(k.shape[2], block_k) if k.dim() == 4 else 0
     _check_inputs(q, k, n_crit, n_negl, t_n)
     spec = kernel_spec(q, block_q, block_k, n_negl > 0)
@@ -224,18 +215,13 @@ def _plan_of(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q
     n_qprog, n_kprog = -(-t_m // q_per), -(-t_n // k_per)
     n_tiles_m, n_tiles_n = -(-t_m // cfg["score_rows"]), -(-t_n // cfg["score_cols"])
     cols = min(cfg["col_cols"], _next_pow2(t_n))
-    plan = _Plan(key=key, cfg=cfg, mod=codegen.load(spec, "triton"), B=B, H=H, t_m=t_m, t_n=t_n, n_crit=n_crit,
+    return _Plan(key=key, cfg=cfg, mod=codegen.load(spec, "triton"), B=B, H=H, t_m=t_m, t_n=t_n, n_crit=n_crit,
                  n_negl=n_negl, columns=bool(columns), pool_grid=((n_kprog + n_qprog) * bh,),
                  pool_args=(*q.stride(), *k.stride(), bh, H, Lq, Lk, t_m, t_n, q_per, k_per, n_qprog, n_kprog),
                  score_grid=(n_tiles_m * n_tiles_n, bh), n_kprog=n_kprog, n_tiles_n=n_tiles_n,
                  ld=-(-t_n // 16) * 16,  # key rows padded to 16 (INT32_MIN) for 16-byte loads
                  select_grid=(-(-t_m // cfg["select_rows"]), bh), column_grid=(-(-t_n // cols), bh),
                  column_cols=cols)
-    if key is not None:
-        if len(_PLANS) >= 256:    # a bound, never reached by real use (a few shapes per model)
-            _PLANS.clear()
-        _PLANS[key] = plan
-    return plan
 
 
 def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
@@ -293,7 +279,8 @@ def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_
     """The 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS) of q (B, H, Lq, D) and k (B, H, Lk, D).
 
     n_crit key blocks per query block are critical and n_negl negligible (SLA.md §1); ``config`` overrides
-    entries of :func:`default_config` (:data:`TUNED`: the tuned config of this GPU and shape, if any). Returns mask int8 (B, H, T_m, T_n); crit_lut (B, H, T_m, n_crit),
+    entries of :func:`default_config` (:data:`TUNED`: the tuned config of this GPU and shape, if any).
+    Returns mask int8 (B, H, T_m, T_n); crit_lut (B, H, T_m, n_crit),
     crit_count (B, H, T_m), crit_col_lut (B, H, T_n, T_m), crit_col_count (B, H, T_n), and the same four
     for the negligible class (negl_lut width n_negl), all int32 and contiguous. Without ``columns`` the four
     column tables are zero-size stand-ins (slagen.blockmap.no_columns) and their launch does not run.
