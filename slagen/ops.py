@@ -9,8 +9,8 @@ Fake (meta) implementations give torch.compile the output shapes without running
 :func:`block_map` and :func:`forward` call the operators while torch.compile / torch.export trace, or when
 an input is not a plain ``torch.Tensor`` (a subclass or a fake tensor dispatches through them); otherwise
 they call the same backend functions directly (the forward through a torch.autograd.Function with the same
-backward): the operator dispatch costs ~50 µs (block map) and ~140 µs (forward) of host time per call on
-an H200 box (tools/host_overhead.py), which bounds eager calls at short lengths.
+backward): the operator dispatch costs ~50 µs (block map) and ~50 µs (forward) of host time per call on
+an H200 box (tools/host_overhead.py, session 17), which matters for eager calls at short lengths.
 """
 
 from __future__ import annotations

@@ -164,9 +164,6 @@ class _Plan:
     H: int
     t_m: int
     t_n: int
-    n_crit: int
-    n_negl: int
-    columns: bool
     pool_grid: Tuple[int, ...]
     pool_args: Tuple[int, ...]       # the pool kernel's integer arguments after its five pointers
     score_grid: Tuple[int, ...]
@@ -183,9 +180,7 @@ class _Plan:
 
 
 _PLANS: plans.Plans[_Plan] = plans.Plans()
-
-
-TUNED = plans.TUNED
+TUNED = plans.TUNED   # config=TUNED: the tuned config of this GPU and shape (slagen.autotune.select), if any
 
 
 def _plan_of(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
@@ -215,8 +210,8 @@ def _build_plan(key: Optional[tuple], q: torch.Tensor, k: torch.Tensor, n_crit: 
     n_qprog, n_kprog = -(-t_m // q_per), -(-t_n // k_per)
     n_tiles_m, n_tiles_n = -(-t_m // cfg["score_rows"]), -(-t_n // cfg["score_cols"])
     cols = min(cfg["col_cols"], _next_pow2(t_n))
-    return _Plan(key=key, cfg=cfg, mod=codegen.load(spec, "triton"), B=B, H=H, t_m=t_m, t_n=t_n, n_crit=n_crit,
-                 n_negl=n_negl, columns=bool(columns), pool_grid=((n_kprog + n_qprog) * bh,),
+    return _Plan(key=key, cfg=cfg, mod=codegen.load(spec, "triton"), B=B, H=H, t_m=t_m, t_n=t_n,
+                 pool_grid=((n_kprog + n_qprog) * bh,),
                  pool_args=(*q.stride(), *k.stride(), bh, H, Lq, Lk, t_m, t_n, q_per, k_per, n_qprog, n_kprog),
                  score_grid=(n_tiles_m * n_tiles_n, bh), n_kprog=n_kprog, n_tiles_n=n_tiles_n,
                  ld=-(-t_n // 16) * 16,  # key rows padded to 16 (INT32_MIN) for 16-byte loads
