@@ -19,6 +19,8 @@ Two launches per call (one without a linear branch), plus torch GEMMs for scope 
      twice the loop's MMAs) — and Proj; one store of O. 'split' keeps the fused epilogue's registers (255 per
      thread with spills at D = 128 on sm90) out of the key loop's kernel, but its own kernel is slower than
      what it saves on an H200 (headline shape, scope 'all': 0.52 ms vs 0.29 ms of fused epilogue).
+A call's checks, spec and config are resolved once per input layout (:func:`_forward_plan`,
+slagen.backends.plans) and its launches relaunch the compiled kernels (slagen.backends.triton.launch).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ that already knows a launch repeats an earlier one — same grid, constexprs, op
 integer values and pointer alignments Triton specialises on — names it by a key and launches through
 :class:`Relauncher`: the first launch of a key goes through Triton (which compiles or finds the kernel and
 returns it), later ones call that compiled kernel's own launcher (``CompiledKernel[grid]``) with the same
-argument list. The key is the caller's promise; the per-call plans of slagen.backends.triton.selection and
-slagen.backends.tilelang derive it from the shapes, strides, dtypes, devices and alignments of their inputs.
+argument list. The key is the caller's promise; the per-call plans (slagen.backends.plans: the block map's
+and both forwards') derive it from the shapes, strides, dtypes, devices and alignments of their inputs.
 Under ``TRITON_INTERPRET=1`` (no compiled kernels) every launch goes through Triton.
 """
 
