@@ -33,7 +33,9 @@ Compiled kernels
 go to TileLang's cache inside slagen's cache dir (``<cache dir>/tilelang``; TILELANG_CACHE_DIR is pointed
 there while slagen compiles). TileLang is imported at the first availability check or compile, not at
 import time. Tunables: :func:`default_config` / :func:`check_config` (the autotuner's interface);
-``forward(..., config=...)`` overrides them per call; :func:`build` compiles without a GPU.
+``forward(..., config=...)`` overrides them per call; :func:`build` compiles without a GPU. A forward call's
+checks, spec, config and compiled kernels are resolved once per input layout (:func:`_forward_plan`,
+slagen.backends.plans).
 """
 
 from __future__ import annotations

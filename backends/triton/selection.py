@@ -14,6 +14,8 @@ Four launches per call, all accumulating in fp32 whatever the input dtype, no at
      counts. Every reduction is within the warp; registers do not depend on T_n.
   4. ``column_kernel``, grid (ceil(T_n / col_cols), B·H): column lists of both classes from the mask
      (prefix sums down the columns), -1 padded, and their counts.
+A call's checks, config, extents and grids are resolved once per input layout (:func:`_plan_of`,
+slagen.backends.plans) and its launches relaunch the compiled kernels (slagen.backends.triton.launch).
 """
 
 from __future__ import annotations
