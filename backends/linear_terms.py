@@ -85,8 +85,8 @@ def operand_matmul(a: torch.Tensor, terms: torch.Tensor, out_dtype: torch.dtype)
     out_dtype), never an fp32 copy of the terms; on CPU (no such kernel there) the product runs in fp32.
     """
     if out_dtype == terms.dtype:
-        if a.shape[:-2] == terms.shape[:-2]:   # batched alike: bmm on (…, T_m, K) views (torch.matmul's
-            lead, (tm, k), cols = a.shape[:-2], a.shape[-2:], terms.shape[-1]   # broadcasting costs host time)
+        if a.shape[:-2] == terms.shape[:-2]:   # batched alike: one bmm (torch.matmul's broadcasting costs host time)
+            lead, (tm, k), cols = a.shape[:-2], a.shape[-2:], terms.shape[-1]
             return torch.bmm(a.reshape(-1, tm, k), terms.reshape(-1, k, cols)).view(*lead, tm, cols)
         return torch.matmul(a, terms)
     half = terms.dtype in (torch.float16, torch.bfloat16)

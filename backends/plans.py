@@ -8,11 +8,12 @@ the host time of an eager SLA forward). Keys hold no tensors.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Dict, Generic, Optional, TypeVar
 
 import torch
 
-Plan = TypeVar("Plan")
+P = TypeVar("P", bound="Plan")
 TUNED = "tuned"   # a kernel's config argument meaning: the tuned config of this GPU and shape, else its default
 
 
@@ -32,15 +33,26 @@ def layout(x: Optional[torch.Tensor]) -> Optional[tuple]:
     return tuple(x.shape), x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0
 
 
-class Plans(Generic[Plan]):
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A plan's key (None for arguments that cannot form one); backends add what their calls decide."""
+    key: Optional[tuple]
+
+    def launch_key(self, name: str) -> Optional[tuple]:
+        """The slagen.backends.triton.launch.Relauncher key of launch ``name`` (None for a plan without a key:
+        never relaunched)."""
+        return None if self.key is None else (self.key, name)
+
+
+class Plans(Generic[P]):
     """Plans by key, at most ``bound`` of them (all dropped when full: a bound real use never reaches, a few
     layouts per model)."""
 
     def __init__(self, bound: int = 256):
         self.bound = bound
-        self._plans: Dict[tuple, Plan] = {}
+        self._plans: Dict[tuple, P] = {}
 
-    def get(self, key_of: Callable[[], tuple], build: Callable[[Optional[tuple]], Plan]) -> Plan:
+    def get(self, key_of: Callable[[], tuple], build: Callable[[Optional[tuple]], P]) -> P:
         """The plan of ``key_of()``, built by ``build(key)`` on its first call. Arguments that cannot form a key
         (malformed ones: ``key_of`` raises TypeError, IndexError or AttributeError) are built with key None and
         not kept, so the build's checks name the problem at every call."""

@@ -758,21 +758,16 @@ def marginal_sums(spec: KernelSpec, cfg: dict, ht: torch.Tensor, zt: torch.Tenso
 
 
 @dataclasses.dataclass(frozen=True)
-class _ForwardPlan:
+class _ForwardPlan(plans.Plan):
     """What a forward call's shapes, strides, dtypes, devices, alignment, flags and config decide, checked and
     resolved once per process for each (see :func:`_forward_plan`): the spec, the config, the epilogue flags and
     the compiled kernels."""
-    key: Optional[tuple]
     spec: KernelSpec
     cfg: dict
     save: bool
     has_w: bool
     kernel: object
     prepass: Optional[object]    # the linear pre-pass (a linear branch only)
-
-    def launch_key(self, name: str) -> Optional[tuple]:
-        """The Relauncher key of the Triton launch ``name`` (None for a plan without a key)."""
-        return None if self.key is None else (self.key, name)
 
 
 _FORWARD_PLANS: plans.Plans[_ForwardPlan] = plans.Plans()

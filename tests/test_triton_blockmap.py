@@ -322,16 +322,16 @@ def _gpu_check(q, k, topk, negligible, block_q, block_k):
 def test_plan_serves_new_inputs_of_the_same_layout_and_a_new_layout_gets_its_own():
     """A block map's plan (checks, config, grids) is built once per layout: a second call of the same layout
     on new inputs gives that input's map, and a strided view of the same shape is a different plan."""
-    plans = []
+    seen = []
     for seed in (0, 1):
         q, k = make_qk(1, 2, 300, 260, 32, seed=seed)
         assert_equal_maps(selection.block_map(q, k, 2, 1, 32, 32), torch_backend.block_map(q, k, 2, 1, 32, 32))
-        plans.append(selection._plan_of(q, k, 2, 1, 32, 32, None, True))
+        seen.append(selection._plan_of(q, k, 2, 1, 32, 32, None, True))
     g = torch.Generator().manual_seed(2)
     q, k = (torch.randn(1, n, 2, 32, generator=g).transpose(1, 2) for n in (300, 260))   # (B, L, H, D) storage
     assert_equal_maps(selection.block_map(q, k, 2, 1, 32, 32), torch_backend.block_map(q, k, 2, 1, 32, 32))
-    plans.append(selection._plan_of(q, k, 2, 1, 32, 32, None, True))
-    assert plans[0] is plans[1] and plans[2] is not plans[0]
+    seen.append(selection._plan_of(q, k, 2, 1, 32, 32, None, True))
+    assert seen[0] is seen[1] and seen[2] is not seen[0]
 
 
 def test_plan_of_a_tuned_call_is_rebuilt_after_the_tuning_memo_is_dropped():
@@ -339,14 +339,15 @@ def test_plan_of_a_tuned_call_is_rebuilt_after_the_tuning_memo_is_dropped():
     tuning memo's generation: after slagen.autotune.select.forget() (tuning, importing records) the next call
     builds a new plan; an explicit config keys its own."""
     from slagen.autotune import select
+    from slagen.backends import plans
     from slagen.backends import triton as triton_backend
     q, k = make_qk(1, 2, 200, 200, 32, seed=5)
     first = triton_backend.block_map(q, k, 2, 0, 32, 32)
-    plan = selection._plan_of(q, k, 2, 0, 32, 32, selection.TUNED, True)
-    assert selection._plan_of(q, k, 2, 0, 32, 32, selection.TUNED, True) is plan
+    plan = selection._plan_of(q, k, 2, 0, 32, 32, plans.TUNED, True)
+    assert selection._plan_of(q, k, 2, 0, 32, 32, plans.TUNED, True) is plan
     select.forget()
     assert_equal_maps(triton_backend.block_map(q, k, 2, 0, 32, 32), first)
-    rebuilt = selection._plan_of(q, k, 2, 0, 32, 32, selection.TUNED, True)
+    rebuilt = selection._plan_of(q, k, 2, 0, 32, 32, plans.TUNED, True)
     assert rebuilt is not plan and rebuilt.key != plan.key
     explicit = selection._plan_of(q, k, 2, 0, 32, 32, dict(select_chunk=64), True)
     assert explicit.key != rebuilt.key and explicit.cfg["select_chunk"] == 64

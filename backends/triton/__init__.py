@@ -32,7 +32,7 @@ def unavailable_reason(device: torch.device, spec: KernelSpec) -> Optional[str]:
     return None
 
 
-def _tuned(role_module, spec: KernelSpec, q: torch.Tensor, seq_len: int, density: float) -> Optional[dict]:
+def tuned_config(role_module, spec: KernelSpec, q: torch.Tensor, seq_len: int, density: float) -> Optional[dict]:
     """The tuned config of ``spec`` for this GPU and shape (slagen.autotune.select), or None: default."""
     from slagen.autotune import select
     return select.config_for(spec, "triton", q.device, seq_len, density, check=role_module.check_config)
@@ -40,7 +40,8 @@ def _tuned(role_module, spec: KernelSpec, q: torch.Tensor, seq_len: int, density
 
 def block_map(q, k, n_crit, n_negl, block_q, block_k, columns=True):
     from slagen.backends.triton import selection
-    return selection.block_map(q, k, n_crit, n_negl, block_q, block_k, config=selection.TUNED, columns=columns)
+    from slagen.backends import plans
+    return selection.block_map(q, k, n_crit, n_negl, block_q, block_k, config=plans.TUNED, columns=columns)
 
 
 def _spec_and_density(role_module, q, maps, cfg) -> tuple:
@@ -59,7 +60,7 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, maps_ready=None, **cfg)
 def _backward_config(q, k, maps, cfg) -> Optional[dict]:
     from slagen.backends.triton import bwd
     spec, density = _spec_and_density(bwd, q, maps, cfg)
-    return _tuned(bwd, spec, q, k.shape[-2], density)
+    return tuned_config(bwd, spec, q, k.shape[-2], density)
 
 
 def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, lin_sums=None, **cfg):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -293,17 +294,12 @@ def _linear_args(plan: "_ForwardPlan", q, k, v, maps, proj_weight, proj_bias, sa
 
 
 @dataclasses.dataclass(frozen=True)
-class _ForwardPlan:
+class _ForwardPlan(plans.Plan):
     """What a forward call's layouts, flags and config decide (slagen.backends.plans): the checked spec and
     config and the generated module, built once per process for each key (see :func:`_forward_plan`)."""
-    key: Optional[tuple]
     spec: KernelSpec
     cfg: dict
     mod: Any
-
-    def launch_key(self, name: str) -> Optional[tuple]:
-        """The Relauncher key of launch ``name`` (None for a plan without a key: never relaunched)."""
-        return None if self.key is None else (self.key, name)
 
 
 _FORWARD_PLANS: plans.Plans[_ForwardPlan] = plans.Plans()
@@ -328,9 +324,9 @@ def _build_forward_plan(key, q, k, v, maps, proj_weight, proj_bias, block_q, blo
     spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
                        has_negligible=maps[5].shape[-1] > 0)
     if config is plans.TUNED:
-        from slagen.autotune import select
-        config = select.config_for(spec, "triton", q.device, k.shape[-2],
-                                   maps[1].shape[-1] / max(maps[0].shape[-1], 1), check=check_config)
+        from slagen.backends import triton as triton_backend
+        config = triton_backend.tuned_config(sys.modules[__name__], spec, q, k.shape[-2],
+                                             maps[1].shape[-1] / max(maps[0].shape[-1], 1))
     cfg = {**default_config(spec, (config or {}).get("marginal"), (config or {}).get("epilogue")), **(config or {})}
     check_config(cfg, spec)
     return _ForwardPlan(key=key, spec=spec, cfg=cfg, mod=codegen.load(spec, "triton"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -156,10 +157,9 @@ def _scratch(device, **shapes) -> Dict[str, torch.Tensor]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class _Plan(plans.Plan):
     """What a block-map call's shapes, strides, dtype, device, counts, blocks and config decide: the checked
-    spec and config, the extents and grids, and one Relauncher key per launch (see :func:`_plan_of`)."""
-    key: Optional[tuple]
+    spec and config, the extents and grids (see :func:`_plan_of`)."""
     cfg: dict
     mod: Any
     B: int
@@ -176,13 +176,8 @@ class _Plan:
     column_grid: Tuple[int, ...]
     column_cols: int
 
-    def launch_key(self, name: str) -> Optional[tuple]:
-        """The Relauncher key of launch ``name`` (None for a plan without a key: never relaunched)."""
-        return None if self.key is None else (self.key, name)
-
 
 _PLANS: plans.Plans[_Plan] = plans.Plans()
-TUNED = plans.TUNED   # config=TUNED: the tuned config of this GPU and shape (slagen.autotune.select), if any
 
 
 def _plan_of(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
@@ -200,9 +195,9 @@ def _build_plan(key: Optional[tuple], q: torch.Tensor, k: torch.Tensor, n_crit: 
     t_n = num_blocks(k.shape[2], block_k) if k.dim() == 4 else 0
     _check_inputs(q, k, n_crit, n_negl, t_n)
     spec = kernel_spec(q, block_q, block_k, n_negl > 0)
-    if config is TUNED:
-        from slagen.autotune import select
-        config = select.config_for(spec, "triton", q.device, k.shape[-2], n_crit / t_n, check=check_config)
+    if config is plans.TUNED:
+        from slagen.backends import triton as triton_backend
+        config = triton_backend.tuned_config(sys.modules[__name__], spec, q, k.shape[-2], n_crit / t_n)
     cfg = {**default_config(spec), **(config or {})}
     check_config(cfg, spec)
     B, H, Lq, D = q.shape
@@ -276,7 +271,7 @@ def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_
     """The 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS) of q (B, H, Lq, D) and k (B, H, Lk, D).
 
     n_crit key blocks per query block are critical and n_negl negligible (SLA.md §1); ``config`` overrides
-    entries of :func:`default_config` (:data:`TUNED`: the tuned config of this GPU and shape, if any).
+    entries of :func:`default_config` (slagen.backends.plans.TUNED: the tuned config of this GPU and shape, if any).
     Returns mask int8 (B, H, T_m, T_n); crit_lut (B, H, T_m, n_crit),
     crit_count (B, H, T_m), crit_col_lut (B, H, T_n, T_m), crit_col_count (B, H, T_n), and the same four
     for the negligible class (negl_lut width n_negl), all int32 and contiguous. Without ``columns`` the four
