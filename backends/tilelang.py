@@ -19,7 +19,14 @@ Every length and every stride of q, k, v and o is a run-time value (one compile 
 are multiples of 16 bytes (bhld, blhd viewed as bhld, slices of a fused qkv tensor), as TMA requires —
 anything else raises a ValueError (no hidden copies).
 
-``block_map`` has no TileLang kernel yet: it delegates to the Triton backend, which runs on the same GPU.
+Block map: the pooling of Q and K runs on TileLang (templates/tilelang/block_map.py.j2, ``sla_pool``: TMA loads,
+each tile's column sums as Xᵀ·1 on the tensor cores), the scores, selection and column lists on the Triton
+backend's kernels (slagen.backends.triton.selection, given the pooled means). An eager SLA call with scope
+'marginal' runs its linear pre-pass first (:func:`early_terms`): the pre-pass pools K (and Q, when Lq = Lk)
+from the tiles it reads anyway, with the same macros and tile as ``sla_pool`` — so the same bits — and the
+block map then launches no pooling kernel of its own (H200, headline shape: the separate pooling read Q and K,
+201 MB, in 0.0685 ms). Inputs TMA cannot read (or fp32) are pooled by the Triton kernel instead: the TileLang
+forward does not take them either.
 ``backward`` picks by its config's ``"backward"`` knob (the config of the role-'backward' spec):
   'tilelang' (the default where its tiles fit the blocks: block_k a multiple of 64) — the Triton backward's
      state kernels with their sparse loops switched off (``slagen.backends.triton.backward_linear_part``:
@@ -47,7 +54,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -55,7 +62,7 @@ from slagen import codegen
 from slagen.backends import call_spec, check_forward_inputs, linear_terms, plans, wait_for_maps
 from slagen.autotune.space import copy_config
 from slagen.paths import cache_dir
-from slagen.spec import KernelSpec
+from slagen.spec import BLOCK_SIZES, KernelSpec
 
 HEAD_DIMS = (64, 128)
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -215,9 +222,131 @@ def unavailable_reason(device: torch.device, spec: KernelSpec) -> Optional[str]:
     return None
 
 
-def block_map(q, k, n_crit: int, n_negl: int, block_q: int, block_k: int, columns: bool = True):
-    """Delegated to the Triton backend (no TileLang selection kernel yet)."""
-    return _triton().block_map(q, k, n_crit, n_negl, block_q, block_k, columns)
+def block_map(q, k, n_crit: int, n_negl: int, block_q: int, block_k: int, columns: bool = True,
+              pooled: Optional[tuple] = None):
+    """The 9 BlockMap tensors (slagen.backends): q and k pooled by ``sla_pool`` (or ``pooled``, from
+    :func:`early_terms`), then the Triton backend's scores, selection and column kernels. Inputs the
+    TileLang kernels cannot read (fp32, strides TMA cannot take: :func:`_check_tma`) are pooled by the Triton
+    kernel too."""
+    if pooled is None:
+        plan = _pool_plan(q, k, block_q, block_k)
+        if plan.tilelang:
+            pooled = pool(plan, q, k)
+    return _triton().block_map(q, k, n_crit, n_negl, block_q, block_k, columns, pooled=pooled)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pooling (the block map's first step) and the pre-pass that pools while it reads K
+# ----------------------------------------------------------------------------------------------------
+
+POOL_WARPS = 4      # one consumer warpgroup (and the producer's): ZN = 8, wgmma N = 8
+POOL_STAGES = 3
+
+
+def pool_tiles(head_dim: int, block_q: int, block_k: int) -> Tuple[int, int]:
+    """(Q's, K's) pooling tile in rows. K's is the default tile of the marginal pre-pass (the key block, at
+    most its ``pre_tile``), so that pre-pass can pool K as it reads it; Q's is the same unless a query block
+    is shorter (then the pre-pass cannot pool Q)."""
+    tk = min(_DEFAULTS[head_dim]["pre_tile"], block_k)
+    return min(tk, block_q), tk
+
+
+def pool_chunks(n_tiles: int, bh: int, device: torch.device, align: int) -> Tuple[int, int]:
+    """(chunks per head, tiles per chunk) of a pooling pass over ``n_tiles`` tiles of each of ``bh`` heads:
+    about two CTAs per SM (slagen.backends.linear_terms.prepass_chunks), chunks a multiple of ``align``
+    tiles so that no block straddles two."""
+    n, per = linear_terms.prepass_chunks(-(-n_tiles // align), bh, device)
+    return n, per * align
+
+
+def _key_align(block_q: int, block_k: int, tq: int, tk: int) -> int:
+    """Tiles per chunk of K's pooling a multiple of this: whole key blocks, and whole query blocks where the
+    pre-pass pools Q in the same chunks (tq = tk), so K's chunk sums (hence the key mean) are the same bits
+    whether the pre-pass pooled Q or not."""
+    return max(block_k, block_q if tq == tk else 1) // tk
+
+
+def pool_kernel(spec: KernelSpec, tile: int):
+    """The compiled ``sla_pool`` (templates/tilelang/block_map.py.j2) of a role-'block_map' ``spec`` and
+    ``tile`` rows per tile; it depends on the head dim and dtype only (one kernel for every length, block size
+    and layout)."""
+    args = dict(tile=tile, threads=32 * POOL_WARPS, num_stages=POOL_STAGES)
+    key = ("pool", spec.head_dim, spec.dtype, tuple(sorted(args.items())))
+    mod = _module(spec)
+    return _compile(key, lambda: mod.pool_kernel(**args), True)
+
+
+def _pool_spec(q: torch.Tensor, block_q: int, block_k: int) -> KernelSpec:
+    return call_spec(q, DTYPES, "TileLang", arch="sm90", block_q=block_q, block_k=block_k, feature_map=None,
+                     has_negligible=False, role="block_map")
+
+
+@dataclasses.dataclass(frozen=True)
+class _PoolPlan(plans.Plan):
+    """How a block map of these q / k layouts and blocks pools: on TileLang (``tilelang``; else the Triton
+    kernel) with tiles tq / tk, K's chunks, the compiled kernels."""
+    tilelang: bool
+    block_q: int = 0
+    block_k: int = 0
+    tq: int = 0
+    tk: int = 0
+    k_chunks: Tuple[int, int] = (0, 0)
+    q_chunks: Tuple[int, int] = (0, 0)
+    kernel_q: object = None
+    kernel_k: object = None
+
+
+_POOL_PLANS: plans.Plans[_PoolPlan] = plans.Plans()
+
+
+def _pool_plan(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> _PoolPlan:
+    return _POOL_PLANS.get(lambda: (plans.layout(q), plans.layout(k), block_q, block_k),
+                           lambda key: _build_pool_plan(key, q, k, block_q, block_k))
+
+
+def _tilelang_reads(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> bool:
+    """Whether ``sla_pool`` can pool q and k (CUDA, bf16 / fp16, a TileLang head dim, layouts TMA reads,
+    TileLang importable); the Triton pool takes the rest, and its checks name what is wrong with them."""
+    if not (q.dim() == k.dim() == 4 and q.is_cuda and q.dtype in DTYPES and k.dtype == q.dtype
+            and k.device == q.device and q.shape[:2] == k.shape[:2] and q.shape[-1] == k.shape[-1]
+            and q.shape[-1] in HEAD_DIMS and min(q.shape[2], k.shape[2]) >= 1
+            and block_q in BLOCK_SIZES and block_k in BLOCK_SIZES and tilelang_import_error() is None):
+        return False
+    try:
+        _check_tma("q", q)
+        _check_tma("k", k)
+    except ValueError:
+        return False
+    return True
+
+
+def _build_pool_plan(key, q, k, block_q, block_k) -> _PoolPlan:
+    if not _tilelang_reads(q, k, block_q, block_k):
+        return _PoolPlan(key=key, tilelang=False)
+    B, H, lq, d = q.shape
+    tq, tk = pool_tiles(d, block_q, block_k)
+    spec = _pool_spec(q, block_q, block_k)
+    return _PoolPlan(key=key, tilelang=True, block_q=block_q, block_k=block_k, tq=tq, tk=tk,
+                     k_chunks=pool_chunks(-(-k.shape[2] // tk), B * H, q.device, _key_align(block_q, block_k, tq, tk)),
+                     q_chunks=pool_chunks(-(-lq // tq), B * H, q.device, block_q // tq),
+                     kernel_q=pool_kernel(spec, tq), kernel_k=pool_kernel(spec, tk))
+
+
+def _pool_one(kernel, x: torch.Tensor, block: int, tile: int, chunks: Tuple[int, int]):
+    """(block means (B, H, ceil(L / block), D), chunk sums (B, H, n_chunks, D)), fp32, of x (B, H, L, D)."""
+    B, H, n, d = x.shape
+    means = torch.empty((B, H, -(-n // block), d), dtype=torch.float32, device=x.device)
+    parts = torch.empty((B, H, chunks[0], d), dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        kernel(x, means, parts, chunks[1], block // tile)
+    return means, parts
+
+
+def pool(plan: _PoolPlan, q: torch.Tensor, k: torch.Tensor):
+    """(q̄ (B, H, T_m, D), k̄ (B, H, T_n, D), K's chunk sums (B, H, n, D)), fp32: ``sla_pool`` over q and k."""
+    q_mean, _ = _pool_one(plan.kernel_q, q, plan.block_q, plan.tq, plan.q_chunks)
+    k_mean, k_part = _pool_one(plan.kernel_k, k, plan.block_k, plan.tk, plan.k_chunks)
+    return q_mean, k_mean, k_part
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -473,10 +602,14 @@ def linear_config(spec: KernelSpec, overrides, base: Optional[dict] = None) -> d
 
 def _call_config(spec: KernelSpec, q: torch.Tensor, k: torch.Tensor, maps, config: Optional[dict]) -> dict:
     """The resolved config of a call: ``config``, else the tuned one of this GPU and shape, else defaults."""
+    return _config_for(spec, q, k, maps[1].shape[-1] / max(maps[0].shape[-1], 1), config)
+
+
+def _config_for(spec: KernelSpec, q: torch.Tensor, k: torch.Tensor, density: float, config: Optional[dict]) -> dict:
+    """:func:`_call_config` for a map of ``density`` (n_crit / T_n) not formed yet."""
     if config is None:
         from slagen.autotune import select
-        config = select.config_for(spec, "tilelang", q.device, k.shape[-2],
-                                   maps[1].shape[-1] / max(maps[0].shape[-1], 1), check=check_config)
+        config = select.config_for(spec, "tilelang", q.device, k.shape[-2], density, check=check_config)
     return _resolve_config(spec, config)
 
 
@@ -591,12 +724,17 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
     return _compile(key, lambda: mod.forward_kernel(**args), cfg["warp_specialized"])
 
 
-def prepass_kernel(spec: KernelSpec, cfg: dict):
-    """The compiled linear pre-pass of ``spec`` (linear branch only)."""
+def prepass_kernel(spec: KernelSpec, cfg: dict, pool: str = ""):
+    """The compiled linear pre-pass of ``spec`` (linear branch only); ``pool`` 'k' / 'qk' (scope 'marginal'):
+    the variant that also pools K / K and Q for the block map (see :func:`early_terms`)."""
     if spec.feature_map is None:
         raise ValueError("a sparse-only spec (feature_map=None) has no linear pre-pass")
+    if pool and spec.scope != "marginal":
+        raise ValueError(f"only the pre-pass of scope 'marginal' pools (pool={pool!r}, scope={spec.scope!r})")
     args = dict(tile=cfg["pre_tile"], threads=32 * cfg["pre_warps"], num_stages=cfg["pre_stages"],
                 async_h=cfg["pre_async"] and spec.scope == "marginal")
+    if pool:
+        args["pool"] = pool
     key = ("prepass", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     return _compile(key, lambda: mod.prepass_kernel(**args), cfg["warp_specialized"])
@@ -628,7 +766,17 @@ def compile_for_call(spec: KernelSpec, config: Optional[dict], *, save: bool, ha
     out = [forward_kernel(spec, cfg, save=save, has_w=_kernel_has_w(spec, bool(save), has_w), has_bias=has_bias)]
     if spec.feature_map is not None:
         out.append(prepass_kernel(spec, cfg))
+        out += [prepass_kernel(spec, cfg, pool) for pool in _pooling_prepasses(spec, cfg)[:1]]
     return out
+
+
+def _pooling_prepasses(spec: KernelSpec, cfg: dict) -> Tuple[str, ...]:
+    """The pooling variants of the pre-pass an eager call of ``spec`` with ``cfg`` may launch
+    (:func:`early_terms`): 'qk' (Lq = Lk) and 'k', 'k' alone, or none."""
+    tq, tk = pool_tiles(spec.head_dim, spec.block_q, spec.block_k)
+    if spec.feature_map is None or spec.scope != "marginal" or not cfg["warp_specialized"] or cfg["pre_tile"] != tk:
+        return ()
+    return ("qk", "k") if tq == tk else ("k",)
 
 
 def build(spec: KernelSpec, config: Optional[dict] = None, *, variants: str = "all",
@@ -636,16 +784,21 @@ def build(spec: KernelSpec, config: Optional[dict] = None, *, variants: str = "a
     """Compile ``spec``'s kernels without running them (no GPU needed); returns the JITKernels.
 
     Role 'forward' — variants: 'all' — every epilogue variant {save} × {Proj weight} × {bias} plus the
-    pre-pass; 'default' — the inference variant without Proj plus the pre-pass. Role 'backward': the dq and
-    dk/dv kernels when the config picks the TileLang backward (none when it picks Triton's, which compiles
-    at first use). The kernels compile on ``jobs`` threads (default: the CPU count, at most 8): lowering and
-    nvcc overlap (1.7× on 2 cores).
+    pre-pass and its pooling variants; 'default' — the inference variant without Proj plus the pre-pass and
+    its self-attention pooling variant. Role 'backward': the dq and dk/dv kernels when the config picks the
+    TileLang backward (none when it picks Triton's, which compiles at first use). Role 'block_map': the
+    pooling kernels (the scores and selection are Triton's). The kernels compile on ``jobs`` threads
+    (default: the CPU count, at most 8): lowering and nvcc overlap (1.7× on 2 cores).
     """
-    cfg = _resolve_config(spec, config)
-    if spec.role == "backward":
+    if spec.role == "block_map":
+        makers = [functools.partial(pool_kernel, spec, tile)
+                  for tile in sorted(set(pool_tiles(spec.head_dim, spec.block_q, spec.block_k)))]
+    elif spec.role == "backward":
+        cfg = _resolve_config(spec, config)
         makers = [functools.partial(backward_kernel, spec, cfg, kernel) for kernel in ("dq", "dkdv")
                   if cfg["backward"] == "tilelang"]
     else:
+        cfg = _resolve_config(spec, config)
         linear = spec.feature_map is not None
         flags = [(False, False, False)]
         if linear and variants == "all":
@@ -653,6 +806,9 @@ def build(spec: KernelSpec, config: Optional[dict] = None, *, variants: str = "a
         makers = [functools.partial(forward_kernel, spec, cfg, save=s, has_w=w, has_bias=b) for s, w, b in flags]
         if linear:
             makers.append(functools.partial(prepass_kernel, spec, cfg))
+            pools = _pooling_prepasses(spec, cfg)
+            makers += [functools.partial(prepass_kernel, spec, cfg, pool)
+                       for pool in (pools if variants == "all" else pools[:1])]
     with ThreadPoolExecutor(max_workers=codegen.compile_threads(jobs)) as pool:
         return list(pool.map(lambda make: make(), makers))
 
@@ -720,6 +876,14 @@ def _dummies(device: torch.device, dtype: torch.dtype, d: int) -> Dict[str, torc
     return _DUMMIES[key]
 
 
+def _pool_stand_in(device: torch.device, B: int, H: int, d: int) -> torch.Tensor:
+    """The stand-in (B, H, 1, D) fp32 for the pre-pass's pooled outputs it does not write (or Q's mean)."""
+    key = ("pooled", device, B, H, d)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = {"pooled": torch.zeros((B, H, 1, d), dtype=torch.float32, device=device)}
+    return _DUMMIES[key]["pooled"]
+
+
 def linear_terms_of(spec: KernelSpec, cfg: dict, k: torch.Tensor, v: torch.Tensor, kernel=None):
     """The pre-pass's key-side terms. Scope 'all': (H (B,H,D,D), Z (B,H,D)), fp32 sums over all keys.
     Scope 'marginal': (h_t (B,H,n,D,D) in k's dtype, z_t (B,H,n,D) fp32) per key tile of ``pre_tile`` keys,
@@ -728,21 +892,104 @@ def linear_terms_of(spec: KernelSpec, cfg: dict, k: torch.Tensor, v: torch.Tenso
     compiled pre-pass (a forward plan's), else looked up."""
     B, H, lk, d = k.shape
     n_tiles = math.ceil(lk / cfg["pre_tile"])
-    n_chunks, _ = linear_terms.prepass_chunks(n_tiles, B * H, k.device)
+    chunks = linear_terms.prepass_chunks(n_tiles, B * H, k.device)
     kernel = kernel or prepass_kernel(spec, cfg)
     if spec.scope == "marginal":
-        n_rows = linear_terms.padded_rows(n_tiles)
-        ht = torch.empty((B, H, n_rows, d, d), dtype=k.dtype, device=k.device)
-        zt = torch.empty((B, H, n_rows, d), dtype=torch.float32, device=k.device)
-        if n_rows > n_tiles:        # the kernel writes tiles 0..n_tiles-1 (its loop runs over Lk)
-            ht[:, :, n_tiles:].zero_()
-            zt[:, :, n_tiles:].zero_()
-        kernel(k, v, ht, zt, n_chunks)
-        return ht, zt
-    hp = torch.empty((B, H, n_chunks, d, d), dtype=torch.float32, device=k.device)
-    zp = torch.empty((B, H, n_chunks, d), dtype=torch.float32, device=k.device)
+        stand_in = _pool_stand_in(k.device, B, H, d)
+        return _marginal_terms(kernel, k, v, cfg["pre_tile"], chunks, k, stand_in, stand_in, stand_in)
+    hp = torch.empty((B, H, chunks[0], d, d), dtype=torch.float32, device=k.device)
+    zp = torch.empty((B, H, chunks[0], d), dtype=torch.float32, device=k.device)
     kernel(k, v, hp, zp)
     return linear_terms.chunk_totals(hp, zp)
+
+
+def _marginal_terms(kernel, k, v, tile: int, chunks: Tuple[int, int], q, k_mean, k_part, q_mean):
+    """(h_t, z_t) of scope 'marginal' (see :func:`linear_terms_of`) from the pre-pass ``kernel`` over ``chunks``
+    (count, tiles per chunk); q, k_mean, k_part, q_mean: its pooling arguments (read and written only by a
+    pooling variant; stand-ins otherwise)."""
+    B, H, lk, d = k.shape
+    n_tiles = -(-lk // tile)
+    n_rows = linear_terms.padded_rows(n_tiles)
+    ht = torch.empty((B, H, n_rows, d, d), dtype=k.dtype, device=k.device)
+    zt = torch.empty((B, H, n_rows, d), dtype=torch.float32, device=k.device)
+    if n_rows > n_tiles:        # the kernel writes tiles 0..n_tiles-1 (its loop runs over Lk)
+        ht[:, :, n_tiles:].zero_()
+        zt[:, :, n_tiles:].zero_()
+    with torch.cuda.device(k.device):
+        kernel(k, v, ht, zt, chunks[0], chunks[1], q, k_mean, k_part, q_mean)
+    return ht, zt
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyTerms:
+    """A scope-'marginal' pre-pass run before the block map (:func:`early_terms`): ``terms`` (h_t, z_t) for
+    the forward, ``pooled`` (q̄, k̄, K's chunk sums) for the block map, and the config it ran with (the
+    forward checks it resolves the same)."""
+    cfg: dict
+    terms: Tuple[torch.Tensor, torch.Tensor]
+    pooled: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class _EarlyPlan(plans.Plan):
+    """What :func:`early_terms` decides for a call's layouts and flags: ``cfg`` None where it does not apply."""
+    cfg: Optional[dict]
+    pooling: Optional[_PoolPlan] = None
+    kernel: object = None
+    pool_q: bool = False
+
+
+_EARLY_PLANS: plans.Plans[_EarlyPlan] = plans.Plans()
+
+
+def early_terms(q, k, v, *, block_q: int, block_k: int, feature_map: Optional[str], scope: str,
+                has_negligible: bool, density: float) -> Optional[EarlyTerms]:
+    """The linear pre-pass of an eager SLA call, run before its block map so that it pools K for it — and Q
+    when Lq = Lk — from the tiles it reads anyway (``sla_pool``'s macros and tile: the map is the same bits as
+    :func:`block_map` gives without it). The caller passes ``pooled`` to :func:`block_map` and the result to
+    :func:`forward` (``early``). ``density``: n_crit / T_n of the map to come (the tuned config's key).
+
+    None where it does not apply — a call without a linear branch, scope 'all', inputs ``sla_pool`` does not
+    read, a config without warp specialisation or whose ``pre_tile`` is not K's pooling tile; arguments the
+    forward rejects — and the call then pools in the block map and runs its pre-pass in the forward."""
+    plan = _EARLY_PLANS.get(
+        lambda: (plans.layout(q), plans.layout(k), plans.layout(v), block_q, block_k, feature_map, scope,
+                 bool(has_negligible), density, plans.config_key(plans.TUNED)),
+        lambda key: _build_early_plan(key, q, k, v, block_q, block_k, feature_map, scope, has_negligible, density))
+    if plan.cfg is None:
+        return None
+    pooling = plan.pooling
+    B, H, lk, d = k.shape
+    k_mean = torch.empty((B, H, -(-lk // block_k), d), dtype=torch.float32, device=k.device)
+    k_part = torch.empty((B, H, pooling.k_chunks[0], d), dtype=torch.float32, device=k.device)
+    if plan.pool_q:
+        q_mean = torch.empty((B, H, -(-q.shape[2] // block_q), d), dtype=torch.float32, device=q.device)
+        terms = _marginal_terms(plan.kernel, k, v, pooling.tk, pooling.k_chunks, q, k_mean, k_part, q_mean)
+    else:
+        terms = _marginal_terms(plan.kernel, k, v, pooling.tk, pooling.k_chunks, k, k_mean, k_part,
+                                _pool_stand_in(k.device, B, H, d))
+        q_mean, _ = _pool_one(pooling.kernel_q, q, block_q, pooling.tq, pooling.q_chunks)
+    return EarlyTerms(plan.cfg, terms, (q_mean, k_mean, k_part))
+
+
+def _build_early_plan(key, q, k, v, block_q, block_k, feature_map, scope, has_negligible, density) -> _EarlyPlan:
+    if feature_map in (None, "none") or scope != "marginal":
+        return _EarlyPlan(key=key, cfg=None)
+    pooling = _pool_plan(q, k, block_q, block_k)
+    if not pooling.tilelang or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
+        return _EarlyPlan(key=key, cfg=None)
+    try:
+        _check_tma("v", v)
+        spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
+                           has_negligible=has_negligible)
+        cfg = _config_for(spec, q, k, density, None)
+    except ValueError:      # the forward raises it, with its other checks
+        return _EarlyPlan(key=key, cfg=None)
+    if not cfg["warp_specialized"] or cfg["pre_tile"] != pooling.tk:
+        return _EarlyPlan(key=key, cfg=None)
+    pool_q = q.shape[2] == k.shape[2] and pooling.tq == pooling.tk
+    return _EarlyPlan(key=key, cfg=cfg, pooling=pooling, pool_q=pool_q,
+                      kernel=prepass_kernel(spec, cfg, pool="qk" if pool_q else "k"))
 
 
 def marginal_sums(spec: KernelSpec, cfg: dict, ht: torch.Tensor, zt: torch.Tensor, mask: torch.Tensor,
@@ -802,14 +1049,16 @@ def _build_forward_plan(key, q, k, v, maps, proj_weight, proj_bias, save, block_
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,
-            config: Optional[dict] = None, maps_ready=None, states: bool = False):
+            config: Optional[dict] = None, maps_ready=None, states: bool = False,
+            early: Optional[EarlyTerms] = None):
     """SLA forward on the TileLang kernels; returns (o, lse, o_lin, den), and with ``states`` also (H_i, Z_i),
     as slagen.backends describes (kept for the backward when ``save``, scope 'marginal' and a linear branch).
 
     q (B, H, Lq, D), k and v (B, H, Lk, D): views with unit stride on D and 16-byte multiple strides;
     maps the 9 BlockMap tensors; proj_weight (D, D) and proj_bias (D,) or None; config overrides of
     :func:`default_config`; maps_ready: an event the maps' producer recorded on another stream (waited for
-    after the linear pre-pass, which does not read them, is launched).
+    after the linear pre-pass, which does not read them, is launched); early: the call's pre-pass already
+    run (:func:`early_terms`, which pooled for its block map), for the default or tuned config (config None).
     """
     plan = _forward_plan(q, k, v, maps, proj_weight, proj_bias, save, block_q, block_k, feature_map, scope, config)
     spec, cfg, save, has_w = plan.spec, plan.cfg, plan.save, plan.has_w
@@ -822,7 +1071,13 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     sums = None                       # (H_i, Z_i) kept for the backward (states, save, scope 'marginal')
     if o.numel() == 0:
         return _with_sums((o, lse, o_lin, den), sums, states)
-    terms = linear_terms_of(spec, cfg, k, v, plan.prepass) if linear else None   # (it reads no block map)
+    if early is not None:
+        if config is not None or early.cfg != cfg:
+            raise ValueError("early= holds a pre-pass of another config than this forward's (early_terms runs "
+                             "the default or tuned config: pass config=None)")
+        terms = early.terms
+    else:
+        terms = linear_terms_of(spec, cfg, k, v, plan.prepass) if linear else None   # (it reads no block map)
     wait_for_maps(maps_ready, q.device)
     crit_count = maps[2].to(torch.int32).contiguous()
     args = [q, k, v, o, lse, _lut(maps[1]), crit_count]

@@ -14,10 +14,10 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from slagen import ops
+from slagen import backends, ops
 from slagen.blockmap import BlockMap
 from slagen.dispatch import resolve, spec_for
-from slagen.reference import EPS, num_blocks
+from slagen.reference import EPS, block_counts, num_blocks
 from slagen.spec import BLOCK_SIZES, parse_feature_map, parse_scope
 
 LAYOUTS = ("bhld", "blhd")
@@ -94,8 +94,8 @@ def _resolve_backend(backend, q: Tensor, **fields) -> str:
 
 
 def _block_map_bhld(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,
-                    backend: str, columns: bool = True) -> BlockMap:
-    tensors = ops.block_map(q, k, topk, negligible, block_q, block_k, backend, columns)
+                    backend: str, columns: bool = True, pooled=None) -> BlockMap:
+    tensors = ops.block_map(q, k, topk, negligible, block_q, block_k, backend, columns, pooled)
     return BlockMap(*tensors, block_q=block_q, block_k=block_k)
 
 
@@ -129,6 +129,22 @@ def _block_map_beside(q: Tensor, k: Tensor, topk: float, negligible: float, bloc
     for t in bmap.tensors():
         t.record_stream(cur)
     return bmap, ready
+
+
+def _early_terms(name: str, q: Tensor, k: Tensor, v: Tensor, topk: float, negligible: float, block_q: int,
+                 block_k: int, feature_map: Optional[str], scope: str, has_negligible: bool, *others):
+    """The backend's linear pre-pass run before the block map so that it pools q and k for it
+    (slagen.backends.tilelang.early_terms), for an eager call on plain tensors; None where the backend has
+    none or it does not apply (the block map then pools, and the forward runs its pre-pass)."""
+    if feature_map is None or not ops.direct(q, k, v, *others):
+        return None
+    early = getattr(backends.get(name), "early_terms", None)
+    if early is None:
+        return None
+    t_n = num_blocks(k.shape[2], block_k)
+    n_crit, _ = block_counts(t_n, topk, negligible)
+    return early(q.detach(), k.detach(), v.detach(), block_q=block_q, block_k=block_k, feature_map=feature_map,
+                 scope=scope, has_negligible=has_negligible, density=n_crit / t_n)
 
 
 def block_map(q: Tensor, k: Tensor, *, topk: float = 0.05, negligible: float = 0.0, block_q: int = 64,
@@ -221,7 +237,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, topk: float = 0.05, negligible
     fields = dict(block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope,
                   has_negligible=has_negligible, role="forward")
     name = _resolve_backend(backend, qb, **fields)
-    ready = None
+    ready = early = None
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (qb, kb, vb, proj_weight, proj_bias))
     # the column tables serve only the backward: a call that saves nothing for one does not build them
@@ -229,11 +245,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, topk: float = 0.05, negligible
         block_map, ready = _block_map_beside(qb.detach(), kb.detach(), topk, negligible, block_q, block_k, name,
                                              columns=save)
     elif block_map is None:
+        early = _early_terms(name, qb, kb, vb, topk, negligible, block_q, block_k, feature_map, scope,
+                             has_negligible, proj_weight, proj_bias)
         block_map = _block_map_bhld(qb.detach(), kb.detach(), topk, negligible, block_q, block_k, name,
-                                    columns=save)
+                                    columns=save, pooled=None if early is None else early.pooled)
     try:
         o = ops.forward(qb, kb, vb, list(block_map.tensors()), proj_weight, proj_bias, block_q, block_k,
-                        float(scale), feature_map or "none", scope, float(eps), save, name, maps_ready=ready)
+                        float(scale), feature_map or "none", scope, float(eps), save, name, maps_ready=ready,
+                        early=early)
     finally:   # whatever the forward did, later work on this stream comes after the side stream's
         if ready is not None:
             torch.cuda.current_stream(qb.device).wait_event(ready)

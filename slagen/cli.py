@@ -23,7 +23,7 @@ from slagen.spec import ROLES, KernelSpec, parse_arch, parse_dtype, parse_featur
 
 # The kernel roles each backend renders from its own templates (TileLang delegates its block map to
 # Triton; its backward's state kernels are Triton's too).
-TEMPLATE_ROLES = {"triton": ROLES, "tilelang": ("forward", "backward")}
+TEMPLATE_ROLES = {"triton": ROLES, "tilelang": ("forward", "backward", "block_map")}
 
 
 def _version() -> str:

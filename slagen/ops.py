@@ -28,10 +28,11 @@ MapTensors = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
 
 def _block_map(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,
-               backend: str, columns: bool = True) -> MapTensors:
+               backend: str, columns: bool = True, pooled=None) -> MapTensors:
     tn = num_blocks(k.shape[-2], block_k)
     n_crit, n_negl = block_counts(tn, topk, negligible)
-    return tuple(backends.get(backend).block_map(q, k, n_crit, n_negl, block_q, block_k, columns))
+    extra = {} if pooled is None else dict(pooled=pooled)
+    return tuple(backends.get(backend).block_map(q, k, n_crit, n_negl, block_q, block_k, columns, **extra))
 
 
 @torch.library.custom_op("slagen::block_map", mutates_args=())
@@ -59,10 +60,12 @@ def _cfg(block_q, block_k, scale, feature_map, scope, eps):
 
 
 def _forward(q, k, v, maps, proj_weight, proj_bias, save, cfg, backend, maps_ready=None,
-             full: bool = True) -> Tuple[Tensor, ...]:
+             full: bool = True, early=None) -> Tuple[Tensor, ...]:
     """(o, lse, o_lin, den, h_lin, z_lin) as slagen.backends describes them (h_lin / z_lin empty unless the
     backend keeps the linear sums for the backward); ``full`` False: the backend's own tuple (o first)."""
     extra = {} if maps_ready is None else dict(maps_ready=maps_ready)
+    if early is not None:
+        extra["early"] = early
     if backends.keeps_linear_sums(backend, save, cfg["feature_map"], cfg["scope"]):
         extra["states"] = True
     out = tuple(backends.get(backend).forward(q, k, v, list(maps), proj_weight, proj_bias, save, **cfg, **extra))
@@ -158,12 +161,16 @@ def direct(*tensors) -> bool:
 
 
 def block_map(q: Tensor, k: Tensor, topk: float, negligible: float, block_q: int, block_k: int,
-              backend: str, columns: bool = True) -> MapTensors:
+              backend: str, columns: bool = True, pooled=None) -> MapTensors:
     """``slagen::block_map``'s result (see :func:`block_map_op`), through the operator only when needed.
     ``columns`` False (eager calls only; the operator always forms them): the column tables, which only a
-    backward reads, are zero-size stand-ins (slagen.blockmap.no_columns) and their kernel does not run."""
+    backward reads, are zero-size stand-ins (slagen.blockmap.no_columns) and their kernel does not run.
+    ``pooled`` (eager calls only): q's and k's pooled means from the backend's early pre-pass
+    (slagen.backends.tilelang.early_terms)."""
     if direct(q, k):
-        return _block_map(q, k, topk, negligible, block_q, block_k, backend, columns)
+        return _block_map(q, k, topk, negligible, block_q, block_k, backend, columns, pooled)
+    if pooled is not None:
+        raise ValueError("pooled is only for eager calls on plain tensors")
     return block_map_op(q, k, topk, negligible, block_q, block_k, backend)
 
 
@@ -171,12 +178,12 @@ class _Forward(torch.autograd.Function):
     """The eager twin of ``slagen::sla_fwd`` with its autograd formula (same kernels, same saved tensors)."""
 
     @staticmethod
-    def forward(q, k, v, proj_weight, proj_bias, maps, cfg, backend, maps_ready):
-        return _forward(q, k, v, maps, proj_weight, proj_bias, True, cfg, backend, maps_ready)
+    def forward(q, k, v, proj_weight, proj_bias, maps, cfg, backend, maps_ready, early):
+        return _forward(q, k, v, maps, proj_weight, proj_bias, True, cfg, backend, maps_ready, early=early)
 
     @staticmethod
     def setup_context(ctx, inputs, output):   # the separate form also serves torch.func.grad
-        q, k, v, proj_weight, proj_bias, maps, cfg, backend, _ = inputs
+        q, k, v, proj_weight, proj_bias, maps, cfg, backend, _, _ = inputs
         ctx.save_for_backward(q, k, v, *output, proj_weight, proj_bias, *maps)
         ctx.cfg, ctx.backend = cfg, backend
         ctx.mark_non_differentiable(*output[1:])
@@ -187,19 +194,20 @@ class _Forward(torch.autograd.Function):
         dq, dk, dv, dw, db = _backward_call(ctx.backend, do, q, k, v, o, lse, o_lin, den, h_lin, z_lin, maps,
                                             proj_weight, proj_bias, ctx.cfg)
         return (dq, dk, dv, dw if proj_weight is not None else None, db if proj_bias is not None else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, maps: List[Tensor], proj_weight: Optional[Tensor],
             proj_bias: Optional[Tensor], block_q: int, block_k: int, scale: float, feature_map: str, scope: str,
-            eps: float, save: bool, backend: str, maps_ready=None) -> Tensor:
+            eps: float, save: bool, backend: str, maps_ready=None, early=None) -> Tensor:
     """SLA's output O (differentiable when ``save``): ``slagen::sla_fwd`` and its autograd formula, through
     the operator only when needed (see the module docstring). ``maps_ready`` (direct calls only, a kernel
-    backend): the event of a block map computed on a side stream, see slagen.backends."""
+    backend): the event of a block map computed on a side stream, see slagen.backends. ``early`` (direct calls
+    only): the linear pre-pass the backend ran before the block map (slagen.backends.tilelang.early_terms)."""
     if not direct(q, k, v, proj_weight, proj_bias, *maps):
-        if maps_ready is not None:
-            raise ValueError("maps_ready is only for eager calls on plain tensors (the operator path has no "
-                             "side stream)")
+        if maps_ready is not None or early is not None:
+            raise ValueError("maps_ready and early are only for eager calls on plain tensors (the operator path "
+                             "has no side stream and runs its own pre-pass)")
         return sla_fwd(q, k, v, maps, proj_weight, proj_bias, block_q, block_k, scale, feature_map, scope, eps,
                        save, backend)[0]
     cfg = _cfg(block_q, block_k, scale, feature_map, scope, eps)
@@ -207,5 +215,6 @@ def forward(q: Tensor, k: Tensor, v: Tensor, maps: List[Tensor], proj_weight: Op
         if not has_columns(maps):
             raise ValueError("a forward that saves for the backward needs a block map with its column tables "
                              "(this one was built without them, for a call that is not differentiated)")
-        return _Forward.apply(q, k, v, proj_weight, proj_bias, tuple(maps), cfg, backend, maps_ready)[0]
-    return _forward(q, k, v, maps, proj_weight, proj_bias, False, cfg, backend, maps_ready, full=False)[0]
+        return _Forward.apply(q, k, v, proj_weight, proj_bias, tuple(maps), cfg, backend, maps_ready, early)[0]
+    return _forward(q, k, v, maps, proj_weight, proj_bias, False, cfg, backend, maps_ready, full=False,
+                    early=early)[0]

@@ -61,6 +61,7 @@ def test_build_compiles_tilelang_for_sm90a_without_a_gpu(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "tilelang_backward_sm90_d128_b64x64_none_marginal_nonegl_bf16.py",
+        "tilelang_block_map_sm90_d128_b64x64_none_marginal_nonegl_bf16.py",
         "tilelang_forward_sm90_d128_b64x64_none_marginal_nonegl_bf16.py"]
     assert any((tmp_path / "cache" / "tilelang").rglob("*")), "TileLang's kernel cache should live in slagen's"
     spec = KernelSpec(arch="sm90", head_dim=128, block_q=64, block_k=64, feature_map=None, role="backward")

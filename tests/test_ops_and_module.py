@@ -100,9 +100,9 @@ def test_a_call_that_is_not_differentiated_builds_no_column_tables(monkeypatch, 
     seen = []
     block_map = ops.block_map
 
-    def spy(q, k, topk, negligible, block_q, block_k, backend, columns=True):
+    def spy(q, k, topk, negligible, block_q, block_k, backend, columns=True, pooled=None):
         seen.append(columns)
-        return block_map(q, k, topk, negligible, block_q, block_k, backend, columns)
+        return block_map(q, k, topk, negligible, block_q, block_k, backend, columns, pooled)
     monkeypatch.setattr(ops, "block_map", spy)
     q, k, v = inputs(d=16)
     cfg = dict(topk=0.3, negligible=0.2, block_q=16, block_k=16, backend=backend)

@@ -459,6 +459,53 @@ def test_prepass_compiles_for_sm90a(spec):
 
 
 @needs_compiler
+@pytest.mark.parametrize("d", tl_backend.HEAD_DIMS)
+def test_pooling_kernels_compile_for_sm90a(d):
+    """The block map's pooling on TileLang: sla_pool (TMA loads, warp specialisation, each tile's column sums an
+    N=8 wgmma against the ones tile) and the marginal pre-pass that pools K ('k') or K and Q ('qk') with the
+    same instructions: one more ones-wgmma per pooled tile, Q's tiles TMA-loaded only by 'qk'."""
+    spec = spec_of(d=d, scope="marginal")
+    cfg = tl_backend.default_config(spec)
+    pool = tl_backend.pool_kernel(spec.replace(role="block_map", feature_map=None), 64).get_kernel_source()
+    _assert_hopper_source(pool, "sla_pool")
+    assert len(re.findall(r"wgmma_ss<[^>]*, 64, 8, 16,", pool)) == 1, "pool: not one ones-wgmma"
+    plain = tl_backend.prepass_kernel(spec, cfg).get_kernel_source()
+    ones = lambda src: len(re.findall(r"wgmma_ss<[^>]*, 64, 8, 16,", src))     # (h_t's wgmma is wider)
+    assert ones(plain) == 1
+    for pool_what, extra in (("k", 1), ("qk", 2)):
+        src = tl_backend.prepass_kernel(spec, cfg, pool_what).get_kernel_source()
+        _assert_hopper_source(src, f"pre-pass pool={pool_what}")
+        assert ones(src) == 1 + extra, pool_what
+        assert ("tl::tma_load(Q_desc" in src) == (pool_what == "qk"), pool_what
+    assert "Q_desc" not in plain
+    with pytest.raises(ValueError, match="only the pre-pass of scope 'marginal' pools"):
+        tl_backend.prepass_kernel(spec_of(d=d, scope="all"), cfg, "k")
+
+
+def test_pooling_tiles_and_chunks():
+    """K's pooling tile is the marginal pre-pass's default tile (so it can pool K), Q's the same unless a query
+    block is shorter; chunks hold whole blocks (of both kinds when the pre-pass pools Q too); the pre-pass
+    pools only where its config's tile is K's pooling tile."""
+    assert tl_backend.pool_tiles(128, 128, 64) == (64, 64)
+    assert tl_backend.pool_tiles(128, 64, 128) == (64, 128)
+    assert tl_backend.pool_tiles(64, 256, 256) == (128, 128)
+    assert tl_backend._key_align(128, 64, 64, 64) == 2 and tl_backend._key_align(64, 128, 64, 128) == 1
+    assert tl_backend._key_align(256, 256, 128, 128) == 2
+    cpu = torch.device("cpu")
+    for n_tiles, bh, align in ((512, 12, 2), (7, 1, 2), (1, 3, 4), (1183, 40, 1)):
+        n, per = tl_backend.pool_chunks(n_tiles, bh, cpu, align)
+        assert per % align == 0 and (n - 1) * per < n_tiles <= n * per, (n_tiles, bh, align, n, per)
+    spec = spec_of(d=128, scope="marginal")
+    cfg = tl_backend.default_config(spec)
+    assert tl_backend._pooling_prepasses(spec, cfg) == ("qk", "k")
+    assert tl_backend._pooling_prepasses(spec_of(d=128, block=(64, 128)), tl_backend.default_config(
+        spec_of(d=128, block=(64, 128)))) == ("k",)
+    assert tl_backend._pooling_prepasses(spec, {**cfg, "pre_tile": 32}) == ()
+    assert tl_backend._pooling_prepasses(spec_of(d=128, scope="all"), cfg) == ()
+    assert tl_backend._pooling_prepasses(spec_of(d=128, fmap=None), cfg) == ()
+
+
+@needs_compiler
 def test_prepass_async_stores_compile_for_sm90a():
     """pre_async: two H tiles, each tile's TMA store left in flight; a tile waits only for the store two tiles
     back (wait_group.read 1), and the CTA for all of them before it exits."""
@@ -776,7 +823,7 @@ def test_gpu_repeated_calls_reuse_their_plans_on_new_inputs():
     """The per-call plans (checks, config, compiled kernels) and the Triton relaunches of one layout serve
     later calls on new inputs: three forwards of one layout (partial blocks) match the reference, then three
     public calls (block map + forward) match the reference given their own maps, the third relaunching the
-    block map's and the mask operands' Triton kernels directly."""
+    block map's and the mask operands' Triton kernels directly (not the Triton pool: the pre-pass pooled)."""
     import slagen
     from slagen.backends.triton import launch
     for seed in (0, 1, 2):
@@ -794,8 +841,94 @@ def test_gpu_repeated_calls_reuse_their_plans_on_new_inputs():
         ref = slagen.attention(q.float(), k.float(), v.float(), block_map=bmap, backend="torch", **api)
         assert rel_err(o, ref) < TOL, seed
     relaunched = {name: len(fn) for name, fn in launch._BY_KERNEL.items()}
-    for kernel in ("pool_kernel", "scores_kernel", "select_kernel", "sla_mask_operands_kernel"):
+    for kernel in ("scores_kernel", "select_kernel", "sla_mask_operands_kernel"):
         assert any(name.endswith(kernel) and n for name, n in relaunched.items()), relaunched
+    assert not any(name.endswith("pool_kernel") and n for name, n in relaunched.items()), relaunched
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: the block map's pooling on TileLang, and the pre-pass that pools
+# ----------------------------------------------------------------------------------------------------
+
+# (Lq, Lk, d, dtype, blocks, layout): self- and cross-attention lengths, partial blocks, Q pooled by the pre-pass
+# (tq = tk) or not (block_q < K's tile), two tiles per block (256x256), blhd strides, fp16
+POOL_GPU_CASES = [(4099, 4099, 128, "bf16", (128, 64), "bhld"), (77, 77, 64, "bf16", (64, 64), "blhd"),
+                  (4099, 2050, 128, "fp16", (128, 64), "bhld"), (1000, 1000, 128, "bf16", (64, 128), "bhld"),
+                  (32760, 32760, 128, "bf16", (128, 64), "qkv"), (3000, 3000, 64, "bf16", (256, 256), "bhld"),
+                  (77, 200, 64, "fp16", (128, 128), "blhd")]
+
+
+def _pool_id(c):
+    return "Lq{}_Lk{}_d{}_{}_b{}x{}_{}".format(c[0], c[1], c[2], c[3], *c[4], c[5])
+
+
+def _block_means_float64(x, block):
+    n = x.shape[2]
+    pad = torch.nn.functional.pad(x.double(), (0, 0, 0, -n % block))
+    rows = torch.full((pad.shape[2] // block, 1), float(block), dtype=torch.float64, device=x.device)
+    rows[-1] = n - (rows.shape[0] - 1) * block
+    return pad.view(*x.shape[:2], -1, block, x.shape[-1]).sum(-2) / rows
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("case", POOL_GPU_CASES, ids=_pool_id)
+def test_gpu_pooling_matches_float64_and_the_prepass_pools_the_same_bits(case):
+    """sla_pool's block means of q and k and K's chunk sums against float64 (rel. err < 1e-5: fp32 sums of
+    tensor-core column sums); the marginal pre-pass that pools (early_terms) gives the same bits for all three
+    (the property behind attention(q, k, v) == attention(q, k, v, block_map=block_map(q, k))) and h_t, z_t as
+    the plain pre-pass."""
+    lq, lk, d, dtype, (bq, bk), layout = case
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(lq + lk)
+    q, k, v = make_qkv(2, 3, lq, lk, d, DT[dtype], layout, dev, gen)
+    if lq != lk:
+        q = torch.randn(2, 3, lq, d, device=dev, dtype=DT[dtype], generator=gen)
+    plan = tl_backend._pool_plan(q, k, bq, bk)
+    assert plan.tilelang
+    poison_allocator(8 * k.numel() * 4, dev)
+    q_mean, k_mean, k_part = tl_backend.pool(plan, q, k)
+    torch.cuda.synchronize()
+    assert k_part.shape[2] == plan.k_chunks[0]
+    errs = {"q_mean": rel_err(q_mean.double(), _block_means_float64(q, bq)),
+            "k_mean": rel_err(k_mean.double(), _block_means_float64(k, bk)),
+            "k_total": rel_err(k_part.double().sum(2), k.double().sum(2))}
+    assert all(e < 1e-5 for e in errs.values()), errs
+    spec = spec_of(d=d, dtype=dtype, block=(bq, bk))
+    early = tl_backend.early_terms(q, k, v, block_q=bq, block_k=bk, feature_map="softmax", scope="marginal",
+                                   has_negligible=False, density=0.05)
+    assert early is not None and early.cfg == tl_backend._resolve_config(spec, None)
+    torch.cuda.synchronize()
+    for name, got, want in zip(("q_mean", "k_mean", "k_part"), early.pooled, (q_mean, k_mean, k_part)):
+        assert torch.equal(got, want), (name, rel_err(got, want))
+    plain = tl_backend.linear_terms_of(spec, early.cfg, k, v)
+    for name, got, want in zip(("h_t", "z_t"), early.terms, plain):
+        assert rel_err(got, want) < 1e-6, name
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("case", [POOL_GPU_CASES[i] for i in (0, 2, 3, 6)], ids=_pool_id)
+def test_gpu_attention_equals_attention_given_its_block_map(case, monkeypatch):
+    """An eager SLA call pools in its pre-pass (early_terms ran); its output equals, bitwise, the call given
+    slagen.block_map(q, k) (pooled by sla_pool), with and without grad."""
+    import slagen
+    lq, lk, d, dtype, (bq, bk), layout = case
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(7)
+    q, k, v = make_qkv(1, 2, lq, lk, d, DT[dtype], layout, dev, gen)
+    if lq != lk:
+        q = torch.randn(1, 2, lq, d, device=dev, dtype=DT[dtype], generator=gen)
+    ran = []
+    early_terms = tl_backend.early_terms
+    monkeypatch.setattr(tl_backend, "early_terms", lambda *a, **kw: ran.append(early_terms(*a, **kw)) or ran[-1])
+    api = dict(topk=0.1, block_q=bq, block_k=bk, backend="tilelang")
+    bmap = slagen.block_map(q, k, **api)
+    with torch.no_grad():
+        assert torch.equal(slagen.attention(q, k, v, **api), slagen.attention(q, k, v, block_map=bmap, **api))
+    qs = q.clone().requires_grad_(True)     # (a saving forward is another kernel variant: compared with its own)
+    assert torch.equal(slagen.attention(qs, k, v, **api), slagen.attention(qs, k, v, block_map=bmap, **api))
+    assert len(ran) == 2 and all(early is not None for early in ran)
 
 
 # The pre-pass's key-side terms alone (linear_terms_of) vs float64: per key tile h_t = φ(K_t)ᵀV_t (input dtype)

@@ -122,6 +122,37 @@ def test_plan_launches_one_by_one():
     assert_equal_maps(out, torch_backend.block_map(q, k, 2, 3, 16, 16))
 
 
+def _pooled_float64(q, k, block_q, block_k, groups):
+    """(q̄, k̄, key group sums) as a caller that pooled already passes them: block means and the row sums of
+    ``groups`` groups of whole key blocks, formed in float64 and rounded once to fp32."""
+    def means(x, block):
+        n = x.shape[2]
+        pad = torch.nn.functional.pad(x.double(), (0, 0, 0, -n % block))
+        rows = torch.full((pad.shape[2] // block, 1), float(block), dtype=torch.float64)
+        rows[-1] = n - (rows.shape[0] - 1) * block
+        return pad.view(*x.shape[:2], -1, block, x.shape[-1]).sum(-2) / rows
+    per = -(-k.shape[2] // groups)
+    parts = torch.stack([k[:, :, i:i + per].double().sum(-2) for i in range(0, k.shape[2], per)], 2)
+    return tuple(t.float().contiguous() for t in (means(q, block_q), means(k, block_k), parts))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[8]], ids=lambda c: "Lq{}_Lk{}".format(c[2], c[3]))
+def test_given_pooled_sums_skip_the_pool_launch(case):
+    """pooled (the TileLang backend's pre-pass pooled q and k already): no pool launch, the scores read the
+    given means and group sums (any grouping of the keys), and the map equals the reference's."""
+    b, h, lq, lk, d, bq, bk, n_crit, n_negl = case
+    q, k = make_qk(b, h, lq, lk, d, seed=lq * 7 + lk)
+    want = torch_backend.block_map(q, k, n_crit, n_negl, bq, bk)
+    for groups in (1, 3):
+        pooled = _pooled_float64(q, k, bq, bk, groups)
+        out, launches = selection.plan(q, k, n_crit, n_negl, bq, bk, pooled=pooled)
+        assert [name for name, _ in launches] == ["scores", "select", "column"]
+        assert_equal_maps(selection.block_map(q, k, n_crit, n_negl, bq, bk, pooled=pooled), want)
+    bad = (pooled[0], pooled[1][:, :, 1:], pooled[2])
+    with pytest.raises(ValueError, match="pooled k_mean must be a contiguous float32 tensor of shape"):
+        selection.block_map(q, k, n_crit, n_negl, bq, bk, pooled=bad)
+
+
 def test_map_without_columns_skips_their_launch():
     """columns=False (a call that will not be differentiated): no column launch, zero-size column tables, the
     other five tensors as with columns; the torch backend's map the same way."""

@@ -4,6 +4,8 @@ Four launches per call, all accumulating in fp32 whatever the input dtype, no at
   1. ``pool_kernel``, 1-D grid ((n_kprog + n_qprog) * B·H): block means q̄ (T_m, D), k̄ (T_n, D) and the
      row sums of ``n_kprog <= pool_kprogs`` key groups per (b, h), read once from q and k. The key programs
      (ceil(T_n / n_kprog) blocks each) are first in the grid; then ``pool_qgroup`` query blocks per program.
+     A caller that pooled already (the TileLang backend, whose pre-pass pools K and Q as it reads K) passes
+     ``pooled`` = (q̄, k̄, key group sums) and this launch does not run.
   2. ``scores_kernel``, grid (tiles, B·H): key mean from the group sums, S = q̄ (k̄ − mean K)ᵀ per
      (score_rows x score_cols) tile (fp32), stored as its order-preserving int32 image in a scratch
      (B·H, T_m, ld), rows padded to ld = T_n rounded up to 16 with INT32_MIN.
@@ -36,6 +38,7 @@ from slagen.reference import num_blocks
 from slagen.spec import BLOCK_SIZES, KernelSpec
 
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+Pooled = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # (q̄, k̄, key group sums), see block_map
 SCORE_DOTS = ("tf32x3", "ieee")  # plain tf32 (~1e-3 relative) would reorder blocks far from ties
 
 # Tunables per arch. Shared memory is not the limit (pooling stages 16 KB per block in flight, the score
@@ -217,13 +220,14 @@ def _build_plan(key: Optional[tuple], q: torch.Tensor, k: torch.Tensor, n_crit: 
 
 
 def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
-         config: Optional[dict] = None,
-         columns: bool = True) -> Tuple[Tuple[torch.Tensor, ...], List[Tuple[str, Callable[[], None]]]]:
+         config: Optional[dict] = None, columns: bool = True,
+         pooled: Optional[Pooled] = None) -> Tuple[Tuple[torch.Tensor, ...], List[Tuple[str, Callable[[], None]]]]:
     """Allocate the outputs and scratch of a block map and return (outputs, launches): the 9 BlockMap
     tensors (uninitialised until the launches ran) and the four kernel launches in order, as
     (name, zero-argument callable) pairs (names pool, scores, select, column; without ``columns`` the column
-    tables are zero-size stand-ins and the column launch is left out). tools/bench_blockmap.py times them one
-    by one; :func:`block_map` runs them."""
+    tables are zero-size stand-ins and the column launch is left out; with ``pooled`` the pool launch is left
+    out and the scores read those sums, see :func:`block_map`). tools/bench_blockmap.py times them one by one;
+    :func:`block_map` runs them."""
     p = _plan_of(q, k, n_crit, n_negl, block_q, block_k, config, columns)
     out = _outputs(p.B, p.H, p.t_m, p.t_n, n_crit, n_negl, q.device, columns)
     bh = p.B * p.H
@@ -231,8 +235,14 @@ def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: in
         return out, []
     mask, crit_lut, crit_count, crit_col, crit_col_count, negl_lut, negl_count, negl_col, negl_col_count = out
     cfg, mod, D = p.cfg, p.mod, q.shape[-1]
-    work = _scratch(q.device, q_mean=(bh, p.t_m, D), k_mean=(bh, p.t_n, D), k_part=(bh, p.n_kprog, D),
-                    keys=(bh, p.t_m, p.ld))
+    if pooled is None:
+        work = _scratch(q.device, q_mean=(bh, p.t_m, D), k_mean=(bh, p.t_n, D), k_part=(bh, p.n_kprog, D),
+                        keys=(bh, p.t_m, p.ld))
+        n_parts = p.n_kprog
+    else:
+        work = dict(zip(("q_mean", "k_mean", "k_part"), _check_pooled(pooled, p, D)))
+        work.update(_scratch(q.device, keys=(bh, p.t_m, p.ld)))
+        n_parts = work["k_part"].shape[-2]
     keys = work["keys"].view(torch.int32)  # the scores' order-preserving int32 image
 
     def pool():
@@ -245,7 +255,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: in
     def scores():
         launch.of(mod, "scores_kernel")(
             p.launch_key("scores"), p.score_grid,
-            (work["q_mean"], work["k_mean"], work["k_part"], keys, k.shape[2], p.t_m, p.t_n, p.ld, p.n_kprog,
+            (work["q_mean"], work["k_mean"], work["k_part"], keys, k.shape[2], p.t_m, p.t_n, p.ld, n_parts,
              p.n_tiles_n),
             BM=cfg["score_rows"], BN=cfg["score_cols"], DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"],
             PARTS=cfg["score_parts"], num_warps=cfg["score_warps"], num_stages=cfg["score_stages"])
@@ -262,12 +272,26 @@ def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: in
             (mask, crit_col, crit_col_count, negl_col, negl_col_count, p.t_m, p.t_n),
             ROWS=cfg["col_rows"], COLS=p.column_cols, num_warps=cfg["col_warps"])
 
-    launches = [("pool", pool), ("scores", scores), ("select", select)]
+    launches = ([] if pooled is not None else [("pool", pool)]) + [("scores", scores), ("select", select)]
     return out, launches + [("column", column)] if columns else launches
 
 
+def _check_pooled(pooled: Pooled, p: _Plan, d: int) -> Pooled:
+    """``pooled`` as the scores kernel reads it, checked: fp32, contiguous, on the maps' device, q̄ (B, H, T_m, D),
+    k̄ (B, H, T_n, D), the key group sums (B, H, n_parts >= 1, D)."""
+    want = ((p.B, p.H, p.t_m, d), (p.B, p.H, p.t_n, d), (p.B, p.H, None, d))
+    for name, t, shape in zip(("q_mean", "k_mean", "k_part"), pooled, want):
+        ok = (t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 4 and t.shape[-2] >= 1
+              and all(w is None or w == n for w, n in zip(shape, t.shape)))
+        if not ok:
+            raise ValueError(f"pooled {name} must be a contiguous float32 tensor of shape {shape} (None: any >= 1), "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    return pooled
+
+
 def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
-              config: Optional[dict] = None, columns: bool = True) -> Tuple[torch.Tensor, ...]:
+              config: Optional[dict] = None, columns: bool = True,
+              pooled: Optional[Pooled] = None) -> Tuple[torch.Tensor, ...]:
     """The 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS) of q (B, H, Lq, D) and k (B, H, Lk, D).
 
     n_crit key blocks per query block are critical and n_negl negligible (SLA.md §1); ``config`` overrides
@@ -276,8 +300,11 @@ def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_
     crit_count (B, H, T_m), crit_col_lut (B, H, T_n, T_m), crit_col_count (B, H, T_n), and the same four
     for the negligible class (negl_lut width n_negl), all int32 and contiguous. Without ``columns`` the four
     column tables are zero-size stand-ins (slagen.blockmap.no_columns) and their launch does not run.
+    ``pooled``: (q̄ (B, H, T_m, D), k̄ (B, H, T_n, D), key group sums (B, H, n, D)), fp32, from a caller that pooled
+    q and k already (then only the scores, selection and column kernels run); the key mean is the group sums'
+    total over Lk, so any grouping of the keys serves.
     """
-    out, launches = plan(q, k, n_crit, n_negl, block_q, block_k, config, columns)
+    out, launches = plan(q, k, n_crit, n_negl, block_q, block_k, config, columns, pooled)
     for _, run in launches:
         run()
     return out
