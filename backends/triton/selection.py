@@ -44,14 +44,17 @@ SCORE_DOTS = ("tf32x3", "ieee")  # plain tf32 (~1e-3 relative) would reorder blo
 # Tunables per arch. Shared memory is not the limit (pooling stages 16 KB per block in flight, the score
 # dots score_dchunk columns of D per operand). Registers are (ptxas -v of the d=128 kernels, Triton 3.9 /
 # 3.6, see tests/test_triton_blockmap.py): pooling 94 / 80 (4 warps, 64 elements per thread per load),
-# scores 212 / 216 on sm90 (128x128 tile, 8 warps, wgmma; sm80's mma needs the 64x128 tile, 203),
+# scores 123 on sm90 (64x64 tile, 4 warps, wgmma; 212 / 216 with 128x128 and 8 warps; sm80's mma: 64x128, 203),
 # selection 128 / 167 on sm90 with the negligible class, 80 / 113 without (one warp, rows of up to 512
 # keys in registers), columns 108 / 80; none spills.
 # pool_kprogs 64 rather than 32 (H200, headline shape, interleaved rounds, session 13): pool 0.0703 -> 0.0687 ms.
+# sm90 scores in 64x64 tiles of 4 warps (H200, headline shape, CUDA graph of 20 launches, session 18): 11.9 us
+# against 14.5 for 128x128 / 8 warps; 22.8 for 64x64 / 8 warps, 13.0 with score_dchunk 64, 32.1 with 'ieee' dots.
 _COMMON = dict(pool_warps=4, pool_stages=2, pool_kprogs=64, score_rows=128, score_cols=128, score_warps=8,
                score_stages=1, score_parts=32, select_rows=1, select_chunk=512, col_rows=64, col_cols=16,
                col_warps=4)
-_ARCH = {"sm90": dict(_COMMON), **{arch: dict(_COMMON, score_rows=64) for arch in ("sm80", "sm86", "sm89")}}
+_ARCH = {"sm90": dict(_COMMON, score_rows=64, score_cols=64, score_warps=4),
+         **{arch: dict(_COMMON, score_rows=64) for arch in ("sm80", "sm86", "sm89")}}
 # (arch, head_dim) -> (pool_rows cap: rows per pooling load, score_dchunk: columns of D per score dot)
 _BY_HEAD_DIM: Dict[Tuple[str, int], Tuple[int, int]] = {
     (arch, d): (8192 // d, min(32, d)) for arch in _ARCH for d in HEAD_DIMS}
