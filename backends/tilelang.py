@@ -192,8 +192,9 @@ def unavailable_reason(device: torch.device, spec: KernelSpec) -> Optional[str]:
     """Why the TileLang backend cannot serve ``spec`` on ``device``, or None when it can.
 
     The forward runs TileLang kernels (CUDA device of capability 9.0, head_dim 64 or 128, bf16/fp16); the
-    block map is delegated to the Triton backend and the backward runs the Triton state kernels (and, where
-    its config picks it, the whole Triton backward), so they need what it needs.
+    block map pools on TileLang where it can (:func:`block_map`) and scores and selects on the Triton
+    backend's kernels, and the backward runs the Triton state kernels (and, where its config picks it, the
+    whole Triton backward), so they need what it needs.
     """
     if device.type != "cuda":
         return (f"the TileLang backend runs on Hopper GPUs only (CUDA capability 9.0, e.g. H100/H200); "

@@ -911,7 +911,8 @@ def test_gpu_pooling_matches_float64_and_the_prepass_pools_the_same_bits(case):
 @pytest.mark.parametrize("case", [POOL_GPU_CASES[i] for i in (0, 2, 3, 6)], ids=_pool_id)
 def test_gpu_attention_equals_attention_given_its_block_map(case, monkeypatch):
     """An eager SLA call pools in its pre-pass (early_terms ran); its output equals, bitwise, the call given
-    slagen.block_map(q, k) (pooled by sla_pool), with and without grad."""
+    slagen.block_map(q, k) (pooled by sla_pool), with and without grad; output and gradients of the call
+    against the fp32 reference given that map."""
     import slagen
     lq, lk, d, dtype, (bq, bk), layout = case
     dev = torch.device("cuda")
@@ -926,9 +927,17 @@ def test_gpu_attention_equals_attention_given_its_block_map(case, monkeypatch):
     bmap = slagen.block_map(q, k, **api)
     with torch.no_grad():
         assert torch.equal(slagen.attention(q, k, v, **api), slagen.attention(q, k, v, block_map=bmap, **api))
-    qs = q.clone().requires_grad_(True)     # (a saving forward is another kernel variant: compared with its own)
-    assert torch.equal(slagen.attention(qs, k, v, **api), slagen.attention(qs, k, v, block_map=bmap, **api))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = slagen.attention(*leaves, **api)      # (a saving forward is another kernel variant: compared with its own)
+    assert torch.equal(out, slagen.attention(*leaves, block_map=bmap, **api))
     assert len(ran) == 2 and all(early is not None for early in ran)
+    do = torch.randn(out.shape, device=dev, dtype=out.dtype, generator=gen)
+    grads = torch.autograd.grad(out, leaves, do)
+    ref_leaves = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    ref = slagen.attention(*ref_leaves, block_map=bmap, **{**api, "backend": "torch"})
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do.float())
+    errs = {"o": rel_err(out, ref), **{n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)}}
+    assert errs["o"] < TOL and max(errs.values()) < BWD_TOL, errs
 
 
 # The pre-pass's key-side terms alone (linear_terms_of) vs float64: per key tile h_t = φ(K_t)ᵀV_t (input dtype)
