@@ -1,6 +1,7 @@
 """The click CLI through CliRunner."""
 
 from click.testing import CliRunner
+import torch
 
 import slagen
 from slagen.cli import main
@@ -16,7 +17,6 @@ def test_info_lists_versions_backends_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SLAGEN_CACHE_DIR", str(tmp_path))
     result = CliRunner().invoke(main, ["info"])
     assert result.exit_code == 0, result.output
-    import torch
     picks = "backend='auto' picks: " + ("" if torch.cuda.is_available() else "torch")  # CUDA: triton or tilelang
     for words in ("slagen", "torch", "triton", "torch: yes", f"cache dir   {tmp_path}", "SLAGEN_CACHE_DIR=", picks):
         assert words in result.output
@@ -92,3 +92,28 @@ def test_tune_config_override_merges_into_the_default():
     got = _override(bdefault, {"dkdv": {"block_m": 32}}, bwd.check_config, bspec)
     assert got["dkdv"] == {**bdefault["dkdv"], "block_m": 32} and got["dq"] == bdefault["dq"]
     assert _override(bdefault, {"dkdv": 32}, bwd.check_config, bspec) is None
+
+
+def test_check_runs_each_backend_against_the_reference_and_its_own_map(monkeypatch):
+    """`slagen check` on the CPU (Triton under its interpreter): every case of each backend within its threshold,
+    forward and gradients, and the call that builds its own block map gives the bits of the call given one; a
+    row whose own-map output differs fails, and the command then exits non-zero."""
+    from slagen import check as check_mod
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = ["check", "--backend", "torch,triton", "--seq-len", "77", "--head-dim", "16", "--heads", "1",
+            "--dtype", "fp32", "--block", "16x16", "--topk", "0.3"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| torch") or line.startswith("| triton")]
+    assert len(rows) == 2 * len(check_mod.CASES) and all(row.endswith("| yes | 0.001 | pass |") for row in rows), rows
+    assert f"all {len(rows)} checks passed" in result.output
+    differs = check_mod.Row("triton", "softmax/marginal/negl=0.0", {"out": 0.0}, 1e-3, own_map=False)
+    assert not differs.ok and "| NO |" in check_mod.table([differs])
+    real_attention = slagen.attention
+
+    def own_map_differs(*a, **kw):    # a backend whose own-map call is off by one ulp somewhere
+        out = real_attention(*a, **kw)
+        return out if "block_map" in kw else out + torch.finfo(out.dtype).eps * out.abs().max()
+    monkeypatch.setattr(slagen, "attention", own_map_differs)
+    failed = CliRunner().invoke(main, args[:2] + ["torch"] + args[3:])
+    assert failed.exit_code != 0 and "checks failed" in failed.output and "| NO |" in failed.output
