@@ -243,7 +243,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: in
                         keys=(bh, p.t_m, p.ld))
         n_parts = p.n_kprog
     else:
-        work = dict(zip(("q_mean", "k_mean", "k_part"), _check_pooled(pooled, p, D)))
+        work = dict(zip(("q_mean", "k_mean", "k_part"), _check_pooled(pooled, p, D, q.device)))
         work.update(_scratch(q.device, keys=(bh, p.t_m, p.ld)))
         n_parts = work["k_part"].shape[-2]
     keys = work["keys"].view(torch.int32)  # the scores' order-preserving int32 image
@@ -279,16 +279,17 @@ def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: in
     return out, launches + [("column", column)] if columns else launches
 
 
-def _check_pooled(pooled: Pooled, p: _Plan, d: int) -> Pooled:
-    """``pooled`` as the scores kernel reads it, checked: fp32, contiguous, on the maps' device, q̄ (B, H, T_m, D),
+def _check_pooled(pooled: Pooled, p: _Plan, d: int, device: torch.device) -> Pooled:
+    """``pooled`` as the scores kernel reads it, checked: fp32, contiguous, on q's ``device``, q̄ (B, H, T_m, D),
     k̄ (B, H, T_n, D), the key group sums (B, H, n_parts >= 1, D)."""
     want = ((p.B, p.H, p.t_m, d), (p.B, p.H, p.t_n, d), (p.B, p.H, None, d))
     for name, t, shape in zip(("q_mean", "k_mean", "k_part"), pooled, want):
-        ok = (t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 4 and t.shape[-2] >= 1
+        ok = (t.dtype == torch.float32 and t.device == device and t.is_contiguous() and t.dim() == 4
+              and t.shape[-2] >= 1
               and all(w is None or w == n for w, n in zip(shape, t.shape)))
         if not ok:
-            raise ValueError(f"pooled {name} must be a contiguous float32 tensor of shape {shape} (None: any >= 1), "
-                             f"got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(f"pooled {name} must be a contiguous float32 tensor of shape {shape} (None: any >= 1) "
+                             f"on {device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
     return pooled
 
 
