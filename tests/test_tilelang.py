@@ -1289,3 +1289,22 @@ BWD_GPU_CASES = (
 def test_gpu_backward_matches_reference_and_triton(case):
     errs = run_backward_case(**case)
     assert max(errs.values()) < BWD_TOL, errs
+
+
+def test_early_pre_pass_applies_only_where_it_can_pool(monkeypatch):
+    """early_terms (the eager call's pre-pass that pools for its block map) declines — returns None, so the call
+    pools in its block map — for tensors the TileLang kernels do not read (here: CPU), and the public API asks
+    for it only from a backend that has one and with a linear branch."""
+    from slagen import api
+    q, k, v = (torch.randn(1, 2, 256, 64) for _ in range(3))
+    early = dict(block_q=128, block_k=64, feature_map="softmax", scope="marginal", has_negligible=False, density=0.05)
+    assert tl_backend.early_terms(q, k, v, **early) is None
+    assert not tl_backend._pool_plan(q, k, 128, 64).tilelang
+    asked = []
+    monkeypatch.setattr(tl_backend, "early_terms", lambda *a, **kw: asked.append(kw) or None)
+    for name, fmap in (("torch", "softmax"), ("triton", "softmax"), ("tilelang", None)):
+        assert api._early_terms(name, q, k, v, 0.05, 0.0, 128, 64, fmap, "marginal", False, None, None) is None
+    assert asked == []
+    assert api._early_terms("tilelang", q, k, v, 0.05, 0.0, 128, 64, "softmax", "marginal", False, None, None) is None
+    assert asked == [dict(block_q=128, block_k=64, feature_map="softmax", scope="marginal", has_negligible=False,
+                          density=1 / 4)]      # T_n = 4 key blocks, n_crit = max(1, floor(0.05 · 4)) = 1
