@@ -21,8 +21,8 @@ from slagen.bench import SLAGEN_ROWS
 from slagen.paths import cache_dir, shared_cache_dirs
 from slagen.spec import ROLES, KernelSpec, parse_arch, parse_dtype, parse_feature_map, parse_scope
 
-# The kernel roles each backend renders from its own templates (TileLang delegates its block map to
-# Triton; its backward's state kernels are Triton's too).
+# The kernel roles each backend renders from its own templates (TileLang's block map template pools Q and K;
+# its scores and selection are Triton's kernels, and so are its backward's state kernels).
 TEMPLATE_ROLES = {"triton": ROLES, "tilelang": ("forward", "backward", "block_map")}
 
 
