@@ -14,6 +14,16 @@ def expand_mask(mask, lq, lk, block_q, block_k):
     return mask[:, :, rows][:, :, :, cols]
 
 
+def block_means(x, block):
+    """(B, H, ceil(L / block), D) float64: the mean of each block of ``block`` rows of x (B, H, L, D), a partial
+    last block divided by its true row count."""
+    n = x.shape[2]
+    pad = torch.nn.functional.pad(x.double(), (0, 0, 0, -n % block))
+    rows = torch.full((pad.shape[2] // block, 1), float(block), dtype=torch.float64, device=x.device)
+    rows[-1] = n - (rows.shape[0] - 1) * block
+    return pad.view(*x.shape[:2], -1, block, x.shape[-1]).sum(-2) / rows
+
+
 def phi(x, name):
     if name == "softmax":
         return torch.softmax(x, -1)

@@ -32,6 +32,7 @@ from slagen.backends import reference as torch_backend
 from slagen.backends import tilelang as tl_backend
 from slagen.blockmap import BlockMap
 from slagen.spec import KernelSpec
+from tests.dense import block_means
 
 TOL = 2e-2
 PERSISTENT = dict(persistent=True, overlap=False, num_stages=3)   # the forward's persistent kernel (a tunable)
@@ -862,14 +863,6 @@ def _pool_id(c):
     return "Lq{}_Lk{}_d{}_{}_b{}x{}_{}".format(c[0], c[1], c[2], c[3], *c[4], c[5])
 
 
-def _block_means_float64(x, block):
-    n = x.shape[2]
-    pad = torch.nn.functional.pad(x.double(), (0, 0, 0, -n % block))
-    rows = torch.full((pad.shape[2] // block, 1), float(block), dtype=torch.float64, device=x.device)
-    rows[-1] = n - (rows.shape[0] - 1) * block
-    return pad.view(*x.shape[:2], -1, block, x.shape[-1]).sum(-2) / rows
-
-
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("case", POOL_GPU_CASES, ids=_pool_id)
@@ -890,8 +883,8 @@ def test_gpu_pooling_matches_float64_and_the_prepass_pools_the_same_bits(case):
     q_mean, k_mean, k_part = tl_backend.pool(plan, q, k)
     torch.cuda.synchronize()
     assert k_part.shape[2] == plan.k_chunks[0]
-    errs = {"q_mean": rel_err(q_mean.double(), _block_means_float64(q, bq)),
-            "k_mean": rel_err(k_mean.double(), _block_means_float64(k, bk)),
+    errs = {"q_mean": rel_err(q_mean.double(), block_means(q, bq)),
+            "k_mean": rel_err(k_mean.double(), block_means(k, bk)),
             "k_total": rel_err(k_part.double().sum(2), k.double().sum(2))}
     assert all(e < 1e-5 for e in errs.values()), errs
     spec = spec_of(d=d, dtype=dtype, block=(bq, bk))

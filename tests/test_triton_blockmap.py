@@ -19,6 +19,7 @@ from slagen.backends import reference as torch_backend
 from slagen.backends.triton import selection
 from slagen.blockmap import LUT_FIELDS, lists_from_mask
 from slagen.spec import ARCHS, KernelSpec
+from tests.dense import block_means
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -125,15 +126,9 @@ def test_plan_launches_one_by_one():
 def _pooled_float64(q, k, block_q, block_k, groups):
     """(q̄, k̄, key group sums) as a caller that pooled already passes them: block means and the row sums of
     ``groups`` groups of whole key blocks, formed in float64 and rounded once to fp32."""
-    def means(x, block):
-        n = x.shape[2]
-        pad = torch.nn.functional.pad(x.double(), (0, 0, 0, -n % block))
-        rows = torch.full((pad.shape[2] // block, 1), float(block), dtype=torch.float64)
-        rows[-1] = n - (rows.shape[0] - 1) * block
-        return pad.view(*x.shape[:2], -1, block, x.shape[-1]).sum(-2) / rows
     per = -(-k.shape[2] // groups)
     parts = torch.stack([k[:, :, i:i + per].double().sum(-2) for i in range(0, k.shape[2], per)], 2)
-    return tuple(t.float().contiguous() for t in (means(q, block_q), means(k, block_k), parts))
+    return tuple(t.float().contiguous() for t in (block_means(q, block_q), block_means(k, block_k), parts))
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[8]], ids=lambda c: "Lq{}_Lk{}".format(c[2], c[3]))
