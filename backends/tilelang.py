@@ -102,7 +102,9 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # per CTA). Both step widths (tile_n dividing block_k, and 2·block_k); needs warp specialisation. Since session
 # 12 the overlapped loop (and the plain one where tile_n = block_k) walks each row's LUT last-first, so that only
 # step 0 can hold the partial last key block: with tile_n = block_k no later step is masked (H200, headline
-# shape: −6 % on the forward; 64x64: −2.5 %).
+# shape: −6 % on the forward; 64x64: −2.5 %). Since session 19 its S_{t+1} = QK_{t+1}ᵀ takes Q from registers
+# (one step per key block): H200, headline shape, given the map, 9 rounds in turn, sparse-only 0.690 / 0.710 →
+# 0.678 / 0.680 ms, SLA marginal 0.983 / 0.970 → 0.958 / 0.961.
 # pingpong (instead of overlap; 128-row tiles, two consumer warpgroups, tile_n dividing block_k): FlashAttention-
 # 3's schedule — the warpgroups take turns issuing S_t = QK_tᵀ and the previous step's P·V (two named barriers),
 # so one's softmax runs under the other's GEMMs, and under its own P·V (a per-step store of the row sums keeps

@@ -324,7 +324,9 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
     """overlap: in the consumer's key loop the S_{t+1} = QKᵀ wgmma batch is committed without a wait, the
     softmax's exp2 runs while it is in flight, and the one wait (warpgroup_wait<0>) follows the P·V batch; the
     K / V tiles are released (mbarrier arrive) only after that wait. Without overlap every batch is waited for
-    right after its commit."""
+    right after its commit. With one step per key block, S_{t+1}'s wgmma takes Q from registers (q_r, loaded
+    from shared memory once, in step 0) and only K from shared memory; two key blocks per step keep both in
+    shared memory."""
     cfg = tl_backend._resolve_config(spec, {**change, "overlap": True})
     src = tl_backend.forward_kernel(spec, cfg, **flags).get_kernel_source()
     if cfg["ctas_per_sm"] == 1:
@@ -339,6 +341,13 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
     assert loop.count("tl::warpgroup_wait<") == 2                 # step 0's S, then one wait per step
     assert loop.rindex("tl::warpgroup_wait<0>();") > loop.rindex("tl::warpgroup_commit_batch();")
     assert "K0_s" in loop and "mbarrier[" in loop
+    registers_q = re.search(r"tl::wgmma_rs<[^\n]*q_r \+", loop)
+    if cfg["tile_n"] == spec.block_k:
+        assert registers_q, "S_{t+1} should read Q from registers"
+        assert re.search(r"ptx_ldmatrix\w*\(\(&\(\(\(bfloat16_t\*\)Q_s\)[^\n]*q_r\[", loop), "Q not copied to q_r"
+        assert loop.count("tl::wgmma_ss<") == 1 and loop.count("tl::wgmma_rs<") == 2   # step 0's S; S_{t+1}, P·V
+    else:
+        assert not registers_q and "q_r" not in src
     # The consumer's waits for Q's and step 0's K's TMA loads sit in the loop's first iteration, so the loop
     # must run for a row without critical blocks too (one masked step): else the epilogue's writes to Q_s
     # (tma_store staging O) race Q's load still in flight (the H200 failure, d128 sparse-only, counts 0/1/2).
