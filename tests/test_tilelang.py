@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from slagen import backends, codegen, reference
+from slagen.backends import ptxas
 from slagen.backends import reference as torch_backend
 from slagen.backends import tilelang as tl_backend
 from slagen.blockmap import BlockMap
@@ -1085,6 +1086,43 @@ def test_backward_epilogue_variants_compile_for_sm90a(spec):
             assert bool(re.search(rf"\b{out}\[", src)) == linear, f"{out}: the linear term is read iff linear"
     with pytest.raises(ValueError, match="lin_init"):
         tl_backend._resolve_config(spec, {"backward": "tilelang", "dq": {"lin_init": 1}})
+
+
+PTXAS_C7515 = """ptxas info    : Compiling entry function 'k' for 'sm_90a'
+ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma \
+instructions defining accumulator registers of a wgmma between start and end of the pipeline stage in the function 'k'
+ptxas info    : Used 168 registers, used 4 barriers, 1024 bytes smem
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads"""
+
+
+def test_ptxas_report_reads_registers_spills_and_the_wgmma_serialisation_advisory():
+    """The parser on ptxas 13.0's own wording (the C7515 line of session 19's swapped-accumulator forward)."""
+    rep = ptxas.parse(PTXAS_C7515)
+    assert (rep.registers, rep.spill_bytes, rep.wgmma_serialized) == (168, 8, True)
+    clean = ptxas.parse("ptxas info    : Used 240 registers, used 4 barriers, 1024 bytes smem\n"
+                        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")
+    assert (clean.registers, clean.spill_bytes, clean.advisories, clean.wgmma_serialized) == (240, 0, (), False)
+    with pytest.raises(ValueError, match="one kernel"):
+        ptxas.parse("ptxas info    : 0 bytes gmem")
+
+
+@needs_compiler
+@pytest.mark.parametrize("what", ["forward", "forward sparse-only", "forward training", "prepass", "dq", "dkdv"])
+def test_default_kernels_keep_their_wgmma_pipelined_and_spill_nothing(what):
+    """ptxas serialises no wgmma of the default d128 128x64 kernels and spills nothing (backends/ptxas.py: a
+    serialised kernel computes the same bits, slower — session 19's swapped accumulators: +28 %)."""
+    spec = spec_of(d=128, fmap=None if what == "forward sparse-only" else "softmax")
+    if what in ("dq", "dkdv"):
+        spec = spec.replace(role="backward")
+        cfg = tl_backend._resolve_config(spec, {"backward": "tilelang"})
+        kernel = tl_backend.backward_kernel(spec, cfg, what)
+    else:
+        cfg = tl_backend._resolve_config(spec, {})
+        kernel = (tl_backend.prepass_kernel(spec, cfg) if what == "prepass" else
+                  tl_backend.forward_kernel(spec, cfg, save=what == "forward training"))
+    rep = ptxas.report(kernel)
+    assert not rep.wgmma_serialized, rep.advisories
+    assert rep.spill_bytes == 0, rep
 
 
 def _smem_offsets(src: str) -> dict:

@@ -1,0 +1,69 @@
+"""ptxas's view of the TileLang kernels of one spec under one or more configs, on a machine without a GPU
+(nvcc and tilelang only): registers at launch, spill bytes, and whether any wgmma is serialised (ptxas's C7515
+advisory; backends/ptxas.py). Run it on a loop variant before spending device time on it:
+
+    python tools/ptxas_report.py                                   # d128, 128x64, softmax, marginal, defaults
+    python tools/ptxas_report.py --fmap none --config '{}' --config '{"overlap": false}'
+    python tools/ptxas_report.py --roles dq,dkdv --backward-config '{"dq": {"tile_n": 128}}'
+
+A kernel whose wgmma is serialised computes the same bits and runs slower (session 19: +28 % on the forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from slagen.backends import ptxas
+from slagen.backends import tilelang as tl_backend
+from slagen.spec import KernelSpec
+
+ROLES = ("forward", "forward-training", "prepass", "dq", "dkdv")
+
+
+def kernels(spec: KernelSpec, config: dict, backward_config: dict, roles):
+    """(role, compiled kernel) of ``spec`` for each role that the spec has: the forward roles under ``config``,
+    dq / dkdv under ``backward_config`` (the TileLang backward's tunables)."""
+    linear = spec.feature_map is not None
+    for role in roles:
+        if role in ("dq", "dkdv"):
+            bspec = spec.replace(role="backward")
+            cfg = tl_backend._resolve_config(bspec, {"backward": "tilelang", **backward_config})
+            yield role, tl_backend.backward_kernel(bspec, cfg, role)
+        elif role == "prepass":
+            if linear:
+                yield role, tl_backend.prepass_kernel(spec, tl_backend._resolve_config(spec, config))
+        else:
+            cfg = tl_backend._resolve_config(spec, config)
+            yield role, tl_backend.forward_kernel(spec, cfg, save=role == "forward-training" and linear)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block", default="128x64")
+    ap.add_argument("--fmap", default="softmax", help="softmax, elu, relu or none (sparse-only)")
+    ap.add_argument("--scope", default="marginal")
+    ap.add_argument("--roles", default=",".join(ROLES), help=f"comma-separated, of {', '.join(ROLES)}")
+    ap.add_argument("--config", action="append", default=[], help="a JSON forward config (repeatable; '{}': the "
+                                                                   "defaults): the forward and pre-pass roles")
+    ap.add_argument("--backward-config", default="{}", help="a JSON backward config for the dq / dkdv roles")
+    args = ap.parse_args()
+    bq, bk = (int(x) for x in args.block.split("x"))
+    spec = KernelSpec(arch="sm90", head_dim=args.head_dim, block_q=bq, block_k=bk, scope=args.scope,
+                      feature_map=None if args.fmap == "none" else args.fmap, dtype="bf16")
+    roles = [r for r in args.roles.split(",") if r]
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise SystemExit(f"--roles: unknown {unknown}; allowed: {', '.join(ROLES)}")
+    print(f"{spec.canonical}\n\n| config | kernel | registers | spill bytes | wgmma serialised | advisories |\n"
+          "|---|---|---|---|---|---|")
+    for text in args.config or ["{}"]:
+        for role, kernel in kernels(spec, json.loads(text), json.loads(args.backward_config), roles):
+            rep = ptxas.report(kernel)
+            print(f"| `{text}` | {role} | {rep.registers} | {rep.spill_bytes} | {'YES' if rep.wgmma_serialized else 'no'}"
+                  f" | {'; '.join(rep.advisories)[:120]} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
