@@ -21,21 +21,27 @@ from slagen.spec import KernelSpec
 ROLES = ("forward", "forward-training", "prepass", "dq", "dkdv")
 
 
-def kernels(spec: KernelSpec, config: dict, backward_config: dict, roles):
-    """(role, compiled kernel) of ``spec`` for each role that the spec has: the forward roles under ``config``,
-    dq / dkdv under ``backward_config`` (the TileLang backward's tunables)."""
+FORWARD_ROLES = ("forward", "forward-training", "prepass")
+
+
+def forward_kernels(spec: KernelSpec, config: dict, roles):
+    """(role, compiled kernel) of ``spec`` under the forward ``config`` for each forward role the spec has."""
+    cfg = tl_backend._resolve_config(spec, config)
     linear = spec.feature_map is not None
     for role in roles:
-        if role in ("dq", "dkdv"):
-            bspec = spec.replace(role="backward")
-            cfg = tl_backend._resolve_config(bspec, {"backward": "tilelang", **backward_config})
-            yield role, tl_backend.backward_kernel(bspec, cfg, role)
-        elif role == "prepass":
-            if linear:
-                yield role, tl_backend.prepass_kernel(spec, tl_backend._resolve_config(spec, config))
-        else:
-            cfg = tl_backend._resolve_config(spec, config)
+        if role == "prepass" and linear:
+            yield role, tl_backend.prepass_kernel(spec, cfg)
+        elif role in ("forward", "forward-training"):
             yield role, tl_backend.forward_kernel(spec, cfg, save=role == "forward-training" and linear)
+
+
+def backward_kernels(spec: KernelSpec, backward_config: dict, roles):
+    """(role, compiled kernel) of the TileLang backward's dq / dkdv under ``backward_config``."""
+    bspec = spec.replace(role="backward")
+    cfg = tl_backend._resolve_config(bspec, {"backward": "tilelang", **backward_config})
+    for role in roles:
+        if role in ("dq", "dkdv"):
+            yield role, tl_backend.backward_kernel(bspec, cfg, role)
 
 
 def main() -> None:
@@ -58,8 +64,11 @@ def main() -> None:
         raise SystemExit(f"--roles: unknown {unknown}; allowed: {', '.join(ROLES)}")
     print(f"{spec.canonical}\n\n| config | kernel | registers | spill bytes | wgmma serialised | advisories |\n"
           "|---|---|---|---|---|---|")
-    for text in args.config or ["{}"]:
-        for role, kernel in kernels(spec, json.loads(text), json.loads(args.backward_config), roles):
+    runs = [(text, forward_kernels(spec, json.loads(text), roles)) for text in args.config or ["{}"]]
+    if set(roles) - set(FORWARD_ROLES):     # the backward's kernels do not depend on --config: once
+        runs.append((args.backward_config, backward_kernels(spec, json.loads(args.backward_config), roles)))
+    for text, kernels in runs:
+        for role, kernel in kernels:
             rep = ptxas.report(kernel)
             print(f"| `{text}` | {role} | {rep.registers} | {rep.spill_bytes} | {'YES' if rep.wgmma_serialized else 'no'}"
                   f" | {'; '.join(rep.advisories)[:120]} |", flush=True)
