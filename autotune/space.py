@@ -31,6 +31,7 @@ OPTIONS: Dict[str, Sequence] = {
     "ctas_per_sm": (1, 2),               # the TileLang forward's requested residency
     "prefetch_h": (False, True),         # the TileLang forward loads H_i before its key loop
     "tma_store": (False, True),          # the TileLang forward stores O through shared memory (TMA)
+    "row_regs": (False, True),           # the TileLang backward's dq takes Q and dO from registers
     "overlap": (False, True),            # the TileLang forward overlaps S_{t+1} = QK_{t+1}ᵀ with step t's softmax
     "pingpong": (False, True),           # the TileLang forward's two warpgroups take turns at the tensor cores
 }

@@ -142,6 +142,11 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   #
 # part's dq / dk-dv kernels; on wherever it applies (_lin_fused_blocker; the caller's lin_init or gathered states
 # turn a default lin_fused off). H200, headline shape, 128x64 (session 10, `slagen tune`): backward 3.896 ms
 # without, 3.725 dkdv alone, 3.870 dq alone, 3.686 both.
+# row_regs (dq): Q and dO as the register operands of S = QKᵀ and dP = dOVᵀ, copied from shared memory once, so
+# the step's GEMMs read only K and V there (per step and 128 rows they read 160 KB of shared memory for 1536
+# tensor-core cycles of work before, 96 KB after; the forward's Q in registers: −3 % on its sparse kernel,
+# session 19). ptxas: no spills, wgmma pipelined (with two key blocks per step it spills: refused). Not yet
+# measured on a GPU: off.
 # "linear": overrides of the Triton backward config ({"prep" | "dq" | "dkdv": {...}}, onto its tuned or default
 # config) for the Triton kernels of the linear part (slagen.backends.triton.backward_linear_part); their dq
 # kernel, without the sparse loop, is fastest with 64-row programs (H200, headline shape, 128x64, session 9,
@@ -149,7 +154,8 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   #
 _LINEAR_DEFAULTS = {128: {"dq": {"block_m": 64, "num_warps": 8}}}
 _BWD_DEFAULTS: Dict[int, dict] = {
     d: {"backward": "tilelang", "warp_specialized": True,
-        "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True, lin_fused=True),
+        "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True, lin_fused=True,
+                   row_regs=False),
         "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True,
                      lin_fused=True),
         "linear": _LINEAR_DEFAULTS.get(d, {})}
@@ -552,9 +558,14 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
             choice(other, (32, 64, 128), spec.block_q)
         choice("num_warps", (4, 8))
         choice("num_stages", (1, 2, 3, 4))
-        for name in ("lin_init", "tma_store", "lin_fused"):
+        for name in ("lin_init", "tma_store", "lin_fused", "row_regs") if kernel == "dq" else \
+                ("lin_init", "tma_store", "lin_fused"):
             if not isinstance(part[name], bool):
                 raise ValueError(f"{where}[{name!r}]={part[name]!r} must be True or False")
+        if kernel == "dq" and part["row_regs"] and part["tile_n"] == 2 * spec.block_k:
+            raise ValueError(f"{where}: row_regs=True with two key blocks per step (tile_n={part['tile_n']}) is not "
+                             f"supported: Q and dO in registers beside 128-key score tiles spill (ptxas: 192 bytes, "
+                             f"its wgmma serialised)")
         if part[rows] == 64 and part["num_warps"] == 8:
             raise ValueError(f"{where}: {rows}=64 with num_warps=8 is not supported (TileLang layout inference "
                              f"rejects it); use num_warps=4")
@@ -750,6 +761,8 @@ def backward_kernel(spec: KernelSpec, cfg: dict, kernel: str):
     args = dict(tile_m=part["tile_m"], tile_n=part["tile_n"], threads=32 * part["num_warps"],
                 num_stages=part["num_stages"], lin_init=part["lin_init"], tma_store=part["tma_store"])
     args["lin_fused"] = part["lin_fused"]
+    if kernel == "dq":
+        args["row_regs"] = part["row_regs"]
     key = (kernel, spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     make = mod.dq_kernel if kernel == "dq" else mod.dkdv_kernel

@@ -1059,12 +1059,28 @@ def test_backward_config_defaults_to_tilelang_where_its_tiles_fit_and_checks_the
     tl_backend.check_config(tl_backend.default_config(small), small)      # the Triton path ignores the tiles
     bad = [({"backward": "cuda"}, "backward"), ({"bogus": 1}, "unknown keys"),
            ({"dkdv": {"tile_n": 32}}, "tile_n"), ({"dq": {"tile_m": 64, "num_warps": 8}}, "num_warps=4"),
-           ({"warp_specialized": False}, "num_stages=1"), ({"dq": {"num_stages": 9}}, "num_stages")]
+           ({"warp_specialized": False}, "num_stages=1"), ({"dq": {"num_stages": 9}}, "num_stages"),
+           ({"dq": {"row_regs": True, "tile_n": 128}}, "row_regs=True with two key blocks"),
+           ({"dq": {"row_regs": 1}}, "row_regs")]
     for change, match in bad:
         with pytest.raises(ValueError, match=match):
             tl_backend._resolve_config(spec, {"backward": "tilelang", **change})
     with pytest.raises(ValueError, match="tile_n"):
         tl_backend._resolve_config(small, {"backward": "tilelang"})
+
+
+@needs_compiler
+@pytest.mark.parametrize("spec", [bwd_spec_of(d=128), bwd_spec_of(d=64, fmap=None)], ids=lambda s: s.canonical)
+def test_dq_with_rows_in_registers_compiles_pipelined_without_spills(spec):
+    """row_regs: dq's S = QKᵀ and dP = dOVᵀ take Q and dO from registers (copied from shared memory once), so
+    the loop's three GEMMs are register-operand wgmmas reading K / V alone; ptxas keeps them pipelined, no spills."""
+    cfg = tl_backend._resolve_config(spec, {"backward": "tilelang", "dq": {"row_regs": True}})
+    kernel = tl_backend.backward_kernel(spec, cfg, "dq")
+    loop = _consumer_loop(kernel.get_kernel_source())
+    assert loop.count("tl::wgmma_ss<") == 0 and loop.count("tl::wgmma_rs<") == 3
+    assert re.search(r"wgmma_rs<[^\n]*q_r \+", loop) and re.search(r"wgmma_rs<[^\n]*do_r \+", loop)
+    rep = ptxas.report(kernel)
+    assert not rep.wgmma_serialized and rep.spill_bytes == 0, rep
 
 
 @needs_compiler
@@ -1318,6 +1334,10 @@ BWD_GPU_CASES = (
        dict(L=4096, config=dict(dq=dict(tma_store=False), dkdv=dict(tma_store=False))),
        dict(L=77, d=64, config=dict(dq=dict(tma_store=False), dkdv=dict(tma_store=False))),
        dict(L=32760, fmap="none", config=dict(dq=dict(tma_store=False), dkdv=dict(tma_store=False)))]
+    # dq with Q and dO as the register operands of its S and dP GEMMs (row_regs)
+    + [dict(L=L, d=d, fmap=fm, n_crit=c, config=dict(dq=dict(row_regs=True)))
+       for L, c in ((77, 1), (4096, "mixed"), (32760, "topk")) for d in (64, 128) for fm in ("softmax", "none")]
+    + [dict(L=1000, d=64, n_crit=2, config=dict(dq=dict(row_regs=True, **EPILOGUE)))]
     # two dK / dV tiles per key block (block_k 128, tile_n 64) with a partial last block, SLA and sparse-only
     + [dict(L=4099, block=(128, 128), n_crit="mixed"),
        dict(L=1000, d=64, fmap="none", block=(128, 128), n_crit="mixed")])
