@@ -145,8 +145,9 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   #
 # row_regs (dq): Q and dO as the register operands of S = QKᵀ and dP = dOVᵀ, copied from shared memory once, so
 # the step's GEMMs read only K and V there (per step and 128 rows they read 160 KB of shared memory for 1536
 # tensor-core cycles of work before, 96 KB after; the forward's Q in registers: −3 % on its sparse kernel,
-# session 19). ptxas: no spills, wgmma pipelined (with two key blocks per step it spills: refused). Not yet
-# measured on a GPU: off.
+# session 19). ptxas: no spills, wgmma pipelined (with two key blocks per step it spills: refused). H200, headline
+# shape, 128x64, backward alone (tools/profile_backward.py, 7 rounds in turn, session 20): the dq kernel 0.918 →
+# 0.886 ms for SLA marginal, 0.749 → 0.741 sparse-only, gradients bit-identical: on by default.
 # "linear": overrides of the Triton backward config ({"prep" | "dq" | "dkdv": {...}}, onto its tuned or default
 # config) for the Triton kernels of the linear part (slagen.backends.triton.backward_linear_part); their dq
 # kernel, without the sparse loop, is fastest with 64-row programs (H200, headline shape, 128x64, session 9,
@@ -155,7 +156,7 @@ _LINEAR_DEFAULTS = {128: {"dq": {"block_m": 64, "num_warps": 8}}}
 _BWD_DEFAULTS: Dict[int, dict] = {
     d: {"backward": "tilelang", "warp_specialized": True,
         "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True, lin_fused=True,
-                   row_regs=False),
+                   row_regs=True),
         "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True,
                      lin_fused=True),
         "linear": _LINEAR_DEFAULTS.get(d, {})}
