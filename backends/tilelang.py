@@ -147,7 +147,9 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   #
 # tensor-core cycles of work before, 96 KB after; the forward's Q in registers: −3 % on its sparse kernel,
 # session 19). ptxas: no spills, wgmma pipelined (with two key blocks per step it spills: refused). H200, headline
 # shape, 128x64, backward alone (tools/profile_backward.py, 7 rounds in turn, session 20): the dq kernel 0.918 →
-# 0.886 ms for SLA marginal, 0.749 → 0.741 sparse-only, gradients bit-identical: on by default.
+# 0.886 ms for SLA marginal, 0.749 → 0.741 sparse-only, gradients bit-identical: on by default at d 128. At d 64
+# it computes a wrong dQ wherever a row walks more than one step (H200, session 20: rel. err 0.34–0.82 at L 4096
+# and 32760, right at L 77 with one block; the cause is not found): refused there.
 # "linear": overrides of the Triton backward config ({"prep" | "dq" | "dkdv": {...}}, onto its tuned or default
 # config) for the Triton kernels of the linear part (slagen.backends.triton.backward_linear_part); their dq
 # kernel, without the sparse loop, is fastest with 64-row programs (H200, headline shape, 128x64, session 9,
@@ -156,7 +158,7 @@ _LINEAR_DEFAULTS = {128: {"dq": {"block_m": 64, "num_warps": 8}}}
 _BWD_DEFAULTS: Dict[int, dict] = {
     d: {"backward": "tilelang", "warp_specialized": True,
         "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True, lin_fused=True,
-                   row_regs=True),
+                   row_regs=d == 128),
         "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True,
                      lin_fused=True),
         "linear": _LINEAR_DEFAULTS.get(d, {})}
@@ -563,6 +565,9 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
                 ("lin_init", "tma_store", "lin_fused"):
             if not isinstance(part[name], bool):
                 raise ValueError(f"{where}[{name!r}]={part[name]!r} must be True or False")
+        if kernel == "dq" and part["row_regs"] and spec.head_dim != 128:
+            raise ValueError(f"{where}: row_regs=True is supported at head_dim 128 only (at {spec.head_dim} its dQ is "
+                             f"wrong on an H200 for rows of more than one step; session 20)")
         if kernel == "dq" and part["row_regs"] and part["tile_n"] == 2 * spec.block_k:
             raise ValueError(f"{where}: row_regs=True with two key blocks per step (tile_n={part['tile_n']}) is not "
                              f"supported: Q and dO in registers beside 128-key score tiles spill (ptxas: 192 bytes, "
@@ -637,6 +642,10 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
     for name in ("overlap", "pre_async"):   # defaults, not the caller's choice: both need warp specialisation
         if cfg.get(name) and name not in (config or {}) and not cfg["warp_specialized"]:
             cfg[name] = False
+    dq, asked = cfg.get("dq"), (config or {}).get("dq")
+    if isinstance(dq, dict) and dq.get("row_regs") and dq.get("tile_n") == 2 * spec.block_k and not (
+            isinstance(asked, dict) and "row_regs" in asked):
+        dq["row_regs"] = False              # a default, giving way to the caller's two key blocks per step
     if config and spec.role == "backward" and cfg["backward"] == "tilelang":
         linear = None
         for kernel in ("dq", "dkdv"):   # a default lin_fused gives way to the caller's lin_init or gathered states

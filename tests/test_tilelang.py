@@ -1065,12 +1065,17 @@ def test_backward_config_defaults_to_tilelang_where_its_tiles_fit_and_checks_the
     for change, match in bad:
         with pytest.raises(ValueError, match=match):
             tl_backend._resolve_config(spec, {"backward": "tilelang", **change})
+    d64 = bwd_spec_of(d=64)     # row_regs: on at d 128 by default, off and refused at d 64 (a wrong dQ there)
+    assert tl_backend.default_config(spec)["dq"]["row_regs"] and not tl_backend.default_config(d64)["dq"]["row_regs"]
+    with pytest.raises(ValueError, match="row_regs=True is supported at head_dim 128 only"):
+        tl_backend._resolve_config(d64, {"backward": "tilelang", "dq": {"row_regs": True}})
     with pytest.raises(ValueError, match="tile_n"):
         tl_backend._resolve_config(small, {"backward": "tilelang"})
 
 
 @needs_compiler
-@pytest.mark.parametrize("spec", [bwd_spec_of(d=128), bwd_spec_of(d=64, fmap=None)], ids=lambda s: s.canonical)
+@pytest.mark.parametrize("spec", [bwd_spec_of(d=128), bwd_spec_of(d=128, fmap=None, block=(64, 64))],
+                         ids=lambda s: s.canonical)
 def test_dq_with_rows_in_registers_compiles_pipelined_without_spills(spec):
     """row_regs: dq's S = QKᵀ and dP = dOVᵀ take Q and dO from registers (copied from shared memory once), so
     the loop's three GEMMs are register-operand wgmmas reading K / V alone; ptxas keeps them pipelined, no spills."""
@@ -1334,10 +1339,12 @@ BWD_GPU_CASES = (
        dict(L=4096, config=dict(dq=dict(tma_store=False), dkdv=dict(tma_store=False))),
        dict(L=77, d=64, config=dict(dq=dict(tma_store=False), dkdv=dict(tma_store=False))),
        dict(L=32760, fmap="none", config=dict(dq=dict(tma_store=False), dkdv=dict(tma_store=False)))]
-    # dq with Q and dO as the register operands of its S and dP GEMMs (row_regs)
-    + [dict(L=L, d=d, fmap=fm, n_crit=c, config=dict(dq=dict(row_regs=True)))
-       for L, c in ((77, 1), (4096, "mixed"), (32760, "topk")) for d in (64, 128) for fm in ("softmax", "none")]
-    + [dict(L=1000, d=64, n_crit=2, config=dict(dq=dict(row_regs=True, **EPILOGUE)))]
+    # dq with Q and dO as the register operands of its S and dP GEMMs (row_regs; the d 128 default, refused at 64)
+    + [dict(L=L, fmap=fm, n_crit=c, config=dict(dq=dict(row_regs=True)))
+       for L, c in ((77, 1), (4096, "mixed"), (32760, "topk")) for fm in ("softmax", "none")]
+    + [dict(L=1000, n_crit=2, config=dict(dq=dict(row_regs=True, **EPILOGUE))),
+       dict(L=4096, block=(64, 64), n_crit="mixed", config=dict(dq=dict(row_regs=True))),
+       dict(L=4096, d=64, n_crit="mixed", config=dict(dq=dict(row_regs=False)))]
     # two dK / dV tiles per key block (block_k 128, tile_n 64) with a partial last block, SLA and sparse-only
     + [dict(L=4099, block=(128, 128), n_crit="mixed"),
        dict(L=1000, d=64, fmap="none", block=(128, 128), n_crit="mixed")])
