@@ -55,15 +55,19 @@ def parse(output: str) -> Report:
     return Report(int(used[0]), spills, advisories)
 
 
+def compile_cubin(kernel, directory: str) -> Tuple[str, str]:
+    """Compile a TileLang kernel's CUDA source (anything with ``get_kernel_source()``) into
+    ``directory``/kernel.cubin with :func:`nvcc_command`; returns (the cubin's path, nvcc's output)."""
+    source, cubin = os.path.join(directory, "kernel.cu"), os.path.join(directory, "kernel.cubin")
+    with open(source, "w") as f:
+        f.write(kernel.get_kernel_source())
+    done = subprocess.run(nvcc_command(source, cubin), capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"nvcc failed on the kernel's source (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return cubin, done.stdout + done.stderr
+
+
 def report(kernel) -> Report:
     """ptxas's :class:`Report` for a compiled TileLang kernel (anything with ``get_kernel_source()``)."""
     with tempfile.TemporaryDirectory(prefix="slagen-ptxas-") as tmp:
-        source = os.path.join(tmp, "kernel.cu")
-        with open(source, "w") as f:
-            f.write(kernel.get_kernel_source())
-        done = subprocess.run(nvcc_command(source, os.path.join(tmp, "kernel.cubin")), capture_output=True,
-                              text=True)
-        if done.returncode:
-            raise RuntimeError(f"nvcc failed on the kernel's source (exit {done.returncode}):\n"
-                               f"{done.stderr[-2000:]}")
-        return parse(done.stdout + done.stderr)
+        return parse(compile_cubin(kernel, tmp)[1])

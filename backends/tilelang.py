@@ -149,7 +149,9 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   #
 # shape, 128x64, backward alone (tools/profile_backward.py, 7 rounds in turn, session 20): the dq kernel 0.918 →
 # 0.886 ms for SLA marginal, 0.749 → 0.741 sparse-only, gradients bit-identical: on by default at d 128. At d 64
 # it computes a wrong dQ wherever a row walks more than one step (H200, session 20: rel. err 0.34–0.82 at L 4096
-# and 32760, right at L 77 with one block; the cause is not found): refused there.
+# and 32760, right at L 77 with one block): ptxas gives the registers of the step-0 copies of Q and dO to the dP
+# accumulator and the dS operand inside the loop (the PTX keeps them live; backends/sass.py finds it offline, a
+# CPU test checks every default kernel for it): refused there.
 # "linear": overrides of the Triton backward config ({"prep" | "dq" | "dkdv": {...}}, onto its tuned or default
 # config) for the Triton kernels of the linear part (slagen.backends.triton.backward_linear_part); their dq
 # kernel, without the sparse loop, is fastest with 64-row programs (H200, headline shape, 128x64, session 9,
@@ -566,8 +568,9 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
             if not isinstance(part[name], bool):
                 raise ValueError(f"{where}[{name!r}]={part[name]!r} must be True or False")
         if kernel == "dq" and part["row_regs"] and spec.head_dim != 128:
-            raise ValueError(f"{where}: row_regs=True is supported at head_dim 128 only (at {spec.head_dim} its dQ is "
-                             f"wrong on an H200 for rows of more than one step; session 20)")
+            raise ValueError(f"{where}: row_regs=True is supported at head_dim 128 only (at {spec.head_dim} ptxas "
+                             f"reuses the registers of its step-0 copies of Q and dO inside the key loop: a wrong "
+                             f"dQ; backends/sass.py)")
         if kernel == "dq" and part["row_regs"] and part["tile_n"] == 2 * spec.block_k:
             raise ValueError(f"{where}: row_regs=True with two key blocks per step (tile_n={part['tile_n']}) is not "
                              f"supported: Q and dO in registers beside 128-key score tiles spill (ptxas: 192 bytes, "

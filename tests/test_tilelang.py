@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from slagen import backends, codegen, reference
-from slagen.backends import ptxas
+from slagen.backends import ptxas, sass
 from slagen.backends import reference as torch_backend
 from slagen.backends import tilelang as tl_backend
 from slagen.blockmap import BlockMap
@@ -58,6 +58,8 @@ def _is_hopper() -> bool:
 needs_compiler = pytest.mark.skipif(bool(_tilelang_missing() or _nvcc_missing()),
                                     reason=str(_tilelang_missing() or _nvcc_missing()))
 needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="needs a Hopper GPU (CUDA capability 9.0)")
+needs_nvdisasm = pytest.mark.skipif(sass.nvdisasm_path() is None,
+                                    reason="needs nvdisasm (pip install nvidia-cuda-nvdisasm: the [test] extra)")
 
 
 def spec_of(d=128, dtype="bf16", fmap="softmax", scope="marginal", negl=False, block=(128, 64)):
@@ -1144,6 +1146,62 @@ def test_default_kernels_keep_their_wgmma_pipelined_and_spill_nothing(what):
     rep = ptxas.report(kernel)
     assert not rep.wgmma_serialized, rep.advisories
     assert rep.spill_bytes == 0, rep
+
+
+_LOOP_SASS = """
+        LDSM.16.M88.4 R120, [R8] ;
+.L_x_1:
+        @P1 BRA `(.L_x_2) ;
+        LDSM.16.M88.4 R24, [R8] ;
+.L_x_2:
+        HGMMA.64x64x16.F32.BF16 R56, R24, gdesc[UR4], RZ, !UPT ;
+        HGMMA.64x64x16.F32.BF16 R88, R120, gdesc[UR4], RZ, !UPT ;
+        {inside}
+        @!P0 BRA `(.L_x_1) ;
+        FMUL.FTZ R25, R1, R2 ;
+        STS [R25], R121 ;
+"""
+
+
+def test_sass_check_flags_a_loaded_operand_written_inside_its_loop():
+    """backends/sass.py: an LDSM-loaded RS-wgmma operand written by another instruction inside the loop around
+    that wgmma is flagged (session 20's d 64 dq: the dP accumulator on the step-0 copy of Q); writes after the
+    loop, stores (no destination) and an operand loaded before the loop and never rewritten are not."""
+    clobber = "HGMMA.64x64x16.F32.BF16 R24, R128, gdesc[UR4], RZ, !UPT ;"
+    assert sass.clobbered_operands(_LOOP_SASS.format(inside=clobber)) == [(24, clobber)]
+    assert sass.clobbered_operands(_LOOP_SASS.format(inside="IMAD.MOV.U32 R27, RZ, RZ, RZ ;")) == [
+        (24, "IMAD.MOV.U32 R27, RZ, RZ, RZ ;")]
+    assert sass.clobbered_operands(_LOOP_SASS.format(inside="LDS.128 R122, [R9] ;")) == [(120, "LDS.128 R122, [R9] ;")]
+    assert sass.clobbered_operands(_LOOP_SASS.format(inside="STS [R24], R30 ;")) == []
+    assert sass.clobbered_operands(_LOOP_SASS.format(inside="FADD R100, R1, R2 ;")) == []
+
+
+@needs_compiler
+@needs_nvdisasm
+@pytest.mark.parametrize("what", ["forward", "forward training", "forward sparse-only", "forward d64 overlap", "dq"])
+def test_default_kernels_keep_their_loaded_register_operands_across_the_loop(what):
+    """The step-0 register copies the key loops read in every step (the forward's Q, dq's Q and dO) are written
+    by nothing else inside the loop (backends/sass.py), in the default d 128 kernels and the d 64 overlapped
+    forward; the d 64 dq with row_regs, which computed a wrong dQ on an H200 (session 20), is flagged — the
+    check sees that miscompile, and the config refuses it."""
+    if what == "dq":
+        spec = spec_of(d=128).replace(role="backward")
+        kernel = tl_backend.backward_kernel(spec, tl_backend._resolve_config(spec, {"backward": "tilelang"}), "dq")
+        assert tl_backend._resolve_config(spec, {"backward": "tilelang"})["dq"]["row_regs"]
+    else:
+        spec = spec_of(d=64 if "d64" in what else 128, fmap=None if "sparse-only" in what else "softmax")
+        cfg = tl_backend._resolve_config(spec, {"overlap": True} if "d64" in what else {})
+        train = what == "forward training"
+        kernel = tl_backend.forward_kernel(spec, cfg, save=train, has_w=train, has_bias=train)
+    code = sass.disassemble(kernel)
+    assert re.search(r"LDSM\.\S+\s+R\d+,", code) and re.search(r"HGMMA\.\S+\s+R\d+,\s+R\d+,", code), \
+        "no register operand loaded by LDSM: the check would pass vacuously"
+    assert sass.clobbered_operands(code) == []
+    if what == "dq":    # the known miscompile, built without the config check that refuses it
+        d64 = spec_of(d=64).replace(role="backward")
+        cfg = tl_backend.default_config(d64)
+        cfg["dq"] = {**cfg["dq"], "row_regs": True}
+        assert sass.clobbered_operands(sass.disassemble(tl_backend.backward_kernel(d64, cfg, "dq")))
 
 
 def _smem_offsets(src: str) -> dict:

@@ -1,0 +1,106 @@
+"""A SASS-level check of a generated TileLang kernel: register operands loaded once and read by every step.
+
+The key loops copy a tile from shared memory into registers at step 0 (``T.copy`` under ``if t == 0``: an LDSM
+block) and make it the register (A) operand of a wgmma in every step — the forward's Q (its S = QKᵀ), the dq
+kernel's Q and dO (S and dP). Those registers must survive the loop's back-edge. Session 20 found ptxas breaking
+that: in the d 64 dq kernel with ``row_regs`` it gave the registers of the step-0 copies to the dP accumulator
+and the dS operand inside the loop, so from step 1 on S was computed from dS (a wrong dQ, bit-exact otherwise;
+the PTX keeps them live). :func:`clobbered_operands` finds such a kernel from its disassembly: an LDSM-loaded
+register that an RS wgmma (HGMMA with a register A operand) reads and any other instruction writes inside the
+loop around that HGMMA. Needs nvcc, tilelang and nvdisasm (the ``nvidia-cuda-nvdisasm`` wheel, a test
+dependency; or on PATH; or $SLAGEN_NVDISASM), no GPU. A diagnostic for tests: no call runs it.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import List, Optional, Tuple
+
+from slagen.backends import ptxas
+
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
+_WRITE = re.compile(r"^\s*(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s+R(\d+)\b")
+_LDSM = re.compile(r"^\s*(?:@!?U?P\w+\s+)?LDSM\.\S*?\.(\d)\s+R(\d+),")
+_RS_HGMMA = re.compile(r"^\s*HGMMA\.\S+\s+R\d+,\s+R(\d+),")
+_NO_DEST = ("ST", "RED", "BRA", "BAR", "SYNCS", "EXIT", "RET", "CALL")
+
+
+def nvdisasm_path() -> Optional[str]:
+    """nvdisasm from $SLAGEN_NVDISASM, PATH or the ``nvidia-cuda-nvdisasm`` wheel, or None."""
+    if os.environ.get("SLAGEN_NVDISASM"):
+        return os.environ["SLAGEN_NVDISASM"]
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        hits = sorted(glob.glob(os.path.join(root, "*", "bin", "nvdisasm")))
+        if hits:
+            return hits[-1]
+    return None
+
+
+def disassemble(kernel) -> str:
+    """The SASS of a compiled TileLang kernel, compiled as TileLang does (backends/ptxas.py) and disassembled."""
+    tool = nvdisasm_path()
+    if tool is None:
+        raise RuntimeError("nvdisasm not found: pip install nvidia-cuda-nvdisasm, or set SLAGEN_NVDISASM")
+    with tempfile.TemporaryDirectory(prefix="slagen-sass-") as tmp:
+        cubin, _ = ptxas.compile_cubin(kernel, tmp)
+        done = subprocess.run([tool, "-c", cubin], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"nvdisasm failed (exit {done.returncode}): {done.stderr[-1000:]}")
+        return done.stdout
+
+
+def _written(line: str) -> range:
+    """The registers an instruction writes (none for stores, branches and barriers): an HGMMA its fp32
+    accumulator (N / 2 registers for 64xN), an LDSM .x2 / .x4 two / four, 64- / 128-bit results two / four."""
+    m = _WRITE.match(line)
+    if not m or m.group(1).startswith(_NO_DEST):
+        return range(0)
+    op, base = m.group(1), int(m.group(2))
+    if op.startswith("HGMMA"):
+        width = int(re.search(r"HGMMA\.64x(\d+)x", op).group(1)) // 2
+    elif op.startswith("LDSM"):
+        width = int(_LDSM.match(line).group(1))
+    else:
+        width = 4 if ".128" in op else 2 if (".64" in op or ".WIDE" in op) else 1
+    return range(base, base + width)
+
+
+def clobbered_operands(sass: str) -> List[Tuple[int, str]]:
+    """(register, the writing instruction) for each register an LDSM loads, an RS HGMMA reads as its A operand
+    and another instruction writes inside the innermost loop (a backward BRA's span) around that HGMMA; empty
+    for a kernel whose loaded operands survive its loops. Writes before or after the loop are fine."""
+    lines = [re.sub(r"/\*[0-9a-f]+\*/", "", line).rstrip() for line in sass.splitlines()]
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
+    back_edges = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+                  if (m := _BRANCH.search(line)) and m.group(1) in labels and labels[m.group(1)] < i]
+    loaded = {}
+    for i, line in enumerate(lines):
+        m = _LDSM.match(line)
+        if m:
+            loaded.setdefault(int(m.group(2)), []).append(i)
+    found = []
+    for i, line in enumerate(lines):
+        m = _RS_HGMMA.match(line)
+        if not m or int(m.group(1)) not in loaded:
+            continue
+        spans = [(start, end) for start, end in back_edges if start <= i <= end]
+        if not spans:
+            continue
+        start, end = min(spans, key=lambda span: span[1] - span[0])
+        regs = set(range(int(m.group(1)), int(m.group(1)) + 4))
+        for j in range(start, end + 1):
+            if j not in loaded.get(int(m.group(1)), []) and regs & set(_written(lines[j])):
+                found.append((int(m.group(1)), lines[j].strip()))
+                break
+    return sorted(set(found))
