@@ -7,6 +7,8 @@ advisory; backends/ptxas.py). Run it on a loop variant before spending device ti
     python tools/ptxas_report.py --roles dq,dkdv --backward-config '{"dq": {"tile_n": 128}}'
 
 A kernel whose wgmma is serialised computes the same bits and runs slower (session 19: +28 % on the forward).
+Where nvdisasm is found (backends/sass.py), a last column names the register operands copied in at step 0 that
+ptxas reuses inside the key loop — different bits: a wrong result (session 20, the d 64 dq with row_regs).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from slagen.backends import ptxas
+from slagen.backends import ptxas, sass
 from slagen.backends import tilelang as tl_backend
 from slagen.spec import KernelSpec
 
@@ -62,16 +64,21 @@ def main() -> None:
     unknown = sorted(set(roles) - set(ROLES))
     if unknown:
         raise SystemExit(f"--roles: unknown {unknown}; allowed: {', '.join(ROLES)}")
-    print(f"{spec.canonical}\n\n| config | kernel | registers | spill bytes | wgmma serialised | advisories |\n"
-          "|---|---|---|---|---|---|")
+    check = sass.nvdisasm_path() is not None
+    print(f"{spec.canonical}\n\n| config | kernel | registers | spill bytes | wgmma serialised | advisories |"
+          + (" operands reused in the loop |\n|---|---|---|---|---|---|---|" if check else "\n|---|---|---|---|---|---|"))
     runs = [(text, forward_kernels(spec, json.loads(text), roles)) for text in args.config or ["{}"]]
     if set(roles) - set(FORWARD_ROLES):     # the backward's kernels do not depend on --config: once
         runs.append((args.backward_config, backward_kernels(spec, json.loads(args.backward_config), roles)))
     for text, kernels in runs:
         for role, kernel in kernels:
             rep = ptxas.report(kernel)
-            print(f"| `{text}` | {role} | {rep.registers} | {rep.spill_bytes} | {'YES' if rep.wgmma_serialized else 'no'}"
-                  f" | {'; '.join(rep.advisories)[:120]} |", flush=True)
+            row = (f"| `{text}` | {role} | {rep.registers} | {rep.spill_bytes} | "
+                   f"{'YES' if rep.wgmma_serialized else 'no'} | {'; '.join(rep.advisories)[:120]} |")
+            if check:
+                reused = sass.clobbered_operands(sass.disassemble(kernel))
+                row += f" {'YES: R' + ', R'.join(str(r) for r, _ in reused) if reused else 'none'} |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
