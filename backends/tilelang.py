@@ -563,8 +563,7 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
             choice(other, (32, 64, 128), spec.block_q)
         choice("num_warps", (4, 8))
         choice("num_stages", (1, 2, 3, 4))
-        for name in ("lin_init", "tma_store", "lin_fused", "row_regs") if kernel == "dq" else \
-                ("lin_init", "tma_store", "lin_fused"):
+        for name in ("lin_init", "tma_store", "lin_fused") + (("row_regs",) if kernel == "dq" else ()):
             if not isinstance(part[name], bool):
                 raise ValueError(f"{where}[{name!r}]={part[name]!r} must be True or False")
         if kernel == "dq" and part["row_regs"] and spec.head_dim != 128:
