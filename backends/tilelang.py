@@ -104,7 +104,10 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # step 0 can hold the partial last key block: with tile_n = block_k no later step is masked (H200, headline
 # shape: −6 % on the forward; 64x64: −2.5 %). Since session 19 its S_{t+1} = QK_{t+1}ᵀ takes Q from registers
 # (one step per key block): H200, headline shape, given the map, 9 rounds in turn, sparse-only 0.690 / 0.710 →
-# 0.678 / 0.680 ms, SLA marginal 0.983 / 0.970 → 0.958 / 0.961.
+# 0.678 / 0.680 ms, SLA marginal 0.983 / 0.970 → 0.958 / 0.961. Since session 21 each step's row max comes before
+# S_{t+1}'s issue, so the wait for K_{t+1}'s tile (a branch) hides under its chain: sparse-only 0.680 / 0.685 →
+# 0.674 / 0.671, SLA marginal 0.994 / 0.978 → 0.959 / 0.958 (9 rounds in turn). Measured slower there (session
+# 21): P·V deferred one step or split into two batches, V's wait next to K's, 3 or 4 K / V stages.
 # pingpong (instead of overlap; 128-row tiles, two consumer warpgroups, tile_n dividing block_k): FlashAttention-
 # 3's schedule — the warpgroups take turns issuing S_t = QK_tᵀ and the previous step's P·V (two named barriers),
 # so one's softmax runs under the other's GEMMs, and under its own P·V (a per-step store of the row sums keeps
