@@ -324,12 +324,12 @@ def _consumer_loop(src: str) -> str:
     ids=lambda x: x.canonical if isinstance(x, KernelSpec) else "-".join(f"{k}{v}" for k, v in sorted(x.items()))
     or "plain")
 def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
-    """overlap: in the consumer's key loop the step's row max comes first, then the wait for K_{t+1}'s tile and
-    the S_{t+1} = QKᵀ wgmma batch, committed without a wait; the softmax's exp2 runs while it is in flight, and the one wait (warpgroup_wait<0>) follows the P·V batch; the
-    K / V tiles are released (mbarrier arrive) only after that wait. Without overlap every batch is waited for
-    right after its commit. With one step per key block, S_{t+1}'s wgmma takes Q from registers (q_r, loaded
-    from shared memory once, in step 0) and only K from shared memory; two key blocks per step keep both in
-    shared memory."""
+    """overlap: in the consumer's key loop the step's row max comes first, then the wait for K_{t+1}'s tile and the
+    S_{t+1} = QKᵀ wgmma batch, committed without a wait; the softmax's exp2 runs while it is in flight, and the one
+    wait (warpgroup_wait<0>) follows the P·V batch; the K / V tiles are released (mbarrier arrive) only after that
+    wait. Without overlap every batch is waited for right after its commit. With one step per key block, S_{t+1}'s
+    wgmma takes Q from registers (q_r, loaded from shared memory once, in step 0) and only K from shared memory; two
+    key blocks per step keep both in shared memory."""
     cfg = tl_backend._resolve_config(spec, {**change, "overlap": True})
     src = tl_backend.forward_kernel(spec, cfg, **flags).get_kernel_source()
     if cfg["ctas_per_sm"] == 1:
@@ -339,9 +339,9 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
     loop = _consumer_loop(src)
     first = loop.index("tl::warpgroup_commit_batch();", loop.index("(bfloat16_t*)K_s)"))   # S_{t+1} committed
     assert not loop[first:].split("\n", 2)[1].strip().startswith("tl::warpgroup_wait"), "S_{t+1} waited at once"
-    # step t's row max before S_{t+1}'s wait for its K tile (whose chain then hides under the max's), its exp2s after
+    # step t's row max before S_{t+1}'s wait for its K tile (whose chain then hides under the max's), exp2s after
     k_wait = loop.rindex("].wait(", 0, loop.index("(bfloat16_t*)K_s)"))
-    assert loop.index("AllReduce<tl::MaxOp") < k_wait < loop.index("exp2f(", k_wait), "the row max not ahead of K's wait"
+    assert loop.index("AllReduce<tl::MaxOp") < k_wait < loop.index("exp2f(", k_wait), "row max not ahead of K's wait"
     assert "exp2f(" in loop[first:loop.index("tl::warpgroup_wait<0>();", first)], "no exp2 while S_{t+1} is in flight"
     assert loop.count("tl::warpgroup_commit_batch();") == 3       # step 0's S (first iteration), S_{t+1}, P·V
     assert loop.count("tl::warpgroup_wait<") == 2                 # step 0's S, then one wait per step
