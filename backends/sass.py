@@ -76,14 +76,20 @@ def _written(line: str) -> range:
     return range(base, base + width)
 
 
-def clobbered_operands(sass: str) -> List[Tuple[int, str]]:
-    """(register, the writing instruction) for each register an LDSM loads, an RS HGMMA reads as its A operand
-    and another instruction writes inside the innermost loop (a backward BRA's span) around that HGMMA; empty
-    for a kernel whose loaded operands survive its loops. Writes before or after the loop are fine."""
+def _lines_and_loops(sass: str) -> Tuple[List[str], List[Tuple[int, int]]]:
+    """The disassembly's lines (addresses stripped) and its loops as (label line, backward BRA line) spans."""
     lines = [re.sub(r"/\*[0-9a-f]+\*/", "", line).rstrip() for line in sass.splitlines()]
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
     back_edges = [(labels[m.group(1)], i) for i, line in enumerate(lines)
                   if (m := _BRANCH.search(line)) and m.group(1) in labels and labels[m.group(1)] < i]
+    return lines, back_edges
+
+
+def clobbered_operands(sass: str) -> List[Tuple[int, str]]:
+    """(register, the writing instruction) for each register an LDSM loads, an RS HGMMA reads as its A operand
+    and another instruction writes inside the innermost loop (a backward BRA's span) around that HGMMA; empty
+    for a kernel whose loaded operands survive its loops. Writes before or after the loop are fine."""
+    lines, back_edges = _lines_and_loops(sass)
     loaded = {}
     for i, line in enumerate(lines):
         m = _LDSM.match(line)
@@ -104,3 +110,41 @@ def clobbered_operands(sass: str) -> List[Tuple[int, str]]:
                 found.append((int(m.group(1)), lines[j].strip()))
                 break
     return sorted(set(found))
+
+
+# What loop_schedule names: mbarrier waits and releases, branches, wgmma issue and wait, and the softmax's
+# long-latency or chained instructions; everything else is left out.
+_SCHEDULE_OPS = (("SYNCS.PHASECHK", "WAIT"), ("SYNCS.ARRIVE", "ARRIVE"), ("WARPGROUP.DEPBAR", "DEPBAR"),
+                 ("MUFU.EX2", "EX2"), ("FMNMX", "MAX"), ("SHFL", "SHFL"), ("F2FP", "F2FP"), ("BRA", "BRA"))
+
+
+def loop_schedule(sass: str) -> str:
+    """The order of the key instructions in the kernel's main loop, the innermost loop around the most HGMMAs
+    (the consumer's key loop): waits on mbarriers (WAIT), branches (BRA: a wait's retry, a step-0 block),
+    wgmma issues by shape (e.g. HGMMA64x64), their wait (DEPBAR), MUFU.EX2, FMNMX, SHFL, F2FP and the barrier
+    releases (ARRIVE), runs written ``N×OP``. Where a block boundary (a BRA) falls decides what ptxas can move
+    past it (session 21: the row max ahead of the K wait's branch hid that wait). Empty when no loop holds an
+    HGMMA."""
+    lines, loops = _lines_and_loops(sass)
+    hgmma = [i for i, line in enumerate(lines) if re.match(r"^\s*(?:@!?U?P\w+\s+)?HGMMA", line)]
+    inner = [(start, end) for start, end in loops
+             if not any(s2 > start and e2 < end for s2, e2 in loops if (s2, e2) != (start, end))]
+    counted = [(sum(start <= i <= end for i in hgmma), start, end) for start, end in inner]
+    count, start, end = max(counted, default=(0, 0, -1))
+    if not count:
+        return ""
+    ops = []
+    for line in lines[start:end + 1]:
+        body = re.sub(r"^\s*@!?U?P\w+\s+", "", line.strip())
+        m = re.match(r"HGMMA\.(\d+x\d+)x", body)
+        op = f"HGMMA{m.group(1)}" if m else next((name for prefix, name in _SCHEDULE_OPS
+                                                   if body.startswith(prefix)), None)
+        if op:
+            ops.append(op)
+    runs = []
+    for op in ops:
+        if runs and runs[-1][1] == op:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, op])
+    return " ".join(f"{n}×{op}" if n > 1 else op for n, op in runs)

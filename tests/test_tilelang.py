@@ -1179,6 +1179,40 @@ def test_sass_check_flags_a_loaded_operand_written_inside_its_loop():
     assert sass.clobbered_operands(_LOOP_SASS.format(inside="FADD R100, R1, R2 ;")) == []
 
 
+_SCHEDULE_SASS = """
+.L_x_0:
+        IADD3 R1, R1, 0x1, RZ ;
+        @P2 BRA `(.L_x_0) ;
+        SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x40], R7 ;
+.L_x_1:
+        FMNMX.FTZ R9, R88, -INF , !PT ;
+        FMNMX.FTZ R9, R90, R9, !PT ;
+        SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [R7+UR15], R8 ;
+        SHFL.BFLY PT, R10, R9, 0x2, 0x1f ;
+        @!P0 BRA `(.L_x_2) ;
+.L_x_2:
+        HGMMA.64x64x16.F32.BF16 R120, R152, gdesc[UR4], RZ, !UPT ;
+        MUFU.EX2 R88, R88 ;
+        MUFU.EX2 R89, R89 ;
+        FADD.FTZ R3, R88, R89 ;
+        F2FP.BF16.F32.PACK_AB R100, R89, R88 ;
+        HGMMA.64x128x16.F32.BF16 R24, R100, gdesc[UR8].tnspB, R24, gsb0 ;
+        WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        SYNCS.ARRIVE.TRANS64.A1T0 RZ, [R7+UR15+0x20], RZ ;
+        @!P1 BRA `(.L_x_1) ;
+        EXIT ;
+"""
+
+
+def test_sass_loop_schedule_names_the_main_loop_in_order():
+    """backends/sass.py loop_schedule: the innermost loop holding the most HGMMAs (not the loop without one, not
+    what precedes it), its waits, branches, wgmmas by shape, DEPBAR, EX2, FMNMX, SHFL, F2FP and releases in
+    order, runs counted; other instructions left out; empty without a loop around a wgmma."""
+    assert sass.loop_schedule(_SCHEDULE_SASS) == ("2×MAX WAIT SHFL BRA HGMMA64x64 2×EX2 F2FP HGMMA64x128 DEPBAR ARRIVE "
+                                                  "BRA")
+    assert sass.loop_schedule(_SCHEDULE_SASS.replace("HGMMA", "NOP ;//")) == ""
+
+
 @needs_compiler
 @needs_nvdisasm
 @pytest.mark.parametrize("what", ["forward", "forward training", "forward sparse-only", "forward d64 overlap", "dq"])

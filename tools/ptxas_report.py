@@ -5,10 +5,13 @@ advisory; backends/ptxas.py). Run it on a loop variant before spending device ti
     python tools/ptxas_report.py                                   # d128, 128x64, softmax, marginal, defaults
     python tools/ptxas_report.py --fmap none --config '{}' --config '{"overlap": false}'
     python tools/ptxas_report.py --roles dq,dkdv --backward-config '{"dq": {"tile_n": 128}}'
+    python tools/ptxas_report.py --roles forward --config '{}' --config '{"overlap": false}' --schedule
 
 A kernel whose wgmma is serialised computes the same bits and runs slower (session 19: +28 % on the forward).
 Where nvdisasm is found (backends/sass.py), a last column names the register operands copied in at step 0 that
 ptxas reuses inside the key loop — different bits: a wrong result (session 20, the d 64 dq with row_regs).
+With --schedule it also prints each kernel's main loop as the order of its waits, branches, wgmma issues and
+waits and softmax instructions: what a block boundary (a wait's branch) keeps ptxas from moving (session 21).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ def main() -> None:
     ap.add_argument("--config", action="append", default=[], help="a JSON forward config (repeatable; '{}': the "
                                                                    "defaults): the forward and pre-pass roles")
     ap.add_argument("--backward-config", default="{}", help="a JSON backward config for the dq / dkdv roles")
+    ap.add_argument("--schedule", action="store_true", help="after the table, each kernel's main-loop order of "
+                    "waits, branches, wgmmas and softmax instructions (backends/sass.py loop_schedule; needs nvdisasm)")
     args = ap.parse_args()
     bq, bk = (int(x) for x in args.block.split("x"))
     spec = KernelSpec(arch="sm90", head_dim=args.head_dim, block_q=bq, block_k=bk, scope=args.scope,
@@ -70,15 +75,23 @@ def main() -> None:
     runs = [(text, forward_kernels(spec, json.loads(text), roles)) for text in args.config or ["{}"]]
     if set(roles) - set(FORWARD_ROLES):     # the backward's kernels do not depend on --config: once
         runs.append((args.backward_config, backward_kernels(spec, json.loads(args.backward_config), roles)))
+    if args.schedule and not check:
+        raise SystemExit("--schedule needs nvdisasm (pip install nvidia-cuda-nvdisasm, or set SLAGEN_NVDISASM)")
+    schedules = []
     for text, kernels in runs:
         for role, kernel in kernels:
             rep = ptxas.report(kernel)
             row = (f"| `{text}` | {role} | {rep.registers} | {rep.spill_bytes} | "
                    f"{'YES' if rep.wgmma_serialized else 'no'} | {'; '.join(rep.advisories)[:120]} |")
             if check:
-                reused = sass.clobbered_operands(sass.disassemble(kernel))
+                code = sass.disassemble(kernel)
+                reused = sass.clobbered_operands(code)
                 row += f" {'YES: R' + ', R'.join(str(r) for r, _ in reused) if reused else 'none'} |"
+                if args.schedule:
+                    schedules.append(f"- `{text}` {role}: {sass.loop_schedule(code) or '(no loop with a wgmma)'}")
             print(row, flush=True)
+    if schedules:
+        print("\nmain loop, in order (N×OP: a run of N):\n" + "\n".join(schedules))
 
 
 if __name__ == "__main__":
