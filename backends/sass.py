@@ -1,4 +1,5 @@
-"""A SASS-level check of a generated TileLang kernel: register operands loaded once and read by every step.
+"""SASS-level views of a generated TileLang kernel: a check that register operands loaded once survive the key
+loop, and the loop's instruction order.
 
 The key loops copy a tile from shared memory into registers at step 0 (``T.copy`` under ``if t == 0``: an LDSM
 block) and make it the register (A) operand of a wgmma in every step — the forward's Q (its S = QKᵀ), the dq
@@ -8,7 +9,9 @@ and the dS operand inside the loop, so from step 1 on S was computed from dS (a 
 the PTX keeps them live). :func:`clobbered_operands` finds such a kernel from its disassembly: an LDSM-loaded
 register that an RS wgmma (HGMMA with a register A operand) reads and any other instruction writes inside the
 loop around that HGMMA. Needs nvcc, tilelang and nvdisasm (the ``nvidia-cuda-nvdisasm`` wheel, a test
-dependency; or on PATH; or $SLAGEN_NVDISASM), no GPU. A diagnostic for tests: no call runs it.
+dependency; or on PATH; or $SLAGEN_NVDISASM), no GPU. :func:`loop_schedule` summarises the main loop's order of
+waits, branches, wgmmas and softmax instructions (tools/ptxas_report.py --schedule). Diagnostics for tests and
+tools: no call runs them.
 """
 
 from __future__ import annotations

@@ -72,11 +72,11 @@ def main() -> None:
     check = sass.nvdisasm_path() is not None
     print(f"{spec.canonical}\n\n| config | kernel | registers | spill bytes | wgmma serialised | advisories |"
           + (" operands reused in the loop |\n|---|---|---|---|---|---|---|" if check else "\n|---|---|---|---|---|---|"))
+    if args.schedule and not check:
+        raise SystemExit("--schedule needs nvdisasm (pip install nvidia-cuda-nvdisasm, or set SLAGEN_NVDISASM)")
     runs = [(text, forward_kernels(spec, json.loads(text), roles)) for text in args.config or ["{}"]]
     if set(roles) - set(FORWARD_ROLES):     # the backward's kernels do not depend on --config: once
         runs.append((args.backward_config, backward_kernels(spec, json.loads(args.backward_config), roles)))
-    if args.schedule and not check:
-        raise SystemExit("--schedule needs nvdisasm (pip install nvidia-cuda-nvdisasm, or set SLAGEN_NVDISASM)")
     schedules = []
     for text, kernels in runs:
         for role, kernel in kernels:
