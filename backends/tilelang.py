@@ -77,7 +77,12 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # 'marginal'): two H tiles in the pre-pass, each tile's TMA store left in flight while the next tile is formed
 # (the store two tiles back is waited for before its buffer is reused) instead of a wait after every store;
 # H200, headline shape, session 13: pre-pass 0.1294 -> 0.1178 ms, SLA marginal forward given the map 1.010 ->
-# 0.984 (interleaved rounds); d 64 not timed (its GPU tests pass).
+# 0.984 (interleaved rounds); d 64 not timed (its GPU tests pass). pre_overlap (scope 'marginal', default at d 128
+# since session 22): each pre-pass tile's small column-sum GEMMs — K's and Q's pooling for the block map, z_t —
+# are issued without a wait and the one wait of the tile's φ(K_t)ᵀV_t GEMM covers them (one wgmma round trip per
+# tile instead of four; the same instructions, so the same bits). H200, headline shape, 9 rounds in turn: the
+# pooling pre-pass 0.1480 -> 0.1459 ms (min–max 0.1471–0.1484 vs 0.1452–0.1462); the forward given the map
+# (plain pre-pass: two round trips to one) within noise. d 64: GPU tests pass, not timed, off.
 # ctas_per_sm: 2 asks for two resident CTAs per SM (registers capped at 128 per thread, no producer /
 # consumer register reallocation; both CTAs' shared memory must fit the SM): meant for 64-row tiles, whose one
 # consumer warpgroup runs alone on an SM otherwise (240 registers per thread). H200, 64x64 blocks, headline
@@ -125,10 +130,10 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # vs 0.704 and 1.026 vs 0.995 (5 rounds), 0.705 vs 0.689 and 0.989 vs 1.000 (9 rounds): not faster, so tunable.
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
-             pre_async=True, warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False,
+             pre_async=True, pre_overlap=False, warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False,
              pingpong=False, persistent=False),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
-              pre_async=True, warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=True,
+              pre_async=True, pre_overlap=True, warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=True,
               pingpong=False, persistent=False),
 }
 _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   # 64-row tiles, where two CTAs fit an SM
@@ -472,12 +477,15 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError("config tile_m=64 with num_warps=8 is not supported (TileLang layout inference "
                          "rejects it); use num_warps=4")
     choice("ctas_per_sm", (1, 2))
-    for name in ("pre_async", "prefetch_h", "tma_store", "overlap", "pingpong", "persistent"):
+    for name in ("pre_async", "pre_overlap", "prefetch_h", "tma_store", "overlap", "pingpong", "persistent"):
         if not isinstance(cfg[name], bool):
             raise ValueError(f"config[{name!r}]={cfg[name]!r} must be True or False")
     if cfg["pre_async"] and not cfg["warp_specialized"]:
         raise ValueError("config pre_async=True needs warp_specialized=True (warp_specialized=False is the fallback "
                          "without TMA lowering; pre_async issues its own TMA stores)")
+    if cfg["pre_overlap"] and not cfg["warp_specialized"]:
+        raise ValueError("config pre_overlap=True needs warp_specialized=True (measured and tested with the "
+                         "warp-specialised pre-pass only)")
     if cfg["overlap"] and not cfg["warp_specialized"]:
         raise ValueError("config overlap=True needs warp_specialized=True (the overlapped loop relies on the "
                          "producer warpgroup's barriers to keep a K / V tile until the wgmma reading it is done)")
@@ -644,7 +652,7 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
     cfg = default_config(spec)
     for name, value in (config or {}).items():
         cfg[name] = {**cfg[name], **value} if isinstance(cfg.get(name), dict) and isinstance(value, dict) else value
-    for name in ("overlap", "pre_async"):   # defaults, not the caller's choice: both need warp specialisation
+    for name in ("overlap", "pre_async", "pre_overlap"):   # defaults, not the caller's choice: need warp specialisation
         if cfg.get(name) and name not in (config or {}) and not cfg["warp_specialized"]:
             cfg[name] = False
     dq, asked = cfg.get("dq"), (config or {}).get("dq")
@@ -764,6 +772,8 @@ def prepass_kernel(spec: KernelSpec, cfg: dict, pool: str = ""):
                 async_h=cfg["pre_async"] and spec.scope == "marginal")
     if pool:
         args["pool"] = pool
+    if cfg["pre_overlap"] and spec.scope == "marginal":
+        args["overlap"] = True
     key = ("prepass", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     return _compile(key, lambda: mod.prepass_kernel(**args), cfg["warp_specialized"])

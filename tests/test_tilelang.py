@@ -84,12 +84,14 @@ def test_default_config_is_valid(d, block, fmap, scope):
 
 
 def test_defaults_that_need_warp_specialisation_give_way_without_it():
-    """warp_specialized=False (the fallback without TMA lowering) turns the default overlap and pre_async off; the
-    caller's explicit choice of either is an error (test_bad_config_is_a_clear_error)."""
+    """warp_specialized=False (the fallback without TMA lowering) turns the default overlap, pre_async and
+    pre_overlap off; the caller's explicit choice of any is an error (test_bad_config_is_a_clear_error,
+    test_prepass_overlap_compiles_for_sm90a)."""
     spec = spec_of(d=128, scope="marginal", block=(128, 64))
-    assert tl_backend.default_config(spec)["overlap"] and tl_backend.default_config(spec)["pre_async"]
+    defaults = tl_backend.default_config(spec)
+    assert defaults["overlap"] and defaults["pre_async"] and defaults["pre_overlap"]
     cfg = tl_backend._resolve_config(spec, dict(warp_specialized=False, num_stages=1, pre_stages=1))
-    assert not cfg["overlap"] and not cfg["pre_async"]
+    assert not cfg["overlap"] and not cfg["pre_async"] and not cfg["pre_overlap"]
 
 
 @pytest.mark.parametrize("d", tl_backend.HEAD_DIMS)
@@ -535,6 +537,37 @@ def test_prepass_async_stores_compile_for_sm90a():
 
 
 @needs_compiler
+@pytest.mark.parametrize("d", tl_backend.HEAD_DIMS)
+def test_prepass_overlap_compiles_for_sm90a(d):
+    """pre_overlap: the pre-pass tile's column-sum GEMMs (K's and Q's pooling, z_t) are issued without a wait and
+    the φ(K_t)ᵀV_t GEMM's one wait covers them: one wgmma wait per tile instead of one per GEMM; the pooling
+    GEMMs are issued before φ(K_t)'s exp2s, z's after them. The same wgmma instructions as without it (so the
+    same pooled bits as sla_pool's). K's and Q's TMA tiles are released only after that wait (the pooling
+    GEMMs read them until then)."""
+    spec = spec_of(d=d, scope="marginal")
+    cfg = tl_backend.default_config(spec)
+    ones = r"wgmma_ss<[^>]*, 64, 8, 16,[^\n]*"
+    for pool, n_ones in (("", 1), ("k", 2), ("qk", 3)):
+        plain = tl_backend.prepass_kernel(spec, {**cfg, "pre_overlap": False}, pool).get_kernel_source()
+        src = tl_backend.prepass_kernel(spec, {**cfg, "pre_overlap": True}, pool).get_kernel_source()
+        _assert_hopper_source(src, f"pre-pass overlap pool={pool!r}")
+        strip = lambda calls: sorted(re.sub(r"desc_[ab](_\d+)?|ki(_\d+)?|acc_\w+", "", c) for c in calls)
+        assert len(re.findall(ones, src)) == n_ones and strip(re.findall(ones, src)) == strip(re.findall(ones, plain))
+        assert plain.count("tl::warpgroup_wait<0>();") == n_ones + 1
+        assert src.count("tl::warpgroup_wait<0>();") == 1, f"pool={pool!r}: more than one wgmma wait per tile"
+        wait, first_exp = src.index("tl::warpgroup_wait<0>();"), src.index("exp2f(")
+        issues = [m.start() for m in re.finditer(ones, src)]
+        assert sum(i < first_exp for i in issues) == n_ones - 1, f"pool={pool!r}: pooling GEMMs not ahead of φ"
+        assert first_exp < issues[-1] < wait, f"pool={pool!r}: z's GEMM not between φ and the wait"
+        consumer = src[src.index("} else {", src.index("tl::tma_load(")):]
+        releases = [m.start() for m in re.finditer(r"\]\.arrive\(\);", consumer)]
+        assert len(releases) == (3 if pool == "qk" else 2)
+        assert min(releases) > consumer.index("tl::warpgroup_wait<0>();"), f"pool={pool!r}: a tile released early"
+    with pytest.raises(ValueError, match="pre_overlap=True needs warp_specialized=True"):
+        tl_backend._resolve_config(spec, dict(pre_overlap=True, warp_specialized=False, num_stages=1, pre_stages=1))
+
+
+@needs_compiler
 def test_compile_for_call_builds_the_variant_a_call_launches():
     """The autotuner's compile-only step: scope 'all' without saving folds W into H (the kernel has no W),
     with saving the kernel applies W; both come with the pre-pass; compiled once (memoised)."""
@@ -718,6 +751,9 @@ GPU_CASES = (
     # the pre-pass with asynchronous H stores feeding the forward (scope 'marginal')
     + [dict(L=L, d=d, scope="marginal", negl=0.1, n_crit=c, config=dict(pre_async=True))
        for L, c in ((77, "all"), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
+    # the pre-pass's column-sum GEMMs in flight under its φ (pre_overlap) feeding the forward
+    + [dict(L=L, d=d, scope="marginal", negl=0.1, n_crit=c, config=dict(pre_overlap=True))
+       for L, c in ((77, "all"), (4096, "mixed"), (32760, "topk")) for d in (64, 128)]
     # pingpong: the two consumer warpgroups take turns at the tensor cores, P·V one step behind S (the last
     # step's V in a tile of its own): scopes, head dims, 1 / 2 / all / top-k / mixed (0, 1, 2) counts, odd
     # lengths, sparse-only, fp16, deeper pipeline, two steps per key block (128x128 blocks, 64-key steps)
@@ -880,13 +916,18 @@ def _pool_id(c):
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize("pre_overlap", [False, True], ids=["pre_overlap0", "pre_overlap1"])
 @pytest.mark.parametrize("case", POOL_GPU_CASES, ids=_pool_id)
-def test_gpu_pooling_matches_float64_and_the_prepass_pools_the_same_bits(case):
+def test_gpu_pooling_matches_float64_and_the_prepass_pools_the_same_bits(case, pre_overlap, monkeypatch):
     """sla_pool's block means of q and k and K's chunk sums against float64 (rel. err < 1e-5: fp32 sums of
     tensor-core column sums); the marginal pre-pass that pools (early_terms) gives the same bits for all three
     (the property behind attention(q, k, v) == attention(q, k, v, block_map=block_map(q, k))) and h_t, z_t as
-    the plain pre-pass."""
+    the plain pre-pass — with the pre-pass's column-sum GEMMs issued without a wait (pre_overlap, made the
+    default here) and without."""
+    from slagen.backends import plans
     lq, lk, d, dtype, (bq, bk), layout = case
+    monkeypatch.setitem(tl_backend._DEFAULTS[d], "pre_overlap", pre_overlap)
+    monkeypatch.setattr(tl_backend, "_EARLY_PLANS", plans.Plans())
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(lq + lk)
     q, k, v = make_qkv(2, 3, lq, lk, d, DT[dtype], layout, dev, gen)
@@ -906,6 +947,7 @@ def test_gpu_pooling_matches_float64_and_the_prepass_pools_the_same_bits(case):
     early = tl_backend.early_terms(q, k, v, block_q=bq, block_k=bk, feature_map="softmax", scope="marginal",
                                    has_negligible=False, density=0.05)
     assert early is not None and early.cfg == tl_backend._resolve_config(spec, None)
+    assert early.cfg["pre_overlap"] == pre_overlap
     torch.cuda.synchronize()
     for name, got, want in zip(("q_mean", "k_mean", "k_part"), early.pooled, (q_mean, k_mean, k_part)):
         assert torch.equal(got, want), (name, rel_err(got, want))
@@ -965,7 +1007,11 @@ PREPASS_GPU_CASES = (
        dict(L=4096, config=dict(warp_specialized=False, num_stages=1, pre_stages=1))]
     # two H tiles with asynchronous TMA stores (odd tile counts per chunk, partial last tiles, 32-key tiles)
     + [dict(L=L, d=d, config=dict(pre_async=True)) for L in (77, 4099, 32760) for d in (64, 128)]
-    + [dict(L=4099, d=d, config=dict(pre_async=True, pre_tile=32)) for d in (64, 128)])
+    + [dict(L=4099, d=d, config=dict(pre_async=True, pre_tile=32)) for d in (64, 128)]
+    # the column-sum GEMMs issued without a wait (pre_overlap), with and without the asynchronous H stores
+    + [dict(L=L, d=d, config=dict(pre_overlap=True)) for L in (77, 4099, 32760) for d in (64, 128)]
+    + [dict(L=4099, d=d, config=dict(pre_overlap=True, pre_async=False, pre_tile=32)) for d in (64, 128)]
+    + [dict(L=4096, fmap=f, config=dict(pre_overlap=True)) for f in ("elu", "relu")])
 
 PREPASS_TOL = {"h": 1e-2, "z": 1e-3}     # z: φ rounding ties (fast-math exp2 vs float64) ~1e-5
 
