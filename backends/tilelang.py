@@ -130,11 +130,11 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # vs 0.704 and 1.026 vs 0.995 (5 rounds), 0.705 vs 0.689 and 0.989 vs 1.000 (9 rounds): not faster, so tunable.
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
-             pre_async=True, pre_overlap=False, warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=False,
-             pingpong=False, persistent=False),
+             pre_async=True, pre_overlap=False, warp_specialized=True, ctas_per_sm=1, prefetch_h=False,
+             tma_store=True, overlap=False, pingpong=False, persistent=False),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
-              pre_async=True, pre_overlap=True, warp_specialized=True, ctas_per_sm=1, prefetch_h=False, tma_store=True, overlap=True,
-              pingpong=False, persistent=False),
+              pre_async=True, pre_overlap=True, warp_specialized=True, ctas_per_sm=1, prefetch_h=False,
+              tma_store=True, overlap=True, pingpong=False, persistent=False),
 }
 _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   # 64-row tiles, where two CTAs fit an SM
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
