@@ -82,7 +82,8 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # are issued without a wait and the one wait of the tile's φ(K_t)ᵀV_t GEMM covers them (one wgmma round trip per
 # tile instead of four; the same instructions, so the same bits). H200, headline shape, 9 rounds in turn: the
 # pooling pre-pass 0.1480 -> 0.1459 ms (min–max 0.1471–0.1484 vs 0.1452–0.1462); the forward given the map
-# (plain pre-pass: two round trips to one) within noise. d 64: GPU tests pass, not timed, off.
+# (plain pre-pass: two round trips to one) within noise. d 64 (its tiles half as wide, the chain shorter): the
+# pooling pre-pass 0.0795 -> 0.0807 ms, slower, so off there (its GPU tests pass).
 # ctas_per_sm: 2 asks for two resident CTAs per SM (registers capped at 128 per thread, no producer /
 # consumer register reallocation; both CTAs' shared memory must fit the SM): meant for 64-row tiles, whose one
 # consumer warpgroup runs alone on an SM otherwise (240 registers per thread). H200, 64x64 blocks, headline
