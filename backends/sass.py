@@ -10,8 +10,8 @@ the PTX keeps them live). :func:`clobbered_operands` finds such a kernel from it
 register that an RS wgmma (HGMMA with a register A operand) reads and any other instruction writes inside the
 loop around that HGMMA. Needs nvcc, tilelang and nvdisasm (the ``nvidia-cuda-nvdisasm`` wheel, a test
 dependency; or on PATH; or $SLAGEN_NVDISASM), no GPU. :func:`loop_schedule` summarises the main loop's order of
-waits, branches, wgmmas and softmax instructions (tools/ptxas_report.py --schedule). Diagnostics for tests and
-tools: no call runs them.
+waits, branches, wgmmas and softmax instructions (tools/ptxas_report.py --schedule), :func:`loop_mix` counts its
+instructions by opcode (--mix). Diagnostics for tests and tools: no call runs them.
 """
 
 from __future__ import annotations
@@ -121,6 +121,32 @@ _SCHEDULE_OPS = (("SYNCS.PHASECHK", "WAIT"), ("SYNCS.ARRIVE", "ARRIVE"), ("WARPG
                  ("MUFU.EX2", "EX2"), ("FMNMX", "MAX"), ("SHFL", "SHFL"), ("F2FP", "F2FP"), ("BRA", "BRA"))
 
 
+def _main_loop(sass: str) -> List[str]:
+    """The lines of the kernel's main loop: the innermost loop around the most HGMMAs (the consumer's key loop);
+    empty when no loop holds an HGMMA."""
+    lines, loops = _lines_and_loops(sass)
+    hgmma = [i for i, line in enumerate(lines) if re.match(r"^\s*(?:@!?U?P\w+\s+)?HGMMA", line)]
+    inner = [(start, end) for start, end in loops
+             if not any(s2 > start and e2 < end for s2, e2 in loops if (s2, e2) != (start, end))]
+    counted = [(sum(start <= i <= end for i in hgmma), start, end) for start, end in inner]
+    count, start, end = max(counted, default=(0, 0, -1))
+    return lines[start:end + 1] if count else []
+
+
+def loop_mix(sass: str) -> List[Tuple[str, int]]:
+    """The main loop's instructions counted by opcode (its name without modifiers; IMAD.MOV counted as MOV, the
+    move idiom it is), most frequent first: what one pass over the loop body issues per warp (a step-0 block
+    inside the body included). At the card's power limit a step's time follows what it issues, not only its
+    critical path (docs/perf-notes.md, session 22). Empty when no loop holds an HGMMA."""
+    counts: dict = {}
+    for line in _main_loop(sass):
+        m = re.match(r"^\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.MOV\b)?", line)
+        if m:
+            op = "MOV" if m.group(1) == "IMAD" and m.group(2) else m.group(1)
+            counts[op] = counts.get(op, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
 def loop_schedule(sass: str) -> str:
     """The order of the key instructions in the kernel's main loop, the innermost loop around the most HGMMAs
     (the consumer's key loop): waits on mbarriers (WAIT), branches (BRA: a wait's retry, a step-0 block),
@@ -128,16 +154,8 @@ def loop_schedule(sass: str) -> str:
     releases (ARRIVE), runs written ``N×OP``. Where a block boundary (a BRA) falls decides what ptxas can move
     past it (session 21: the row max ahead of the K wait's branch hid that wait). Empty when no loop holds an
     HGMMA."""
-    lines, loops = _lines_and_loops(sass)
-    hgmma = [i for i, line in enumerate(lines) if re.match(r"^\s*(?:@!?U?P\w+\s+)?HGMMA", line)]
-    inner = [(start, end) for start, end in loops
-             if not any(s2 > start and e2 < end for s2, e2 in loops if (s2, e2) != (start, end))]
-    counted = [(sum(start <= i <= end for i in hgmma), start, end) for start, end in inner]
-    count, start, end = max(counted, default=(0, 0, -1))
-    if not count:
-        return ""
     ops = []
-    for line in lines[start:end + 1]:
+    for line in _main_loop(sass):
         body = re.sub(r"^\s*@!?U?P\w+\s+", "", line.strip())
         m = re.match(r"HGMMA\.(\d+x\d+)x", body)
         op = f"HGMMA{m.group(1)}" if m else next((name for prefix, name in _SCHEDULE_OPS

@@ -1259,6 +1259,18 @@ def test_sass_loop_schedule_names_the_main_loop_in_order():
     assert sass.loop_schedule(_SCHEDULE_SASS.replace("HGMMA", "NOP ;//")) == ""
 
 
+def test_sass_loop_mix_counts_the_main_loop_by_opcode():
+    """backends/sass.py loop_mix: the same main loop's instructions by opcode, most frequent first (ties by
+    name), predicated ones included, IMAD.MOV counted as MOV; the loop without a wgmma and what precedes the
+    main loop left out; empty without a loop around a wgmma."""
+    snippet = _SCHEDULE_SASS.replace("        FADD.FTZ R3, R88, R89 ;\n",
+                                     "        FADD.FTZ R3, R88, R89 ;\n        IMAD.MOV.U32 R4, RZ, RZ, R3 ;\n"
+                                     "        @P1 IMAD.MOV.U32 R5, RZ, RZ, R3 ;\n        IMAD.WIDE R6, R3, 0x4, R4 ;\n")
+    assert sass.loop_mix(snippet) == [("BRA", 2), ("FMNMX", 2), ("HGMMA", 2), ("MOV", 2), ("MUFU", 2), ("SYNCS", 2),
+                                      ("F2FP", 1), ("FADD", 1), ("IMAD", 1), ("SHFL", 1), ("WARPGROUP", 1)]
+    assert sass.loop_mix(_SCHEDULE_SASS.replace("HGMMA", "NOP ;//")) == []
+
+
 @needs_compiler
 @needs_nvdisasm
 @pytest.mark.parametrize("what", ["forward", "forward training", "forward sparse-only", "forward d64 overlap", "dq"])

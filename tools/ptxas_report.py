@@ -6,12 +6,15 @@ advisory; backends/ptxas.py). Run it on a loop variant before spending device ti
     python tools/ptxas_report.py --fmap none --config '{}' --config '{"overlap": false}'
     python tools/ptxas_report.py --roles dq,dkdv --backward-config '{"dq": {"tile_n": 128}}'
     python tools/ptxas_report.py --roles forward --config '{}' --config '{"overlap": false}' --schedule
+    python tools/ptxas_report.py --roles forward --fmap none --mix
 
 A kernel whose wgmma is serialised computes the same bits and runs slower (session 19: +28 % on the forward).
 Where nvdisasm is found (backends/sass.py), a last column names the register operands copied in at step 0 that
 ptxas reuses inside the key loop — different bits: a wrong result (session 20, the d 64 dq with row_regs).
 With --schedule it also prints each kernel's main loop as the order of its waits, branches, wgmma issues and
 waits and softmax instructions: what a block boundary (a wait's branch) keeps ptxas from moving (session 21).
+With --mix it prints the main loop's instructions counted by opcode: what one pass over the loop body issues per
+warp, which at the card's power limit sets a step's time as much as its critical path does (session 22).
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ def main() -> None:
     ap.add_argument("--backward-config", default="{}", help="a JSON backward config for the dq / dkdv roles")
     ap.add_argument("--schedule", action="store_true", help="after the table, each kernel's main-loop order of "
                     "waits, branches, wgmmas and softmax instructions (backends/sass.py loop_schedule; needs nvdisasm)")
+    ap.add_argument("--mix", action="store_true", help="after the table, each kernel's main-loop instructions "
+                    "counted by opcode (backends/sass.py loop_mix; needs nvdisasm)")
     args = ap.parse_args()
     bq, bk = (int(x) for x in args.block.split("x"))
     spec = KernelSpec(arch="sm90", head_dim=args.head_dim, block_q=bq, block_k=bk, scope=args.scope,
@@ -72,12 +77,13 @@ def main() -> None:
     check = sass.nvdisasm_path() is not None
     print(f"{spec.canonical}\n\n| config | kernel | registers | spill bytes | wgmma serialised | advisories |"
           + (" operands reused in the loop |\n|---|---|---|---|---|---|---|" if check else "\n|---|---|---|---|---|---|"))
-    if args.schedule and not check:
-        raise SystemExit("--schedule needs nvdisasm (pip install nvidia-cuda-nvdisasm, or set SLAGEN_NVDISASM)")
+    for flag in ("schedule", "mix"):
+        if getattr(args, flag) and not check:
+            raise SystemExit(f"--{flag} needs nvdisasm (pip install nvidia-cuda-nvdisasm, or set SLAGEN_NVDISASM)")
     runs = [(text, forward_kernels(spec, json.loads(text), roles)) for text in args.config or ["{}"]]
     if set(roles) - set(FORWARD_ROLES):     # the backward's kernels do not depend on --config: once
         runs.append((args.backward_config, backward_kernels(spec, json.loads(args.backward_config), roles)))
-    schedules = []
+    schedules, mixes = [], []
     for text, kernels in runs:
         for role, kernel in kernels:
             rep = ptxas.report(kernel)
@@ -89,9 +95,16 @@ def main() -> None:
                 row += f" {'YES: R' + ', R'.join(str(r) for r, _ in reused) if reused else 'none'} |"
                 if args.schedule:
                     schedules.append(f"- `{text}` {role}: {sass.loop_schedule(code) or '(no loop with a wgmma)'}")
+                if args.mix:
+                    mix = sass.loop_mix(code)
+                    counts = ", ".join(f"{n} {op}" for op, n in mix)
+                    mixes.append(f"- `{text}` {role}: {sum(n for _, n in mix)}: {counts}" if mix
+                                 else f"- `{text}` {role}: (no loop with a wgmma)")
             print(row, flush=True)
     if schedules:
         print("\nmain loop, in order (N×OP: a run of N):\n" + "\n".join(schedules))
+    if mixes:
+        print("\nmain loop, instructions per warp per pass by opcode (IMAD.MOV as MOV):\n" + "\n".join(mixes))
 
 
 if __name__ == "__main__":
