@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from slagen import backends, codegen, reference
-from slagen.backends import ptxas, sass
+from slagen.backends import plans, ptxas, sass
 from slagen.backends import reference as torch_backend
 from slagen.backends import tilelang as tl_backend
 from slagen.blockmap import BlockMap
@@ -924,7 +924,6 @@ def test_gpu_pooling_matches_float64_and_the_prepass_pools_the_same_bits(case, p
     (the property behind attention(q, k, v) == attention(q, k, v, block_map=block_map(q, k))) and h_t, z_t as
     the plain pre-pass — with the pre-pass's column-sum GEMMs issued without a wait (pre_overlap, made the
     default here) and without."""
-    from slagen.backends import plans
     lq, lk, d, dtype, (bq, bk), layout = case
     monkeypatch.setitem(tl_backend._DEFAULTS[d], "pre_overlap", pre_overlap)
     monkeypatch.setattr(tl_backend, "_EARLY_PLANS", plans.Plans())
