@@ -91,8 +91,11 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # variant except the training forward with Proj (save and has_w), which runs one CTA per SM: two resident CTAs
 # of that variant never finish on the H200 (session 5 probe: L=4096 H=12 and L=32760 H=2/12 hang; the same
 # kernel without Proj, or without saving, runs; cause not found).
-# prefetch_h: load the linear branch's H_i before the key loop rather than after it (its TMA latency, ~1–2 µs
-# per CTA, then overlaps the loop; its 32 KiB buffer is live throughout). tma_store: write O (and O^l) through
+# prefetch_h: issue the linear branch's H_i loads (into registers, 32 per thread, live through the loop) before
+# the key loop rather than after it (their latency then under the loop instead of under the sparse epilogue and
+# φ(Q_i)). Until session 23 it copied H_i into shared memory before the loop, which TileLang lowered to scalar
+# loads by all 384 threads (+0.45 ms, session 7). H200, headline shape, given the map, 9 rounds (session 23):
+# SLA marginal 0.931 / 0.941 vs 0.934 / 0.941 ms without: no gain (as session 19's early_h); tunable only. tma_store: write O (and O^l) through
 # shared memory with one TMA store instead of per-thread 2-byte global stores (the generated epilogue issues
 # 64 scalar stores per thread, 4× the L2 sectors, while the SM's one CTA has nothing else to run). Measured
 # (H200, headline shape, SLA marginal forward, `slagen tune`, session 7): 128x64 tma_store 1.244 vs 1.355 ms
@@ -113,7 +116,12 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # 0.678 / 0.680 ms, SLA marginal 0.983 / 0.970 → 0.958 / 0.961. Since session 21 each step's row max comes before
 # S_{t+1}'s issue, so the wait for K_{t+1}'s tile (a branch) hides under its chain: sparse-only 0.680 / 0.685 →
 # 0.674 / 0.671, SLA marginal 0.994 / 0.978 → 0.959 / 0.958 (9 rounds in turn). Measured slower there (session
-# 21): P·V deferred one step or split into two batches, V's wait next to K's, 3 or 4 K / V stages.
+# 21): P·V deferred one step or split into two batches, V's wait next to K's, 3 or 4 K / V stages. Since session
+# 23 each step takes its scaled scores out of acc_s (into the second accumulator, where its exp2s run) before
+# S_{t+1} is issued into acc_s itself: no copy of S_{t+1} between the accumulators at the step's end (32 moves per
+# thread and step; the loop 548 → 516 instructions per warp and pass, ptxas: 168 registers, no spills, wgmma not
+# serialised). SLA marginal given the map, 9 rounds in turn, two H200 calls: 0.976 / 0.958 → 0.946 / 0.952 and
+# 0.963 / 0.951 → 0.934 / 0.941 ms; sparse-only 0.673 / 0.687 → 0.676 / 0.677 (noise).
 # pingpong (instead of overlap; 128-row tiles, two consumer warpgroups, tile_n dividing block_k): FlashAttention-
 # 3's schedule — the warpgroups take turns issuing S_t = QK_tᵀ and the previous step's P·V (two named barriers),
 # so one's softmax runs under the other's GEMMs, and under its own P·V (a per-step store of the row sums keeps
@@ -418,9 +426,8 @@ def shared_bytes(cfg: dict, spec: KernelSpec, has_w: bool = False) -> int:
         return (esize * (2 * m * d + 2 * stages * cfg["tile_n"] * d + m * d) + 1024 +
                 ((esize * d * d + 4 * m) if linear else 0) + (esize * d * d if has_w and linear else 0))
     w = esize * d * d if linear else 0               # Proj weight, loaded before the loop
-    h = esize * d * d if linear and cfg.get("prefetch_h") else 0     # H_i, loaded before the loop
     k0 = esize * cfg["tile_n"] * d if cfg.get("overlap") or cfg.get("pingpong") else 0   # step 0's K / last V tile
-    loop = esize * m * d + esize * 2 * cfg["tile_n"] * d * cfg["num_stages"] + w + h + k0
+    loop = esize * m * d + esize * 2 * cfg["tile_n"] * d * cfg["num_stages"] + w + k0
     epilogue = (esize * m * d + esize * d * d + w + 4 * m) if linear else 0   # φ(Q), H_i, W, den
     return max(loop, epilogue) + 1024
 

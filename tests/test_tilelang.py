@@ -297,13 +297,18 @@ def test_persistent_forward_compiles_for_sm90a(spec, flags):
                                          (spec_of(d=64, scope="all"), {"prefetch_h": True, "tma_store": True})],
                          ids=lambda x: x.canonical if isinstance(x, KernelSpec) else "-".join(sorted(x)))
 def test_forward_epilogue_variants_compile_for_sm90a(spec, change):
-    """prefetch_h: H_i (marginal) or the per-head H (all) loaded before the key loop; tma_store: O (and O^l)
-    staged in shared memory and written by TMA stores, no per-thread global stores of them; each still one
-    TMA + warp-specialised pipelined loop."""
+    """prefetch_h: H_i (marginal) or the per-head H (all) loaded into registers before the consumer's key loop
+    (else after it); tma_store: O (and O^l) staged in shared memory and written by TMA stores, no per-thread
+    global stores of them; each still one TMA + warp-specialised pipelined loop."""
     cfg = tl_backend._resolve_config(spec, change)
     linear = spec.feature_map is not None
     src = tl_backend.forward_kernel(spec, cfg, save=linear, has_w=linear, has_bias=linear).get_kernel_source()
     _assert_hopper_source(src, f"forward {change}")
+    if linear:
+        loop_head = [m.start() for m in re.finditer(r"for \(int t\w* = 0;", src)][1]
+        loads = [m.start() for m in re.finditer(r"\(HG \+ ", src)]
+        assert loads and all((i < loop_head) == bool(change.get("prefetch_h")) for i in loads), "H's loads misplaced"
+        assert "Hi_s" in src[loads[-1]:], "H not moved to shared memory after its loads"
     if change.get("tma_store"):
         assert "tma_store(O_desc" in src and not re.search(r"\bO\[", src), "O is not written by TMA alone"
         assert not linear or ("tma_store(OLIN_desc" in src and not re.search(r"\bOLIN\[", src))
@@ -329,8 +334,9 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
     """overlap: in the consumer's key loop the step's row max comes first, then the wait for K_{t+1}'s tile and the
     S_{t+1} = QKᵀ wgmma batch, committed without a wait; the softmax's exp2 runs while it is in flight, and the one
     wait (warpgroup_wait<0>) follows the P·V batch; the K / V tiles are released (mbarrier arrive) only after that
-    wait. Without overlap every batch is waited for right after its commit. With one step per key block, S_{t+1}'s
-    wgmma takes Q from registers (q_r, loaded from shared memory once, in step 0) and only K from shared memory; two
+    wait. S_{t+1} overwrites acc_s once step t's scaled scores are out of it (in acc_n), so no copy between the
+    accumulators. Without overlap every batch is waited for right after its commit. With one step per key block,
+    S_{t+1}'s wgmma takes Q from registers (q_r, loaded from shared memory once, in step 0) and only K from shared memory; two
     key blocks per step keep both in shared memory."""
     cfg = tl_backend._resolve_config(spec, {**change, "overlap": True})
     src = tl_backend.forward_kernel(spec, cfg, **flags).get_kernel_source()
@@ -349,6 +355,11 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
     assert loop.count("tl::warpgroup_wait<") == 2                 # step 0's S, then one wait per step
     assert loop.rindex("tl::warpgroup_wait<0>();") > loop.rindex("tl::warpgroup_commit_batch();")
     assert "K0_s" in loop and "mbarrier[" in loop
+    # S_{t+1} goes into acc_s itself once step t's scaled scores are in acc_n: no copy between the two
+    s_next = loop[loop.rindex("tl::warpgroup_arrive();", 0, first):first]
+    assert "(acc_s + 0)" in s_next and "acc_n" not in s_next, "S_{t+1} not written into acc_s"
+    assert loop.index("acc_n + ") < loop.rindex("tl::warpgroup_arrive();", 0, first), "scores not taken out first"
+    assert not re.search(r"acc_s\[[^\]]*\] = acc_n\[|\(acc_s \+ [^)]*\) = \*\([^)]*\)\(acc_n", loop), "acc_n copied"
     registers_q = re.search(r"tl::wgmma_rs<[^\n]*q_r \+", loop)
     if cfg["tile_n"] == spec.block_k:
         assert registers_q, "S_{t+1} should read Q from registers"
@@ -542,8 +553,8 @@ def test_prepass_overlap_compiles_for_sm90a(d):
     """pre_overlap: the pre-pass tile's column-sum GEMMs (K's and Q's pooling, z_t) are issued without a wait and
     the φ(K_t)ᵀV_t GEMM's one wait covers them: one wgmma wait per tile instead of one per GEMM; the pooling
     GEMMs are issued before φ(K_t)'s exp2s, z's after them. The same wgmma instructions as without it (so the
-    same pooled bits as sla_pool's). K's and Q's TMA tiles are released only after that wait (the pooling
-    GEMMs read them until then)."""
+    same pooled bits as sla_pool's). K's and Q's TMA tiles are released only after that wait where the pooling
+    GEMMs read them until then; without pooling K's tile is released once φ(K_t) is formed."""
     spec = spec_of(d=d, scope="marginal")
     cfg = tl_backend.default_config(spec)
     ones = r"wgmma_ss<[^>]*, 64, 8, 16,[^\n]*"
@@ -562,7 +573,10 @@ def test_prepass_overlap_compiles_for_sm90a(d):
         consumer = src[src.index("} else {", src.index("tl::tma_load(")):]
         releases = [m.start() for m in re.finditer(r"\]\.arrive\(\);", consumer)]
         assert len(releases) == (3 if pool == "qk" else 2)
-        assert min(releases) > consumer.index("tl::warpgroup_wait<0>();"), f"pool={pool!r}: a tile released early"
+        late = sum(r > consumer.index("tl::warpgroup_wait<0>();") for r in releases)
+        # K's and Q's tiles wait for the pooling GEMMs reading them; without pooling K's goes right after φ(K_t)
+        # is formed (z's GEMM reads P_s), and V's after the wait of φ(K_t)ᵀV_t either way.
+        assert late == (len(releases) if pool else 1), f"pool={pool!r}: {late} of {len(releases)} tiles released late"
     with pytest.raises(ValueError, match="pre_overlap=True needs warp_specialized=True"):
         tl_backend._resolve_config(spec, dict(pre_overlap=True, warp_specialized=False, num_stages=1, pre_stages=1))
 
