@@ -95,12 +95,13 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # the key loop rather than after it (their latency then under the loop instead of under the sparse epilogue and
 # φ(Q_i)). Until session 23 it copied H_i into shared memory before the loop, which TileLang lowered to scalar
 # loads by all 384 threads (+0.45 ms, session 7). H200, headline shape, given the map, 9 rounds (session 23):
-# SLA marginal 0.931 / 0.941 vs 0.934 / 0.941 ms without: no gain (as session 19's early_h); tunable only. tma_store: write O (and O^l) through
-# shared memory with one TMA store instead of per-thread 2-byte global stores (the generated epilogue issues
-# 64 scalar stores per thread, 4× the L2 sectors, while the SM's one CTA has nothing else to run). Measured
-# (H200, headline shape, SLA marginal forward, `slagen tune`, session 7): 128x64 tma_store 1.244 vs 1.355 ms
-# (default since), prefetch_h 1.800 (slower; tunable only); 64x64 ctas_per_sm 2 1.399, tma_store 1.668, both
-# defaults 1.756 — so 64-row tiles default to two CTAs per SM without the TMA store (_TWO_CTAS).
+# SLA marginal 0.931 / 0.941 vs 0.934 / 0.941 ms without: no gain (as session 19's early_h); tunable only.
+# tma_store: write O (and O^l) through shared memory with one TMA store instead of per-thread 2-byte global
+# stores (the generated epilogue issues 64 scalar stores per thread, 4× the L2 sectors, while the SM's one CTA
+# has nothing else to run). Measured (H200, headline shape, SLA marginal forward, `slagen tune`, session 7):
+# 128x64 tma_store 1.244 vs 1.355 ms (default since), prefetch_h (its shared-memory form) 1.800; 64x64
+# ctas_per_sm 2 1.399, tma_store 1.668, both defaults 1.756 — so 64-row tiles default to two CTAs per SM
+# without the TMA store (_TWO_CTAS).
 # overlap (default at d 128 with 128-row tiles since session 9; H200, headline shape, 128x64, session 8: 1.157
 # vs 1.202 ms SLA forward; its 39 GPU cases passed at session 9's code; d 64 and 64-row tiles unmeasured, off):
 # FlashAttention-3's intra-warpgroup overlap in

@@ -336,8 +336,8 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
     wait (warpgroup_wait<0>) follows the P·V batch; the K / V tiles are released (mbarrier arrive) only after that
     wait. S_{t+1} overwrites acc_s once step t's scaled scores are out of it (in acc_n), so no copy between the
     accumulators. Without overlap every batch is waited for right after its commit. With one step per key block,
-    S_{t+1}'s wgmma takes Q from registers (q_r, loaded from shared memory once, in step 0) and only K from shared memory; two
-    key blocks per step keep both in shared memory."""
+    S_{t+1}'s wgmma takes Q from registers (q_r, loaded from shared memory once, in step 0) and only K from shared
+    memory; two key blocks per step keep both in shared memory."""
     cfg = tl_backend._resolve_config(spec, {**change, "overlap": True})
     src = tl_backend.forward_kernel(spec, cfg, **flags).get_kernel_source()
     if cfg["ctas_per_sm"] == 1:
