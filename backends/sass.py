@@ -29,8 +29,9 @@ from slagen.backends import ptxas
 
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\b.*`\((\.L_x_\d+)\)")
-_WRITE = re.compile(r"^\s*(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s+R(\d+)\b")
-_LDSM = re.compile(r"^\s*(?:@!?U?P\w+\s+)?LDSM\.\S*?\.(\d)\s+R(\d+),")
+_PRED = r"^\s*(?:@!?U?P\w+\s+)?"          # a line's indent and optional predicate (@P0, @!UP1, ...)
+_WRITE = re.compile(_PRED + r"([A-Z][A-Za-z0-9_.]*)\s+R(\d+)\b")
+_LDSM = re.compile(_PRED + r"LDSM\.\S*?\.(\d)\s+R(\d+),")
 _RS_HGMMA = re.compile(r"^\s*HGMMA\.\S+\s+R\d+,\s+R(\d+),")
 _NO_DEST = ("ST", "RED", "BRA", "BAR", "SYNCS", "EXIT", "RET", "CALL")
 
@@ -125,7 +126,7 @@ def _main_loop(sass: str) -> List[str]:
     """The lines of the kernel's main loop: the innermost loop around the most HGMMAs (the consumer's key loop);
     empty when no loop holds an HGMMA."""
     lines, loops = _lines_and_loops(sass)
-    hgmma = [i for i, line in enumerate(lines) if re.match(r"^\s*(?:@!?U?P\w+\s+)?HGMMA", line)]
+    hgmma = [i for i, line in enumerate(lines) if re.match(_PRED + "HGMMA", line)]
     inner = [(start, end) for start, end in loops
              if not any(s2 > start and e2 < end for s2, e2 in loops if (s2, e2) != (start, end))]
     counted = [(sum(start <= i <= end for i in hgmma), start, end) for start, end in inner]
@@ -140,7 +141,7 @@ def loop_mix(sass: str) -> List[Tuple[str, int]]:
     critical path (docs/perf-notes.md, session 22). Empty when no loop holds an HGMMA."""
     counts: dict = {}
     for line in _main_loop(sass):
-        m = re.match(r"^\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.MOV\b)?", line)
+        m = re.match(_PRED + r"([A-Z][A-Z0-9_]*)(\.MOV\b)?", line)
         if m:
             op = "MOV" if m.group(1) == "IMAD" and m.group(2) else m.group(1)
             counts[op] = counts.get(op, 0) + 1
@@ -156,7 +157,7 @@ def loop_schedule(sass: str) -> str:
     HGMMA."""
     ops = []
     for line in _main_loop(sass):
-        body = re.sub(r"^\s*@!?U?P\w+\s+", "", line.strip())
+        body = re.sub(_PRED, "", line)
         m = re.match(r"HGMMA\.(\d+x\d+)x", body)
         op = f"HGMMA{m.group(1)}" if m else next((name for prefix, name in _SCHEDULE_OPS
                                                    if body.startswith(prefix)), None)

@@ -334,7 +334,7 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
     """overlap: in the consumer's key loop the step's row max comes first, then the wait for K_{t+1}'s tile and the
     S_{t+1} = QKᵀ wgmma batch, committed without a wait; the softmax's exp2 runs while it is in flight, and the one
     wait (warpgroup_wait<0>) follows the P·V batch; the K / V tiles are released (mbarrier arrive) only after that
-    wait. S_{t+1} overwrites acc_s once step t's scaled scores are out of it (in acc_n), so no copy between the
+    wait. S_{t+1} overwrites acc_s once step t's scaled scores are out of it (in acc_p), so no copy between the
     accumulators. Without overlap every batch is waited for right after its commit. With one step per key block,
     S_{t+1}'s wgmma takes Q from registers (q_r, loaded from shared memory once, in step 0) and only K from shared
     memory; two key blocks per step keep both in shared memory."""
@@ -355,11 +355,11 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
     assert loop.count("tl::warpgroup_wait<") == 2                 # step 0's S, then one wait per step
     assert loop.rindex("tl::warpgroup_wait<0>();") > loop.rindex("tl::warpgroup_commit_batch();")
     assert "K0_s" in loop and "mbarrier[" in loop
-    # S_{t+1} goes into acc_s itself once step t's scaled scores are in acc_n: no copy between the two
+    # S_{t+1} goes into acc_s itself once step t's scaled scores are in acc_p: no copy between the two
     s_next = loop[loop.rindex("tl::warpgroup_arrive();", 0, first):first]
-    assert "(acc_s + 0)" in s_next and "acc_n" not in s_next, "S_{t+1} not written into acc_s"
-    assert loop.index("acc_n + ") < loop.rindex("tl::warpgroup_arrive();", 0, first), "scores not taken out first"
-    assert not re.search(r"acc_s\[[^\]]*\] = acc_n\[|\(acc_s \+ [^)]*\) = \*\([^)]*\)\(acc_n", loop), "acc_n copied"
+    assert "(acc_s + 0)" in s_next and "acc_p" not in s_next, "S_{t+1} not written into acc_s"
+    assert loop.index("acc_p + ") < loop.rindex("tl::warpgroup_arrive();", 0, first), "scores not taken out first"
+    assert not re.search(r"acc_s\[[^\]]*\] = acc_p\[|\(acc_s \+ [^)]*\) = \*\([^)]*\)\(acc_p", loop), "acc_p copied"
     registers_q = re.search(r"tl::wgmma_rs<[^\n]*q_r \+", loop)
     if cfg["tile_n"] == spec.block_k:
         assert registers_q, "S_{t+1} should read Q from registers"

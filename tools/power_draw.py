@@ -99,7 +99,7 @@ def main() -> None:
     q, k, v = (torch.randn(1, args.heads, args.seq_len, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
     api = dict(topk=0.05, block_q=128, block_k=64, backend="tilelang")
     bmap = slagen.block_map(q, k, **api)
-    src, dst = torch.empty(2 * q.numel(), device=dev, dtype=q.dtype), torch.empty(2 * q.numel(), device=dev, dtype=q.dtype)
+    src, dst = (torch.empty(2 * q.numel(), device=dev, dtype=q.dtype) for _ in range(2))
     workloads = {
         "SLA marginal forward (block map built)": lambda: slagen.attention(q, k, v, **api),
         "sparse-only forward (map given)": lambda: slagen.attention(q, k, v, block_map=bmap, feature_map=None, **api),
