@@ -7,7 +7,7 @@ strides that keep D contiguous:
   block_map(q, k, n_crit, n_negl, block_q, block_k, columns=True) -> the 9 BlockMap tensors
       (slagen.blockmap.LUT_FIELDS; with columns=False the column tables are zero-size stand-ins, for a call
       that will not be differentiated: slagen.blockmap.no_columns; the kernel backends also take
-      ``pooled``: q's and k's pooled means formed already, see ``early_terms``)
+      ``pooled``: the ``pooled`` of the same backend's ``early_terms`` object, opaque to the caller)
   forward(q, k, v, maps, proj_weight, proj_bias, save, **cfg) -> (o, lse, o_lin, den)
       (the kernel backends also take ``maps_ready``: a CUDA event the maps' producer recorded on another
       stream; they wait for it after launching their linear pre-pass, which does not read the maps;
@@ -15,7 +15,7 @@ strides that keep D contiguous:
       h_lin, z_lin))
   early_terms(q, k, v, **flags) -> an object with ``pooled`` or None (optional; the TileLang backend): the
       linear pre-pass of an eager call run before its block map, pooling q and k for it; the call passes
-      ``pooled`` to block_map and the object to forward as ``early``
+      ``pooled`` to block_map and the object to forward as ``early`` (the map built from that ``pooled``)
   backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg) -> (dq, dk, dv, dw, db)
       (those backends also take ``lin_sums=(h_lin, z_lin)``: the backward then does not form them again)
 

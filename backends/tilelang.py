@@ -255,16 +255,24 @@ def unavailable_reason(device: torch.device, spec: KernelSpec) -> Optional[str]:
 
 
 def block_map(q, k, n_crit: int, n_negl: int, block_q: int, block_k: int, columns: bool = True,
-              pooled: Optional[tuple] = None):
-    """The 9 BlockMap tensors (slagen.backends): q and k pooled by ``sla_pool`` (or ``pooled``, from
-    :func:`early_terms`), then the Triton backend's scores, selection and column kernels. Inputs the
-    TileLang kernels cannot read (fp32, strides TMA cannot take: :func:`_check_tma`) are pooled by the Triton
-    kernel too."""
-    if pooled is None:
+              pooled=None):
+    """The 9 BlockMap tensors (slagen.backends): q and k pooled by ``sla_pool`` (or ``pooled``: the
+    :class:`EarlyPooled` of :func:`early_terms`, or a (q̄, k̄, K's chunk sums) tuple), then the Triton
+    backend's scores, selection and column kernels; with an EarlyPooled these also write its marginal-block
+    operands for the forward. Inputs the TileLang kernels cannot read (fp32, strides TMA cannot take:
+    :func:`_check_tma`) are pooled by the Triton kernel too."""
+    early = pooled if isinstance(pooled, EarlyPooled) else None
+    if early is not None:
+        pooled = early.means
+    elif pooled is None:
         plan = _pool_plan(q, k, block_q, block_k)
         if plan.tilelang:
             pooled = pool(plan, q, k)
-    return _triton().block_map(q, k, n_crit, n_negl, block_q, block_k, columns, pooled=pooled)
+    maps = _triton().block_map(q, k, n_crit, n_negl, block_q, block_k, columns, pooled=pooled,
+                               marginal=early and early.marginal)
+    if early is not None:
+        early.written = True
+    return maps
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -970,14 +978,25 @@ def _marginal_terms(kernel, k, v, tile: int, chunks: Tuple[int, int], q, k_mean,
     return ht, zt
 
 
+@dataclasses.dataclass
+class EarlyPooled:
+    """What the early pre-pass hands its block map (the ``pooled`` of :func:`block_map`): ``means`` (q̄, k̄,
+    K's chunk sums) and ``marginal``, the buffers in which the map's selection writes the linear branch's
+    marginal-block operands (the mask GEMM's 0/1 operand and Z_i, slagen.backends.triton.selection
+    .MarginalOperands) in place of the forward's operand kernel and z GEMM; ``written`` once a map has."""
+    means: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    marginal: object
+    written: bool = False
+
+
 @dataclasses.dataclass(frozen=True)
 class EarlyTerms:
     """A scope-'marginal' pre-pass run before the block map (:func:`early_terms`): ``terms`` (h_t, z_t) for
-    the forward, ``pooled`` (q̄, k̄, K's chunk sums) for the block map, and the config it ran with (the
+    the forward, ``pooled`` (:class:`EarlyPooled`) for the block map, and the config it ran with (the
     forward checks it resolves the same)."""
     cfg: dict
     terms: Tuple[torch.Tensor, torch.Tensor]
-    pooled: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    pooled: EarlyPooled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -998,6 +1017,9 @@ def early_terms(q, k, v, *, block_q: int, block_k: int, feature_map: Optional[st
     when Lq = Lk — from the tiles it reads anyway (``sla_pool``'s macros and tile: the map is the same bits as
     :func:`block_map` gives without it). The caller passes ``pooled`` to :func:`block_map` and the result to
     :func:`forward` (``early``). ``density``: n_crit / T_n of the map to come (the tuned config's key).
+    Without the negligible class the map's selection also forms the forward's marginal-block operands (the
+    mask GEMM's 0/1 operand and Z_i: :class:`EarlyPooled`), so the forward launches no operand kernel and no
+    z GEMM.
 
     None where it does not apply — a call without a linear branch, scope 'all', inputs ``sla_pool`` does not
     read, a config without warp specialisation or whose ``pre_tile`` is not K's pooling tile; arguments the
@@ -1019,7 +1041,23 @@ def early_terms(q, k, v, *, block_q: int, block_k: int, feature_map: Optional[st
         terms = _marginal_terms(plan.kernel, k, v, pooling.tk, pooling.k_chunks, k, k_mean, k_part,
                                 _pool_stand_in(k.device, B, H, d))
         q_mean, _ = _pool_one(pooling.kernel_q, q, block_q, pooling.tq, pooling.q_chunks)
-    return EarlyTerms(plan.cfg, terms, (q_mean, k_mean, k_part))
+    marginal = None if has_negligible else _marginal_buffers(q, k, block_q, block_k, plan.cfg, terms[1])
+    return EarlyTerms(plan.cfg, terms, EarlyPooled((q_mean, k_mean, k_part), marginal))
+
+
+def _marginal_buffers(q, k, block_q: int, block_k: int, cfg: dict, z_terms: torch.Tensor):
+    """The MarginalOperands (slagen.backends.triton.selection) that an early pre-pass's block map fills: the
+    mask GEMM's 0/1 operand in h_t's dtype (k's) over padded_rows(T_n) columns, as
+    slagen.backends.linear_terms.marginal_sums asks for it, and Z_i fp32, from the pre-pass's z_t. Only for
+    maps without the negligible class (the caller's choice): the selection gathers the z_j of each row's
+    excluded blocks, n_crit of them here, and n_crit + n_negl could be most of the row, where the z GEMM's
+    cost does not grow."""
+    from slagen.backends.triton import selection
+    B, H, lk, d = k.shape
+    t_m, t_n = -(-q.shape[2] // block_q), -(-lk // block_k)
+    return selection.MarginalOperands(z_terms=z_terms, per_block=block_k // cfg["pre_tile"],
+                                      sel=k.new_empty((B, H, t_m, linear_terms.padded_rows(t_n))),
+                                      z_sums=k.new_empty((B, H, t_m, d), dtype=torch.float32))
 
 
 def _build_early_plan(key, q, k, v, block_q, block_k, feature_map, scope, has_negligible, density) -> _EarlyPlan:
@@ -1043,14 +1081,23 @@ def _build_early_plan(key, q, k, v, block_q, block_k, feature_map, scope, has_ne
 
 
 def marginal_sums(spec: KernelSpec, cfg: dict, ht: torch.Tensor, zt: torch.Tensor, mask: torch.Tensor,
-                  relaunch_key=None):
+                  relaunch_key=None, given=None):
     """(H_i (B,H,T_m,D,D) in h's dtype, Z_i (B,H,T_m,D) fp32): Σ h_j and Σ z_j over each query block's
     marginal key blocks (mask == 0): the GEMM's 0/1 operand and Z_i from the Triton backend's
     sla_mask_operands_kernel, then one GEMM (slagen.backends.linear_terms.marginal_sums; the pre-pass
     tiles of ``pre_tile`` keys are summed into selection blocks first). ``relaunch_key``: the mask-operand
-    launch's Relauncher key (a forward plan's), or None."""
-    from slagen.backends.triton import fwd as triton_fwd
-    operands = functools.partial(triton_fwd.mask_operands, codegen.load(spec, "triton"), relaunch_key=relaunch_key)
+    launch's Relauncher key (a forward plan's), or None. ``given``: the operands the block map wrote already
+    (an :class:`EarlyPooled`'s ``marginal``): no operand kernel, no z GEMM."""
+    if given is None:
+        from slagen.backends.triton import fwd as triton_fwd
+        operands = functools.partial(triton_fwd.mask_operands, codegen.load(spec, "triton"),
+                                     relaunch_key=relaunch_key)
+    else:
+        def operands(mask, z_blocks, k_cols, dtype):
+            if given.sel.shape[-1] != k_cols or given.sel.dtype != dtype:
+                raise RuntimeError(f"the block map's mask operand is {given.sel.dtype} {tuple(given.sel.shape)}; "
+                                   f"the mask GEMM needs {dtype} with {k_cols} columns")
+            return given.sel, given.z_sums
     return linear_terms.marginal_sums(ht, zt, mask, per_block=spec.block_k // cfg["pre_tile"], operands=operands)
 
 
@@ -1133,7 +1180,8 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     args = [q, k, v, o, lse, _lut(maps[1]), crit_count]
     if linear:
         if spec.scope == "marginal":
-            marginal = marginal_sums(spec, cfg, *terms, maps[0], plan.launch_key("mask operands"))
+            given = early.pooled.marginal if early is not None and early.pooled.written else None
+            marginal = marginal_sums(spec, cfg, *terms, maps[0], plan.launch_key("mask operands"), given)
             args += marginal
             if save:
                 sums = marginal

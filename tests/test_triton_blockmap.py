@@ -148,6 +148,44 @@ def test_given_pooled_sums_skip_the_pool_launch(case):
         selection.block_map(q, k, n_crit, n_negl, bq, bk, pooled=bad)
 
 
+# (case, per_block): partial blocks with the negligible class, all critical, nothing marginal, three score tiles
+MARGINAL_CASES = [(CASES[0], 1), (CASES[2], 2), (CASES[3], 1), (CASES[8], 2)]
+
+
+@pytest.mark.parametrize("case,per_block", MARGINAL_CASES,
+                         ids=lambda c: "Lq{}_Lk{}_c{}_n{}".format(c[2], c[3], c[7], c[8]) if isinstance(c, tuple) else f"pb{c}")
+def test_marginal_operands_beside_the_map(case, per_block):
+    """With ``marginal`` the map is unchanged and its scores and selection also write the mask GEMM's operand
+    (1 exactly on each row's marginal blocks, 0 elsewhere and past T_n) and Z_i = Σ_marginal z_j against float64
+    (``per_block`` z units per key block, zero rows past the keys), exactly 0 for a row without marginal blocks;
+    poisoned outputs, so every slot must be written."""
+    from slagen.backends.linear_terms import padded_rows
+    b, h, lq, lk, d, bq, bk, n_crit, n_negl = case
+    q, k = make_qk(b, h, lq, lk, d, seed=lq * 7 + lk)
+    t_m, t_n = -(-lq // bq), -(-lk // bk)
+    units = t_n * per_block - (per_block - 1)           # the last key block one unit short
+    z = torch.rand(b, h, padded_rows(units) + 8, d, generator=torch.Generator().manual_seed(5))
+    z[:, :, units:] = 0
+    sel = torch.full((b, h, t_m, padded_rows(t_n)), 7.0, dtype=torch.bfloat16)
+    z_sums = torch.full((b, h, t_m, d), float("nan"))
+    got = selection.block_map(q, k, n_crit, n_negl, bq, bk,
+                              marginal=selection.MarginalOperands(z, per_block, sel, z_sums))
+    assert_equal_maps(got, torch_backend.block_map(q, k, n_crit, n_negl, bq, bk))
+    marginal = got[0] == 0
+    assert torch.equal(sel[..., :t_n], marginal.to(sel.dtype)) and bool((sel[..., t_n:] == 0).all())
+    per_key_block = z[:, :, :t_n * per_block].double().view(b, h, t_n, per_block, d).sum(3)
+    want = marginal.double() @ per_key_block
+    none = ~marginal.any(-1)
+    assert bool((z_sums[none] == 0).all())
+    some = ~none
+    if bool(some.any()):
+        err = ((z_sums.double() - want)[some].norm() / want[some].norm()).item()
+        assert err < 1e-6, err
+    bad = selection.MarginalOperands(z, per_block, sel[..., :t_n - 1], z_sums)
+    with pytest.raises(ValueError, match="marginal operands: sel"):
+        selection.block_map(q, k, n_crit, n_negl, bq, bk, marginal=bad)
+
+
 def test_map_without_columns_skips_their_launch():
     """columns=False (a call that will not be differentiated): no column launch, zero-size column tables, the
     other five tensors as with columns; the torch backend's map the same way."""
@@ -271,9 +309,10 @@ cap, chunk, negl = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 spec = KernelSpec(arch=f"sm{cap}", head_dim=128, block_q=128, block_k=64, feature_map=None,
                   has_negligible=negl, dtype="bf16", role="block_map")
 cfg, mod = selection.default_config(spec), codegen.load(spec, "triton")
-ptr = dict(q="*bf16", k="*bf16", mask="*i8", q_mean="*fp32", k_mean="*fp32", k_part="*fp32", keys="*i32")
+ptr = dict(q="*bf16", k="*bf16", mask="*i8", q_mean="*fp32", k_mean="*fp32", k_part="*fp32", keys="*i32",
+           zt="*fp32", z_part="*fp32", z_out="*fp32", sel="*bf16")
 runtime = {"BH", "H", "Lq", "Lk", "T_m", "T_n", "q_per", "k_per", "n_qprog", "n_kprog", "n_parts", "n_tiles_n",
-           "n_crit", "n_negl"}
+           "n_crit", "n_negl", "k_cols", "z_rows", "per_block"}
 aligned = {"sqb", "sqh", "sql", "skb", "skh", "skl", "ld"}  # ld: T_n rounded up to 16
 
 def build(fn, warps, stages=1, **constexprs):
@@ -295,12 +334,13 @@ def build(fn, warps, stages=1, **constexprs):
                              capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    print(fn.__name__, regs, spill)
+    print(fn.__name__ + ("_sums" if constexprs.get("SUMS") else ""), regs, spill)
 
 build(mod.pool_kernel, cfg["pool_warps"], cfg["pool_stages"], ROWS=cfg["pool_rows"], STAGES=cfg["pool_stages"])
-build(mod.scores_kernel, cfg["score_warps"], cfg["score_stages"], BM=cfg["score_rows"], BN=cfg["score_cols"],
-      DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"], PARTS=cfg["score_parts"])
-build(mod.select_kernel, 1, ROWS=cfg["select_rows"], CH=chunk or cfg["select_chunk"])
+for sums in (False, True):
+    build(mod.scores_kernel, cfg["score_warps"], cfg["score_stages"], BM=cfg["score_rows"], BN=cfg["score_cols"],
+          DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"], PARTS=cfg["score_parts"], SUMS=sums)
+    build(mod.select_kernel, 1, ROWS=cfg["select_rows"], CH=chunk or cfg["select_chunk"], SUMS=sums)
 build(mod.column_kernel, cfg["col_warps"], ROWS=cfg["col_rows"], COLS=cfg["col_cols"])
 """
 
@@ -309,7 +349,7 @@ build(mod.column_kernel, cfg["col_warps"], ROWS=cfg["col_rows"], COLS=cfg["col_c
                                             (90, 256, True), (90, 1024, True)])
 def test_kernels_compile_for_gpu(cap, chunk, negl, tmp_path):
     """The d=128 kernels compile for sm80/sm90 with their default configs (chunk 0) and larger select chunks,
-    with no register spills."""
+    with no register spills; the scores and selection also with the marginal operands (SUMS)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     env.update(SLAGEN_CACHE_DIR=str(tmp_path / "slagen"), TRITON_CACHE_DIR=str(tmp_path / "triton"))
@@ -318,7 +358,8 @@ def test_kernels_compile_for_gpu(cap, chunk, negl, tmp_path):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-3000:]
     usage = {name: (int(regs), int(spill)) for name, regs, spill in (line.split() for line in run.stdout.splitlines())}
-    assert set(usage) == {"pool_kernel", "scores_kernel", "select_kernel", "column_kernel"}, run.stdout
+    assert set(usage) == {"pool_kernel", "scores_kernel", "select_kernel", "column_kernel", "scores_kernel_sums",
+                          "select_kernel_sums"}, run.stdout
     assert all(spill == 0 for _, spill in usage.values()), f"register spills (name: registers, spill bytes): {usage}"
 
 

@@ -38,11 +38,11 @@ def tuned_config(role_module, spec: KernelSpec, q: torch.Tensor, seq_len: int, d
     return select.config_for(spec, "triton", q.device, seq_len, density, check=role_module.check_config)
 
 
-def block_map(q, k, n_crit, n_negl, block_q, block_k, columns=True, pooled=None):
+def block_map(q, k, n_crit, n_negl, block_q, block_k, columns=True, pooled=None, marginal=None):
     from slagen.backends.triton import selection
     from slagen.backends import plans
     return selection.block_map(q, k, n_crit, n_negl, block_q, block_k, config=plans.TUNED, columns=columns,
-                               pooled=pooled)
+                               pooled=pooled, marginal=marginal)
 
 
 def _spec_and_density(role_module, q, maps, cfg) -> tuple:

@@ -14,6 +14,9 @@ Four launches per call, all accumulating in fp32 whatever the input dtype, no at
      both thresholds at once on the int32 keys (early exit once both are isolated; ties: smaller key index
      first), then one more read giving the int8 mask, the row lists (ascending, via prefix sums) and their
      counts. Every reduction is within the warp; registers do not depend on T_n.
+     With ``marginal`` (:class:`MarginalOperands`) the scores' grid has a program per column of tiles more,
+     which sums the linear z terms of its key blocks, and each selection row writes the mask GEMM's 0/1 operand row and Z_i (the head's z
+     total minus its critical and negligible blocks' terms, gathered through the row lists just written).
   4. ``column_kernel``, grid (ceil(T_n / col_cols), B·H): column lists of both classes from the mask
      (prefix sums down the columns), -1 padded, and their counts.
 A call's checks, config, extents and grids are resolved once per input layout (:func:`_plan_of`,
@@ -222,31 +225,85 @@ def _build_plan(key: Optional[tuple], q: torch.Tensor, k: torch.Tensor, n_crit: 
                  column_cols=cols)
 
 
+@dataclasses.dataclass(frozen=True)
+class MarginalOperands:
+    """The linear branch's marginal-block operands that a block map may form as it selects (scope 'marginal',
+    a caller whose z terms exist before the map: the TileLang backend's early pre-pass), in place of a
+    separate operand kernel and z GEMM (slagen.backends.linear_terms.marginal_sums' ``operands``).
+
+    z_terms (B, H, z_rows, D) fp32, contiguous: the per-unit z_t, ``per_block`` consecutive units per key
+    block, rows past the last key zero. Written by the map: sel (B, H, T_m, k_cols), k_cols >= T_n, contiguous,
+    in the mask GEMM's operand dtype: 1 on each row's marginal blocks, 0 elsewhere and past T_n; z_sums
+    (B, H, T_m, D) fp32, contiguous: Σ_{marginal j} z_j (the head's total minus the critical and negligible
+    blocks' terms, gathered through the row lists; exactly 0 for a row without marginal blocks)."""
+    z_terms: torch.Tensor
+    per_block: int
+    sel: torch.Tensor
+    z_sums: torch.Tensor
+
+    def layout(self) -> tuple:
+        """What the launches specialise on (part of their relaunch keys)."""
+        return (plans.layout(self.z_terms), self.per_block, plans.layout(self.sel), plans.layout(self.z_sums))
+
+
+def _check_marginal(m: MarginalOperands, p: _Plan, d: int, device: torch.device) -> None:
+    """Raise ValueError unless ``m`` fits a map of plan ``p`` on ``device``."""
+    lead = (p.B, p.H)
+    checks = (("z_terms", m.z_terms, torch.float32, m.z_terms.dim() == 4 and m.z_terms.shape[:2] == lead
+               and m.z_terms.shape[-1] == d and m.z_terms.shape[2] >= 1),
+              ("sel", m.sel, None, m.sel.dim() == 4 and m.sel.shape[:3] == (*lead, p.t_m) and m.sel.shape[3] >= p.t_n
+               and m.sel.dtype in (torch.bfloat16, torch.float16, torch.float32)),
+              ("z_sums", m.z_sums, torch.float32, tuple(m.z_sums.shape) == (*lead, p.t_m, d)))
+    for name, t, dtype, shape_ok in checks:
+        if not (shape_ok and (dtype is None or t.dtype == dtype) and t.is_contiguous() and t.device == device):
+            raise ValueError(f"marginal operands: {name} ({t.dtype} {tuple(t.shape)} on {t.device}) must be "
+                             f"contiguous on {device} as MarginalOperands describes for B={p.B}, H={p.H}, "
+                             f"T_m={p.t_m}, T_n={p.t_n}, D={d}")
+    if not (isinstance(m.per_block, int) and m.per_block >= 1):
+        raise ValueError(f"marginal operands: per_block={m.per_block!r} must be an int >= 1")
+
+
 def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
-         config: Optional[dict] = None, columns: bool = True,
-         pooled: Optional[Pooled] = None) -> Tuple[Tuple[torch.Tensor, ...], List[Tuple[str, Callable[[], None]]]]:
+         config: Optional[dict] = None, columns: bool = True, pooled: Optional[Pooled] = None,
+         marginal: Optional[MarginalOperands] = None) -> Tuple[Tuple[torch.Tensor, ...],
+                                                                List[Tuple[str, Callable[[], None]]]]:
     """Allocate the outputs and scratch of a block map and return (outputs, launches): the 9 BlockMap
     tensors (uninitialised until the launches ran) and the four kernel launches in order, as
     (name, zero-argument callable) pairs (names pool, scores, select, column; without ``columns`` the column
     tables are zero-size stand-ins and the column launch is left out; with ``pooled`` the pool launch is left
-    out and the scores read those sums, see :func:`block_map`). tools/bench_blockmap.py times them one by one;
-    :func:`block_map` runs them."""
+    out and the scores read those sums; with ``marginal`` the scores and selection also write its operands,
+    see :func:`block_map`). tools/bench_blockmap.py times them one by one; :func:`block_map` runs them."""
     p = _plan_of(q, k, n_crit, n_negl, block_q, block_k, config, columns)
     out = _outputs(p.B, p.H, p.t_m, p.t_n, n_crit, n_negl, q.device, columns)
     bh = p.B * p.H
+    cfg, mod, D = p.cfg, p.mod, q.shape[-1]
+    if marginal is not None:
+        _check_marginal(marginal, p, D, q.device)
     if bh == 0:
         return out, []
     mask, crit_lut, crit_count, crit_col, crit_col_count, negl_lut, negl_count, negl_col, negl_col_count = out
-    cfg, mod, D = p.cfg, p.mod, q.shape[-1]
+    sums = dict(z_part=(bh, p.n_tiles_n, D)) if marginal is not None else {}
     if pooled is None:
         work = _scratch(q.device, q_mean=(bh, p.t_m, D), k_mean=(bh, p.t_n, D), k_part=(bh, p.n_kprog, D),
-                        keys=(bh, p.t_m, p.ld))
+                        keys=(bh, p.t_m, p.ld), **sums)
         n_parts = p.n_kprog
     else:
         work = dict(zip(("q_mean", "k_mean", "k_part"), _check_pooled(pooled, p, D, q.device)))
-        work.update(_scratch(q.device, keys=(bh, p.t_m, p.ld)))
+        work.update(_scratch(q.device, keys=(bh, p.t_m, p.ld), **sums))
         n_parts = work["k_part"].shape[-2]
     keys = work["keys"].view(torch.int32)  # the scores' order-preserving int32 image
+    if marginal is None:   # stand-ins for the pointers SUMS leaves unread
+        m_args, m_key = (keys, keys, keys, keys), ()
+        z_rows = k_cols = per_block = 1
+    else:
+        m_args, m_key = (marginal.sel, marginal.z_terms, work["z_part"], marginal.z_sums), marginal.layout()
+        z_rows, k_cols, per_block = marginal.z_terms.shape[2], marginal.sel.shape[3], marginal.per_block
+
+    score_grid = p.score_grid if marginal is None else (p.score_grid[0] + p.n_tiles_n, bh)
+
+    def launch_key(name):
+        key = p.launch_key(name)
+        return None if key is None else (key, m_key)
 
     def pool():
         launch.of(mod, "pool_kernel")(
@@ -257,17 +314,19 @@ def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: in
 
     def scores():
         launch.of(mod, "scores_kernel")(
-            p.launch_key("scores"), p.score_grid,
-            (work["q_mean"], work["k_mean"], work["k_part"], keys, k.shape[2], p.t_m, p.t_n, p.ld, n_parts,
-             p.n_tiles_n),
+            launch_key("scores"), score_grid,
+            (work["q_mean"], work["k_mean"], work["k_part"], keys, m_args[1], m_args[2], k.shape[2], p.t_m, p.t_n,
+             p.ld, n_parts, p.n_tiles_n, z_rows, per_block),
             BM=cfg["score_rows"], BN=cfg["score_cols"], DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"],
-            PARTS=cfg["score_parts"], num_warps=cfg["score_warps"], num_stages=cfg["score_stages"])
+            PARTS=cfg["score_parts"], SUMS=marginal is not None, num_warps=cfg["score_warps"],
+            num_stages=cfg["score_stages"])
 
     def select():
         launch.of(mod, "select_kernel")(
-            p.launch_key("select"), p.select_grid,
-            (keys, mask, crit_lut, crit_count, negl_lut, negl_count, p.t_m, p.t_n, p.ld, n_crit, n_negl),
-            ROWS=cfg["select_rows"], CH=cfg["select_chunk"], num_warps=1)
+            launch_key("select"), p.select_grid,
+            (keys, mask, crit_lut, crit_count, negl_lut, negl_count, *m_args, p.t_m, p.t_n, p.ld, n_crit, n_negl,
+             k_cols, z_rows, per_block, p.n_tiles_n),
+            ROWS=cfg["select_rows"], CH=cfg["select_chunk"], SUMS=marginal is not None, num_warps=1)
 
     def column():
         launch.of(mod, "column_kernel")(
@@ -294,8 +353,8 @@ def _check_pooled(pooled: Pooled, p: _Plan, d: int, device: torch.device) -> Poo
 
 
 def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
-              config: Optional[dict] = None, columns: bool = True,
-              pooled: Optional[Pooled] = None) -> Tuple[torch.Tensor, ...]:
+              config: Optional[dict] = None, columns: bool = True, pooled: Optional[Pooled] = None,
+              marginal: Optional[MarginalOperands] = None) -> Tuple[torch.Tensor, ...]:
     """The 9 BlockMap tensors (slagen.blockmap.LUT_FIELDS) of q (B, H, Lq, D) and k (B, H, Lk, D).
 
     n_crit key blocks per query block are critical and n_negl negligible (SLA.md §1); ``config`` overrides
@@ -306,9 +365,10 @@ def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_
     column tables are zero-size stand-ins (slagen.blockmap.no_columns) and their launch does not run.
     ``pooled``: (q̄ (B, H, T_m, D), k̄ (B, H, T_n, D), key group sums (B, H, n, D)), fp32, from a caller that pooled
     q and k already (then only the scores, selection and column kernels run); the key mean is the group sums'
-    total over Lk, so any grouping of the keys serves.
+    total over Lk, so any grouping of the keys serves. ``marginal``: the linear branch's marginal-block operands
+    to write as well (:class:`MarginalOperands`; no extra launch).
     """
-    out, launches = plan(q, k, n_crit, n_negl, block_q, block_k, config, columns, pooled)
+    out, launches = plan(q, k, n_crit, n_negl, block_q, block_k, config, columns, pooled, marginal)
     for _, run in launches:
         run()
     return out
