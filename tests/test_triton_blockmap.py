@@ -315,7 +315,7 @@ runtime = {"BH", "H", "Lq", "Lk", "T_m", "T_n", "q_per", "k_per", "n_qprog", "n_
            "n_crit", "n_negl", "k_cols", "z_rows", "per_block"}
 aligned = {"sqb", "sqh", "sql", "skb", "skh", "skl", "ld"}  # ld: T_n rounded up to 16
 
-def build(fn, warps, stages=1, **constexprs):
+def build(fn, warps, stages=1, maxnreg=None, **constexprs):
     if "sqd" in fn.arg_names:
         constexprs = dict(constexprs, sqd=1, skd=1)
     sig = {a: "constexpr" if a in constexprs else ptr.get(a, "*i32" if "lut" in a or "count" in a else "i32")
@@ -325,7 +325,7 @@ def build(fn, warps, stages=1, **constexprs):
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if sig[a].startswith("*") or a in aligned}
     kernel = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", cap, 32),
-                            options=dict(num_warps=warps, num_stages=stages))
+                            options=dict(num_warps=warps, num_stages=stages, maxnreg=maxnreg))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as src:
         src.write(kernel.asm["ptx"])
         src.flush()
@@ -340,7 +340,8 @@ build(mod.pool_kernel, cfg["pool_warps"], cfg["pool_stages"], ROWS=cfg["pool_row
 for sums in (False, True):
     build(mod.scores_kernel, cfg["score_warps"], cfg["score_stages"], BM=cfg["score_rows"], BN=cfg["score_cols"],
           DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"], PARTS=cfg["score_parts"], SUMS=sums)
-    build(mod.select_kernel, 1, ROWS=cfg["select_rows"], CH=chunk or cfg["select_chunk"], SUMS=sums)
+    build(mod.select_kernel, 1, maxnreg=cfg["select_maxnreg"] if sums else None, ROWS=cfg["select_rows"],
+          CH=chunk or cfg["select_chunk"], SUMS=sums)
 build(mod.column_kernel, cfg["col_warps"], ROWS=cfg["col_rows"], COLS=cfg["col_cols"])
 """
 
@@ -349,7 +350,9 @@ build(mod.column_kernel, cfg["col_warps"], ROWS=cfg["col_rows"], COLS=cfg["col_c
                                             (90, 256, True), (90, 1024, True)])
 def test_kernels_compile_for_gpu(cap, chunk, negl, tmp_path):
     """The d=128 kernels compile for sm80/sm90 with their default configs (chunk 0) and larger select chunks,
-    with no register spills; the scores and selection also with the marginal operands (SUMS)."""
+    with no register spills; the scores and selection also with the marginal operands (SUMS), the selection
+    then under its default register cap (select_maxnreg: 80 without the negligible class, within the plain
+    selection's count)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     env.update(SLAGEN_CACHE_DIR=str(tmp_path / "slagen"), TRITON_CACHE_DIR=str(tmp_path / "triton"))
@@ -361,6 +364,8 @@ def test_kernels_compile_for_gpu(cap, chunk, negl, tmp_path):
     assert set(usage) == {"pool_kernel", "scores_kernel", "select_kernel", "column_kernel", "scores_kernel_sums",
                           "select_kernel_sums"}, run.stdout
     assert all(spill == 0 for _, spill in usage.values()), f"register spills (name: registers, spill bytes): {usage}"
+    if not negl and not chunk:
+        assert usage["select_kernel_sums"][0] <= usage["select_kernel"][0], usage
 
 
 # ------------------------------------------------------------------------------------------------ GPU

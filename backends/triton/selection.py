@@ -53,9 +53,12 @@ SCORE_DOTS = ("tf32x3", "ieee")  # plain tf32 (~1e-3 relative) would reorder blo
 # pool_kprogs 64 rather than 32 (H200, headline shape, interleaved rounds, session 13): pool 0.0703 -> 0.0687 ms.
 # sm90 scores in 64x64 tiles of 4 warps (H200, headline shape, CUDA graph of 20 launches, session 18): 11.9 us
 # against 14.5 for 128x128 / 8 warps; 22.8 for 64x64 / 8 warps, 13.0 with score_dchunk 64, 32.1 with 'ieee' dots.
+# select_maxnreg: the selection that also writes the marginal-block operands (MarginalOperands) needs 96
+# registers by ptxas's choice (d 128, no negligible class), 80 without spilling under the cap, as the plain
+# selection: 25 one-warp programs per SM instead of 21, one wave for 3072 rows on 132 SMs (session 24).
 _COMMON = dict(pool_warps=4, pool_stages=2, pool_kprogs=64, score_rows=128, score_cols=128, score_warps=8,
-               score_stages=1, score_parts=32, select_rows=1, select_chunk=512, col_rows=64, col_cols=16,
-               col_warps=4)
+               score_stages=1, score_parts=32, select_rows=1, select_chunk=512, select_maxnreg=80, col_rows=64,
+               col_cols=16, col_warps=4)
 _ARCH = {"sm90": dict(_COMMON, score_rows=64, score_cols=64, score_warps=4),
          **{arch: dict(_COMMON, score_rows=64) for arch in ("sm80", "sm86", "sm89")}}
 # (arch, head_dim) -> (pool_rows cap: rows per pooling load, score_dchunk: columns of D per score dot)
@@ -76,13 +79,19 @@ def default_config(spec: KernelSpec) -> dict:
     cores or 'ieee' FMA), score_parts (group sums per load of the key mean), score_warps, score_stages;
     select_rows (query-block rows per selection program, one after the other), select_chunk (keys per
     load of the one-warp selection program, 32..1024; a row of up to this many stays in registers);
+    select_maxnreg (register cap of the selection launch that also writes marginal operands, a multiple of
+    8 in [32, 255], or None: ptxas's choice; the default 80 fits select_chunk 512 without the negligible
+    class, None with it; a larger chunk needs a larger cap or None);
     col_rows x col_cols (mask tile of the column-list kernel, col_cols key blocks per program), col_warps.
     """
     if spec.head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim={spec.head_dim} is not supported by the Triton block map; allowed: {HEAD_DIMS}")
     pool_cap, score_dchunk = _BY_HEAD_DIM[(spec.arch, spec.head_dim)]
-    return dict(_ARCH[spec.arch], pool_rows=min(spec.block_q, spec.block_k, pool_cap),
-                pool_qgroup=max(1, _POOL_Q_ROWS // spec.block_q), score_dchunk=score_dchunk, score_dot="tf32x3")
+    cfg = dict(_ARCH[spec.arch], pool_rows=min(spec.block_q, spec.block_k, pool_cap),
+               pool_qgroup=max(1, _POOL_Q_ROWS // spec.block_q), score_dchunk=score_dchunk, score_dot="tf32x3")
+    if spec.has_negligible:
+        cfg["select_maxnreg"] = None
+    return cfg
 
 
 def check_config(cfg: dict, spec: KernelSpec) -> None:
@@ -102,6 +111,9 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         pow2(name, lo, hi)
     if cfg["score_dot"] not in SCORE_DOTS:
         raise ValueError(f"config['score_dot']={cfg['score_dot']!r} is not supported; allowed: {', '.join(SCORE_DOTS)}")
+    cap = cfg["select_maxnreg"]
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or not 32 <= cap <= 255 or cap % 8):
+        raise ValueError(f"config['select_maxnreg']={cap!r} must be None or a multiple of 8 in [32, 255]")
     for name in ("pool_qgroup", "pool_kprogs", "pool_stages", "score_stages", "select_rows"):
         val = cfg[name]
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -300,6 +312,8 @@ def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: in
         z_rows, k_cols, per_block = marginal.z_terms.shape[2], marginal.sel.shape[3], marginal.per_block
 
     score_grid = p.score_grid if marginal is None else (p.score_grid[0] + p.n_tiles_n, bh)
+    use_cap = marginal is not None and cfg["select_maxnreg"] is not None
+    select_cap = dict(maxnreg=cfg["select_maxnreg"]) if use_cap else {}
 
     def launch_key(name):
         key = p.launch_key(name)
@@ -326,7 +340,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: in
             launch_key("select"), p.select_grid,
             (keys, mask, crit_lut, crit_count, negl_lut, negl_count, *m_args, p.t_m, p.t_n, p.ld, n_crit, n_negl,
              k_cols, z_rows, per_block, p.n_tiles_n),
-            ROWS=cfg["select_rows"], CH=cfg["select_chunk"], SUMS=marginal is not None, num_warps=1)
+            ROWS=cfg["select_rows"], CH=cfg["select_chunk"], SUMS=marginal is not None, num_warps=1, **select_cap)
 
     def column():
         launch.of(mod, "column_kernel")(
