@@ -1181,6 +1181,10 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     if linear:
         if spec.scope == "marginal":
             given = early.pooled.marginal if early is not None and early.pooled.written else None
+            if given is None and not spec.has_negligible:   # a given map: the operands its selection would write
+                from slagen.backends.triton import selection
+                given = _marginal_buffers(q, k, block_q, block_k, cfg, terms[1])
+                selection.marginal_operands(q, k, maps, block_q, block_k, given)
             marginal = marginal_sums(spec, cfg, *terms, maps[0], plan.launch_key("mask operands"), given)
             args += marginal
             if save:

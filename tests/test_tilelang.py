@@ -31,6 +31,7 @@ from slagen import backends, codegen, reference
 from slagen.backends import plans, ptxas, sass
 from slagen.backends import reference as torch_backend
 from slagen.backends import tilelang as tl_backend
+from slagen.backends.triton import selection
 from slagen.blockmap import LUT_FIELDS, BlockMap
 from slagen.spec import KernelSpec
 from tests.dense import block_means
@@ -915,7 +916,7 @@ def test_gpu_repeated_calls_reuse_their_plans_on_new_inputs():
     later calls on new inputs: three forwards of one layout (partial blocks) match the reference, then three
     public calls (block map + forward) match the reference given their own maps, the third relaunching the
     block map's Triton kernels directly (not the Triton pool: the pre-pass pooled); the three forwards given a
-    map relaunch the mask operands' kernel."""
+    map relaunch the kernels that form its marginal-block operands."""
     import slagen
     from slagen.backends.triton import launch
     for seed in (0, 1, 2):
@@ -934,7 +935,7 @@ def test_gpu_repeated_calls_reuse_their_plans_on_new_inputs():
         ref = slagen.attention(q.float(), k.float(), v.float(), block_map=bmap, backend="torch", **api)
         assert rel_err(o, ref) < TOL, seed
     relaunched = {name: len(fn) for name, fn in launch._BY_KERNEL.items()}
-    for kernel in ("scores_kernel", "select_kernel", "sla_mask_operands_kernel"):
+    for kernel in ("scores_kernel", "select_kernel", "z_part_kernel", "marginal_rows_kernel"):
         assert any(name.endswith(kernel) and n for name, n in relaunched.items()), relaunched
     assert all(n == pool_keys.get(name, 0) for name, n in relaunched.items() if name.endswith("pool_kernel")), \
         relaunched   # no Triton pooling launch was added by these calls (other tests of the process may have)
@@ -1002,10 +1003,11 @@ def test_gpu_pooling_matches_float64_and_the_prepass_pools_the_same_bits(case, p
 @pytest.mark.parametrize("case", [POOL_GPU_CASES[i] for i in (0, 2, 3, 6)], ids=_pool_id)
 def test_gpu_attention_equals_attention_given_its_block_map(case, monkeypatch):
     """An eager SLA call pools in its pre-pass (early_terms ran) and its selection writes the marginal-block
-    operands: its map equals, bitwise, slagen.block_map(q, k) (pooled by sla_pool); the operands equal those of
-    the operand kernel and z GEMM on that map (the 0/1 operand and so H_i bitwise, Z_i, summed in another
-    order, to fp32 accuracy); its output equals the call given the map up to that (with and without grad);
-    output and gradients of the call against the fp32 reference given that map."""
+    operands: its map equals, bitwise, slagen.block_map(q, k) (pooled by sla_pool); its operands equal, bitwise,
+    those a forward given that map forms (selection.marginal_operands), and those of the operand kernel and z
+    GEMM (the 0/1 operand and so H_i bitwise, Z_i, summed in another order, to fp32 accuracy); its output
+    equals, bitwise, the call given the map (with and without grad); output and gradients of the call against
+    the fp32 reference given that map."""
     import slagen
     lq, lk, d, dtype, (bq, bk), layout = case
     dev = torch.device("cuda")
@@ -1021,19 +1023,22 @@ def test_gpu_attention_equals_attention_given_its_block_map(case, monkeypatch):
     bmap = slagen.block_map(q, k, **api)
     poison_allocator(8 * q.numel() * 4, dev)
     with torch.no_grad():
-        o_early = slagen.attention(q, k, v, **api)
-        assert rel_err(o_early, slagen.attention(q, k, v, block_map=bmap, **api)) < 1e-4
+        assert torch.equal(slagen.attention(q, k, v, **api), slagen.attention(q, k, v, block_map=bmap, **api))
     early = ran[0]
     assert early is not None and early.pooled.written
     for name in ("mask", "crit_lut", "crit_count", "negl_lut", "negl_count"):
         assert torch.equal(maps[1][LUT_FIELDS.index(name)], getattr(bmap, name)), name
+    ops = early.pooled.marginal
+    again = tl_backend._marginal_buffers(q, k, bq, bk, early.cfg, early.terms[1])
+    selection.marginal_operands(q, k, list(bmap.tensors()), bq, bk, again)
+    assert torch.equal(again.sel, ops.sel) and torch.equal(again.z_sums, ops.z_sums)
     spec = spec_of(d=d, dtype=dtype, block=(bq, bk))
     want = tl_backend.marginal_sums(spec, early.cfg, *early.terms, bmap.mask)
-    got = tl_backend.marginal_sums(spec, early.cfg, *early.terms, bmap.mask, given=early.pooled.marginal)
+    got = tl_backend.marginal_sums(spec, early.cfg, *early.terms, bmap.mask, given=ops)
     assert torch.equal(got[0], want[0]) and rel_err(got[1], want[1]) < 1e-6, rel_err(got[1], want[1])
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     out = slagen.attention(*leaves, **api)      # (a saving forward is another kernel variant: compared with its own)
-    assert rel_err(out, slagen.attention(*leaves, block_map=bmap, **api)) < 1e-4
+    assert torch.equal(out, slagen.attention(*leaves, block_map=bmap, **api))
     assert len(ran) == 2 and all(early is not None and early.pooled.written for early in ran)
     do = torch.randn(out.shape, device=dev, dtype=out.dtype, generator=gen)
     grads = torch.autograd.grad(out, leaves, do)

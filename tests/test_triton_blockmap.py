@@ -158,7 +158,7 @@ def test_marginal_operands_beside_the_map(case, per_block):
     """With ``marginal`` the map is unchanged and its scores and selection also write the mask GEMM's operand
     (1 exactly on each row's marginal blocks, 0 elsewhere and past T_n) and Z_i = Σ_marginal z_j against float64
     (``per_block`` z units per key block, zero rows past the keys), exactly 0 for a row without marginal blocks;
-    poisoned outputs, so every slot must be written."""
+    poisoned outputs, so every slot must be written. marginal_operands gives the same bits from the map alone."""
     from slagen.backends.linear_terms import padded_rows
     b, h, lq, lk, d, bq, bk, n_crit, n_negl = case
     q, k = make_qk(b, h, lq, lk, d, seed=lq * 7 + lk)
@@ -181,9 +181,15 @@ def test_marginal_operands_beside_the_map(case, per_block):
     if bool(some.any()):
         err = ((z_sums.double() - want)[some].norm() / want[some].norm()).item()
         assert err < 1e-6, err
+    # a map given to a forward: the same operands from the map alone (z_part_kernel, marginal_rows_kernel), bitwise
+    again = selection.MarginalOperands(z, per_block, torch.full_like(sel, 7.0), torch.full_like(z_sums, float("nan")))
+    selection.marginal_operands(q, k, got, bq, bk, again)
+    assert torch.equal(again.sel, sel) and torch.equal(again.z_sums, z_sums)
     bad = selection.MarginalOperands(z, per_block, sel[..., :t_n - 1], z_sums)
     with pytest.raises(ValueError, match="marginal operands: sel"):
         selection.block_map(q, k, n_crit, n_negl, bq, bk, marginal=bad)
+    with pytest.raises(ValueError, match="marginal operands: sel"):
+        selection.marginal_operands(q, k, got, bq, bk, bad)
 
 
 def test_map_without_columns_skips_their_launch():
@@ -337,6 +343,9 @@ def build(fn, warps, stages=1, maxnreg=None, **constexprs):
     print(fn.__name__ + ("_sums" if constexprs.get("SUMS") else ""), regs, spill)
 
 build(mod.pool_kernel, cfg["pool_warps"], cfg["pool_stages"], ROWS=cfg["pool_rows"], STAGES=cfg["pool_stages"])
+build(mod.z_part_kernel, cfg["score_warps"], cfg["score_stages"], BN=cfg["score_cols"])
+build(mod.marginal_rows_kernel, 1, maxnreg=cfg["select_maxnreg"], ROWS=cfg["select_rows"],
+      CH=chunk or cfg["select_chunk"])
 for sums in (False, True):
     build(mod.scores_kernel, cfg["score_warps"], cfg["score_stages"], BM=cfg["score_rows"], BN=cfg["score_cols"],
           DCHUNK=cfg["score_dchunk"], DOT=cfg["score_dot"], PARTS=cfg["score_parts"], SUMS=sums)
@@ -352,7 +361,7 @@ def test_kernels_compile_for_gpu(cap, chunk, negl, tmp_path):
     """The d=128 kernels compile for sm80/sm90 with their default configs (chunk 0) and larger select chunks,
     with no register spills; the scores and selection also with the marginal operands (SUMS), the selection
     then under its default register cap (select_maxnreg: 80 without the negligible class, within the plain
-    selection's count)."""
+    selection's count), and the two kernels that form those operands for a given map."""
     pytest.importorskip("triton.backends.nvidia")
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     env.update(SLAGEN_CACHE_DIR=str(tmp_path / "slagen"), TRITON_CACHE_DIR=str(tmp_path / "triton"))
@@ -362,7 +371,7 @@ def test_kernels_compile_for_gpu(cap, chunk, negl, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     usage = {name: (int(regs), int(spill)) for name, regs, spill in (line.split() for line in run.stdout.splitlines())}
     assert set(usage) == {"pool_kernel", "scores_kernel", "select_kernel", "column_kernel", "scores_kernel_sums",
-                          "select_kernel_sums"}, run.stdout
+                          "select_kernel_sums", "z_part_kernel", "marginal_rows_kernel"}, run.stdout
     assert all(spill == 0 for _, spill in usage.values()), f"register spills (name: registers, spill bytes): {usage}"
     if not negl and not chunk:
         assert usage["select_kernel_sums"][0] <= usage["select_kernel"][0], usage

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -364,6 +364,35 @@ def _check_pooled(pooled: Pooled, p: _Plan, d: int, device: torch.device) -> Poo
             raise ValueError(f"pooled {name} must be a contiguous float32 tensor of shape {shape} (None: any >= 1) "
                              f"on {device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
     return pooled
+
+
+def marginal_operands(q: torch.Tensor, k: torch.Tensor, maps: Sequence[torch.Tensor], block_q: int, block_k: int,
+                      marginal: MarginalOperands, config=plans.TUNED) -> None:
+    """Write ``marginal``'s operands for a map given to a forward (the 9 BlockMap tensors ``maps`` of q and k):
+    the block map's scores and selection would have written them with the same helpers and launch widths of
+    the same ``config`` (two launches: the z parts, then one one-warp program per row), so a call given
+    ``block_map(q, k)`` and a call that builds it get the same bits."""
+    n_crit, n_negl = maps[1].shape[-1], maps[5].shape[-1]
+    p = _plan_of(q, k, n_crit, n_negl, block_q, block_k, config, False)
+    cfg, mod, D, bh = p.cfg, p.mod, q.shape[-1], p.B * p.H
+    _check_marginal(marginal, p, D, q.device)
+    if bh == 0 or p.t_m == 0:
+        return
+    mask, crit_lut, crit_count, negl_lut, negl_count = (maps[i].contiguous() for i in (0, 1, 2, 5, 6))
+    z_part = torch.empty((bh, p.n_tiles_n, D), dtype=torch.float32, device=q.device)
+    key = p.launch_key("given marginal")
+    if key is not None:
+        key = (key, marginal.layout(), *(plans.layout(t) for t in (mask, crit_lut, crit_count, negl_lut, negl_count)))
+    z_rows, k_cols = marginal.z_terms.shape[2], marginal.sel.shape[3]
+    launch.of(mod, "z_part_kernel")(
+        key, (p.n_tiles_n, bh), (marginal.z_terms, z_part, z_rows, marginal.per_block, p.n_tiles_n),
+        BN=cfg["score_cols"], num_warps=cfg["score_warps"], num_stages=cfg["score_stages"])
+    cap = {} if cfg["select_maxnreg"] is None else dict(maxnreg=cfg["select_maxnreg"])
+    launch.of(mod, "marginal_rows_kernel")(
+        key, p.select_grid,
+        (mask, crit_lut, crit_count, negl_lut, negl_count, marginal.sel, marginal.z_terms, z_part, marginal.z_sums,
+         p.t_m, p.t_n, n_crit, n_negl, k_cols, z_rows, marginal.per_block, p.n_tiles_n),
+        ROWS=cfg["select_rows"], CH=cfg["select_chunk"], num_warps=1, **cap)
 
 
 def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
