@@ -1046,12 +1046,12 @@ def early_terms(q, k, v, *, block_q: int, block_k: int, feature_map: Optional[st
 
 
 def _marginal_buffers(q, k, block_q: int, block_k: int, cfg: dict, z_terms: torch.Tensor):
-    """The MarginalOperands (slagen.backends.triton.selection) that an early pre-pass's block map fills: the
-    mask GEMM's 0/1 operand in h_t's dtype (k's) over padded_rows(T_n) columns, as
-    slagen.backends.linear_terms.marginal_sums asks for it, and Z_i fp32, from the pre-pass's z_t. Only for
-    maps without the negligible class (the caller's choice): the selection gathers the z_j of each row's
-    excluded blocks, n_crit of them here, and n_crit + n_negl could be most of the row, where the z GEMM's
-    cost does not grow."""
+    """The MarginalOperands (slagen.backends.triton.selection) that an early pre-pass's block map fills, or
+    that selection.marginal_operands fills for a given map: the mask GEMM's 0/1 operand in h_t's dtype (k's)
+    over padded_rows(T_n) columns, as slagen.backends.linear_terms.marginal_sums asks for it, and Z_i fp32,
+    from the pre-pass's z_t. Only for maps without the negligible class (the callers' choice): the selection
+    gathers the z_j of each row's excluded blocks, n_crit of them here, and n_crit + n_negl could be most of
+    the row, where the z GEMM's cost does not grow."""
     from slagen.backends.triton import selection
     B, H, lk, d = k.shape
     t_m, t_n = -(-q.shape[2] // block_q), -(-lk // block_k)
@@ -1086,8 +1086,9 @@ def marginal_sums(spec: KernelSpec, cfg: dict, ht: torch.Tensor, zt: torch.Tenso
     marginal key blocks (mask == 0): the GEMM's 0/1 operand and Z_i from the Triton backend's
     sla_mask_operands_kernel, then one GEMM (slagen.backends.linear_terms.marginal_sums; the pre-pass
     tiles of ``pre_tile`` keys are summed into selection blocks first). ``relaunch_key``: the mask-operand
-    launch's Relauncher key (a forward plan's), or None. ``given``: the operands the block map wrote already
-    (an :class:`EarlyPooled`'s ``marginal``): no operand kernel, no z GEMM."""
+    launch's Relauncher key (a forward plan's), or None. ``given``: the operands formed already (an
+    :class:`EarlyPooled`'s ``marginal``, or slagen.backends.triton.selection.marginal_operands' for a given
+    map): no operand kernel, no z GEMM."""
     if given is None:
         from slagen.backends.triton import fwd as triton_fwd
         operands = functools.partial(triton_fwd.mask_operands, codegen.load(spec, "triton"),
@@ -1181,7 +1182,8 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     if linear:
         if spec.scope == "marginal":
             given = early.pooled.marginal if early is not None and early.pooled.written else None
-            if given is None and not spec.has_negligible:   # a given map: the operands its selection would write
+            if given is None and not spec.has_negligible:   # a given map: the operands its selection would write,
+                # with the same helpers (the call that builds the map and the call given it: the same bits)
                 from slagen.backends.triton import selection
                 given = _marginal_buffers(q, k, block_q, block_k, cfg, terms[1])
                 selection.marginal_operands(q, k, maps, block_q, block_k, given)

@@ -15,8 +15,9 @@ Four launches per call, all accumulating in fp32 whatever the input dtype, no at
      first), then one more read giving the int8 mask, the row lists (ascending, via prefix sums) and their
      counts. Every reduction is within the warp; registers do not depend on T_n.
      With ``marginal`` (:class:`MarginalOperands`) the scores' grid has a program per column of tiles more,
-     which sums the linear z terms of its key blocks, and each selection row writes the mask GEMM's 0/1 operand row and Z_i (the head's z
-     total minus its critical and negligible blocks' terms, gathered through the row lists just written).
+     which sums the linear z terms of its key blocks, and each selection row writes the mask GEMM's 0/1
+     operand row and Z_i (the head's z total minus its critical and negligible blocks' terms, gathered
+     through the row lists just written); :func:`marginal_operands` forms the same for a given map.
   4. ``column_kernel``, grid (ceil(T_n / col_cols), B·H): column lists of both classes from the mask
      (prefix sums down the columns), -1 padded, and their counts.
 A call's checks, config, extents and grids are resolved once per input layout (:func:`_plan_of`,
@@ -55,7 +56,8 @@ SCORE_DOTS = ("tf32x3", "ieee")  # plain tf32 (~1e-3 relative) would reorder blo
 # against 14.5 for 128x128 / 8 warps; 22.8 for 64x64 / 8 warps, 13.0 with score_dchunk 64, 32.1 with 'ieee' dots.
 # select_maxnreg: the selection that also writes the marginal-block operands (MarginalOperands) needs 96
 # registers by ptxas's choice (d 128, no negligible class), 80 without spilling under the cap, as the plain
-# selection: 25 one-warp programs per SM instead of 21, one wave for 3072 rows on 132 SMs (session 24).
+# selection: 25 one-warp programs per SM instead of 21, one wave for 3072 rows on 132 SMs. Its time did not
+# change (H200, headline shape: 17.4 vs 17.9 us; the gather's L2 traffic bounds it, session 24).
 _COMMON = dict(pool_warps=4, pool_stages=2, pool_kprogs=64, score_rows=128, score_cols=128, score_warps=8,
                score_stages=1, score_parts=32, select_rows=1, select_chunk=512, select_maxnreg=80, col_rows=64,
                col_cols=16, col_warps=4)
@@ -240,8 +242,9 @@ def _build_plan(key: Optional[tuple], q: torch.Tensor, k: torch.Tensor, n_crit: 
 @dataclasses.dataclass(frozen=True)
 class MarginalOperands:
     """The linear branch's marginal-block operands that a block map may form as it selects (scope 'marginal',
-    a caller whose z terms exist before the map: the TileLang backend's early pre-pass), in place of a
-    separate operand kernel and z GEMM (slagen.backends.linear_terms.marginal_sums' ``operands``).
+    a caller whose z terms exist before the map: the TileLang backend's early pre-pass), or
+    :func:`marginal_operands` for a given map, in place of a separate operand kernel and z GEMM
+    (slagen.backends.linear_terms.marginal_sums' ``operands``).
 
     z_terms (B, H, z_rows, D) fp32, contiguous: the per-unit z_t, ``per_block`` consecutive units per key
     block, rows past the last key zero. Written by the map: sel (B, H, T_m, k_cols), k_cols >= T_n, contiguous,
