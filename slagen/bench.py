@@ -122,20 +122,30 @@ def live_at_peak(events: Sequence[dict]) -> Tuple[int, List[dict]]:
     return peak, sorted(at_peak, key=lambda e: -e["size"])
 
 
+_CPP_PLUMBING = ("c10::", "at::", "std::", "torch::unwind", "??")   # allocator and dispatch frames, not a site
+
+
 def allocation_site(event: dict) -> str:
-    """'file:line function' of the innermost frame of an allocation in slagen's code (its kernels' glue),
-    else the innermost frame with a file name."""
-    frames = [f for f in event.get("frames", ()) if f.get("filename")]
-    ours = [f for f in frames if "slagen" in f["filename"] or "/backends/" in f["filename"]]
-    f = (ours or frames or [dict(filename="?", line=0, name="?")])[0]
-    return f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}"
+    """'file:line function' of the innermost Python frame of an allocation in slagen's code (its kernels'
+    glue), else the innermost Python frame; for an allocation without one (made from C++: the autograd engine,
+    a kernel library's own allocation), 'C++ name' of its innermost frame that is not the allocator's or
+    ATen's dispatch (those C++ frames are recorded with ``stacks='all'``), else '?:0 ?'."""
+    frames = event.get("frames", ())
+    python = [f for f in frames if f.get("filename", "").endswith(".py")]
+    ours = [f for f in python if "slagen" in f["filename"] or "/backends/" in f["filename"]]
+    if ours or python:
+        f = (ours or python)[0]
+        return f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}"
+    cpp = [f["name"] for f in frames if f.get("name") and not f["name"].startswith(_CPP_PLUMBING)]
+    return f"C++ {cpp[0]}" if cpp else "?:0 ?"
 
 
-def peak_allocations(fn) -> Tuple[float, List[Tuple[float, str]]]:
+def peak_allocations(fn, stacks: str = "python") -> Tuple[float, List[Tuple[float, str]]]:
     """Run ``fn`` once with the CUDA allocator's history on: (peak MiB it allocated, [(MiB, allocation site)]
-    of what was alive at that peak, largest first)."""
+    of what was alive at that peak, largest first). ``stacks``: 'python', or 'all' to record C++ frames too
+    (slower; names the allocations no Python frame made)."""
     torch.cuda.synchronize()
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks=stacks)
     try:
         fn()
         torch.cuda.synchronize()

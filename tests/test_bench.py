@@ -109,8 +109,9 @@ def test_bench_rows_option_selects_the_slagen_rows_and_rejects_unknown_names(mon
 
 
 def test_live_at_peak_replays_an_allocator_trace():
-    """The allocations alive at the peak of a trace, largest first, named by their innermost slagen frame;
-    frees of blocks allocated before the trace are ignored (only the traced span counts)."""
+    """The allocations alive at the peak of a trace, largest first, named by their innermost slagen frame (or
+    Python frame, or C++ frame past the allocator); frees of blocks allocated before the trace are ignored
+    (only the traced span counts)."""
     def frame(path, line, name):
         return dict(filename=path, line=line, name=name)
     glue = [frame("/x/site-packages/torch/functional.py", 10, "empty"),
@@ -128,6 +129,13 @@ def test_live_at_peak_replays_an_allocator_trace():
     assert bench.allocation_site(alive[0]) == "torch/y.py:1 f"
     assert bench.allocation_site(dict(frames=[])) == "?:0 ?"
     assert bench.live_at_peak([]) == (0, [])
+    # stacks='all': an allocation no Python code made is named by its innermost C++ frame past the allocator's
+    # and ATen's dispatch; C++ frames never stand for a Python site
+    cpp = [frame("??", 0, "c10::cuda::CUDACachingAllocator::Native::malloc"), frame("??", 0, "at::native::empty_cuda"),
+           frame("/s/engine.cpp", 7, "torch::autograd::Engine::evaluate_function"), frame("??", 0, "start_thread")]
+    assert bench.allocation_site(dict(frames=cpp)) == "C++ torch::autograd::Engine::evaluate_function"
+    assert bench.allocation_site(dict(frames=cpp[:2] + glue)) == "triton/bwd.py:455 _run_heads"
+    assert bench.allocation_site(dict(frames=cpp[:2])) == "?:0 ?"
 
 
 def test_interleave_retimes_rows_in_turn_and_keeps_medians():

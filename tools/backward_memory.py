@@ -3,6 +3,7 @@
     python tools/backward_memory.py                                   # headline shape, both backends
     python tools/backward_memory.py --budgets 0,0.5,1.25,2 --backend triton --seq-len 75600 --heads 40
     python tools/backward_memory.py --budgets 0 --at-peak 12          # what is alive at the peak
+    python tools/backward_memory.py --backend tilelang --budgets 0 --at-peak 12 --stacks all   # + C++ sites
 
 The backward forms its linear-branch temporaries head group by head group (slagen.backends.triton.bwd,
 _head_groups); the budget is a multiple of q's bytes, 0 = all heads at once. Each budget is set as the
@@ -40,9 +41,9 @@ def host_trace(fn, top: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
-def at_peak(fn, top: int) -> str:
+def at_peak(fn, top: int, stacks: str) -> str:
     """The ``top`` largest allocations alive at the peak of one call of ``fn``, with their sites."""
-    peak, alive = peak_allocations(fn)
+    peak, alive = peak_allocations(fn, stacks)
     lines = [f"    peak {peak:.0f} MiB; alive then ({len(alive)} allocations, largest first):"]
     lines += [f"    {mib:9.1f} MiB  {site}" for mib, site in alive[:top]]
     return "\n".join(lines)
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="0,1.25")
     ap.add_argument("--trace", type=int, default=0, help="print the N costliest host operations per budget")
     ap.add_argument("--at-peak", type=int, default=0, help="print the N largest allocations alive at the peak")
+    ap.add_argument("--stacks", choices=("python", "all"), default="python",
+                    help="frames --at-peak records: 'all' adds C++ frames, naming allocations no Python code made")
     add_shape_args(ap)
     args = ap.parse_args()
     if os.environ.get(bwd.TEMP_BUDGET_ENV, "").strip():
@@ -81,7 +84,7 @@ def main() -> None:
             if args.trace:
                 print(host_trace(fwd_bwd, args.trace), flush=True)
             if args.at_peak:
-                print(at_peak(fwd_bwd, args.at_peak), flush=True)
+                print(at_peak(fwd_bwd, args.at_peak, args.stacks), flush=True)
     print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 topk={args.topk} "
           f"block {args.block}\n")
     print("| what | temp_budget | fwd+bwd ms | peak MiB | peak × cuDNN |\n|---|---|---|---|---|")
