@@ -278,6 +278,12 @@ def _check_marginal(m: MarginalOperands, p: _Plan, d: int, device: torch.device)
         raise ValueError(f"marginal operands: per_block={m.per_block!r} must be an int >= 1")
 
 
+def _operand_rows_cap(cfg: dict) -> dict:
+    """The launch option of the one-warp programs that write marginal operands (the selection with them,
+    marginal_rows_kernel): config select_maxnreg as ptxas's register cap, or none."""
+    return {} if cfg["select_maxnreg"] is None else dict(maxnreg=cfg["select_maxnreg"])
+
+
 def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
          config: Optional[dict] = None, columns: bool = True, pooled: Optional[Pooled] = None,
          marginal: Optional[MarginalOperands] = None) -> Tuple[Tuple[torch.Tensor, ...],
@@ -315,8 +321,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: in
         z_rows, k_cols, per_block = marginal.z_terms.shape[2], marginal.sel.shape[3], marginal.per_block
 
     score_grid = p.score_grid if marginal is None else (p.score_grid[0] + p.n_tiles_n, bh)
-    use_cap = marginal is not None and cfg["select_maxnreg"] is not None
-    select_cap = dict(maxnreg=cfg["select_maxnreg"]) if use_cap else {}
+    select_cap = _operand_rows_cap(cfg) if marginal is not None else {}
 
     def launch_key(name):
         key = p.launch_key(name)
@@ -390,12 +395,11 @@ def marginal_operands(q: torch.Tensor, k: torch.Tensor, maps: Sequence[torch.Ten
     launch.of(mod, "z_part_kernel")(
         key, (p.n_tiles_n, bh), (marginal.z_terms, z_part, z_rows, marginal.per_block, p.n_tiles_n),
         BN=cfg["score_cols"], num_warps=cfg["score_warps"], num_stages=cfg["score_stages"])
-    cap = {} if cfg["select_maxnreg"] is None else dict(maxnreg=cfg["select_maxnreg"])
     launch.of(mod, "marginal_rows_kernel")(
         key, p.select_grid,
         (mask, crit_lut, crit_count, negl_lut, negl_count, marginal.sel, marginal.z_terms, z_part, marginal.z_sums,
          p.t_m, p.t_n, n_crit, n_negl, k_cols, z_rows, marginal.per_block, p.n_tiles_n),
-        ROWS=cfg["select_rows"], CH=cfg["select_chunk"], num_warps=1, **cap)
+        ROWS=cfg["select_rows"], CH=cfg["select_chunk"], num_warps=1, **_operand_rows_cap(cfg))
 
 
 def block_map(q: torch.Tensor, k: torch.Tensor, n_crit: int, n_negl: int, block_q: int, block_k: int,
