@@ -138,13 +138,22 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # session 16: as a probe (no masks, no LSE; removed since) 0.697 vs 0.702 ms sparse-only and 0.968 vs 0.997
 # SLA marginal; as this kernel (tools/forward_configs.py, rounds in turn, persistent vs per-tile overlap) 0.716
 # vs 0.704 and 1.026 vs 0.995 (5 rounds), 0.705 vs 0.689 and 0.989 vs 1.000 (9 rounds): not faster, so tunable.
+# tail_split (the most parts a tail tile is split into; 1: off): the grid's last tiles — tiles mod the SM
+# count, where they are at most half the SMs — each run as up to tail_split CTAs over a share of the row's
+# critical blocks, merged by the last part to finish (forward_kernel's docstring; one atomic count per tile),
+# in a second launch after the whole tiles' (tail_plan). Meant for the wave tail: 3072 tiles on 132 SMs leave
+# 36 for a 24th wave. H200, headline shape, session 25 (tail_plan: 3036 whole tiles, then 36 tiles in 3 parts):
+# the two launches' kernels 0.6633 ms vs 0.6599 for one launch; SLA marginal forward 0.994 / 1.007 ms graph /
+# eager vs 0.998 / 0.992, sparse-only 0.687 / 0.672 vs 0.685 / 0.671 (9 rounds in turn): no gain — the 23 full
+# waves do not end together either (tiles finish at spread times, so the last wave's 36 tiles start early and
+# cost less than a tile's time). Tunable only; its GPU tests pass.
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
              pre_async=True, pre_overlap=False, warp_specialized=True, ctas_per_sm=1, prefetch_h=False,
-             tma_store=True, overlap=False, pingpong=False, persistent=False),
+             tma_store=True, overlap=False, pingpong=False, persistent=False, tail_split=1),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
               pre_async=True, pre_overlap=True, warp_specialized=True, ctas_per_sm=1, prefetch_h=False,
-              tma_store=True, overlap=True, pingpong=False, persistent=False),
+              tma_store=True, overlap=True, pingpong=False, persistent=False, tail_split=1),
 }
 _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   # 64-row tiles, where two CTAs fit an SM
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
@@ -186,6 +195,8 @@ _BWD_DEFAULTS: Dict[int, dict] = {
 }
 BACKWARDS = ("triton", "tilelang")
 SHARED_MEMORY = 227 * 1024
+TAIL_SPLIT_MAX = 8
+TAIL_OVERHEAD = 0.15    # tail_plan: the split launch's extra cost in tiles' time (a launch gap, the merge)
 SHARED_MEMORY_PER_SM = 228 * 1024   # what resident CTAs share (each also reserves 1 KiB: in shared_bytes)
 
 _LOCK = threading.RLock()
@@ -494,6 +505,11 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError("config tile_m=64 with num_warps=8 is not supported (TileLang layout inference "
                          "rejects it); use num_warps=4")
     choice("ctas_per_sm", (1, 2))
+    choice("tail_split", tuple(range(1, TAIL_SPLIT_MAX + 1)))
+    if cfg["tail_split"] > 1 and not _splits_tail(cfg, spec):
+        raise ValueError("config tail_split > 1 needs one key block per loop step, walked last-first: the "
+                         "overlapped loop (tile_n dividing block_k) or the plain one with tile_n = block_k; not "
+                         "pingpong, persistent or two key blocks per step (use tail_split=1)")
     for name in ("pre_async", "pre_overlap", "prefetch_h", "tma_store", "overlap", "pingpong", "persistent"):
         if not isinstance(cfg[name], bool):
             raise ValueError(f"config[{name!r}]={cfg[name]!r} must be True or False")
@@ -540,6 +556,13 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError(f"config ctas_per_sm={cfg['ctas_per_sm']}: each CTA needs about {need // 1024} KiB of "
                          f"shared memory, {cfg['ctas_per_sm']} of them more than an sm90 SM's "
                          f"{SHARED_MEMORY_PER_SM // 1024} KiB; use ctas_per_sm=1 (or fewer stages)")
+
+
+def _splits_tail(cfg: dict, spec: KernelSpec) -> bool:
+    """Whether the forward loop of ``cfg`` can run as a split tail (tail_split > 1): one key block per step,
+    walked last-first, in the per-tile kernel."""
+    return not (cfg["persistent"] or cfg["pingpong"] or cfg["tile_n"] == 2 * spec.block_k or
+                (cfg["tile_n"] != spec.block_k and not cfg["overlap"]))
 
 
 def _default_backward_config(spec: KernelSpec) -> dict:
@@ -672,6 +695,8 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
     for name in ("overlap", "pre_async", "pre_overlap"):   # defaults, not the caller's choice: need warp specialisation
         if cfg.get(name) and name not in (config or {}) and not cfg["warp_specialized"]:
             cfg[name] = False
+    if spec.role != "backward" and "tail_split" not in (config or {}) and not _splits_tail(cfg, spec):
+        cfg["tail_split"] = 1               # a default, giving way to the caller's loop
     dq, asked = cfg.get("dq"), (config or {}).get("dq")
     if isinstance(dq, dict) and dq.get("row_regs") and dq.get("tile_n") == 2 * spec.block_k and not (
             isinstance(asked, dict) and "row_regs" in asked):
@@ -760,8 +785,11 @@ def _module(spec: KernelSpec):
 
 
 def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bool = False,
-                   has_bias: bool = False):
-    """The compiled forward kernel of ``spec`` for tunables ``cfg`` and the epilogue flags."""
+                   has_bias: bool = False, tail: bool = False):
+    """The compiled forward kernel of ``spec`` for tunables ``cfg`` and the epilogue flags; ``tail``: the kernel
+    of the split tail launch (config tail_split > 1; see :func:`tail_plan`)."""
+    if tail and (cfg["persistent"] or cfg["tail_split"] < 2):
+        raise ValueError("tail=True needs a per-tile config with tail_split > 1")
     linear = spec.feature_map is not None
     save, has_w, has_bias = (bool(save) and linear, bool(has_w) and linear, bool(has_bias) and linear)
     mod = _module(spec)
@@ -773,7 +801,7 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
     args = dict(tile_m=cfg["tile_m"], tile_n=cfg["tile_n"], threads=32 * cfg["num_warps"],
                 num_stages=cfg["num_stages"], ctas_per_sm=ctas_per_sm, prefetch_h=cfg["prefetch_h"] and linear,
                 tma_store=cfg["tma_store"], save=save, has_w=has_w, has_bias=has_bias, overlap=cfg["overlap"],
-                pingpong=cfg["pingpong"])
+                pingpong=cfg["pingpong"], tail_split=tail)
     key = ("forward", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     return _compile(key, lambda: mod.forward_kernel(**args), cfg["warp_specialized"])
 
@@ -841,10 +869,11 @@ def build(spec: KernelSpec, config: Optional[dict] = None, *, variants: str = "a
           jobs: Optional[int] = None) -> list:
     """Compile ``spec``'s kernels without running them (no GPU needed); returns the JITKernels.
 
-    Role 'forward' — variants: 'all' — every epilogue variant {save} × {Proj weight} × {bias} plus the
-    pre-pass and its pooling variants; 'default' — the inference variant without Proj plus the pre-pass and
-    its self-attention pooling variant. Role 'backward': the dq and dk/dv kernels when the config picks the
-    TileLang backward (none when it picks Triton's, which compiles at first use). Role 'block_map': the
+    Role 'forward' — variants: 'all' — every epilogue variant {save} × {Proj weight} × {bias} (and each one's
+    split-tail kernel, config tail_split > 1) plus the pre-pass and its pooling variants; 'default' — the
+    inference variant without Proj plus the pre-pass and its self-attention pooling variant. Role 'backward':
+    the dq and dk/dv kernels when the config picks the TileLang backward (none when it picks Triton's, which
+    compiles at first use). Role 'block_map': the
     pooling kernels (the scores and selection are Triton's). The kernels compile on ``jobs`` threads
     (default: the CPU count, at most 8): lowering and nvcc overlap (1.7× on 2 cores).
     """
@@ -861,7 +890,9 @@ def build(spec: KernelSpec, config: Optional[dict] = None, *, variants: str = "a
         flags = [(False, False, False)]
         if linear and variants == "all":
             flags = [(s, w, b) for s in (False, True) for w in (False, True) for b in (False, True)]
-        makers = [functools.partial(forward_kernel, spec, cfg, save=s, has_w=w, has_bias=b) for s, w, b in flags]
+        tails = (False, True) if cfg["tail_split"] > 1 and not cfg["persistent"] else (False,)
+        makers = [functools.partial(forward_kernel, spec, cfg, save=s, has_w=w, has_bias=b, tail=t)
+                  for s, w, b in flags for t in tails]
         if linear:
             makers.append(functools.partial(prepass_kernel, spec, cfg))
             pools = _pooling_prepasses(spec, cfg)
@@ -917,6 +948,50 @@ def _persistent_grid(device: torch.device, tiles: int) -> torch.Tensor:
         _DUMMIES[key] = {"grid": torch.empty(sms, dtype=torch.int32, device=device)}
     grid = _DUMMIES[key]["grid"]
     return grid[:min(tiles, grid.numel())]
+
+
+def _sm_count(device: torch.device) -> int:
+    key = ("sms", device)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = {"sms": torch.cuda.get_device_properties(device).multi_processor_count}
+    return _DUMMIES[key]["sms"]
+
+
+def tail_plan(tq: int, heads: int, sms: int, most: int) -> Tuple[int, int]:
+    """(cols, parts): the per-tile forward's split tail. The last ``cols`` query tiles of each of the ``heads``
+    (B·H) heads go to a second launch in which each runs as ``parts`` CTAs over a share of its critical blocks,
+    so that the first launch's (tq - cols)·heads tiles fill whole waves of ``sms`` CTAs and the split tiles a
+    short one. Chosen by a wave count: a launch of n CTAs of t tiles' work takes ceil(n / sms)·t; the split
+    launch pays TAIL_OVERHEAD (a launch, the merge) on top, and is taken only where that is less than the
+    unsplit ceil(tq·heads / sms). (0, 1): no split (``most`` < 2, or nothing gained)."""
+    best, plan = -(-tq * heads // sms), (0, 1)
+    for cols in range(1, tq + 1):
+        tiles = cols * heads
+        parts = min(most, sms // tiles)
+        if parts < 2:
+            break
+        cost = -(-(tq - cols) * heads // sms) + 1 / parts + TAIL_OVERHEAD
+        if cost < best - 1e-9:
+            best, plan = cost, (cols, parts)
+    return plan
+
+
+def _grid_lengths(device: torch.device, n: int) -> torch.Tensor:
+    """An int32 vector (never read) of at least ``n`` elements, whose prefixes set the forward's grids."""
+    key = ("grid lengths", device)
+    if key not in _DUMMIES or _DUMMIES[key]["grid"].numel() < n:
+        _DUMMIES[key] = {"grid": torch.empty(max(n, 4096), dtype=torch.int32, device=device)}
+    return _DUMMIES[key]["grid"]
+
+
+def _tail_stand_ins(device: torch.device, tile_m: int, d: int) -> Tuple[torch.Tensor, ...]:
+    """PO, PML, FLAG for the launch of whole tiles, which does not read them."""
+    key = ("tail stand-ins", device, tile_m, d)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = {"all": (torch.empty((1, tile_m, d), dtype=torch.float32, device=device),
+                                 torch.empty((1, 2, tile_m), dtype=torch.float32, device=device),
+                                 torch.zeros((1,), dtype=torch.int32, device=device))}
+    return _DUMMIES[key]["all"]
 
 
 def _dummies(device: torch.device, dtype: torch.dtype, d: int) -> Dict[str, torch.Tensor]:
@@ -1113,6 +1188,7 @@ class _ForwardPlan(plans.Plan):
     has_w: bool
     kernel: object
     prepass: Optional[object]    # the linear pre-pass (a linear branch only)
+    tail_kernel: Optional[object] = None    # the kernel of the split tail launch (config tail_split > 1)
 
 
 _FORWARD_PLANS: plans.Plans[_ForwardPlan] = plans.Plans()
@@ -1141,9 +1217,11 @@ def _build_forward_plan(key, q, k, v, maps, proj_weight, proj_bias, save, block_
     cfg = _call_config(spec, q, k, maps, config)
     save = bool(save) and spec.feature_map is not None
     has_w = _kernel_has_w(spec, save, proj_weight is not None)
+    flags = dict(save=save, has_w=has_w, has_bias=proj_bias is not None)
     return _ForwardPlan(key=key, spec=spec, cfg=cfg, save=save, has_w=has_w,
-                        kernel=forward_kernel(spec, cfg, save=save, has_w=has_w, has_bias=proj_bias is not None),
-                        prepass=prepass_kernel(spec, cfg) if spec.feature_map is not None else None)
+                        kernel=forward_kernel(spec, cfg, **flags),
+                        prepass=prepass_kernel(spec, cfg) if spec.feature_map is not None else None,
+                        tail_kernel=forward_kernel(spec, cfg, tail=True, **flags) if cfg["tail_split"] > 1 else None)
 
 
 def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, scale, feature_map, scope, eps,
@@ -1202,10 +1280,23 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
         args.append(proj_bias.to(torch.float32).contiguous() if proj_bias is not None else dummy["bias"])
         args += [o_lin if save else dummy["o_lin"], den if save else dummy["den"], float(eps)]
     args.append(float(scale))
+    tq = math.ceil(lq / cfg["tile_m"])
     if cfg["persistent"]:   # the grid's length: one CTA per SM, at most one per tile
-        args.append(_persistent_grid(q.device, math.ceil(lq / cfg["tile_m"]) * H * B))
+        with torch.cuda.device(q.device):
+            plan.kernel(*args, _persistent_grid(q.device, tq * H * B))
+        return _with_sums((o, lse, o_lin, den), sums, states)
+    cols, parts = tail_plan(tq, H * B, _sm_count(q.device), cfg["tail_split"])
+    grid = _grid_lengths(q.device, max(tq, cols * parts))
+    stand_in = _tail_stand_ins(q.device, cfg["tile_m"], d)
     with torch.cuda.device(q.device):
-        plan.kernel(*args)
+        if tq > cols:       # the whole tiles (query tiles 0 .. tq - cols - 1 of every head)
+            plan.kernel(*args, grid[:tq - cols], *stand_in, 0, 1, 1)
+        if cols:            # the last cols query tiles of every head, parts CTAs each
+            slots = cols * H * B
+            po = torch.empty((slots * parts, cfg["tile_m"], d), dtype=torch.float32, device=q.device)
+            pml = torch.empty((slots * parts, 2, cfg["tile_m"]), dtype=torch.float32, device=q.device)
+            flag = torch.zeros((slots,), dtype=torch.int32, device=q.device)
+            plan.tail_kernel(*args, grid[:cols * parts], po, pml, flag, tq - cols, cols, parts)
     return _with_sums((o, lse, o_lin, den), sums, states)
 
 

@@ -122,14 +122,16 @@ def live_at_peak(events: Sequence[dict]) -> Tuple[int, List[dict]]:
     return peak, sorted(at_peak, key=lambda e: -e["size"])
 
 
-_CPP_PLUMBING = ("c10::", "at::", "std::", "torch::unwind", "??")   # allocator and dispatch frames, not a site
+# allocator, dispatch and the history's own frames: not a site
+_CPP_PLUMBING = ("c10::", "at::", "std::", "torch::unwind", "torch::CapturedTraceback", "??")
 
 
 def allocation_site(event: dict) -> str:
     """'file:line function' of the innermost Python frame of an allocation in slagen's code (its kernels'
     glue), else the innermost Python frame; for an allocation without one (made from C++: the autograd engine,
-    a kernel library's own allocation), 'C++ name' of its innermost frame that is not the allocator's or
-    ATen's dispatch (those C++ frames are recorded with ``stacks='all'``), else '?:0 ?'."""
+    a kernel library's own allocation), 'C++ a < b < c' of its three innermost frames that are not the
+    allocator's, ATen's dispatch or the history's (those C++ frames are recorded with ``stacks='all'``), else
+    '?:0 ?'."""
     frames = event.get("frames", ())
     python = [f for f in frames if f.get("filename", "").endswith(".py")]
     ours = [f for f in python if "slagen" in f["filename"] or "/backends/" in f["filename"]]
@@ -137,7 +139,7 @@ def allocation_site(event: dict) -> str:
         f = (ours or python)[0]
         return f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}"
     cpp = [f["name"] for f in frames if f.get("name") and not f["name"].startswith(_CPP_PLUMBING)]
-    return f"C++ {cpp[0]}" if cpp else "?:0 ?"
+    return f"C++ {' < '.join(cpp[:3])}" if cpp else "?:0 ?"
 
 
 def peak_allocations(fn, stacks: str = "python") -> Tuple[float, List[Tuple[float, str]]]:

@@ -131,11 +131,13 @@ def test_live_at_peak_replays_an_allocator_trace():
     assert bench.live_at_peak([]) == (0, [])
     # stacks='all': an allocation no Python code made is named by its innermost C++ frame past the allocator's
     # and ATen's dispatch; C++ frames never stand for a Python site
-    cpp = [frame("??", 0, "c10::cuda::CUDACachingAllocator::Native::malloc"), frame("??", 0, "at::native::empty_cuda"),
+    cpp = [frame("??", 0, "torch::CapturedTraceback::gather(bool, bool, bool)"),
+           frame("??", 0, "c10::cuda::CUDACachingAllocator::Native::malloc"), frame("??", 0, "at::native::empty_cuda"),
            frame("/s/engine.cpp", 7, "torch::autograd::Engine::evaluate_function"), frame("??", 0, "start_thread")]
-    assert bench.allocation_site(dict(frames=cpp)) == "C++ torch::autograd::Engine::evaluate_function"
-    assert bench.allocation_site(dict(frames=cpp[:2] + glue)) == "triton/bwd.py:455 _run_heads"
-    assert bench.allocation_site(dict(frames=cpp[:2])) == "?:0 ?"
+    assert bench.allocation_site(dict(frames=cpp)) == \
+        "C++ torch::autograd::Engine::evaluate_function < start_thread"
+    assert bench.allocation_site(dict(frames=cpp[:3] + glue)) == "triton/bwd.py:455 _run_heads"
+    assert bench.allocation_site(dict(frames=cpp[:3])) == "?:0 ?"
 
 
 def test_interleave_retimes_rows_in_turn_and_keeps_medians():

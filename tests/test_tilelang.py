@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures
+import contextlib
 import itertools
 import math
 import os
@@ -139,6 +140,10 @@ def test_persistent_shared_memory_and_proj_stages():
      "overlap=True needs warp_specialized=True"),
     (dict(pre_async=True, overlap=False, warp_specialized=False, num_stages=1, pre_stages=1),
      "pre_async=True needs warp_specialized=True"),
+    (dict(tail_split=0), "tail_split"), (dict(tail_split=9), "tail_split"), (dict(tail_split=True), "tail_split"),
+    (dict(tail_split=2, overlap=False, pingpong=True), "tail_split > 1 needs"),
+    (dict(tail_split=2, tile_n=128), "tail_split > 1 needs"),
+    (dict(tail_split=2, overlap=False, tile_n=32), "tail_split > 1 needs"),
 ])
 def test_bad_config_is_a_clear_error(change, match):
     spec = spec_of(scope="marginal", block=(128, 64))
@@ -152,6 +157,61 @@ def test_bad_config_is_a_clear_error(change, match):
     tl_backend.check_config({**tl_backend.default_config(two), "ctas_per_sm": 2}, two)
     with pytest.raises(ValueError, match="ctas_per_sm=2: each CTA needs"):
         tl_backend.check_config({**tl_backend.default_config(two), "ctas_per_sm": 2, "num_stages": 3}, two)
+
+
+@pytest.mark.parametrize("tq,heads,most,plan", [
+    (256, 12, 4, (3, 3)),      # the headline shape: 3036 tiles are 23 full waves, 36 tiles split in 3
+    (256, 12, 1, (0, 1)),      # tail_split=1: off
+    (256, 2, 4, (0, 1)),       # 512 tiles: a split tail needs 116 tiles, which cannot split in two
+    (32, 12, 4, (0, 1)),       # 384 tiles: 2.9 waves whatever the split
+    (32, 2, 4, (32, 2)),       # 64 tiles, half the SMs idle: every tile in two
+    (1, 2, 4, (1, 4)),         # 2 tiles: four parts each
+    (591, 40, 4, (1, 3)),      # L 75600, H 40: the last query tile of each head in three parts
+])
+def test_tail_plan_fills_the_last_wave(tq, heads, most, plan):
+    """tail_plan's split: the whole tiles' launch in full waves where it can be, the split tail in one wave of
+    at most 132 CTAs, taken only where it saves time by its count of waves."""
+    cols, parts = tl_backend.tail_plan(tq, heads, 132, most)
+    assert (cols, parts) == plan
+    if cols:
+        assert 2 <= parts <= most and cols * heads * parts <= 132 and cols <= tq
+
+
+def test_forward_launches_whole_tiles_then_the_split_tail(monkeypatch):
+    """The per-tile forward launches the whole tiles (grid x = tq - cols) and then the split tail (grid x =
+    cols·parts per head, X0 = tq - cols) with a fresh workspace and zeroed counts, or one launch where
+    tail_plan splits nothing; no GPU: the kernels are stand-ins that record their arguments."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, *args):
+            grid, po, pml, flag, x0, cols, parts = args[-7:]
+            launches.append((self.name, grid.numel(), tuple(po.shape), tuple(pml.shape), flag.tolist(), x0, cols,
+                             parts))
+
+    spec = spec_of(d=128, fmap=None)
+    cfg = tl_backend._resolve_config(spec, {"tail_split": 4})
+    plan = tl_backend._ForwardPlan(key=None, spec=spec, cfg=cfg, save=False, has_w=False, kernel=Recorder("main"),
+                                   prepass=None, tail_kernel=Recorder("tail"))
+    monkeypatch.setattr(tl_backend, "_forward_plan", lambda *a, **k: plan)
+    monkeypatch.setattr(tl_backend, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(tl_backend, "_check_inputs", lambda *a: None)
+    monkeypatch.setattr(tl_backend.torch.cuda, "device", lambda device: contextlib.nullcontext())
+    for lq, heads, want in ((32760, 12, [("main", 253, (1, 128, 128), (1, 2, 128), [0], 0, 1, 1),
+                                         ("tail", 9, (108, 128, 128), (108, 2, 128), [0] * 36, 253, 3, 3)]),
+                            (32760, 2, [("main", 256, (1, 128, 128), (1, 2, 128), [0], 0, 1, 1)]),
+                            (77, 2, [("tail", 4, (8, 128, 128), (8, 2, 128), [0, 0], 0, 1, 4)])):
+        launches.clear()
+        q = torch.randn(1, heads, lq, 128, dtype=torch.bfloat16)
+        tq = -(-lq // 128)
+        maps = [torch.zeros(1, heads, tq, 8, dtype=torch.int8), torch.zeros(1, heads, tq, 1, dtype=torch.int32),
+                torch.ones(1, heads, tq, dtype=torch.int32)] + [torch.zeros(1, heads, 1, 1)] * 6
+        tl_backend.forward(q, q, q, maps, None, None, False, block_q=128, block_k=64, scale=0.1, feature_map=None,
+                           scope="marginal", eps=1e-6)
+        assert launches == want, (lq, heads, launches)
 
 
 def test_unavailable_reasons():
@@ -303,6 +363,27 @@ def test_forward_compiles_for_sm90a(spec, flags):
     _assert_sparse_loop_runs(kernel.get_kernel_source(), "forward")
     cache = tl_backend.cache_dir() / "tilelang"
     assert cache.is_dir() and any(cache.rglob("*.cu")), "TileLang's cache is not inside slagen's cache dir"
+
+
+@needs_compiler
+def test_forward_tail_kernel_compiles_for_sm90a():
+    """The split tail's kernel (config tail_split > 1): one TMA + warp-specialised
+    pipelined loop that runs at least once (a part may walk no block); each part stores its state, fences and
+    counts itself with one acq_rel atomic; the last part merges and writes O by TMA. The whole-tile kernel has
+    none of that."""
+    spec = spec_of(d=128, scope="marginal")
+    cfg = tl_backend._resolve_config(spec, {"tail_split": 4})
+    src = tl_backend.forward_kernel(spec, cfg, tail=True).get_kernel_source()
+    _assert_hopper_source(src, "tail forward")
+    steps = re.findall(r"int (n_steps\w*) = max\(n_walk, 1\);", src)     # (its loop bounds, in variables)
+    assert len(steps) == 2 and all(f"< {n};" in src for n in steps), "a part without blocks must walk one step"
+    count = src.find("AtomicAddRet(")
+    assert src.count("AtomicAddRet(") == 1 and src.endswith(")", 0, src.find(";", count)), "not one counting atomic"
+    assert re.search(r"AtomicAddRet\(.*FLAG.*, 1, 4\)", src), "the count is not acq_rel (memory order 4)"
+    assert 0 < src.find("__threadfence();") < count, "the part's stores are not fenced before it counts itself"
+    assert count < src.find("tma_store(O_desc"), "O is stored before the parts are merged"
+    whole = tl_backend.forward_kernel(spec, cfg).get_kernel_source()
+    assert "AtomicAddRet" not in whole and "__threadfence" not in whole and "PO[" not in whole
 
 
 @needs_compiler
@@ -834,7 +915,25 @@ GPU_CASES = (
     + [dict(L=4096, n_crit="all", q_scale=30.0, config=cfg)
        for cfg in (dict(overlap=False), PINGPONG, dict(tile_n=128))]
     + [dict(L=4096, block=(64, 64), n_crit="all", q_scale=30.0, save=False, config=dict(ctas_per_sm=2)),
-       dict(L=4096, fmap="none", n_crit="mixed", q_scale=30.0)])
+       dict(L=4096, fmap="none", n_crit="mixed", q_scale=30.0)]
+    # the split tail (tail_split; tail_plan): L 4300, H 4 launches 33 whole query tiles per
+    # head, then the last (partial) one of each head in four parts; L 4099, H 2 and L 77 split every tile (two
+    # and four parts: parts without blocks where n_crit < 4); the headline shape (3 tiles per head in 3 parts).
+    # Scopes, negligible on/off, sparse-only, counts 1 / 2 / mixed / all / top-k, both loops, d 64, fp16, Proj
+    # and saving off, odd key lengths, wide score ranges
+    + [dict(L=4300, H=4, d=d, scope=sc, negl=ng, n_crit=c, config=dict(tail_split=4))
+       for c in (1, 2, "topk") for d in (64, 128) for sc in ("marginal", "all") for ng in (0.0, 0.1)]
+    + [dict(L=L, H=H, fmap="none", n_crit=c, config=dict(tail_split=4))
+       for L, H, c in ((4300, 4, "mixed"), (4099, 2, 1), (77, 2, 1), (77, 2, "all"))]
+    + [dict(L=4099, H=2, n_crit="mixed", config=dict(tail_split=4)),
+       dict(L=4300, H=4, n_crit="all", config=dict(tail_split=4, overlap=False)),
+       dict(L=4300, H=4, d=64, fmap="none", n_crit="mixed", config=dict(tail_split=4, overlap=False)),
+       dict(L=4300, H=4, dtype="fp16", save=False, config=dict(tail_split=4)),
+       dict(L=4300, H=4, proj=False, layout="blhd", config=dict(tail_split=4)),
+       dict(L=1000, Lk=3001, H=4, negl=0.1, n_crit=2, config=dict(tail_split=3)),
+       dict(L=4300, H=4, n_crit="all", q_scale=30.0, config=dict(tail_split=4)),
+       dict(L=32760, H=12, n_crit="topk", config=dict(tail_split=4)),
+       dict(L=32760, H=12, fmap="none", n_crit="topk", config=dict(tail_split=4))])
 
 
 def test_gpu_cases_have_valid_configs():
@@ -877,6 +976,8 @@ def precompile(cases, workers: int = 8) -> list:
     def one(job):
         spec, cfg, flags = job
         tl_backend.forward_kernel(spec, cfg, **flags)
+        if cfg["tail_split"] > 1 and not cfg["persistent"]:
+            tl_backend.forward_kernel(spec, cfg, tail=True, **flags)
         if spec.feature_map is not None:
             tl_backend.prepass_kernel(spec, cfg)
     failures = []
@@ -907,6 +1008,32 @@ def case_id(c: dict) -> str:
 def test_gpu_forward_matches_reference(case, gpu_kernels):
     errs = run_case(**case)
     assert max(errs.values()) < TOL, errs
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("L,H,fmap", [(4300, 4, "softmax"), (77, 2, "none"), (32760, 12, "softmax")])
+def test_gpu_split_tail_is_deterministic_and_matches_whole_tiles(L, H, fmap):
+    """The split tail's result does not depend on which part finishes last (two calls: the same bits) and is
+    the whole-tile forward's up to the merge's rounding (tail_split=1 launches whole tiles only)."""
+    assert tl_backend.tail_plan(-(-L // 128), H, torch.cuda.get_device_properties(0).multi_processor_count, 4)[0]
+    case = dict(L=L, H=H, fmap=fmap, n_crit="topk" if L > 77 else 2)
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(3)
+    q, k, v, maps, w, b, cfg = case_inputs(B=1, H=H, L=L, lk=L, d=128, dtype="bf16", layout="bhld", fmap=fmap,
+                                           scope="marginal", negl=0.0, n_crit=case["n_crit"], block=(128, 64),
+                                           proj=fmap != "none", gen=gen)
+    runs = []
+    for config in ({"tail_split": 4}, {"tail_split": 4}, {"tail_split": 1}):
+        poison_allocator(8 * q.numel() * 4, dev)
+        runs.append(tl_backend.forward(q, k, v, maps, w, b, True, config=config, **cfg))
+    torch.cuda.synchronize()
+    for a, b2 in zip(runs[0], runs[1]):
+        assert torch.equal(a, b2), "two calls of the split tail differ"
+    o, lse = runs[0][0], runs[0][1]
+    assert rel_err(o, runs[2][0]) < 1e-2, rel_err(o, runs[2][0])
+    fin = torch.isfinite(runs[2][1])
+    assert torch.equal(fin, torch.isfinite(lse)) and rel_err(lse[fin], runs[2][1][fin]) < 1e-5
 
 
 @pytest.mark.gpu
@@ -1238,19 +1365,21 @@ def test_ptxas_report_reads_registers_spills_and_the_wgmma_serialisation_advisor
 
 
 @needs_compiler
-@pytest.mark.parametrize("what", ["forward", "forward sparse-only", "forward training", "prepass", "dq", "dkdv"])
+@pytest.mark.parametrize("what", ["forward", "forward sparse-only", "forward training", "forward tail", "prepass", "dq",
+                                  "dkdv"])
 def test_default_kernels_keep_their_wgmma_pipelined_and_spill_nothing(what):
-    """ptxas serialises no wgmma of the default d128 128x64 kernels and spills nothing (backends/ptxas.py: a
-    serialised kernel computes the same bits, slower — session 19's swapped accumulators: +28 %)."""
+    """ptxas serialises no wgmma of the default d128 128x64 kernels (and the split tail's, tail_split 4) and
+    spills nothing (backends/ptxas.py: a serialised kernel computes the same bits, slower — session 19's swapped
+    accumulators: +28 %)."""
     spec = spec_of(d=128, fmap=None if what == "forward sparse-only" else "softmax")
     if what in ("dq", "dkdv"):
         spec = spec.replace(role="backward")
         cfg = tl_backend._resolve_config(spec, {"backward": "tilelang"})
         kernel = tl_backend.backward_kernel(spec, cfg, what)
     else:
-        cfg = tl_backend._resolve_config(spec, {})
+        cfg = tl_backend._resolve_config(spec, {"tail_split": 4} if what == "forward tail" else {})
         kernel = (tl_backend.prepass_kernel(spec, cfg) if what == "prepass" else
-                  tl_backend.forward_kernel(spec, cfg, save=what == "forward training"))
+                  tl_backend.forward_kernel(spec, cfg, save=what == "forward training", tail=what == "forward tail"))
     rep = ptxas.report(kernel)
     assert not rep.wgmma_serialized, rep.advisories
     assert rep.spill_bytes == 0, rep
@@ -1332,7 +1461,8 @@ def test_sass_loop_mix_counts_the_main_loop_by_opcode():
 
 @needs_compiler
 @needs_nvdisasm
-@pytest.mark.parametrize("what", ["forward", "forward training", "forward sparse-only", "forward d64 overlap", "dq"])
+@pytest.mark.parametrize("what", ["forward", "forward training", "forward sparse-only", "forward tail",
+                                  "forward d64 overlap", "dq"])
 def test_default_kernels_keep_their_loaded_register_operands_across_the_loop(what):
     """The step-0 register copies the key loops read in every step (the forward's Q, dq's Q and dO) are written
     by nothing else inside the loop (backends/sass.py), in the default d 128 kernels and the d 64 overlapped
@@ -1344,9 +1474,11 @@ def test_default_kernels_keep_their_loaded_register_operands_across_the_loop(wha
         assert tl_backend._resolve_config(spec, {"backward": "tilelang"})["dq"]["row_regs"]
     else:
         spec = spec_of(d=64 if "d64" in what else 128, fmap=None if "sparse-only" in what else "softmax")
-        cfg = tl_backend._resolve_config(spec, {"overlap": True} if "d64" in what else {})
+        cfg = tl_backend._resolve_config(spec, {"overlap": True} if "d64" in what else
+                                         {"tail_split": 4} if what == "forward tail" else {})
         train = what == "forward training"
-        kernel = tl_backend.forward_kernel(spec, cfg, save=train, has_w=train, has_bias=train)
+        kernel = tl_backend.forward_kernel(spec, cfg, save=train, has_w=train, has_bias=train,
+                                           tail=what == "forward tail")
     code = sass.disassemble(kernel)
     assert re.search(r"LDSM\.\S+\s+R\d+,", code) and re.search(r"HGMMA\.\S+\s+R\d+,\s+R\d+,", code), \
         "no register operand loaded by LDSM: the check would pass vacuously"

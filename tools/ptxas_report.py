@@ -26,10 +26,10 @@ from slagen.backends import ptxas, sass
 from slagen.backends import tilelang as tl_backend
 from slagen.spec import KernelSpec
 
-ROLES = ("forward", "forward-training", "prepass", "dq", "dkdv")
+ROLES = ("forward", "forward-training", "forward-tail", "prepass", "dq", "dkdv")
 
 
-FORWARD_ROLES = ("forward", "forward-training", "prepass")
+FORWARD_ROLES = ("forward", "forward-training", "forward-tail", "prepass")
 
 
 def forward_kernels(spec: KernelSpec, config: dict, roles):
@@ -41,6 +41,8 @@ def forward_kernels(spec: KernelSpec, config: dict, roles):
             yield role, tl_backend.prepass_kernel(spec, cfg)
         elif role in ("forward", "forward-training"):
             yield role, tl_backend.forward_kernel(spec, cfg, save=role == "forward-training" and linear)
+        elif role == "forward-tail" and cfg["tail_split"] > 1 and not cfg["persistent"]:
+            yield role, tl_backend.forward_kernel(spec, cfg, tail=True)
 
 
 def backward_kernels(spec: KernelSpec, backward_config: dict, roles):
