@@ -195,9 +195,9 @@ _BWD_DEFAULTS: Dict[int, dict] = {
 }
 BACKWARDS = ("triton", "tilelang")
 SHARED_MEMORY = 227 * 1024
+SHARED_MEMORY_PER_SM = 228 * 1024   # what resident CTAs share (each also reserves 1 KiB: in shared_bytes)
 TAIL_SPLIT_MAX = 8
 TAIL_OVERHEAD = 0.15    # tail_plan: the split launch's extra cost in tiles' time (a launch gap, the merge)
-SHARED_MEMORY_PER_SM = 228 * 1024   # what resident CTAs share (each also reserves 1 KiB: in shared_bytes)
 
 _LOCK = threading.RLock()
 _KERNELS: Dict[tuple, object] = {}
@@ -873,9 +873,9 @@ def build(spec: KernelSpec, config: Optional[dict] = None, *, variants: str = "a
     split-tail kernel, config tail_split > 1) plus the pre-pass and its pooling variants; 'default' — the
     inference variant without Proj plus the pre-pass and its self-attention pooling variant. Role 'backward':
     the dq and dk/dv kernels when the config picks the TileLang backward (none when it picks Triton's, which
-    compiles at first use). Role 'block_map': the
-    pooling kernels (the scores and selection are Triton's). The kernels compile on ``jobs`` threads
-    (default: the CPU count, at most 8): lowering and nvcc overlap (1.7× on 2 cores).
+    compiles at first use). Role 'block_map': the pooling kernels (the scores and selection are Triton's). The
+    kernels compile on ``jobs`` threads (default: the CPU count, at most 8): lowering and nvcc overlap (1.7× on
+    2 cores).
     """
     if spec.role == "block_map":
         makers = [functools.partial(pool_kernel, spec, tile)
