@@ -8,9 +8,13 @@ each, with a synchronisation after every replay, and say which replay fails firs
 Session 25 (H200, tilelang): graphs of the forward given a block map, captured for L×H = 2048×4, 4096×2,
 8192×1 and 32760×12 with and without the linear branch (as the README's capture recipe does it, warm-up
 calls on a side stream first), then replayed: the first replay raised "an illegal memory access". Each
-setup captured and replayed alone, in its own process, runs and gives finite outputs. Cause not found; this
-tool repeats the failing sequence with the options to narrow it down (the outputs kept alive or not, the map
-given or built in the call, one capture pool for all graphs or one each).
+setup captured and replayed alone, in its own process, runs and gives finite outputs. Not confirmed, but the
+likely cause is PyTorch's, not slagen's: graphs captured one after the other on the same stream (torch.cuda.graph's
+default capture stream) share that stream's cuBLAS workspace, which PyTorch may free while an earlier graph still
+holds its address (pytorch/pytorch#193402, open; the SLA forward's mask GEMM is a cuBLAS GEMM, the failing replay
+an SLA graph). This tool repeats the failing sequence with switches to narrow it down: each graph on a stream of
+its own (``--stream-per-graph``, the candidate workaround), cuBLAS's workspaces cleared before each capture
+(``--clear-cublas``), the outputs kept alive, the map given or built in the call, one pool for all graphs.
 """
 
 from __future__ import annotations
@@ -22,16 +26,20 @@ import torch
 import slagen
 
 
-def capture(call, pool=None):
-    """A CUDA graph of ``call()`` after three warm-up calls on a side stream, and the output it writes."""
+def capture(call, pool=None, stream=None, clear_cublas=False):
+    """A CUDA graph of ``call()`` after three warm-up calls on a side stream, and the output it writes;
+    captured on ``stream`` (None: torch.cuda.graph's own, the same for every graph)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
             call()
     torch.cuda.current_stream().wait_stream(side)
+    if clear_cublas:
+        torch.cuda.synchronize()
+        torch._C._cuda_clearCublasWorkspaces()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
         out = call()
     torch.cuda.synchronize()
     return graph, out
@@ -45,6 +53,8 @@ def main() -> None:
     ap.add_argument("--build-map", action="store_true", help="build the block map inside each call")
     ap.add_argument("--keep-outputs", action="store_true", help="keep each graph's output tensor alive")
     ap.add_argument("--shared-pool", action="store_true", help="capture every graph into one memory pool")
+    ap.add_argument("--stream-per-graph", action="store_true", help="capture each graph on a stream of its own")
+    ap.add_argument("--clear-cublas", action="store_true", help="clear cuBLAS's workspaces before each capture")
     args = ap.parse_args()
     dev = torch.device("cuda")
     pool = torch.cuda.graph_pool_handle() if args.shared_pool else None
@@ -61,8 +71,10 @@ def main() -> None:
                 def call(q=q, k=k, v=v, bmap=bmap, fm=fm):
                     return slagen.attention(q, k, v, topk=0.05, feature_map=fm, block_map=bmap, block_q=128,
                                             block_k=64, backend=args.backend)
-                graph, out = capture(call, pool)
-                graphs.append((f"L{L} H{H} {fmap}", graph, out if args.keep_outputs else None, (q, k, v, bmap)))
+                stream = torch.cuda.Stream() if args.stream_per_graph else None
+                graph, out = capture(call, pool, stream, args.clear_cublas)
+                graphs.append((f"L{L} H{H} {fmap}", graph, out if args.keep_outputs else None,
+                               (q, k, v, bmap, stream)))
                 print(f"captured {graphs[-1][0]}", flush=True)
         for name, graph, out, _ in graphs:
             try:
