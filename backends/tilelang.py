@@ -942,19 +942,13 @@ def _check_inputs(q, k, v, maps, proj_weight, proj_bias) -> None:
 def _persistent_grid(device: torch.device, tiles: int) -> torch.Tensor:
     """The persistent forward's GRID argument: an int32 vector (never read) whose length is its grid, the
     device's SM count or ``tiles`` if fewer."""
-    key = ("grid", device)
-    if key not in _DUMMIES:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        _DUMMIES[key] = {"grid": torch.empty(sms, dtype=torch.int32, device=device)}
-    grid = _DUMMIES[key]["grid"]
-    return grid[:min(tiles, grid.numel())]
+    sms = _sm_count(device)
+    return _grid_lengths(device, sms)[:min(tiles, sms)]
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
-    key = ("sms", device)
-    if key not in _DUMMIES:
-        _DUMMIES[key] = {"sms": torch.cuda.get_device_properties(device).multi_processor_count}
-    return _DUMMIES[key]["sms"]
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def tail_plan(tq: int, heads: int, sms: int, most: int) -> Tuple[int, int]:
