@@ -140,8 +140,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, *_):
     q, k, v, o, lse, o_lin, den, h_lin, z_lin, proj_weight, proj_bias, *maps = ctx.saved_tensors
-    if do is None:      # grads not materialised, and the operator's other outputs count as differentiable:
-        do = torch.zeros_like(o)    # a loss that reaches only them hands O's as None
+    if do is None:      # grads not materialised: O's is None when autograd runs the backward without one
+        do = torch.zeros_like(o)    # (a loss reaching only the other outputs; gradcheck's undefined-gradient check)
     dq, dk, dv, dw, db = sla_bwd(do, q, k, v, o, lse, o_lin, den, h_lin, z_lin, maps, proj_weight, proj_bias,
                                  *ctx.cfg)
     return (dq, dk, dv, [None] * len(maps),
@@ -190,14 +190,16 @@ class _Forward(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, *output, proj_weight, proj_bias, *maps)
         ctx.cfg, ctx.backend = cfg, backend
         ctx.mark_non_differentiable(*output[1:])
-        # The other outputs' gradients stay None (O's never is: the only differentiable output): materialised,
-        # they are zero tensors of their shapes, which the backward never reads — O^l's and H_i's alone were 2 × 96 MiB at the headline shape's f+b peak (H200,
+        # The other outputs' gradients stay None: materialised, they are zero tensors of their shapes, which the
+        # backward never reads — O^l's and H_i's alone were 2 × 96 MiB at the headline shape's f+b peak (H200,
         # session 25: 988 MiB, the two named by backward_memory --stacks all as autograd's VariableInfo::zeros).
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, do, *_):
         q, k, v, o, lse, o_lin, den, h_lin, z_lin, proj_weight, proj_bias, *maps = ctx.saved_tensors
+        if do is None:      # grads not materialised: O's is None when autograd runs the backward without one
+            do = torch.zeros_like(o)    # (gradcheck's undefined-gradient check does)
         dq, dk, dv, dw, db = _backward_call(ctx.backend, do, q, k, v, o, lse, o_lin, den, h_lin, z_lin, maps,
                                             proj_weight, proj_bias, ctx.cfg)
         return (dq, dk, dv, dw if proj_weight is not None else None, db if proj_bias is not None else None,
