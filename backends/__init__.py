@@ -23,12 +23,13 @@ where cfg = block_q, block_k, scale, feature_map ('none' for sparse-only), scope
   o      like q (same shape, dtype and stride order): O = O^s + Proj(O^l)
   lse    float32 (B, H, Lq): natural-log LSE of the sparse branch (-inf for a row with no critical block)
   o_lin  (B, H, Lq, D) in q's dtype: O^l before Proj; den float32 (B, H, Lq): φ(Q_i)Z_i + eps.
-         Both are written only when ``save`` is true and there is a linear branch; otherwise they are
-         empty (0 elements) tensors.
+         Both are written only when ``save`` is true, there is a linear branch and the forward does not keep
+         h_lin / z_lin (below); otherwise they are empty (0 elements) tensors.
   h_lin  (B, H, T_m, D, D) in q's dtype: H_i = Σ_{j marginal} h_j of every query block (before Proj), and
   z_lin  (B, H, T_m, D) float32: Z_i — the sums the forward's linear epilogue read, kept for the backward's
-         dφ(Q) (100 MB at the headline shape instead of a key-state pass and a GEMM there); only with ``save``,
-         a linear branch and scope 'marginal' (:func:`keeps_linear_sums`), else empty.
+         dφ(Q) (100 MB at the headline shape instead of a key-state pass and a GEMM there), and for its den
+         and O^l = φ(Q_i)H_i / den, formed again there instead of saved (96 MiB less at the f+b peak); only
+         with ``save``, a linear branch and scope 'marginal' (:func:`keeps_linear_sums`), else empty.
   dw, db grads of proj_weight (D, D) / proj_bias (D,) in their dtypes; empty float32 tensors (distinct
          objects: op outputs may not alias) when those are None.
 """

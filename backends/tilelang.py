@@ -59,7 +59,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from slagen import codegen
-from slagen.backends import call_spec, check_forward_inputs, linear_terms, plans, wait_for_maps
+from slagen.backends import call_spec, check_forward_inputs, keeps_linear_sums, linear_terms, plans, wait_for_maps
 from slagen.autotune.space import copy_config
 from slagen.paths import cache_dir
 from slagen.spec import BLOCK_SIZES, KernelSpec
@@ -1222,7 +1222,8 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
             config: Optional[dict] = None, maps_ready=None, states: bool = False,
             early: Optional[EarlyTerms] = None):
     """SLA forward on the TileLang kernels; returns (o, lse, o_lin, den), and with ``states`` also (H_i, Z_i),
-    as slagen.backends describes (kept for the backward when ``save``, scope 'marginal' and a linear branch).
+    as slagen.backends describes (kept for the backward when ``save``, scope 'marginal' and a linear branch;
+    o_lin and den are then empty: the backward forms them from H_i, Z_i).
 
     q (B, H, Lq, D), k and v (B, H, Lk, D): views with unit stride on D and 16-byte multiple strides;
     maps the 9 BlockMap tensors; proj_weight (D, D) and proj_bias (D,) or None; config overrides of
@@ -1230,7 +1231,11 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
     after the linear pre-pass, which does not read them, is launched); early: the call's pre-pass already
     run (:func:`early_terms`, which pooled for its block map), for the default or tuned config (config None).
     """
-    plan = _forward_plan(q, k, v, maps, proj_weight, proj_bias, save, block_q, block_k, feature_map, scope, config)
+    # Keeping H_i, Z_i, the forward saves no O^l or den: the backward forms them from the sums (96 MiB less at the
+    # headline shape's f+b peak), and the kernel is the inference variant.
+    keep = states and keeps_linear_sums("tilelang", save, feature_map, scope)
+    plan = _forward_plan(q, k, v, maps, proj_weight, proj_bias, save and not keep, block_q, block_k, feature_map,
+                         scope, config)
     spec, cfg, save, has_w = plan.spec, plan.cfg, plan.save, plan.has_w
     B, H, lq, d = q.shape
     linear = spec.feature_map is not None
@@ -1261,7 +1266,7 @@ def forward(q, k, v, maps, proj_weight, proj_bias, save, *, block_q, block_k, sc
                 selection.marginal_operands(q, k, maps, block_q, block_k, given)
             marginal = marginal_sums(spec, cfg, *terms, maps[0], plan.launch_key("mask operands"), given)
             args += marginal
-            if save:
+            if keep:
                 sums = marginal
         else:
             h_tot, z_tot = terms
@@ -1366,9 +1371,9 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
 
     def sparse_dq(heads, ds, dq, terms=None):
         # dq holds the linear term and the kernel adds the sparse branch in place, or (lin_fused) terms = (H_i Wᵀ,
-        # Z_i, D^l) and the kernel adds the linear term itself
+        # Z_i, D^l, den) and the kernel adds the linear term itself
         b, hg, lq, d = dq.shape
-        states = _lin_inputs(spec, q, terms and (*terms, *per_heads(heads, den)),
+        states = _lin_inputs(spec, q, terms and tuple(t.contiguous() for t in terms),
                              [(b, hg, -1, d, d), (b, hg, -1, d), (b, hg, lq), (b, hg, lq)], ("g", "gz", "den", "den"))
         with torch.cuda.device(q.device):
             backward_kernel(spec, cfg, "dq")(q[:, heads], k[:, heads], v[:, heads], do[:, heads],

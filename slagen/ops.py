@@ -88,12 +88,13 @@ def sla_fwd(q: Tensor, k: Tensor, v: Tensor, maps: List[Tensor], proj_weight: Op
 def _(q, k, v, maps, proj_weight, proj_bias, block_q, block_k, scale, feature_map, scope, eps, save, backend):
     f32 = dict(dtype=torch.float32)
     B, H, lq, d = q.shape
-    if backends.keeps_linear_sums(backend, save, feature_map, scope):
+    kept = backends.keeps_linear_sums(backend, save, feature_map, scope)
+    if kept:
         tm = num_blocks(lq, block_q)
         sums = (q.new_empty((B, H, tm, d, d)), q.new_empty((B, H, tm, d), **f32))
     else:
         sums = (q.new_empty((0,)), q.new_empty((0,), **f32))
-    if save and feature_map != "none":
+    if save and feature_map != "none" and not kept:     # (kept sums: O^l and den formed again from them)
         return (torch.empty_like(q), q.new_empty(q.shape[:-1], **f32), q.new_empty(q.shape),
                 q.new_empty(q.shape[:-1], **f32)) + sums
     return (torch.empty_like(q), q.new_empty(q.shape[:-1], **f32), q.new_empty((0,)),

@@ -1609,24 +1609,28 @@ def run_backward_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope
                       keep_sums=True) -> dict:
     """One TileLang backward (config backward='tilelang') after the TileLang forward, vs the reference's
     gradients (fp32, same inputs) and the Triton backward of the same saved tensors; returns {name: rel. err}.
-    With ``keep_sums`` the forward keeps its H_i, Z_i (states=True) and the TileLang backward reads them, while
-    the Triton backward forms them again (a cross-check of the kept sums). dW, db (the Triton state kernels in
-    both paths) must equal the Triton backward's bitwise."""
+    With ``keep_sums`` the forward keeps its H_i, Z_i (states=True) and saves no O^l or den, and both backwards
+    read the sums (forming O^l and den from them); without, the forward saves O^l and den and both backwards
+    form the sums again. dW, db (the Triton state kernels in both paths) must equal the Triton backward's
+    bitwise."""
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(seed)
     q, k, v, maps, w, b, cfg = case_inputs(B=B, H=H, L=L, lk=L, d=d, dtype=dtype, layout=layout, fmap=fmap,
                                            scope=scope, negl=negl, n_crit=n_crit, block=block, proj=proj, gen=gen)
     do = make_qkv(B, H, L, L, d, DT[dtype], layout, dev, gen)[0]
-    *saved, h_lin, z_lin = tl_backend.forward(q, k, v, maps, w, b, True, states=True, **cfg)
-    kept = backends.keeps_linear_sums("tilelang", True, fmap, scope)
-    assert (h_lin.numel() > 0) == kept and (z_lin.numel() > 0) == kept
-    sums = dict(lin_sums=(h_lin, z_lin)) if kept and keep_sums else {}
+    out = tl_backend.forward(q, k, v, maps, w, b, True, states=keep_sums, **cfg)
+    saved, kept = out[:4], keep_sums and backends.keeps_linear_sums("tilelang", True, fmap, scope)
+    if keep_sums:
+        assert all((t.numel() > 0) == kept for t in out[4:]), "H_i, Z_i kept exactly where keeps_linear_sums says"
+    if fmap != "none":
+        assert all((t.numel() == 0) == kept for t in saved[2:]), "O^l, den saved exactly where no sums are kept"
+    sums = dict(lin_sums=out[4:]) if kept else {}
     poison_allocator(16 * q.numel() * 4, dev)
     got = tl_backend.backward(do, q, k, v, *saved, maps, w, b, config={"backward": "tilelang", **(config or {})},
                               **cfg, **sums)
     torch.cuda.synchronize()
     poison_allocator(16 * q.numel() * 4, dev)
-    tri = tl_backend.backward(do, q, k, v, *saved, maps, w, b, config={"backward": "triton"}, **cfg)
+    tri = tl_backend.backward(do, q, k, v, *saved, maps, w, b, config={"backward": "triton"}, **cfg, **sums)
     want = torch_backend.backward(do.float(), q.float(), k.float(), v.float(), None, None, None, None, maps, w, b,
                                   **cfg)
     errs = {}

@@ -418,16 +418,19 @@ def forward_sums(p, cfg):
     return h.to(p["q"].dtype), torch.einsum("bhmn,bhnd->bhmd", a, phi.sum(-2))
 
 
-@pytest.mark.parametrize("weight,negl", [(True, 0.25), (False, 0.0)])
-def test_forward_sums_replace_the_key_states(monkeypatch, weight, negl):
+@pytest.mark.parametrize("weight,negl,saved", [(True, 0.25, True), (False, 0.0, True), (True, 0.25, False),
+                                                (False, 0.0, False)])
+def test_forward_sums_replace_the_key_states(monkeypatch, weight, negl, saved):
     """Given the forward's H_i, Z_i (lin_sums), the backward skips the key-state kernel (and the H_i GEMM) and
-    gives the same gradients (Proj's W applied to the given H_i)."""
+    gives the same gradients (Proj's W applied to the given H_i). Without a saved O^l and den (``saved`` False:
+    what a forward that keeps the sums saves), the query-state and Proj-grad kernels form them from the sums."""
     p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=16, block_k=32, feature_map="softmax", scope="marginal",
                           negligible=negl, weight=weight, bias=True, seed=5)
     sums = forward_sums(p, cfg)
     want = triton_grads(p, cfg)
     monkeypatch.setattr(bwd, "_key_state", lambda c: pytest.fail("the key-state kernel ran although H_i was given"))
-    got = bwd.backward(*(p[n] for n in NAMES), **cfg, lin_sums=sums)
+    given = p if saved else dict(p, o_lin=p["q"].new_empty((0,)), den=p["den"].new_empty((0,)))
+    got = bwd.backward(*(given[n] for n in NAMES), **cfg, lin_sums=sums)
     ref = reference_grads(p, cfg)
     for name, g, w, r in zip(GRADS, got, want, ref):
         if r.numel():

@@ -177,7 +177,8 @@ def _check_inputs(do, q, k, v, o, lse, o_lin, den, maps, linear: bool, block_q: 
         want.update({"o_lin": (o_lin, q.shape), "den": (den, (B, H, Lq))})
     for name, (t, shape) in want.items():
         if tuple(t.shape) != tuple(shape):
-            extra = " (save=True in the forward keeps it for the backward)" if name in ("o_lin", "den") else ""
+            extra = (" (save=True in the forward keeps it for the backward; a forward that keeps H_i, Z_i saves "
+                     "neither, and its lin_sums then go to the backward)" if name in ("o_lin", "den") else "")
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}{extra}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
@@ -216,6 +217,9 @@ class _Call:
     ``sparse`` False: the dq / dkdv kernels skip their sparse loops and write the linear-branch terms alone
     into fp32 (B, H, L, D) buffers.
 
+    ``ol_from_sums``: the forward kept H_i, Z_i (``lin_sums``) and saved no O^l or den: the query-state kernel
+    forms den (into ``den``, an empty (B, H, Lq) fp32 buffer it fills) and O^l from them; ``o_lin`` is a stand-in.
+
     Derived in __post_init__: Lq, Lk, D, H, BH (= B*H), Tm, Tn, linear, marginal, state_dtype, total_dtype.
     """
 
@@ -236,6 +240,8 @@ class _Call:
     scale: float
     sparse: bool = True
     lin_sums: Optional[tuple] = None
+    eps: float = 0.0
+    ol_from_sums: bool = False
     fused_dq: bool = False
     fused_dkdv: bool = False
 
@@ -255,6 +261,14 @@ class _Call:
             self.o_lin, self.den = self.o, self.lse
         if not self.spec.has_negligible:              # the negligible tables are never read
             self.maps = list(self.maps[:5]) + list(self.maps[1:5])
+
+    def kept_sums(self):
+        """(H_i (B*H*T_m, D, D), Z_i (B*H*T_m, D)) the forward kept, as the kernels index them, where they form
+        O^l from them (``ol_from_sums``); else stand-ins never read."""
+        if not self.ol_from_sums:
+            return self.lse, self.lse
+        h, z = self.lin_sums
+        return h.reshape(-1, self.D, self.D), z.reshape(-1, self.D)
 
     def weight_args(self):
         """(w pointer, its 2 strides) with a stand-in when there is no projection weight."""
@@ -315,10 +329,11 @@ def _query_state(c: _Call):
     bias, s_bias = c.bias_args()
     count, ncount = c.maps[2], c.maps[6]
     c.mod._query_state[(chunks, c.BH)](
-        c.q, c.do, c.o, c.o_lin, c.den, w, bias, count, ncount, ds, dl, g, gz,
+        c.q, c.do, c.o, c.o_lin, c.den, w, bias, count, ncount, *c.kept_sums(), ds, dl, g, gz,
         *c.q.stride(), *c.do.stride(), *c.o.stride(), *c.o_lin.stride(), *c.den.stride(), s_w0, s_w1, s_bias,
-        *count.stride(), *ncount.stride(), c.H, c.Lq, c.Tm, c.Tn, prep["chunk"], rows,
-        HAS_W=c.w is not None, HAS_B=c.bias is not None, ROWS=prep["rows"], **c.prep_launch())
+        *count.stride(), *ncount.stride(), c.H, c.Lq, c.Tm, c.Tn, prep["chunk"], rows, c.eps,
+        HAS_W=c.w is not None, HAS_B=c.bias is not None, ROWS=prep["rows"], OL_FROM_SUMS=c.ol_from_sums,
+        **c.prep_launch())
     return ds, dl, g, gz
 
 
@@ -348,9 +363,10 @@ def _proj_grads(c: _Call):
     chunks = _grid_chunks(c.Tm, _PREP_CHUNK)
     dw_part = torch.empty((c.BH * chunks, c.D, c.D), dtype=torch.float32, device=c.q.device)
     db_part = torch.empty((c.BH * chunks, c.D), dtype=torch.float32, device=c.q.device)
-    c.mod._proj_grads[(chunks, c.BH)](c.do, c.o_lin, dw_part, db_part, *c.do.stride(), *c.o_lin.stride(), c.H,
-                                      c.Lq, c.spec.block_q * _PREP_CHUNK, HAS_W=c.w is not None,
-                                      ROWS=prep["rows"], **c.prep_launch())
+    c.mod._proj_grads[(chunks, c.BH)](c.do, c.o_lin, c.q, c.kept_sums()[0], c.den, dw_part, db_part,
+                                      *c.do.stride(), *c.o_lin.stride(), *c.q.stride(), *c.den.stride(), c.H,
+                                      c.Lq, c.Tm, c.spec.block_q * _PREP_CHUNK, HAS_W=c.w is not None,
+                                      ROWS=prep["rows"], OL_FROM_SUMS=c.ol_from_sums, **c.prep_launch())
     return dw_part.sum(0), db_part.sum(0)
 
 
@@ -411,20 +427,26 @@ def _dkdv(c: _Call, ds, g, gz, gsum, gzsum, dk, dv) -> None:
 
 
 def _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, block_q, block_k, scale,
-             feature_map, scope, config, sparse, lin_sums=None) -> _Call:
+             feature_map, scope, eps, config, sparse, lin_sums=None) -> _Call:
     """Validate a backward call and bundle it (see :func:`backward` for the arguments)."""
     fmap, scope = parse_feature_map(feature_map), parse_scope(scope)
     if fmap is None and (proj_weight is not None or proj_bias is not None):
         raise ValueError("proj_weight/proj_bias were given but feature_map='none' has no linear branch")
-    _check_inputs(do, q, k, v, o, lse, o_lin, den, maps, fmap is not None, block_q, block_k)
+    # A forward that keeps H_i, Z_i saves no O^l or den (both empty): the backward forms them from the sums.
+    from_sums = (fmap is not None and scope == "marginal" and lin_sums is not None and o_lin.numel() == 0
+                 and den.numel() == 0)
+    _check_inputs(do, q, k, v, o, lse, o_lin, den, maps, fmap is not None and not from_sums, block_q, block_k)
     if lin_sums is not None:
         _check_lin_sums(lin_sums, q, maps)
+    if from_sums:
+        o_lin, den = o, torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     spec = kernel_spec(q, block_q=block_q, block_k=block_k, feature_map=fmap, scope=scope,
                        has_negligible=maps[5].shape[-1] > 0)
     _check_head_dim(spec)
     cfg = check_config(default_config(spec) if config is None else copy_config(config), spec)
     return _Call(spec, cfg, codegen.load(spec, "triton"), q, k, v, do, o, lse, o_lin, den, maps, proj_weight,
-                 proj_bias, float(scale), sparse, lin_sums if fmap is not None and scope == "marginal" else None)
+                 proj_bias, float(scale), sparse, lin_sums if fmap is not None and scope == "marginal" else None,
+                 eps=float(eps), ol_from_sums=from_sums)
 
 
 def _temp_bytes_per_head(c: _Call) -> int:
@@ -509,8 +531,8 @@ def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv):
     else:
         q_terms = _marginal_states(c, h, z, c.maps[0]) if c.gemm_states() else (h, z)
     del h, z
-    if c.fused_dq:      # the caller's dq kernel adds the linear term itself, from H_i (W folded), Z_i and D^l
-        sparse_dq(ds, grads("dq", heads), (*q_terms, dl))
+    if c.fused_dq:      # the caller's dq kernel adds the linear term itself, from H_i (W folded), Z_i, D^l, den
+        sparse_dq(ds, grads("dq", heads), (*q_terms, dl, c.den))
     else:
         _dq(c, ds, dl, *q_terms, hsum, zsum, grads("dq", heads))
         if not c.sparse:
@@ -552,14 +574,16 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj
     do, q, o, o_lin: (B, H, Lq, D); k, v: (B, H, Lk, D) (any strides, unit stride on D); lse, den: float32
     (B, H, Lq) (natural-log LSE of the sparse branch; den = φ(Q_i)Z_i + eps); maps: the 9 BlockMap tensors;
     proj_weight (D, D) / proj_bias (D,) or None; feature_map 'softmax' | 'elu' | 'relu' | 'none'/None.
-    ``eps`` is already inside ``den`` and not used again. ``config``: launch configuration (default
+    ``eps`` is inside ``den`` (used again only to form den from ``lin_sums``, see below). ``config``: launch configuration (default
     :func:`default_config`). Returns (dq, dk, dv, dw, db): dq/dk/dv like q/k/v (same dtype and stride
     order), dw/db in the dtypes of proj_weight/proj_bias, or empty float32 tensors when those are None.
     ``lin_sums``: the (H_i, Z_i) a forward kept (slagen.backends: forward with states=True), or None; scope
-    'marginal' with the GEMM states then skips the key-state kernel and the H_i GEMM.
+    'marginal' with the GEMM states then skips the key-state kernel and the H_i GEMM. Given them, o_lin and den
+    may be empty (the forward that keeps them saves neither): den = φ(Q_i)Z_i + eps and O^l = φ(Q_i)H_i / den
+    are then formed again from them (the query-state and Proj-grad kernels).
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
-                 scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=True, lin_sums=lin_sums)
+                 scale=scale, feature_map=feature_map, scope=scope, eps=eps, config=config, sparse=True, lin_sums=lin_sums)
     return _run(c)
 
 
@@ -582,8 +606,9 @@ def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], p
     for :func:`backward` (``lin_sums`` too); the same kernels run, their sparse loops switched off (SPARSE=False).
 
     ``fused_dq`` (scope 'marginal' with the GEMM states only): the dq linear kernel does not run;
-    ``sparse_dq(heads, ds, dq, (H, Z, dl))`` gets H_i Wᵀ ((B·H_g·T_m, D, D) in the states' dtype), Z_i ((B·H_g·T_m,
-    D) fp32) and D^l ((B·H_g, Lq) fp32) and writes dq whole (dφ(Q_i) = (dO (H_i Wᵀ)ᵀ − D^l Z_iᵀ) / den_i,
+    ``sparse_dq(heads, ds, dq, (H, Z, dl, den))`` gets H_i Wᵀ ((B·H_g·T_m, D, D) in the states' dtype), Z_i
+    ((B·H_g·T_m, D) fp32), D^l ((B·H_g, Lq) fp32) and den ((B, H_g, Lq) fp32, the given one or the one formed
+    from ``lin_sums``; a view, possibly not contiguous) and writes dq whole (dφ(Q_i) = (dO (H_i Wᵀ)ᵀ − D^l Z_iᵀ) / den_i,
     dQ_i += J_φ(Q_i)ᵀ dφ besides the sparse branch).
     ``fused_dkdv`` (likewise): the dk / dv linear kernel does not run;
     ``sparse_dkdv(heads, ds, dk, dv, (G, g))`` gets G_j = Σ_{i: j marginal for i} dH_i ((B·H_g·T_n', D, D) in
@@ -591,7 +616,7 @@ def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], p
     (sparse branch and linear terms: dV_j += φ(K_j) G_j, dK_j += J_φ(K_j)ᵀ(V_j G_jᵀ + 1 g_jᵀ)).
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
-                 scale=scale, feature_map=feature_map, scope=scope, config=config, sparse=False, lin_sums=lin_sums)
+                 scale=scale, feature_map=feature_map, scope=scope, eps=eps, config=config, sparse=False, lin_sums=lin_sums)
     if (fused_dq or fused_dkdv) and not c.gemm_states():
         raise ValueError("fused_dq / fused_dkdv need scope 'marginal' with a linear branch and "
                          f"prep.marginal_states='gemm' (got feature_map={feature_map!r}, scope={scope!r}, "
