@@ -60,6 +60,7 @@ _PREP_CHUNK = 8      # selection blocks per program of the state kernels (defaul
 # Measured exceptions for the state kernels (H200, headline shape, 128x64, tools/sweep_linear_part.py, session 9):
 # 4 warps, 2 stages and 2 blocks per program: _query_state 0.376 -> 0.238 ms, _key_state 0.376 -> 0.184.
 _PREP_LAUNCH = {("sm90", 128): dict(num_warps=4, num_stages=2, chunk=2)}
+_LIN_ROWS = 64      # query rows per step of _lin_rows (at most block_q)
 MARGINAL_STATES = ("gemm", "gather")
 # prep.temp_budget's default: all heads at once. Head groups cut the peak (H200, headline shape, 128x64,
 # budget 1.25 = 3 of 12 heads per group: Triton f+b 988 -> 689 MiB, TileLang 1271 -> 703) but cost time
@@ -217,8 +218,9 @@ class _Call:
     ``sparse`` False: the dq / dkdv kernels skip their sparse loops and write the linear-branch terms alone
     into fp32 (B, H, L, D) buffers.
 
-    ``ol_from_sums``: the forward kept H_i, Z_i (``lin_sums``) and saved no O^l or den: the query-state kernel
-    forms den (into ``den``, an empty (B, H, Lq) fp32 buffer it fills) and O^l from them; ``o_lin`` is a stand-in.
+    ``ol_from_sums``: the forward kept H_i, Z_i (``lin_sums``) and saved no O^l or den: ``_lin_rows`` forms den
+    (into ``den``, an empty (B, H, Lq) fp32 buffer) and D^l from them, the Proj-grad kernel O^l; ``o_lin`` is a
+    stand-in.
 
     Derived in __post_init__: Lq, Lk, D, H, BH (= B*H), Tm, Tn, linear, marginal, state_dtype, total_dtype.
     """
@@ -328,13 +330,28 @@ def _query_state(c: _Call):
     w, s_w0, s_w1 = c.weight_args()
     bias, s_bias = c.bias_args()
     count, ncount = c.maps[2], c.maps[6]
+    if c.ol_from_sums:
+        _lin_rows(c, dl)
     c.mod._query_state[(chunks, c.BH)](
-        c.q, c.do, c.o, c.o_lin, c.den, w, bias, count, ncount, *c.kept_sums(), ds, dl, g, gz,
+        c.q, c.do, c.o, c.o_lin, c.den, w, bias, count, ncount, ds, dl, g, gz,
         *c.q.stride(), *c.do.stride(), *c.o.stride(), *c.o_lin.stride(), *c.den.stride(), s_w0, s_w1, s_bias,
-        *count.stride(), *ncount.stride(), c.H, c.Lq, c.Tm, c.Tn, prep["chunk"], rows, c.eps,
-        HAS_W=c.w is not None, HAS_B=c.bias is not None, ROWS=prep["rows"], OL_FROM_SUMS=c.ol_from_sums,
+        *count.stride(), *ncount.stride(), c.H, c.Lq, c.Tm, c.Tn, prep["chunk"], rows,
+        HAS_W=c.w is not None, HAS_B=c.bias is not None, ROWS=prep["rows"], DL_GIVEN=c.ol_from_sums,
         **c.prep_launch())
     return ds, dl, g, gz
+
+
+def _lin_rows(c: _Call, dl: torch.Tensor) -> None:
+    """Launch ``_lin_rows`` (``c.ol_from_sums``): den into ``c.den`` and D^l into ``dl`` (B*H, Lq) fp32, formed from
+    the kept H_i, Z_i. One program per query block reads its H_i once; _LIN_ROWS rows per step (H200, headline
+    shape: forming O^l inside _query_state instead, H_i read per 32-row step beside its dH_i accumulator, took
+    _query_state from 0.234 to 0.498 ms)."""
+    h, z = c.kept_sums()
+    w, s_w0, s_w1 = c.weight_args()
+    c.mod._lin_rows[(c.Tm, c.BH)](c.q, c.do, w, h, z, c.den, dl, *c.q.stride(), *c.do.stride(), *c.den.stride(),
+                                  s_w0, s_w1, c.H, c.Lq, c.Tm, c.eps, HAS_W=c.w is not None,
+                                  ROWS=min(_LIN_ROWS, c.spec.block_q), num_warps=8 if c.D == 128 else 4,
+                                  num_stages=2)
 
 
 def _key_state(c: _Call):
