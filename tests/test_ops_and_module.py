@@ -27,6 +27,25 @@ def test_opcheck_forward_and_backward(fmap, proj):
     torch.library.opcheck(ops.sla_fwd, (q, k, v, maps, w, b, 16, 16, 0.3, fmap, "marginal", 1e-5, True, "torch"))
 
 
+@pytest.mark.parametrize("backend,scope", [("tilelang", "marginal"), ("tilelang", "all"), ("triton", "marginal")])
+def test_forward_fake_saves_o_lin_or_the_sums(backend, scope):
+    """The operator's fake forward (the shapes torch.compile traces with) saves what the backend's forward saves:
+    a forward that keeps H_i, Z_i (slagen.backends.keeps_linear_sums) saves no O^l or den, the others O^l and
+    den and no sums."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v = inputs()
+    maps = list(slagen.block_map(q, k, topk=0.3, block_q=16, block_k=16).tensors())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        o, lse, o_lin, den, h_lin, z_lin = ops.sla_fwd(q, k, v, maps, None, None, 16, 16, 0.3, "softmax", scope,
+                                                       1e-5, True, backend)
+    kept = backend == "tilelang" and scope == "marginal"
+    assert o.shape == q.shape and lse.shape == q.shape[:-1]
+    assert tuple(o_lin.shape) == ((0,) if kept else tuple(q.shape))
+    assert tuple(den.shape) == ((0,) if kept else tuple(q.shape[:-1]))
+    assert tuple(h_lin.shape) == ((2, 2, 3, 8, 8) if kept else (0,))       # T_m = ceil(45 / 16) = 3
+    assert tuple(z_lin.shape) == ((2, 2, 3, 8) if kept else (0,)) and z_lin.dtype == torch.float32
+
+
 def test_fullgraph_compile_has_no_graph_break():
     model = slagen.SparseLinearAttention(8, topk=0.3, block_q=16, block_k=16, backend="torch")
     torch.nn.init.normal_(model.proj_l.weight)

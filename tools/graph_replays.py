@@ -5,16 +5,15 @@ each, with a synchronisation after every replay, and say which replay fails firs
     python tools/graph_replays.py --shapes 2048x4,4096x2 --fmaps softmax --backend tilelang
     python tools/graph_replays.py --shapes 32760x12 --fmaps softmax,none --keep-outputs
 
-Session 25 (H200, tilelang): graphs of the forward given a block map, captured for L×H = 2048×4, 4096×2,
-8192×1 and 32760×12 with and without the linear branch (as the README's capture recipe does it, warm-up
-calls on a side stream first), then replayed: the first replay raised "an illegal memory access". Each
-setup captured and replayed alone, in its own process, runs and gives finite outputs. Not confirmed, but the
-likely cause is PyTorch's, not slagen's: graphs captured one after the other on the same stream (torch.cuda.graph's
-default capture stream) share that stream's cuBLAS workspace, which PyTorch may free while an earlier graph still
-holds its address (pytorch/pytorch#193402, open; the SLA forward's mask GEMM is a cuBLAS GEMM, the failing replay
-an SLA graph). This tool repeats the failing sequence with switches to narrow it down: each graph on a stream of
-its own (``--stream-per-graph``, the candidate workaround), cuBLAS's workspaces cleared before each capture
+Session 25 (H200, tilelang): a probe captured graphs of the forward given a block map for L×H = 2048×4,
+4096×2, 8192×1 and 32760×12 with and without the linear branch (as the README's capture recipe does it,
+warm-up calls on a side stream first), then replayed them: the first replay raised "an illegal memory
+access"; each setup alone, in its own process, ran. This tool repeats that sequence with switches to narrow
+it down: each graph on a stream of its own (``--stream-per-graph``; graphs captured on one stream share its
+cuBLAS workspace, pytorch/pytorch#193402), cuBLAS's workspaces cleared before each capture
 (``--clear-cublas``), the outputs kept alive, the map given or built in the call, one pool for all graphs.
+Session 26 (H200, session 25's final kernels): the default run and nine variants (those switches, all four
+feature maps, other shape orders) all replayed without error: the failure is not reproduced.
 """
 
 from __future__ import annotations

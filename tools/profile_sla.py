@@ -145,7 +145,7 @@ def main() -> None:
           f"block {args.block}\n")
     print("| backend | what | eager ms | host ms | gpu ms | kernels (ms per call) |\n|---|---|---|---|---|---|")
     for name, what, eager, host, gpu, kt in rows:
-        ks = "; ".join(f"{n[:40]} {t:.3f}" for n, t in kt[:6])
+        ks = "; ".join(f"{n[:40]} {t:.3f}" for n, t in kt[:10])
         print(f"| {name} | {what} | {eager:.3f} | {host:.3f} | {gpu:.3f} | {ks} |")
 
 
