@@ -1350,7 +1350,8 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
     terms, then the sparse branch on the TileLang dq / dkdv kernels. It reads the lse / o_lin / den that
     either backend's forward saves (natural-log LSE, O^l before Proj, fp32 den). The TileLang path needs q,
     k, v readable by TMA (see :func:`_check_tma`); a dO that is not is copied. ``lin_sums``: the forward's
-    (H_i, Z_i) (``states=True``), or None (the backward then forms them again).
+    (H_i, Z_i) (``states=True``), or None (the backward then forms them again); given them, o_lin and den may
+    be empty (that forward saves neither) and are formed from them.
     """
     cfg_args = dict(block_q=block_q, block_k=block_k, scale=scale, feature_map=feature_map, scope=scope, eps=eps)
     spec = backward_spec(q, maps, block_q=block_q, block_k=block_k, feature_map=feature_map, scope=scope)

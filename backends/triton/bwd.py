@@ -591,16 +591,17 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj
     do, q, o, o_lin: (B, H, Lq, D); k, v: (B, H, Lk, D) (any strides, unit stride on D); lse, den: float32
     (B, H, Lq) (natural-log LSE of the sparse branch; den = φ(Q_i)Z_i + eps); maps: the 9 BlockMap tensors;
     proj_weight (D, D) / proj_bias (D,) or None; feature_map 'softmax' | 'elu' | 'relu' | 'none'/None.
-    ``eps`` is inside ``den`` (used again only to form den from ``lin_sums``, see below). ``config``: launch configuration (default
-    :func:`default_config`). Returns (dq, dk, dv, dw, db): dq/dk/dv like q/k/v (same dtype and stride
+    ``eps`` is inside ``den`` (used again only to form den from ``lin_sums``, see below). ``config``: launch
+    configuration (default :func:`default_config`). Returns (dq, dk, dv, dw, db): dq/dk/dv like q/k/v (same dtype and stride
     order), dw/db in the dtypes of proj_weight/proj_bias, or empty float32 tensors when those are None.
     ``lin_sums``: the (H_i, Z_i) a forward kept (slagen.backends: forward with states=True), or None; scope
     'marginal' with the GEMM states then skips the key-state kernel and the H_i GEMM. Given them, o_lin and den
-    may be empty (the forward that keeps them saves neither): den = φ(Q_i)Z_i + eps and O^l = φ(Q_i)H_i / den
-    are then formed again from them (the query-state and Proj-grad kernels).
+    may be empty (the forward that keeps them saves neither): den = φ(Q_i)Z_i + eps and D^l are then formed
+    from them (``_lin_rows``), and with Proj O^l = φ(Q_i)H_i / den (the Proj-grad kernel).
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
-                 scale=scale, feature_map=feature_map, scope=scope, eps=eps, config=config, sparse=True, lin_sums=lin_sums)
+                 scale=scale, feature_map=feature_map, scope=scope, eps=eps, config=config, sparse=True,
+                 lin_sums=lin_sums)
     return _run(c)
 
 
@@ -625,15 +626,16 @@ def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], p
     ``fused_dq`` (scope 'marginal' with the GEMM states only): the dq linear kernel does not run;
     ``sparse_dq(heads, ds, dq, (H, Z, dl, den))`` gets H_i Wᵀ ((B·H_g·T_m, D, D) in the states' dtype), Z_i
     ((B·H_g·T_m, D) fp32), D^l ((B·H_g, Lq) fp32) and den ((B, H_g, Lq) fp32, the given one or the one formed
-    from ``lin_sums``; a view, possibly not contiguous) and writes dq whole (dφ(Q_i) = (dO (H_i Wᵀ)ᵀ − D^l Z_iᵀ) / den_i,
-    dQ_i += J_φ(Q_i)ᵀ dφ besides the sparse branch).
+    from ``lin_sums``; a view, possibly not contiguous) and writes dq whole (dφ(Q_i) = (dO (H_i Wᵀ)ᵀ − D^l Z_iᵀ)
+    / den_i, dQ_i += J_φ(Q_i)ᵀ dφ besides the sparse branch).
     ``fused_dkdv`` (likewise): the dk / dv linear kernel does not run;
     ``sparse_dkdv(heads, ds, dk, dv, (G, g))`` gets G_j = Σ_{i: j marginal for i} dH_i ((B·H_g·T_n', D, D) in
     the states' dtype, T_n' = padded_rows(T_n) per head) and g_j ((B·H_g·T_n', D) fp32) and writes dk, dv whole
     (sparse branch and linear terms: dV_j += φ(K_j) G_j, dK_j += J_φ(K_j)ᵀ(V_j G_jᵀ + 1 g_jᵀ)).
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
-                 scale=scale, feature_map=feature_map, scope=scope, eps=eps, config=config, sparse=False, lin_sums=lin_sums)
+                 scale=scale, feature_map=feature_map, scope=scope, eps=eps, config=config, sparse=False,
+                 lin_sums=lin_sums)
     if (fused_dq or fused_dkdv) and not c.gemm_states():
         raise ValueError("fused_dq / fused_dkdv need scope 'marginal' with a linear branch and "
                          f"prep.marginal_states='gemm' (got feature_map={feature_map!r}, scope={scope!r}, "
