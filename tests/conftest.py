@@ -18,7 +18,8 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run w
 
 @pytest.fixture(autouse=True, scope="session")
 def _session_cache_dir(tmp_path_factory):
-    """Generated kernels of the whole session go to one fresh cache dir, not the user's."""
+    """Generated kernels of the whole session (of each pytest-xdist worker) go to one fresh cache dir, not the
+    user's."""
     path = tmp_path_factory.mktemp("slagen-cache")
     old = os.environ.get("SLAGEN_CACHE_DIR")
     os.environ["SLAGEN_CACHE_DIR"] = str(path)
