@@ -184,6 +184,12 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   #
 # kernel, without the sparse loop, is fastest with 64-row programs (H200, headline shape, 128x64, session 9,
 # tools/sweep_linear_part.py: 0.161 ms vs 0.234 at the Triton backward's 128).
 _LINEAR_DEFAULTS = {128: {"dq": {"block_m": 64, "num_warps": 8}}}
+# The linear part's state-kernel launch where the forward keeps H_i, Z_i (keeps_linear_sums: scope 'marginal' with
+# a linear branch): _query_state then reads D^l from _lin_rows, and no key-state kernel runs. H200, headline shape,
+# 128x64, session 27 (tools/sweep_linear_part.py): 64 rows, 1 stage, 1 block per program: _query_state 0.221 ->
+# 0.177 ms. The Triton backward's own path (O^l read, key states formed) is slower with it (_query_state 0.244 ->
+# 0.276, _key_state 0.184 -> 0.238), so it is applied here, under the "linear" overrides, not in its defaults.
+_SUMS_PREP = {128: dict(rows=64, num_warps=4, num_stages=1, chunk=1)}
 _BWD_DEFAULTS: Dict[int, dict] = {
     d: {"backward": "tilelang", "warp_specialized": True,
         "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True, lin_fused=True,
@@ -660,14 +666,21 @@ def _check_lin_fused(kernel: str, part: dict, spec: KernelSpec, linear: dict) ->
 def linear_config(spec: KernelSpec, overrides, base: Optional[dict] = None) -> dict:
     """The Triton backward config of the linear part: ``base`` (default: the Triton backward's default config
     of ``spec``) with ``overrides`` (the TileLang backward config's "linear": {"prep" | "dq" | "dkdv": {key:
-    value}}) applied, validated by the Triton backward's check_config."""
+    value}}) applied, validated by the Triton backward's check_config. The default base takes _SUMS_PREP where the
+    forward keeps the linear sums (rows at most the blocks)."""
     from slagen.backends.triton import bwd
     if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
         raise ValueError(f"config['linear']={overrides!r} must be a dict of dicts (Triton backward tunables)")
     unknown = set(overrides) - {"prep", "dq", "dkdv"}
     if unknown:
         raise ValueError(f"config['linear'] has unknown keys {sorted(unknown)}; allowed: ['dkdv', 'dq', 'prep']")
-    cfg = bwd.default_config(spec) if base is None else copy_config(base)
+    if base is None:
+        cfg = bwd.default_config(spec)
+        if keeps_linear_sums("tilelang", True, spec.feature_map or "none", spec.scope):
+            prep = _SUMS_PREP.get(spec.head_dim, {})
+            cfg["prep"].update(prep, rows=min(prep.get("rows", cfg["prep"]["rows"]), spec.block_q, spec.block_k))
+    else:
+        cfg = copy_config(base)
     for part, values in overrides.items():
         cfg[part].update(values)
     return bwd.check_config(cfg, spec)

@@ -1310,6 +1310,25 @@ def test_backward_config_defaults_to_tilelang_where_its_tiles_fit_and_checks_the
         tl_backend._resolve_config(small, {"backward": "tilelang"})
 
 
+def test_linear_part_takes_the_kept_sums_launch_only_where_the_forward_keeps_them():
+    """The linear part's state kernels get _SUMS_PREP only where the forward keeps H_i, Z_i (scope 'marginal'
+    with a linear branch), rows clamped to the blocks; elsewhere the Triton backward's defaults, and overrides win."""
+    from slagen.backends.triton import bwd
+    want = tl_backend._SUMS_PREP[128]
+    for fmap, scope, block, kept in (("softmax", "marginal", (128, 64), True), ("elu", "marginal", (64, 32), True),
+                                     ("softmax", "all", (128, 64), False), (None, "marginal", (128, 64), False)):
+        spec = bwd_spec_of(fmap=fmap, scope=scope, block=block)
+        assert backends.keeps_linear_sums("tilelang", True, fmap or "none", scope) == kept
+        prep = tl_backend.linear_config(spec, {})["prep"]
+        if kept:
+            assert {**prep, "rows": want["rows"]} == {**bwd.default_config(spec)["prep"], **want}, (fmap, scope)
+            assert prep["rows"] == min(want["rows"], *block)
+        else:
+            assert prep == bwd.default_config(spec)["prep"], (fmap, scope)
+    spec = bwd_spec_of()
+    assert tl_backend.linear_config(spec, {"prep": {"num_warps": 8}})["prep"]["num_warps"] == 8
+
+
 @needs_compiler
 @pytest.mark.parametrize("spec", [bwd_spec_of(d=128), bwd_spec_of(d=128, fmap=None, block=(64, 64))],
                          ids=lambda s: s.canonical)

@@ -59,8 +59,12 @@ _DKDV_WARPS = {("sm90", 128): 4}
 _PREP_CHUNK = 8      # selection blocks per program of the state kernels (default) and of the proj kernel (always)
 # Measured exceptions for the state kernels (H200, headline shape, 128x64, tools/sweep_linear_part.py, session 9):
 # 4 warps, 2 stages and 2 blocks per program: _query_state 0.376 -> 0.238 ms, _key_state 0.376 -> 0.184.
+# (Where the TileLang forward kept H_i, Z_i, the TileLang backward overrides this: its _SUMS_PREP.)
 _PREP_LAUNCH = {("sm90", 128): dict(num_warps=4, num_stages=2, chunk=2)}
-_LIN_ROWS = 64      # query rows per step of _lin_rows (at most block_q)
+# _lin_rows' launch (rows per step, at most block_q), by (arch, head_dim); H200, headline shape, session 27: 8 warps
+# and 2 stages 0.209 ms, 4 warps 0.149, 4 warps and 3 stages 0.144 (128 rows: 0.200-0.211).
+_LIN_LAUNCH = {("sm90", 128): dict(rows=64, num_warps=4, num_stages=3)}
+_LIN_DEFAULT = dict(rows=64, num_warps=4, num_stages=2)
 MARGINAL_STATES = ("gemm", "gather")
 # prep.temp_budget's default: all heads at once. Head groups cut the peak (H200, headline shape, 128x64,
 # budget 1.25 = 3 of 12 heads per group: Triton f+b 988 -> 689 MiB, TileLang 1271 -> 703) but cost time
@@ -343,15 +347,16 @@ def _query_state(c: _Call):
 
 def _lin_rows(c: _Call, dl: torch.Tensor) -> None:
     """Launch ``_lin_rows`` (``c.ol_from_sums``): den into ``c.den`` and D^l into ``dl`` (B*H, Lq) fp32, formed from
-    the kept H_i, Z_i. One program per query block reads its H_i once; _LIN_ROWS rows per step (H200, headline
+    the kept H_i, Z_i. One program per query block reads its H_i once; _LIN_LAUNCH's rows per step (H200, headline
     shape: forming O^l inside _query_state instead, H_i read per 32-row step beside its dH_i accumulator, took
     _query_state from 0.234 to 0.498 ms)."""
     h, z = c.kept_sums()
     w, s_w0, s_w1 = c.weight_args()
+    launch = _LIN_LAUNCH.get((c.spec.arch, c.D), _LIN_DEFAULT)
     c.mod._lin_rows[(c.Tm, c.BH)](c.q, c.do, w, h, z, c.den, dl, *c.q.stride(), *c.do.stride(), *c.den.stride(),
                                   s_w0, s_w1, c.H, c.Lq, c.Tm, c.eps, HAS_W=c.w is not None,
-                                  ROWS=min(_LIN_ROWS, c.spec.block_q), num_warps=8 if c.D == 128 else 4,
-                                  num_stages=2)
+                                  ROWS=min(launch["rows"], c.spec.block_q),
+                                  num_warps=launch["num_warps"], num_stages=launch["num_stages"])
 
 
 def _key_state(c: _Call):
