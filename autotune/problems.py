@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from slagen import codegen, reference
+from slagen import backends, codegen, reference
 from slagen.autotune import cache, records, select, space, tuner
 from slagen.backends import reference as torch_backend
 from slagen.spec import KernelSpec
@@ -102,8 +102,13 @@ def make_problem(spec: KernelSpec, backend: str, device: torch.device, *, batch:
                 return mod.compile_for_call(spec, cfg, save=False, has_w=weight is not None, has_bias=bias is not None)
         return Problem(spec, lambda cfg: mod.forward(q, k, v, maps, weight, bias, False, config=cfg, **cfg_args),
                        check, mod.default_config(spec), mod, compile_only)
-    fwd_mod = role_module(backend, "forward")  # the backward reads what this backend's forward saves
-    o, lse, o_lin, den = fwd_mod.forward(q, k, v, maps, weight, bias, True, **cfg_args)
+    # The backward reads what this backend's forward saves, as an autograd call does: where the backend keeps the
+    # linear branch's sums (H_i, Z_i) its backward gets them and forms O^l and den again from them.
+    fwd_mod = role_module(backend, "forward")
+    keep = backends.keeps_linear_sums(backend, True, fmap, spec.scope)
+    saved = fwd_mod.forward(q, k, v, maps, weight, bias, True, **cfg_args, **(dict(states=True) if keep else {}))
+    o, lse, o_lin, den = saved[:4]
+    sums = dict(lin_sums=tuple(saved[4:6])) if keep else {}
     wants = torch_backend.backward(do[:, :1].float(), *[t.float() for t in head0], None, None, None, None, maps0,
                                    weight, bias, **cfg_args)
 
@@ -112,7 +117,7 @@ def make_problem(spec: KernelSpec, backend: str, device: torch.device, *, batch:
             err = rel_err(got[:, :1], want)
             _require(err < tol, f"{name} rel. error {err:.2e} vs the reference (allowed {tol:g})")
     return Problem(spec, lambda cfg: mod.backward(do, q, k, v, o, lse, o_lin, den, maps, weight, bias, config=cfg,
-                                                  **cfg_args),
+                                                  **cfg_args, **sums),
                    check_bwd, mod.default_config(spec), mod)
 
 
