@@ -17,7 +17,9 @@ strides that keep D contiguous:
       linear pre-pass of an eager call run before its block map, pooling q and k for it; the call passes
       ``pooled`` to block_map and the object to forward as ``early`` (the map built from that ``pooled``)
   backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, **cfg) -> (dq, dk, dv, dw, db)
-      (those backends also take ``lin_sums=(h_lin, z_lin)``: the backward then does not form them again)
+      (those backends also take ``lin_sums=(h_lin, z_lin)``: the backward then does not form them again; given
+      as a list ``[h_lin, z_lin]``, the caller's last reference, the backward empties the list as soon as no
+      kernel reads them any more (after dQ, before the dK/dV stage), so they are freed before its peak)
 
 where cfg = block_q, block_k, scale, feature_map ('none' for sparse-only), scope, eps, and
   o      like q (same shape, dtype and stride order): O = O^s + Proj(O^l)

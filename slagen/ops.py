@@ -109,17 +109,18 @@ def sla_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """SLA backward: (dq, dk, dv, dw, db); dw/db are empty when proj_weight/proj_bias are None."""
     cfg = _cfg(block_q, block_k, scale, feature_map, scope, eps)
-    return _backward_call(backend, do, q, k, v, o, lse, o_lin, den, h_lin, z_lin, list(maps), proj_weight,
-                          proj_bias, cfg)
+    return _backward_call(backend, do, q, k, v, o, lse, o_lin, den, (h_lin, z_lin) if h_lin.numel() else None,
+                          list(maps), proj_weight, proj_bias, cfg)
 
 
-def _backward_call(backend, do, q, k, v, o, lse, o_lin, den, h_lin, z_lin, maps, proj_weight, proj_bias, cfg):
-    """The backend's backward, given the forward's linear sums where it kept them. A broadcast output gradient
-    (``out.sum().backward()`` gives one with zero strides) or one without unit stride on D is made contiguous
-    first: the kernels read dO as tiles."""
+def _backward_call(backend, do, q, k, v, o, lse, o_lin, den, sums, maps, proj_weight, proj_bias, cfg):
+    """The backend's backward, given the forward's linear sums where it kept them (``sums``: None, the pair
+    (H_i, Z_i), or the list [H_i, Z_i] holding the last references, which the backward empties as soon as it
+    no longer reads them). A broadcast output gradient (``out.sum().backward()`` gives one with zero strides)
+    or one without unit stride on D is made contiguous first: the kernels read dO as tiles."""
     if do.stride(-1) != 1 or 0 in do.stride():
         do = do.contiguous()
-    extra = dict(lin_sums=(h_lin, z_lin)) if h_lin.numel() else {}
+    extra = dict(lin_sums=sums) if sums is not None else {}
     return tuple(backends.get(backend).backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
                                                 **cfg, **extra))
 
@@ -188,7 +189,12 @@ class _Forward(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):   # the separate form also serves torch.func.grad
         q, k, v, proj_weight, proj_bias, maps, cfg, backend, _, _ = inputs
-        ctx.save_for_backward(q, k, v, *output, proj_weight, proj_bias, *maps)
+        o, lse, o_lin, den, h_lin, z_lin = output
+        ctx.save_for_backward(q, k, v, o, lse, o_lin, den, proj_weight, proj_bias, *maps)
+        # The kept linear sums (H_i, Z_i) are held in a list, not saved: the backward hands the list over and
+        # the backend empties it once dQ no longer needs them, so H_i (96 MiB at the headline shape) is freed
+        # before the dK/dV stage's peak. A second backward through the graph (retain_graph) forms them again.
+        ctx.sums = [h_lin, z_lin] if h_lin.numel() else None
         ctx.cfg, ctx.backend = cfg, backend
         ctx.mark_non_differentiable(*output[1:])
         # The other outputs' gradients stay None: materialised, they are zero tensors of their shapes, which the
@@ -198,10 +204,14 @@ class _Forward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, *_):
-        q, k, v, o, lse, o_lin, den, h_lin, z_lin, proj_weight, proj_bias, *maps = ctx.saved_tensors
+        q, k, v, o, lse, o_lin, den, proj_weight, proj_bias, *maps = ctx.saved_tensors
         if do is None:      # grads not materialised: O's is None when autograd runs the backward without one
             do = torch.zeros_like(o)    # (gradcheck's undefined-gradient check does)
-        dq, dk, dv, dw, db = _backward_call(ctx.backend, do, q, k, v, o, lse, o_lin, den, h_lin, z_lin, maps,
+        sums = ctx.sums
+        if sums is not None and not sums:       # an earlier backward of this graph released them: form them again
+            sums = list(_forward(q, k, v, maps, proj_weight, proj_bias, True, ctx.cfg, ctx.backend)[4:])
+            ctx.sums = sums
+        dq, dk, dv, dw, db = _backward_call(ctx.backend, do, q, k, v, o, lse, o_lin, den, sums, maps,
                                             proj_weight, proj_bias, ctx.cfg)
         return (dq, dk, dv, dw if proj_weight is not None else None, db if proj_bias is not None else None,
                 None, None, None, None, None)

@@ -439,6 +439,70 @@ def test_forward_sums_replace_the_key_states(monkeypatch, weight, negl, saved):
         bwd.backward(*(p[n] for n in NAMES), **cfg, lin_sums=(sums[0][:, :, :1], sums[1]))
 
 
+@pytest.mark.parametrize("budget", [0.0, 0.001])     # one head group; one head per group
+def test_sums_given_as_a_list_are_released_before_the_last_dkdv(monkeypatch, budget):
+    """lin_sums as a list (the caller's last references): the backward empties it once the last head group's
+    dq has run, so H_i and Z_i are freed (no view left either) when that group's dk / dv kernel starts; the
+    gradients are those of the same sums given as a tuple (not released)."""
+    p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=16, block_k=32, feature_map="softmax", scope="marginal",
+                          weight=True, bias=False, seed=8)
+    given = dict(p, o_lin=p["q"].new_empty((0,)), den=p["den"].new_empty((0,)))
+    spec = bwd.kernel_spec(p["q"], block_q=16, block_k=32, feature_map="softmax", scope="marginal",
+                           has_negligible=False)
+    config = bwd.default_config(spec)
+    config["prep"]["temp_budget"] = budget
+    want = bwd.backward(*(given[n] for n in NAMES), **cfg, config=config, lin_sums=forward_sums(p, cfg))
+    sums = list(forward_sums(p, cfg))
+    alive = [weakref.ref(t) for t in sums]
+    seen = []
+    real = bwd._dkdv
+    monkeypatch.setattr(bwd, "_dkdv", lambda *a: (seen.append([r() is not None for r in alive]), real(*a)))
+    got = bwd.backward(*(given[n] for n in NAMES), **cfg, config=config, lin_sums=sums)
+    assert sums == []
+    groups = p["q"].shape[1] if budget else 1
+    assert seen == [[True, True]] * (groups - 1) + [[False, False]]
+    for name, g, w in zip(GRADS, got, want):
+        assert torch.equal(g, w), name
+
+
+def test_autograd_hands_the_kept_sums_over_and_forms_them_again_for_a_second_backward(monkeypatch):
+    """The eager autograd path (slagen.ops) keeps a forward's H_i, Z_i in a list that it hands to the backward
+    (which empties it); a second backward of the same graph (retain_graph) runs the forward again for them and
+    gets the same gradients. Here the Triton backend stands in for one that keeps the sums (its forward's
+    sums written out from the reference, O^l and den not saved)."""
+    from slagen import backends, ops
+    p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=16, block_k=32, feature_map="softmax", scope="marginal",
+                          seed=9)
+    triton = backends.get("triton")
+    calls = []
+
+    class KeepsSums:
+        @staticmethod
+        def forward(q, k, v, maps, w, b, save, states=False, **kw):
+            o, lse = triton.forward(q, k, v, maps, w, b, save, **kw)[:2]
+            assert states
+            calls.append("forward")
+            h, z = forward_sums(dict(p, k=k.detach(), v=v.detach()), kw)
+            return o, lse, q.new_empty((0,)), lse.new_empty((0,)), h, z
+
+        @staticmethod
+        def backward(*args, lin_sums=None, **kw):
+            calls.append(type(lin_sums).__name__)
+            out = triton.backward(*args, lin_sums=lin_sums, **kw)
+            calls.append(len(lin_sums))
+            return out
+    monkeypatch.setattr(backends, "keeps_linear_sums", lambda name, save, fmap, scope: save)
+    monkeypatch.setattr(backends, "get", lambda name: KeepsSums)
+    q, k, v = (p[n].clone().requires_grad_(True) for n in "qkv")
+    out = ops.forward(q, k, v, p["maps"], None, None, cfg["block_q"], cfg["block_k"], cfg["scale"],
+                      cfg["feature_map"], cfg["scope"], cfg["eps"], True, "triton")
+    first = torch.autograd.grad(out, (q, k, v), p["do"], retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v), p["do"])
+    assert calls == ["forward", "list", 0, "forward", "list", 0]
+    for name, a, b, r in zip(GRADS, first, second, reference_grads(p, cfg)):
+        assert torch.equal(a, b) and rel(a, r) < 1e-4, name
+
+
 def test_non_default_tiles():
     """Sub-tiled programs and inner steps (tiles smaller than the selection blocks), small prep chunks."""
     p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=32, block_k=32, feature_map="softmax", scope="marginal",

@@ -250,6 +250,7 @@ class _Call:
     ol_from_sums: bool = False
     fused_dq: bool = False
     fused_dkdv: bool = False
+    sums_owner: Optional[list] = None       # the caller's [H_i, Z_i] (lin_sums given as a list): release_sums
 
     def __post_init__(self):
         B, H, self.Lq, self.D = self.q.shape
@@ -275,6 +276,13 @@ class _Call:
             return self.lse, self.lse
         h, z = self.lin_sums
         return h.reshape(-1, self.D, self.D), z.reshape(-1, self.D)
+
+    def release_sums(self) -> None:
+        """Drop this call's references to the kept H_i, Z_i and empty the caller's list (``sums_owner``): once
+        dq has run no kernel reads them, and freed they are not alive at the dk / dv stage's peak."""
+        self.lin_sums = None
+        if self.sums_owner is not None:
+            self.sums_owner.clear()
 
     def weight_args(self):
         """(w pointer, its 2 strides) with a stand-in when there is no projection weight."""
@@ -466,9 +474,10 @@ def _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
                        has_negligible=maps[5].shape[-1] > 0)
     _check_head_dim(spec)
     cfg = check_config(default_config(spec) if config is None else copy_config(config), spec)
+    kept = lin_sums is not None and fmap is not None and scope == "marginal"
     return _Call(spec, cfg, codegen.load(spec, "triton"), q, k, v, do, o, lse, o_lin, den, maps, proj_weight,
-                 proj_bias, float(scale), sparse, lin_sums if fmap is not None and scope == "marginal" else None,
-                 eps=float(eps), ol_from_sums=from_sums)
+                 proj_bias, float(scale), sparse, tuple(lin_sums) if kept else None, eps=float(eps),
+                 ol_from_sums=from_sums, sums_owner=lin_sums if isinstance(lin_sums, list) else None)
 
 
 def _temp_bytes_per_head(c: _Call) -> int:
@@ -526,11 +535,12 @@ class _Grads:
         return self._made[name] if heads is None else self._made[name][:, heads]
 
 
-def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv):
+def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv, after_dq=None):
     """All kernels of the head group ``c`` (the call restricted to ``heads``); the gradients go into the
     views ``grads(name, heads)`` (with ``c.sparse`` False the kernels write the linear terms there, if any,
-    and ``sparse_dq(ds, dq)`` / ``sparse_dkdv(ds, dk, dv)`` add the sparse branch in place). Returns Proj's
-    fp32 (dw, db) over the group's heads, or None."""
+    and ``sparse_dq(ds, dq)`` / ``sparse_dkdv(ds, dk, dv)`` add the sparse branch in place); ``after_dq(c)``,
+    if given, runs once the group's dq is complete. Returns Proj's fp32 (dw, db) over the group's heads, or
+    None."""
     ds, dl, g, gz = _query_state(c)
     h = z = hsum = zsum = gsum = gzsum = c.lse
     proj = None
@@ -544,6 +554,8 @@ def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv):
             proj = _proj_grads(c)
     if not (c.sparse or c.linear):
         sparse_dq(ds, grads("dq", heads))
+        if after_dq is not None:
+            after_dq(c)
         sparse_dkdv(ds, grads("dk", heads), grads("dv", heads))
         return proj
     # One temporary at a time with the GEMM states: H_i, Z_i for dq (h, z freed once it is formed), then G_j,
@@ -560,6 +572,8 @@ def _run_heads(c: _Call, heads: slice, grads: _Grads, sparse_dq, sparse_dkdv):
         if not c.sparse:
             sparse_dq(ds, grads("dq", heads))
     del q_terms
+    if after_dq is not None:
+        after_dq(c)
     kv_terms = _marginal_states(c, g, gz, c.maps[0].transpose(-1, -2)) if c.gemm_states() else (g, gz)
     del g, gz
     if c.fused_dkdv:    # the caller's dk / dv kernel adds the linear terms itself, from G_j and g_j
@@ -578,9 +592,15 @@ def _run(c: _Call, sparse_dq=None, sparse_dkdv=None):
     ``sparse_dkdv(heads, ds, dk, dv)`` complete each group's gradients (see :func:`linear_part`)."""
     grads = _Grads(c)
     dw = db = None
-    for heads in _head_groups(c):
+    groups = _head_groups(c)
+
+    def release(group: _Call) -> None:     # after the last group's dq no kernel reads the kept H_i, Z_i
+        group.release_sums()
+        c.release_sums()
+    for n, heads in enumerate(groups):
         proj = _run_heads(c.heads(heads), heads, grads, sparse_dq and functools.partial(sparse_dq, heads),
-                          sparse_dkdv and functools.partial(sparse_dkdv, heads))
+                          sparse_dkdv and functools.partial(sparse_dkdv, heads),
+                          after_dq=release if n == len(groups) - 1 else None)
         if proj is not None:     # fp32 sums over the groups, in order: deterministic
             dw, db = proj if dw is None else (dw + proj[0], db + proj[1])
     dw = dw.to(c.w.dtype) if c.w is not None else _empty(c)
@@ -600,7 +620,8 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj
     configuration (default :func:`default_config`). Returns (dq, dk, dv, dw, db): dq/dk/dv like q/k/v (same dtype and stride
     order), dw/db in the dtypes of proj_weight/proj_bias, or empty float32 tensors when those are None.
     ``lin_sums``: the (H_i, Z_i) a forward kept (slagen.backends: forward with states=True), or None; scope
-    'marginal' with the GEMM states then skips the key-state kernel and the H_i GEMM. Given them, o_lin and den
+    'marginal' with the GEMM states then skips the key-state kernel and the H_i GEMM. As a list (the caller's
+    last reference) it is emptied once the last head group's dq has run, so that H_i is freed before dk / dv. Given them, o_lin and den
     may be empty (the forward that keeps them saves neither): den = φ(Q_i)Z_i + eps and D^l are then formed
     from them (``_lin_rows``), and with Proj O^l = φ(Q_i)H_i / den (the Proj-grad kernel).
     """
