@@ -198,6 +198,19 @@ def test_eager_path_serves_torch_func_grad():
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6) and got.abs().sum() > 0
 
 
+def test_kernel_backend_under_torch_func_grad_is_a_clear_error():
+    """The kernel backends cannot read functorch's wrapped tensors: a clear error, not a crash inside a kernel
+    launch (attention and block_map)."""
+    q, k, v = inputs(d=16)
+    def loss(q_):
+        return slagen.attention(q_, k, v, topk=0.3, block_q=16, block_k=16, backend="triton").square().sum()
+    with pytest.raises(ValueError, match=r"backend='triton' \(served by 'triton'\) cannot run under torch.func"):
+        torch.func.grad(loss)(q)
+    with pytest.raises(ValueError, match="cannot run under torch.func"):
+        torch.func.vmap(lambda q_: slagen.block_map(q_, k, topk=0.3, block_q=16, block_k=16,
+                                                    backend="triton").mask)(q.unsqueeze(0))
+
+
 def test_overlap_of_the_block_map_is_opt_in_and_cuda_only(monkeypatch):
     """SLAGEN_OVERLAP_BLOCK_MAP=1 puts the block map on a side stream only for CUDA eager calls with a linear
     branch on a kernel backend; elsewhere (here: CPU) the call runs as without it, bitwise, and a maps_ready
