@@ -621,9 +621,10 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj
     order), dw/db in the dtypes of proj_weight/proj_bias, or empty float32 tensors when those are None.
     ``lin_sums``: the (H_i, Z_i) a forward kept (slagen.backends: forward with states=True), or None; scope
     'marginal' with the GEMM states then skips the key-state kernel and the H_i GEMM. As a list (the caller's
-    last reference) it is emptied once the last head group's dq has run, so that H_i is freed before dk / dv. Given them, o_lin and den
-    may be empty (the forward that keeps them saves neither): den = φ(Q_i)Z_i + eps and D^l are then formed
-    from them (``_lin_rows``), and with Proj O^l = φ(Q_i)H_i / den (the Proj-grad kernel).
+    last references) it is emptied once the last head group's dq has run, so that H_i is freed before dk / dv.
+    Given them, o_lin and den may be empty (the forward that keeps them saves neither): den = φ(Q_i)Z_i + eps
+    and D^l are then formed from them (``_lin_rows``), and with Proj O^l = φ(Q_i)H_i / den (the Proj-grad
+    kernel).
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
                  scale=scale, feature_map=feature_map, scope=scope, eps=eps, config=config, sparse=True,
