@@ -90,7 +90,8 @@ def _resolve_backend(backend, q: Tensor, **fields) -> str:
     if name is None:
         spec, why = spec_for(q.device, q.dtype, head_dim=q.shape[-1], **fields)
         name = _RESOLVED[key] = resolve(backend, q.device, spec, why)
-    if name != "torch" and torch._C._functorch.is_functorch_wrapped_tensor(q):
+    # (not while torch.compile traces: Dynamo cannot trace the check, and traced calls take the operator path)
+    if name != "torch" and not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(q):
         raise ValueError(f"backend={backend!r} (served by {name!r}) cannot run under torch.func transforms (grad, "
                          "vmap, jacrev, ...): its kernels cannot read functorch's wrapped tensors; use "
                          "backend='torch' there, or torch.autograd")

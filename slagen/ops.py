@@ -210,7 +210,6 @@ class _Forward(torch.autograd.Function):
         sums = ctx.sums
         if sums is not None and not sums:       # an earlier backward of this graph released them: form them again
             sums = list(_forward(q, k, v, maps, proj_weight, proj_bias, True, ctx.cfg, ctx.backend)[4:])
-            ctx.sums = sums
         dq, dk, dv, dw, db = _backward_call(ctx.backend, do, q, k, v, o, lse, o_lin, den, sums, maps,
                                             proj_weight, proj_bias, ctx.cfg)
         return (dq, dk, dv, dw if proj_weight is not None else None, db if proj_bias is not None else None,
