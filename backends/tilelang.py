@@ -60,6 +60,7 @@ import torch
 
 from slagen import codegen
 from slagen.backends import call_spec, check_forward_inputs, keeps_linear_sums, linear_terms, plans, wait_for_maps
+from slagen.autotune.space import copy_config
 from slagen.paths import cache_dir
 from slagen.spec import BLOCK_SIZES, KernelSpec
 
@@ -662,9 +663,10 @@ def _check_lin_fused(kernel: str, part: dict, spec: KernelSpec, linear: dict) ->
         raise ValueError(f"config[{kernel!r}]['lin_fused']=True needs {why}")
 
 
-def linear_config(spec: KernelSpec, overrides) -> dict:
-    """The Triton backward config of the linear part: the Triton backward's default config of ``spec`` — with
-    _SUMS_PREP where the forward keeps the linear sums (rows at most the blocks) — and ``overrides`` (the TileLang
+def linear_config(spec: KernelSpec, overrides, base: Optional[dict] = None) -> dict:
+    """The Triton backward config of the linear part: ``base`` (the Triton backward's tuned config of the call,
+    which slagen.backends.triton.backward_linear_part passes; None: its default config of ``spec``, with
+    _SUMS_PREP where the forward keeps the linear sums, rows at most the blocks) with ``overrides`` (the TileLang
     backward config's "linear": {"prep" | "dq" | "dkdv": {key: value}}) applied, validated by the Triton
     backward's check_config."""
     from slagen.backends.triton import bwd
@@ -673,10 +675,13 @@ def linear_config(spec: KernelSpec, overrides) -> dict:
     unknown = set(overrides) - {"prep", "dq", "dkdv"}
     if unknown:
         raise ValueError(f"config['linear'] has unknown keys {sorted(unknown)}; allowed: ['dkdv', 'dq', 'prep']")
-    cfg = bwd.default_config(spec)
-    if keeps_linear_sums("tilelang", True, spec.feature_map or "none", spec.scope):
-        prep = _SUMS_PREP.get(spec.head_dim, {})
-        cfg["prep"].update(prep, rows=min(prep.get("rows", cfg["prep"]["rows"]), spec.block_q, spec.block_k))
+    if base is not None:
+        cfg = copy_config(base)
+    else:
+        cfg = bwd.default_config(spec)
+        if keeps_linear_sums("tilelang", True, spec.feature_map or "none", spec.scope):
+            prep = _SUMS_PREP.get(spec.head_dim, {})
+            cfg["prep"].update(prep, rows=min(prep.get("rows", cfg["prep"]["rows"]), spec.block_q, spec.block_k))
     for part, values in overrides.items():
         cfg[part].update(values)
     return bwd.check_config(cfg, spec)

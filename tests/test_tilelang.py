@@ -1329,6 +1329,31 @@ def test_linear_part_takes_the_kept_sums_launch_only_where_the_forward_keeps_the
     assert tl_backend.linear_config(spec, {"prep": {"num_warps": 8}})["prep"]["num_warps"] == 8
 
 
+@pytest.mark.parametrize("tuned", [False, True], ids=["untuned", "tuned"])
+def test_tilelang_backward_hands_the_linear_part_its_config_through_the_triton_glue(monkeypatch, tuned):
+    """The TileLang backward passes ``functools.partial(linear_config, spec, overrides)`` to the Triton glue's
+    backward_linear_part, which calls it with the Triton backward's tuned config of the call (None where there is
+    none): the linear part then runs with that config (or the defaults with _SUMS_PREP) and the overrides on top.
+    (Session 27 dropped linear_config's third parameter as unused; every TileLang backward on a GPU then failed
+    with a TypeError that no CPU test reached.)"""
+    import functools
+    from slagen.backends import triton as triton_backend
+    from slagen.backends.triton import bwd
+    spec = bwd_spec_of()
+    base = bwd.default_config(spec)
+    base["prep"]["num_warps"] = 2
+    seen = {}
+    monkeypatch.setattr(triton_backend, "_backward_config", lambda *a: base if tuned else None)
+    monkeypatch.setattr(bwd, "linear_part", lambda *a, config, **kw: seen.setdefault("config", config))
+    overrides = {"dq": {"num_warps": 4}}
+    triton_backend.backward_linear_part(*[None] * 11, sparse_dq=None, sparse_dkdv=None,
+                                        linear=functools.partial(tl_backend.linear_config, spec, overrides))
+    want = tl_backend.linear_config(spec, overrides, base if tuned else None)
+    assert seen["config"] == want and want["dq"]["num_warps"] == 4
+    assert (want["prep"]["num_warps"] == 2) == tuned
+    assert want["prep"]["rows"] == (base["prep"]["rows"] if tuned else tl_backend._SUMS_PREP[128]["rows"])
+
+
 @needs_compiler
 @pytest.mark.parametrize("spec", [bwd_spec_of(d=128), bwd_spec_of(d=128, fmap=None, block=(64, 64))],
                          ids=lambda s: s.canonical)
