@@ -32,6 +32,7 @@ OPTIONS: Dict[str, Sequence] = {
     "prefetch_h": (False, True),         # the TileLang forward loads H_i before its key loop
     "tma_store": (False, True),          # the TileLang forward stores O through shared memory (TMA)
     "row_regs": (False, True),           # the TileLang backward's dq takes Q and dO from registers
+    "h_prefetch": (False, True),         # the TileLang backward's dq loads H_i before its key loop
     "overlap": (False, True),            # the TileLang forward overlaps S_{t+1} = QK_{t+1}ᵀ with step t's softmax
     "pingpong": (False, True),           # the TileLang forward's two warpgroups take turns at the tensor cores
 }
@@ -39,7 +40,7 @@ _HAS_LINEAR = lambda spec: spec.feature_map is not None  # noqa: E731
 _HAS_MARGINAL = lambda spec: spec.scope == "marginal" and spec.feature_map is not None  # noqa: E731
 RELEVANT = {"marginal": _HAS_MARGINAL, "marginal_states": _HAS_MARGINAL, "epilogue": _HAS_LINEAR,
             "pre_stages": _HAS_LINEAR, "pre_per_sm": _HAS_LINEAR, "prefetch_h": _HAS_LINEAR,
-            "pre_async": _HAS_MARGINAL}
+            "pre_async": _HAS_MARGINAL, "h_prefetch": _HAS_MARGINAL}
 
 
 def copy_config(config: dict) -> dict:

@@ -179,6 +179,11 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   #
 # and 32760, right at L 77 with one block): ptxas gives the registers of the step-0 copies of Q and dO to the dP
 # accumulator and the dS operand inside the loop (the PTX keeps them live; backends/sass.py finds it offline, a
 # CPU test checks every default kernel for it): refused there.
+# h_prefetch (dq, with lin_fused): the consumer threads load H_i into registers before the key loop (their loads
+# land under it) and store it to shared memory after it, instead of loading it there after the loop, where each
+# CTA (one per SM) waited for it. H200, headline shape, 128x64, backward alone (tools/profile_backward.py, 2 × 3
+# rounds, session 28): the dq kernel 0.866 -> 0.833 ms, gradients bit-identical: on by default where lin_fused
+# is. Not with 4 warps at head_dim 128 (64 more registers per thread: ptxas spills 536 bytes).
 # "linear": overrides of the Triton backward config ({"prep" | "dq" | "dkdv": {...}}, onto its tuned or default
 # config) for the Triton kernels of the linear part (slagen.backends.triton.backward_linear_part); their dq
 # kernel, without the sparse loop, is fastest with 64-row programs (H200, headline shape, 128x64, session 9,
@@ -193,7 +198,7 @@ _SUMS_PREP = {128: dict(rows=64, num_warps=4, num_stages=1, chunk=1)}
 _BWD_DEFAULTS: Dict[int, dict] = {
     d: {"backward": "tilelang", "warp_specialized": True,
         "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True, lin_fused=True,
-                   row_regs=d == 128),
+                   row_regs=d == 128, h_prefetch=True),
         "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True,
                      lin_fused=True),
         "linear": _LINEAR_DEFAULTS.get(d, {})}
@@ -582,6 +587,7 @@ def _default_backward_config(spec: KernelSpec) -> dict:
     linear = linear_config(spec, cfg["linear"])
     for part in (dq, kv):   # the linear terms in the kernels' epilogues wherever they apply
         part["lin_fused"] = _lin_fused_blocker(part, spec, linear) is None
+    dq["h_prefetch"] = _h_prefetch_blocker(dq, spec) is None
     try:
         _check_backward_config(cfg, spec)
     except ValueError:      # the TileLang tiles do not fit these blocks: the Triton backward serves them
@@ -620,9 +626,11 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
             choice(other, (32, 64, 128), spec.block_q)
         choice("num_warps", (4, 8))
         choice("num_stages", (1, 2, 3, 4))
-        for name in ("lin_init", "tma_store", "lin_fused") + (("row_regs",) if kernel == "dq" else ()):
+        for name in ("lin_init", "tma_store", "lin_fused") + (("row_regs", "h_prefetch") if kernel == "dq" else ()):
             if not isinstance(part[name], bool):
                 raise ValueError(f"{where}[{name!r}]={part[name]!r} must be True or False")
+        if kernel == "dq" and part["h_prefetch"] and _h_prefetch_blocker(part, spec):
+            raise ValueError(f"{where}: h_prefetch=True needs {_h_prefetch_blocker(part, spec)}")
         if kernel == "dq" and part["row_regs"] and spec.head_dim != 128:
             raise ValueError(f"{where}: row_regs=True is supported at head_dim 128 only (at {spec.head_dim} ptxas "
                              f"reuses the registers of its step-0 copies of Q and dO inside the key loop: a wrong "
@@ -655,6 +663,17 @@ def _lin_fused_blocker(part: dict, spec: KernelSpec, linear: dict) -> Optional[s
             else "lin_init=False" if part["lin_init"]
             else "the GEMM states (config['linear']['prep']['marginal_states']='gemm')"
             if linear["prep"].get("marginal_states", "gemm") != "gemm" else None)
+
+
+def _h_prefetch_blocker(part: dict, spec: KernelSpec) -> Optional[str]:
+    """Why the dq config ``part`` cannot take h_prefetch (H_i held in the consumers' registers through the key
+    loop: D·D / (32·num_warps) values per thread), or None."""
+    if not part["lin_fused"]:
+        return "lin_fused=True (it loads the H_i that lin_fused reads)"
+    if spec.head_dim * spec.head_dim // (32 * part["num_warps"]) > 64:
+        return (f"num_warps=8 at head_dim {spec.head_dim} (with {part['num_warps']} warps H_i is "
+                f"{spec.head_dim * spec.head_dim // (32 * part['num_warps'])} values per thread: ptxas spills)")
+    return None
 
 
 def _check_lin_fused(kernel: str, part: dict, spec: KernelSpec, linear: dict) -> None:
@@ -723,6 +742,10 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
                     "lin_fused" not in asked:      # (check_config reports a malformed part or "linear")
                 linear = linear or linear_config(spec, cfg["linear"])
                 part["lin_fused"] = _lin_fused_blocker(part, spec, linear) is None
+        dq, asked = cfg["dq"], (config or {}).get("dq", {})
+        if isinstance(dq, dict) and dq.get("h_prefetch") and isinstance(asked, dict) and "h_prefetch" not in asked \
+                and {"lin_fused", "num_warps"} <= set(dq):    # a default, giving way to the caller's dq
+            dq["h_prefetch"] = _h_prefetch_blocker(dq, spec) is None
     check_config(cfg, spec)
     return cfg
 
@@ -847,6 +870,7 @@ def backward_kernel(spec: KernelSpec, cfg: dict, kernel: str):
     args["lin_fused"] = part["lin_fused"]
     if kernel == "dq":
         args["row_regs"] = part["row_regs"]
+        args["h_prefetch"] = part["h_prefetch"]
     key = (kernel, spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
     make = mod.dq_kernel if kernel == "dq" else mod.dkdv_kernel
@@ -1012,6 +1036,7 @@ def _dummies(device: torch.device, dtype: torch.dtype, d: int) -> Dict[str, torc
                              bias=torch.zeros((1,), dtype=torch.float32, device=device),
                              o_lin=torch.zeros((1, 1, 1, d), dtype=dtype, device=device),
                              den=torch.zeros((1, 1, 1), dtype=torch.float32, device=device),
+                             h=torch.zeros((1, 1, 1, d), dtype=dtype, device=device),
                              g=torch.zeros((1, 1, 1, d, d), dtype=dtype, device=device),
                              gz=torch.zeros((1, 1, 1, d), dtype=torch.float32, device=device))
     return _DUMMIES[key]
@@ -1389,11 +1414,11 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
         # Z_i, D^l, den) and the kernel adds the linear term itself
         b, hg, lq, d = dq.shape
         states = _lin_inputs(spec, q, terms and tuple(t.contiguous() for t in terms),
-                             [(b, hg, -1, d, d), (b, hg, -1, d), (b, hg, lq), (b, hg, lq)], ("g", "gz", "den", "den"))
+                             [(b, hg, -1, d), (b, hg, -1, d), (b, hg, lq), (b, hg, lq)], ("h", "gz", "den", "den"))
         with torch.cuda.device(q.device):
             backward_kernel(spec, cfg, "dq")(q[:, heads], k[:, heads], v[:, heads], do[:, heads],
                                              *per_heads(heads, lse), ds, *per_heads(heads, *row_lut), dq, *states,
-                                             float(scale))
+                                             float(scale), *([float(eps)] if states else []))
 
     def sparse_dkdv(heads, ds, dk, dv, terms=None):   # terms: (G_j, g_j) with lin_fused (the kernel adds them)
         (lse_g,) = per_heads(heads, lse)

@@ -1354,6 +1354,43 @@ def test_tilelang_backward_hands_the_linear_part_its_config_through_the_triton_g
     assert want["prep"]["rows"] == (base["prep"]["rows"] if tuned else tl_backend._SUMS_PREP[128]["rows"])
 
 
+def test_dq_prefetches_h_by_default_where_it_fuses_the_linear_term_and_refuses_it_elsewhere():
+    """h_prefetch (dq loads H_i into registers before its key loop): on by default wherever lin_fused is and the
+    registers allow (8 warps at head_dim 128); off for sparse-only and 4-warp dq; a caller's config that turns
+    lin_fused off or takes 4 warps turns the default off; asked for where it cannot apply, a clear error."""
+    def dq_of(spec, config=None):
+        return tl_backend._resolve_config(spec, {"backward": "tilelang", **(config or {})})["dq"]
+    assert dq_of(bwd_spec_of(d=128))["h_prefetch"] and dq_of(bwd_spec_of(d=64))["h_prefetch"]
+    assert not dq_of(bwd_spec_of(d=128, fmap=None))["h_prefetch"]
+    assert not dq_of(bwd_spec_of(d=128, block=(64, 64)))["h_prefetch"]          # 64-row dq: 4 warps
+    assert dq_of(bwd_spec_of(d=64, block=(64, 64)))["h_prefetch"]               # d 64: 32 values per thread
+    assert not dq_of(bwd_spec_of(d=128), {"dq": {"lin_fused": False}})["h_prefetch"]
+    assert not dq_of(bwd_spec_of(d=128), {"dq": {"lin_init": True}})["h_prefetch"]
+    with pytest.raises(ValueError, match=r"h_prefetch=True needs lin_fused=True"):
+        dq_of(bwd_spec_of(d=128), {"dq": {"lin_fused": False, "h_prefetch": True}})
+    with pytest.raises(ValueError, match=r"h_prefetch=True needs lin_fused=True"):
+        dq_of(bwd_spec_of(d=128, fmap=None), {"dq": {"h_prefetch": True}})
+    with pytest.raises(ValueError, match=r"h_prefetch=True needs num_warps=8 at head_dim 128"):
+        dq_of(bwd_spec_of(d=128, block=(64, 64)), {"dq": {"h_prefetch": True}})
+
+
+@needs_compiler
+def test_dq_prefetch_loads_h_before_the_key_loop_and_stores_it_to_shared_memory_after():
+    """h_prefetch: the consumers' vector loads of H_i come before their key loop and nothing of H_i is read in it;
+    after the loop the registers go to H_s (shared), which the dO·H_iᵀ wgmma reads; without it H_i is loaded after
+    the loop."""
+    spec = bwd_spec_of(d=128)
+    srcs = {on: tl_backend.backward_kernel(spec, tl_backend._resolve_config(
+        spec, {"backward": "tilelang", "dq": {"h_prefetch": on}}), "dq").get_kernel_source() for on in (True, False)}
+    for on, src in srcs.items():
+        loop = _consumer_loop(src)
+        head, tail = src[:src.index(loop)], src[src.index(loop) + len(loop):]
+        assert "HJ +" not in loop and "h_r" not in loop, on
+        assert ("HJ +" in head) == on and ("HJ +" in tail) == (not on), on
+        assert (re.search(r"\(\(bfloat16_t\*\)H_s\)[^;]*= \*\(uint4\*\)\(h_r", tail) is not None) == on, on
+        assert re.search(r"initialize_wgmma_descriptor<[^>]*>\(\w+, \(&\(\(\(bfloat16_t\*\)H_s\)", tail), on
+
+
 @needs_compiler
 @pytest.mark.parametrize("spec", [bwd_spec_of(d=128), bwd_spec_of(d=128, fmap=None, block=(64, 64))],
                          ids=lambda s: s.canonical)
@@ -1740,6 +1777,10 @@ BWD_GPU_CASES = (
     + [dict(L=1000, n_crit=2, config=dict(dq=dict(row_regs=True, **EPILOGUE))),
        dict(L=4096, block=(64, 64), n_crit="mixed", config=dict(dq=dict(row_regs=True))),
        dict(L=4096, d=64, n_crit="mixed", config=dict(dq=dict(row_regs=False)))]
+    # dq with H_i loaded into registers before its key loop (h_prefetch), with Proj and without
+    + [dict(L=L, d=d, fmap=fm, n_crit=c, proj=p, config=dict(dq=dict(h_prefetch=True)))
+       for L, d, fm, c, p in ((77, 128, "softmax", 1, True), (1000, 64, "elu", "mixed", True),
+                              (4096, 128, "softmax", "mixed", False), (32760, 128, "softmax", "topk", True))]
     # two dK / dV tiles per key block (block_k 128, tile_n 64) with a partial last block, SLA and sparse-only
     + [dict(L=4099, block=(128, 128), n_crit="mixed"),
        dict(L=1000, d=64, fmap="none", block=(128, 128), n_crit="mixed")])
