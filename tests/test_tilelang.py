@@ -1375,6 +1375,21 @@ def test_dq_prefetches_h_by_default_where_it_fuses_the_linear_term_and_refuses_i
 
 
 @needs_compiler
+@pytest.mark.parametrize("kernel", ["dq", "dkdv"])
+def test_fused_epilogues_form_the_softmax_feature_map_once(kernel):
+    """lin_fused (softmax φ): the epilogue after the key loop forms φ(Q_i) / φ(K_j) once, with one exp2 pass
+    (one vectorised source loop: at most two exp2f calls), and reads it wherever φ is needed (dq's row sum of the
+    vector-Jacobian product in closed form; dk/dv's φ(K_j)·G_j operand from the same values); until session 28
+    each use recomputed it (dq three exp2 passes, dk/dv four)."""
+    spec = bwd_spec_of(d=128)
+    src = tl_backend.backward_kernel(spec, tl_backend._resolve_config(spec, {"backward": "tilelang"}),
+                                     kernel).get_kernel_source()
+    loop = _consumer_loop(src)
+    tail = src[src.index(loop) + len(loop):]
+    assert 1 <= tail.count("exp2f(") <= 2, tail.count("exp2f(")
+
+
+@needs_compiler
 def test_dq_prefetch_loads_h_before_the_key_loop_and_stores_it_to_shared_memory_after():
     """h_prefetch: the consumers' vector loads of H_i come before their key loop and nothing of H_i is read in it;
     after the loop the registers go to H_s (shared), which the dO·H_iᵀ wgmma reads; without it H_i is loaded after
@@ -1586,7 +1601,7 @@ def test_backward_with_fused_linear_terms_compiles_for_sm90a(spec, kernel):
     """lin_fused: the gradients are written whole by TMA stores and never read (no linear term in them on
     entry); the per-block sums (dq: H_i; dk/dv: G_j, and dV's staging tile) take the shared memory of the loop's
     streamed stages (dq: K / V; dk/dv: Q / dO), so the CTA's shared memory does not grow (two dk/dv CTAs per SM
-    still fit); more wgmma: dq dO·H_iᵀ, dk/dv φ(K_j)·G_j from registers and V_j·G_jᵀ."""
+    still fit); more wgmma: dq dO·H_iᵀ, dk/dv φ(K_j)·G_j (φ(K_j) staged in DV_s) and V_j·G_jᵀ."""
     fused = tl_backend._resolve_config(spec, {"backward": "tilelang", kernel: {"lin_fused": True}})
     plain = tl_backend._resolve_config(spec, {"backward": "tilelang", kernel: {"lin_fused": False}})
     src = tl_backend.backward_kernel(spec, fused, kernel).get_kernel_source()
@@ -1594,7 +1609,7 @@ def test_backward_with_fused_linear_terms_compiles_for_sm90a(spec, kernel):
     _assert_hopper_source(src, f"{kernel} lin_fused")
     _assert_sparse_loop_runs(src, f"{kernel} lin_fused")
     outs, sums, streamed, added = (("DQ",), ("H_s",), ("K_s", "V_s"), {"wgmma_ss<": 1, "wgmma_rs<": 0}) \
-        if kernel == "dq" else (("DK", "DV"), ("G_s", "DV_s"), ("Q_s", "DO_s"), {"wgmma_ss<": 1, "wgmma_rs<": 1})
+        if kernel == "dq" else (("DK", "DV"), ("G_s", "DV_s"), ("Q_s", "DO_s"), {"wgmma_ss<": 2, "wgmma_rs<": 0})
     for out in outs:
         assert f"tma_store({out}_desc" in src and not re.search(rf"\b{out}\[", src), out
     offsets, before = _smem_offsets(src), _smem_offsets(base)
