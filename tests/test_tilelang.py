@@ -1406,6 +1406,80 @@ def test_dq_prefetch_loads_h_before_the_key_loop_and_stores_it_to_shared_memory_
         assert re.search(r"initialize_wgmma_descriptor<[^>]*>\(\w+, \(&\(\(\(bfloat16_t\*\)H_s\)", tail), on
 
 
+class _SignatureCheckingKernel:
+    """Stands in for a compiled TileLang kernel on a machine without a GPU: each call is checked against the
+    prim_func's parameters as TileLang's packed call checks it — the count, each tensor's rank and dtype and
+    static extents, and one value per dynamic extent across all buffers — and recorded in ``calls``."""
+
+    calls: list = []
+
+    def __init__(self, func):
+        self.func = func
+
+    def __call__(self, *args):
+        params, name = self.func.params, str(self.func.attrs["global_symbol"])
+        assert len(args) == len(params), f"{name}: {len(args)} arguments for {[p.name for p in params]}"
+        dims = {}
+        for param, arg in zip(params, args):
+            buf = self.func.buffer_map.get(param)
+            if buf is None:
+                assert isinstance(arg, (int, float)), f"{name}: {param.name} is a scalar, got {type(arg)}"
+                continue
+            assert isinstance(arg, torch.Tensor) and arg.dim() == len(buf.shape), (name, buf.name, buf.shape)
+            assert str(arg.dtype).removeprefix("torch.") == str(buf.dtype), (name, buf.name, arg.dtype, buf.dtype)
+            for n, extent in zip(arg.shape, buf.shape):
+                if hasattr(extent, "value"):
+                    assert n == extent.value, (name, buf.name, tuple(arg.shape), buf.shape)
+                else:
+                    assert dims.setdefault(extent.name, n) == n, \
+                        f"{name}: {buf.name} gives {extent.name} = {n}, another buffer {dims[extent.name]}"
+        self.calls.append(name)
+
+
+@needs_compiler
+@pytest.mark.parametrize("case", [
+    dict(keep_sums=True, proj=True), dict(keep_sums=False, proj=True), dict(keep_sums=True, proj=False, d=64),
+    dict(fmap="none"), dict(block=(64, 64), n_crit=2),
+    dict(keep_sums=True, proj=True, config={"dq": {"lin_fused": False}, "dkdv": {"lin_fused": False}}),
+    dict(keep_sums=True, proj=False, config={"dq": {"h_prefetch": False, "tile_n": 128}})], ids=str)
+def test_tilelang_backward_glue_calls_its_kernels_as_their_signatures_say(monkeypatch, case):
+    """The TileLang backward end to end on the CPU, its Triton linear part in the interpreter and its dq / dk-dv
+    kernels replaced by signature checks (the prim_funcs are built, not compiled): every argument list the glue
+    hands the kernels must bind (a wrong count, rank, dtype or a dynamic extent bound two ways fails on a GPU
+    only, as session 27's linear_config and this session's H_i view did), and the gradients come back whole."""
+    B, H, L = 1, 2, 300
+    d, block, fmap = case.get("d", 128), case.get("block", (128, 64)), case.get("fmap", "softmax")
+    monkeypatch.setattr(tl_backend, "_compile", lambda key, make, *a, **k: _SignatureCheckingKernel(make()))
+    monkeypatch.setattr(tl_backend, "_check_inputs", lambda *a: None)       # (it requires CUDA tensors)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(_SignatureCheckingKernel, "calls", [])
+    cpu, gen = torch.device("cpu"), torch.Generator().manual_seed(0)
+    q, k, v, do = make_qkv(B, H, L, L, d, torch.bfloat16, "bhld", cpu, gen) + [torch.randn(B, H, L, d, generator=gen,
+                                                                                        dtype=torch.bfloat16)]
+    mask = make_mask(B, H, reference.num_blocks(L, block[0]), reference.num_blocks(L, block[1]),
+                     case.get("n_crit", "mixed"), 0.0, cpu, gen)
+    maps = list(BlockMap.from_mask(mask, block_q=block[0], block_k=block[1]).tensors())
+    w = b = None
+    if case.get("proj") and fmap != "none":
+        w, b = torch.randn(d, d, generator=gen) / math.sqrt(d), torch.randn(d, generator=gen) * 0.1
+    tm, linear = maps[0].shape[-2], fmap != "none"
+    o, lse = torch.randn_like(q), torch.randn(B, H, L, generator=gen)
+    sums = {}
+    if case.get("keep_sums") and linear:       # the forward kept H_i, Z_i and saved no O^l, den
+        o_lin, den = q.new_empty(0), lse.new_empty(0)
+        sums["lin_sums"] = (torch.randn(B, H, tm, d, d, generator=gen).to(q.dtype), torch.rand(B, H, tm, d, generator=gen))
+    else:
+        o_lin, den = torch.randn_like(q), torch.rand(B, H, L, generator=gen) + 1
+    cfg = dict(block_q=block[0], block_k=block[1], scale=d ** -0.5, feature_map=fmap, scope="marginal",
+               eps=reference.EPS)
+    grads = tl_backend.backward(do, q, k, v, o, lse, o_lin, den, maps, w, b,
+                                config={"backward": "tilelang", **case.get("config", {})}, **cfg, **sums)
+    assert _SignatureCheckingKernel.calls == ["sla_dq", "sla_dkdv"]
+    for g, x in zip(grads[:3], (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype
+    assert (grads[3] is not None and grads[3].shape == (d, d)) == (w is not None)
+
+
 @needs_compiler
 @pytest.mark.parametrize("spec", [bwd_spec_of(d=128), bwd_spec_of(d=128, fmap=None, block=(64, 64))],
                          ids=lambda s: s.canonical)
