@@ -1436,6 +1436,47 @@ class _SignatureCheckingKernel:
         self.calls.append(name)
 
 
+def _fake_tilelang_kernels(monkeypatch) -> None:
+    """Run the TileLang glue on the CPU: kernels replaced by _SignatureCheckingKernel (calls emptied), the CUDA
+    device context, the input check's CUDA requirement and the SM count stubbed."""
+    monkeypatch.setattr(tl_backend, "_compile", lambda key, make, *a, **k: _SignatureCheckingKernel(make()))
+    monkeypatch.setattr(tl_backend, "_check_inputs", lambda *a: None)       # (it requires CUDA tensors)
+    monkeypatch.setattr(tl_backend, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(_SignatureCheckingKernel, "calls", [])
+
+
+@needs_compiler
+@pytest.mark.parametrize("case", [
+    dict(states=True), dict(save=False), dict(proj=True), dict(fmap="none"), dict(scope="all", fmap="elu"),
+    dict(d=64, block=(64, 64), n_crit=2), dict(config={"tail_split": 4})], ids=str)
+def test_tilelang_forward_glue_calls_its_kernels_as_their_signatures_say(monkeypatch, case):
+    """The TileLang forward (block map given) end to end on the CPU with its kernels replaced by signature checks
+    (see the backward's test): the pre-pass (with a linear branch) and the forward kernel are called with
+    arguments that bind, and the outputs come back in the shapes the backward reads."""
+    B, H, L = 1, 2, 300
+    d, block, fmap = case.get("d", 128), case.get("block", (128, 64)), case.get("fmap", "softmax")
+    _fake_tilelang_kernels(monkeypatch)
+    cpu, gen = torch.device("cpu"), torch.Generator().manual_seed(0)
+    q, k, v = make_qkv(B, H, L, L, d, torch.bfloat16, "bhld", cpu, gen)
+    tm, tn = reference.num_blocks(L, block[0]), reference.num_blocks(L, block[1])
+    maps = list(BlockMap.from_mask(make_mask(B, H, tm, tn, case.get("n_crit", "mixed"), 0.0, cpu, gen),
+                                   block_q=block[0], block_k=block[1]).tensors())
+    w = b = None
+    if case.get("proj") and fmap != "none":
+        w, b = torch.randn(d, d, generator=gen) / math.sqrt(d), torch.randn(d, generator=gen) * 0.1
+    cfg = dict(block_q=block[0], block_k=block[1], scale=d ** -0.5, feature_map=fmap, scope=case.get("scope", "marginal"),
+               eps=reference.EPS)
+    out = tl_backend.forward(q, k, v, maps, w, b, case.get("save", True), states=case.get("states", False),
+                             config=case.get("config"), **cfg)
+    linear = fmap != "none"
+    assert [c for c in _SignatureCheckingKernel.calls if c != "sla_forward_tail"] == \
+        (["sla_prepass"] if linear else []) + ["sla_forward"]
+    assert out[0].shape == q.shape and out[0].dtype == q.dtype and out[1].shape == (B, H, L)
+    if case.get("states") and linear:
+        assert out[4].shape == (B, H, tm, d, d) and out[5].shape == (B, H, tm, d)
+
+
 @needs_compiler
 @pytest.mark.parametrize("case", [
     dict(keep_sums=True, proj=True), dict(keep_sums=False, proj=True), dict(keep_sums=True, proj=False, d=64),
@@ -1449,10 +1490,7 @@ def test_tilelang_backward_glue_calls_its_kernels_as_their_signatures_say(monkey
     only, as session 27's linear_config and this session's H_i view did), and the gradients come back whole."""
     B, H, L = 1, 2, 300
     d, block, fmap = case.get("d", 128), case.get("block", (128, 64)), case.get("fmap", "softmax")
-    monkeypatch.setattr(tl_backend, "_compile", lambda key, make, *a, **k: _SignatureCheckingKernel(make()))
-    monkeypatch.setattr(tl_backend, "_check_inputs", lambda *a: None)       # (it requires CUDA tensors)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(_SignatureCheckingKernel, "calls", [])
+    _fake_tilelang_kernels(monkeypatch)
     cpu, gen = torch.device("cpu"), torch.Generator().manual_seed(0)
     q, k, v, do = make_qkv(B, H, L, L, d, torch.bfloat16, "bhld", cpu, gen) + [torch.randn(B, H, L, d, generator=gen,
                                                                                         dtype=torch.bfloat16)]
