@@ -1354,6 +1354,30 @@ def test_tilelang_backward_hands_the_linear_part_its_config_through_the_triton_g
     assert want["prep"]["rows"] == (base["prep"]["rows"] if tuned else tl_backend._SUMS_PREP[128]["rows"])
 
 
+@pytest.mark.parametrize("empty_rows", [False, True])
+def test_the_dq_epilogues_closed_form_row_sum_is_the_softmax_vjps(empty_rows):
+    """The fused dq epilogue takes rowsum(φ(Q_i) ⊙ dφ(Q_i)) as D^l·eps/den (SLA.md §3/§5: O^l = φH/(φZ + eps) is
+    unchanged by a rescaled φ but for eps). Checked in float64 by autograd through O = O^l Wᵀ + b, with rows whose
+    marginal set is empty (H_i = 0, Z_i = 0: den = eps, D^l = 0)."""
+    gen = torch.Generator().manual_seed(1)
+    rows, d = 64, 32
+    phi = torch.softmax(torch.randn(rows, d, generator=gen, dtype=torch.float64) * 2, dim=-1).requires_grad_()
+    h = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    z = torch.rand(d, generator=gen, dtype=torch.float64) * 50
+    if empty_rows:
+        h, z = h * 0, z * 0
+    w, b = torch.randn(d, d, generator=gen, dtype=torch.float64), torch.randn(d, generator=gen, dtype=torch.float64)
+    do = torch.randn(rows, d, generator=gen, dtype=torch.float64)
+    den = phi @ z + reference.EPS
+    o_l = (phi @ h) / den[:, None]
+    (dphi,) = torch.autograd.grad(((o_l @ w.t() + b) * do).sum(), phi)
+    dl = ((do @ w) * o_l).sum(-1)
+    want = (phi * dphi).sum(-1)
+    got = dl * reference.EPS / den
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12 * float(dphi.abs().max())), (got - want).abs().max()
+    assert bool((want != 0).any()) != empty_rows
+
+
 def test_dq_prefetches_h_by_default_where_it_fuses_the_linear_term_and_refuses_it_elsewhere():
     """h_prefetch (dq loads H_i into registers before its key loop): on by default wherever lin_fused is and the
     registers allow (8 warps at head_dim 128); off for sparse-only and 4-warp dq; a caller's config that turns
