@@ -629,8 +629,9 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
         for name in ("lin_init", "tma_store", "lin_fused") + (("row_regs", "h_prefetch") if kernel == "dq" else ()):
             if not isinstance(part[name], bool):
                 raise ValueError(f"{where}[{name!r}]={part[name]!r} must be True or False")
-        if kernel == "dq" and part["h_prefetch"] and _h_prefetch_blocker(part, spec):
-            raise ValueError(f"{where}: h_prefetch=True needs {_h_prefetch_blocker(part, spec)}")
+        why = kernel == "dq" and part["h_prefetch"] and _h_prefetch_blocker(part, spec)
+        if why:
+            raise ValueError(f"{where}: h_prefetch=True needs {why}")
         if kernel == "dq" and part["row_regs"] and spec.head_dim != 128:
             raise ValueError(f"{where}: row_regs=True is supported at head_dim 128 only (at {spec.head_dim} ptxas "
                              f"reuses the registers of its step-0 copies of Q and dO inside the key loop: a wrong "
@@ -744,8 +745,8 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
                 part["lin_fused"] = _lin_fused_blocker(part, spec, linear) is None
         dq, asked = cfg["dq"], (config or {}).get("dq", {})
         if isinstance(dq, dict) and dq.get("h_prefetch") and isinstance(asked, dict) and "h_prefetch" not in asked \
-                and {"lin_fused", "num_warps"} <= set(dq):    # a default, giving way to the caller's dq
-            dq["h_prefetch"] = _h_prefetch_blocker(dq, spec) is None
+                and isinstance(dq["num_warps"], int):   # a default, giving way to the caller's dq (check_config
+            dq["h_prefetch"] = _h_prefetch_blocker(dq, spec) is None   # reports a malformed num_warps)
     check_config(cfg, spec)
     return cfg
 
@@ -1418,7 +1419,7 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
         with torch.cuda.device(q.device):
             backward_kernel(spec, cfg, "dq")(q[:, heads], k[:, heads], v[:, heads], do[:, heads],
                                              *per_heads(heads, lse), ds, *per_heads(heads, *row_lut), dq, *states,
-                                             float(scale), *([float(eps)] if states else []))
+                                             float(scale), *([float(eps)] if spec.feature_map is not None else []))
 
     def sparse_dkdv(heads, ds, dk, dv, terms=None):   # terms: (G_j, g_j) with lin_fused (the kernel adds them)
         (lse_g,) = per_heads(heads, lse)
