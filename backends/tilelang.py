@@ -196,7 +196,7 @@ _LINEAR_DEFAULTS = {128: {"dq": {"block_m": 64, "num_warps": 8}}}
 # 0.276, _key_state 0.184 -> 0.238), so it is applied here, under the "linear" overrides, not in its defaults.
 _SUMS_PREP = {128: dict(rows=64, num_warps=4, num_stages=1, chunk=1)}
 _BWD_DEFAULTS: Dict[int, dict] = {
-    d: {"backward": "tilelang", "warp_specialized": True,
+    d: {"backward": "tilelang", "warp_specialized": True, "query_state": "tilelang",
         "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True, lin_fused=True,
                    row_regs=d == 128, h_prefetch=True),
         "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True,
@@ -205,6 +205,7 @@ _BWD_DEFAULTS: Dict[int, dict] = {
     for d in (64, 128)
 }
 BACKWARDS = ("triton", "tilelang")
+QUERY_STATES = ("tilelang", "triton")
 SHARED_MEMORY = 227 * 1024
 SHARED_MEMORY_PER_SM = 228 * 1024   # what resident CTAs share (each also reserves 1 KiB: in shared_bytes)
 TAIL_SPLIT_MAX = 8
@@ -588,6 +589,7 @@ def _default_backward_config(spec: KernelSpec) -> dict:
     for part in (dq, kv):   # the linear terms in the kernels' epilogues wherever they apply
         part["lin_fused"] = _lin_fused_blocker(part, spec, linear) is None
     dq["h_prefetch"] = _h_prefetch_blocker(dq, spec) is None
+    cfg["query_state"] = "triton" if _query_state_blocker(spec) else "tilelang"
     try:
         _check_backward_config(cfg, spec)
     except ValueError:      # the TileLang tiles do not fit these blocks: the Triton backward serves them
@@ -609,6 +611,12 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError(f"config['backward']={cfg['backward']!r} is not supported; allowed: {', '.join(BACKWARDS)}")
     if not isinstance(cfg["warp_specialized"], bool):
         raise ValueError(f"config['warp_specialized']={cfg['warp_specialized']!r} must be True or False")
+    if cfg["query_state"] not in QUERY_STATES:
+        raise ValueError(f"config['query_state']={cfg['query_state']!r} is not supported; allowed: "
+                         f"{', '.join(QUERY_STATES)}")
+    why = cfg["query_state"] == "tilelang" and _query_state_blocker(spec)
+    if why:
+        raise ValueError(f"config['query_state']='tilelang' needs {why}; use 'triton'")
     if cfg["backward"] == "triton":
         return
     linear = linear_config(spec, cfg["linear"])
@@ -675,6 +683,14 @@ def _h_prefetch_blocker(part: dict, spec: KernelSpec) -> Optional[str]:
         return (f"num_warps=8 at head_dim {spec.head_dim} (with {part['num_warps']} warps H_i is "
                 f"{spec.head_dim * spec.head_dim // (32 * part['num_warps'])} values per thread: ptxas spills)")
     return None
+
+
+def _query_state_blocker(spec: KernelSpec) -> Optional[str]:
+    """Why the TileLang query-state kernel cannot serve ``spec``, or None. It replaces the Triton _lin_rows +
+    _query_state where the forward kept H_i, Z_i (a linear branch, scope 'marginal'), reading H_i as a bf16
+    tensor-core operand beside Q and dO (bf16 inputs: the states are bf16)."""
+    return ("a linear branch" if spec.feature_map is None else "scope 'marginal'" if spec.scope != "marginal"
+            else "bf16 inputs (the linear states are bf16)" if spec.dtype != "bf16" else None)
 
 
 def _check_lin_fused(kernel: str, part: dict, spec: KernelSpec, linear: dict) -> None:
@@ -862,9 +878,18 @@ def prepass_kernel(spec: KernelSpec, cfg: dict, pool: str = ""):
     return _compile(key, lambda: mod.prepass_kernel(**args), cfg["warp_specialized"])
 
 
-def backward_kernel(spec: KernelSpec, cfg: dict, kernel: str):
-    """The compiled sparse-branch backward kernel ``kernel`` ('dq' or 'dkdv') of the role-'backward' ``spec``
-    for the backward tunables ``cfg`` (its ``cfg[kernel]`` part and ``warp_specialized``)."""
+def backward_kernel(spec: KernelSpec, cfg: dict, kernel: str, *, has_w: bool = False, has_b: bool = False):
+    """The compiled backward kernel ``kernel`` of the role-'backward' ``spec``: 'dq' or 'dkdv' (the sparse branch)
+    for the backward tunables ``cfg`` (its ``cfg[kernel]`` part and ``warp_specialized``), or 'query_state' (the
+    linear branch's per-query-block state where the forward kept H_i, Z_i; ``has_w`` / ``has_b``: with Proj's
+    weight / bias; always warp-specialised: its loads are TMA loads of one pipelined step)."""
+    if kernel == "query_state":
+        why = _query_state_blocker(spec)
+        if why:
+            raise ValueError(f"the query-state kernel needs {why}")
+        args = dict(has_w=bool(has_w), has_b=bool(has_b))
+        mod = _module(spec)
+        return _compile((kernel, spec, tuple(sorted(args.items()))), lambda: mod.query_state_kernel(**args), True)
     part = cfg[kernel]
     args = dict(tile_m=part["tile_m"], tile_n=part["tile_n"], threads=32 * part["num_warps"],
                 num_stages=part["num_stages"], lin_init=part["lin_init"], tma_store=part["tma_store"])
@@ -923,6 +948,10 @@ def build(spec: KernelSpec, config: Optional[dict] = None, *, variants: str = "a
         cfg = _resolve_config(spec, config)
         makers = [functools.partial(backward_kernel, spec, cfg, kernel) for kernel in ("dq", "dkdv")
                   if cfg["backward"] == "tilelang"]
+        if cfg["backward"] == "tilelang" and cfg["query_state"] == "tilelang":
+            flags = [(w, b) for w in (False, True) for b in (False, True)] if variants == "all" else [(False, False)]
+            makers += [functools.partial(backward_kernel, spec, cfg, "query_state", has_w=w, has_b=b)
+                       for w, b in flags]
     else:
         cfg = _resolve_config(spec, config)
         linear = spec.feature_map is not None
@@ -1030,7 +1059,7 @@ def _tail_stand_ins(device: torch.device, tile_m: int, d: int) -> Tuple[torch.Te
 def _dummies(device: torch.device, dtype: torch.dtype, d: int) -> Dict[str, torch.Tensor]:
     """Small stand-ins for the kernel inputs a variant does not read (their dynamic extents are free): the
     forward's Proj weight / bias, O^l and den outputs; the backward kernels' linear-branch sums and per-row
-    vectors (without lin_fused)."""
+    vectors (without lin_fused); the query-state kernel's negligible counts (a spec without that class)."""
     key = (device, dtype, d)
     if key not in _DUMMIES:
         _DUMMIES[key] = dict(w=torch.zeros((1, 1), dtype=dtype, device=device),
@@ -1039,7 +1068,8 @@ def _dummies(device: torch.device, dtype: torch.dtype, d: int) -> Dict[str, torc
                              den=torch.zeros((1, 1, 1), dtype=torch.float32, device=device),
                              h=torch.zeros((1, 1, 1, d), dtype=dtype, device=device),
                              g=torch.zeros((1, 1, 1, d, d), dtype=dtype, device=device),
-                             gz=torch.zeros((1, 1, 1, d), dtype=torch.float32, device=device))
+                             gz=torch.zeros((1, 1, 1, d), dtype=torch.float32, device=device),
+                             count=torch.zeros((1, 1, 1), dtype=torch.int32, device=device))
     return _DUMMIES[key]
 
 
@@ -1430,8 +1460,20 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
                                                *_per_query_block(lse_g, ds, block_q), *per_heads(heads, *col_lut),
                                                dk, dv, *states, float(scale))
 
+    def query_state(q, do, o, h_i, z_i, count, ncount, den, ds, dl, g, gz, w, bias):
+        # the linear branch's query-block state in one TileLang kernel (see bwd.linear_part for the arguments)
+        b, hg, tm, d = z_i.shape
+        dummy = _dummies(q.device, q.dtype, d)
+        with torch.cuda.device(q.device):
+            backward_kernel(spec, cfg, "query_state", has_w=w is not None, has_b=bias is not None)(
+                q, do, o, h_i.contiguous().view(b, hg, tm * d, d), z_i.contiguous(), count.to(torch.int32).contiguous(),
+                ncount.to(torch.int32).contiguous() if ncount is not None else dummy["count"], ds, dl, den,
+                g.view(b, hg, -1, d), gz.view(b, hg, -1, d), w.to(torch.bfloat16) if w is not None else dummy["w"],
+                bias.float() if bias is not None else dummy["bias"], float(eps), maps[0].shape[-1])
+
     return _triton().backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
                                           sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv,
+                                          query_state=query_state if cfg["query_state"] == "tilelang" else None,
                                           linear=functools.partial(linear_config, spec, cfg["linear"]),
                                           lin_sums=lin_sums, fused_dq=cfg["dq"]["lin_fused"],
                                           fused_dkdv=cfg["dkdv"]["lin_fused"], **cfg_args)

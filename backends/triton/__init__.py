@@ -71,15 +71,15 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, lin_
 
 
 def backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, sparse_dq, sparse_dkdv,
-                         linear=None, lin_sums=None, fused_dq=False, fused_dkdv=False, **cfg):
+                         linear=None, lin_sums=None, fused_dq=False, fused_dkdv=False, query_state=None, **cfg):
     """The backward without its sparse loops (slagen.backends.triton.bwd.linear_part) for a backend whose
     ``sparse_dq`` / ``sparse_dkdv`` run the sparse branch: (dq, dk, dv, dw, db). Config: the Triton backward's
     tuned one (or None: its default), passed through ``linear(config) -> config`` when given (the caller's
-    overrides for these kernels)."""
+    overrides for these kernels); ``query_state``: see bwd.linear_part."""
     from slagen.backends.triton import bwd
     config = _backward_config(q, k, maps, cfg)
     if linear is not None:
         config = linear(config)
     return bwd.linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, sparse_dq=sparse_dq,
                            sparse_dkdv=sparse_dkdv, config=config, lin_sums=lin_sums, fused_dq=fused_dq,
-                           fused_dkdv=fused_dkdv, **cfg)
+                           fused_dkdv=fused_dkdv, query_state=query_state, **cfg)

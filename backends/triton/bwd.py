@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import os
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -251,6 +251,7 @@ class _Call:
     fused_dq: bool = False
     fused_dkdv: bool = False
     sums_owner: Optional[list] = None       # the caller's [H_i, Z_i] (lin_sums given as a list): release_sums
+    query_state: Optional[Callable] = None  # linear_part's query_state: the caller's kernel for _query_state
 
     def __post_init__(self):
         B, H, self.Lq, self.D = self.q.shape
@@ -342,6 +343,12 @@ def _query_state(c: _Call):
     w, s_w0, s_w1 = c.weight_args()
     bias, s_bias = c.bias_args()
     count, ncount = c.maps[2], c.maps[6]
+    if c.ol_from_sums and c.query_state is not None:
+        h, z = c.lin_sums
+        c.query_state(c.q, c.do, c.o, h, z, count, ncount if c.spec.has_negligible else None, c.den,
+                      ds.view(c.lse.shape), dl.view(c.lse.shape), g.view(-1, rows, c.D, c.D),
+                      gz.view(-1, rows, c.D), c.w, c.bias)
+        return ds, dl, g, gz
     if c.ol_from_sums:
         _lin_rows(c, dl)
     c.mod._query_state[(chunks, c.BH)](
@@ -635,7 +642,7 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj
 def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], proj_weight, proj_bias, *,
                 block_q: int, block_k: int, scale: float, feature_map: Optional[str], scope: str, eps: float,
                 sparse_dq, sparse_dkdv, config: Optional[dict] = None, lin_sums=None, fused_dq: bool = False,
-                fused_dkdv: bool = False):
+                fused_dkdv: bool = False, query_state: Optional[Callable] = None):
     """Everything of :func:`backward` except the sparse branch's FlashAttention loops, which a backend that
     runs them itself supplies: returns (dq, dk, dv, dw, db).
 
@@ -659,6 +666,13 @@ def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], p
     ``sparse_dkdv(heads, ds, dk, dv, (G, g))`` gets G_j = Σ_{i: j marginal for i} dH_i ((B·H_g·T_n', D, D) in
     the states' dtype, T_n' = padded_rows(T_n) per head) and g_j ((B·H_g·T_n', D) fp32) and writes dk, dv whole
     (sparse branch and linear terms: dV_j += φ(K_j) G_j, dK_j += J_φ(K_j)ᵀ(V_j G_jᵀ + 1 g_jᵀ)).
+    ``query_state`` (used where the forward kept H_i, Z_i and saved no O^l, den): the caller's kernel in place of
+    ``_lin_rows`` + ``_query_state``, called per head group as ``query_state(q, do, o, H_i, Z_i, count, ncount,
+    den, ds, dl, g, gz, w, bias)``: the group's q, do, o (B, H_g, Lq, D), H_i (B, H_g, T_m, D, D), Z_i (B, H_g,
+    T_m, D) fp32, the critical and negligible counts per query block (B, H_g, T_m) (ncount None without a
+    negligible class), Proj's w, bias or None; it writes den (B, H_g, Lq) fp32 (a view), D^s and D^l into ds, dl
+    ((B, H_g, Lq) fp32), dH_i into g ((B·H_g, T_m', D, D), the states' dtype) and dZ_i into gz ((B·H_g, T_m', D)
+    fp32) for the query blocks below T_m (T_m' = padded_rows(T_m); the zero tail is the glue's).
     """
     c = _prepare(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, block_q=block_q, block_k=block_k,
                  scale=scale, feature_map=feature_map, scope=scope, eps=eps, config=config, sparse=False,
@@ -667,7 +681,7 @@ def linear_part(do, q, k, v, o, lse, o_lin, den, maps: Sequence[torch.Tensor], p
         raise ValueError("fused_dq / fused_dkdv need scope 'marginal' with a linear branch and "
                          f"prep.marginal_states='gemm' (got feature_map={feature_map!r}, scope={scope!r}, "
                          f"marginal_states={c.cfg['prep'].get('marginal_states', 'gemm')!r})")
-    c = dataclasses.replace(c, fused_dq=bool(fused_dq), fused_dkdv=bool(fused_dkdv))
+    c = dataclasses.replace(c, fused_dq=bool(fused_dq), fused_dkdv=bool(fused_dkdv), query_state=query_state)
 
     def group_ds(ds):
         return ds.view(lse.shape[0], -1, lse.shape[-1])
