@@ -693,6 +693,21 @@ def _query_state_blocker(spec: KernelSpec) -> Optional[str]:
             else "bf16 inputs (the linear states are bf16)" if spec.dtype != "bf16" else None)
 
 
+def query_state_stages(spec: KernelSpec, has_w: bool) -> int:
+    """The query-state kernel's pipeline depth: 2 (the next query block's Q, dO, H_i land while one computes)
+    where two stages fit the shared memory beside Proj's W and dO·W tiles, else 1."""
+    d, m = spec.head_dim, spec.block_q
+    stage = 2 * (2 * m * d + d * d)
+    fixed = 2 * m * 16 + (2 * (d * d + m * d) if has_w else 0) + 1024
+    return 2 if 2 * stage + fixed <= SHARED_MEMORY else 1
+
+
+def query_state_chunk(tm: int, heads: int, sms: int) -> int:
+    """Query blocks per CTA of the query-state kernel: enough that the CTAs of all ``heads`` (B·H) heads of
+    ``tm`` query blocks each fit one wave of ``sms`` SMs (one CTA each), so each CTA's pipeline runs long."""
+    return max(-(-tm * heads // max(sms, 1)), 1)
+
+
 def _check_lin_fused(kernel: str, part: dict, spec: KernelSpec, linear: dict) -> None:
     why = _lin_fused_blocker(part, spec, linear)
     if why:
@@ -887,7 +902,7 @@ def backward_kernel(spec: KernelSpec, cfg: dict, kernel: str, *, has_w: bool = F
         why = _query_state_blocker(spec)
         if why:
             raise ValueError(f"the query-state kernel needs {why}")
-        args = dict(has_w=bool(has_w), has_b=bool(has_b))
+        args = dict(num_stages=query_state_stages(spec, has_w), has_w=bool(has_w), has_b=bool(has_b))
         mod = _module(spec)
         return _compile((kernel, spec, tuple(sorted(args.items()))), lambda: mod.query_state_kernel(**args), True)
     part = cfg[kernel]
@@ -1469,7 +1484,8 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
                 q, do, o, h_i.contiguous().view(b, hg, tm * d, d), z_i.contiguous(), count.to(torch.int32).contiguous(),
                 ncount.to(torch.int32).contiguous() if ncount is not None else dummy["count"], ds, dl, den,
                 g.view(b, hg, -1, d), gz.view(b, hg, -1, d), w.to(torch.bfloat16) if w is not None else dummy["w"],
-                bias.float() if bias is not None else dummy["bias"], float(eps), maps[0].shape[-1])
+                bias.float() if bias is not None else dummy["bias"], float(eps), maps[0].shape[-1],
+                query_state_chunk(tm, b * hg, _sm_count(q.device)))
 
     return _triton().backward_linear_part(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias,
                                           sparse_dq=sparse_dq, sparse_dkdv=sparse_dkdv,
