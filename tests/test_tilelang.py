@@ -1398,6 +1398,53 @@ def test_dq_prefetches_h_by_default_where_it_fuses_the_linear_term_and_refuses_i
         dq_of(bwd_spec_of(d=128, block=(64, 64)), {"dq": {"h_prefetch": True}})
 
 
+def test_query_state_kernel_is_the_default_where_it_applies_and_refused_elsewhere():
+    """config 'query_state': 'tilelang' (the TileLang query-state kernel, where the forward kept H_i, Z_i) by default
+    for a linear branch, scope 'marginal', bf16; 'triton' otherwise; asked for where it cannot serve, or given an
+    unknown value, a clear error naming the key."""
+    def qs_of(spec, config=None):
+        return tl_backend._resolve_config(spec, {"backward": "tilelang", **(config or {})})["query_state"]
+    assert qs_of(bwd_spec_of(d=128)) == "tilelang" and qs_of(bwd_spec_of(d=64, block=(64, 64), fmap="elu")) == "tilelang"
+    assert qs_of(bwd_spec_of(d=128), {"query_state": "triton"}) == "triton"
+    for spec, why in ((bwd_spec_of(d=128, fmap=None), "a linear branch"), (bwd_spec_of(d=128, scope="all"), "scope 'marginal'"),
+                      (bwd_spec_of(d=128, dtype="fp16"), "bf16 inputs")):
+        assert qs_of(spec) == "triton"
+        with pytest.raises(ValueError, match=rf"config\['query_state'\]='tilelang' needs {why}"):
+            qs_of(spec, {"query_state": "tilelang"})
+        with pytest.raises(ValueError, match=f"the query-state kernel needs {why}"):
+            tl_backend.backward_kernel(spec, tl_backend._resolve_config(spec, {"backward": "tilelang"}), "query_state")
+    with pytest.raises(ValueError, match=r"config\['query_state'\]='cuda' is not supported; allowed: tilelang, triton"):
+        qs_of(bwd_spec_of(d=128), {"query_state": "cuda"})
+
+
+def test_query_state_launch_fills_one_wave_and_pipelines_where_two_stages_fit():
+    """query_state_chunk: enough query blocks per CTA that one CTA per SM covers every head (at least one);
+    query_state_stages: two stages of Q, dO, H_i where they fit beside Proj's tiles (d 128: not with Proj)."""
+    assert tl_backend.query_state_chunk(256, 12, 132) == 24          # headline: 11 chunks per head, 132 CTAs
+    assert -(-256 // 24) * 12 == 132
+    assert tl_backend.query_state_chunk(1, 1, 132) == 1 and tl_backend.query_state_chunk(3, 2, 1) == 6
+    assert tl_backend.query_state_stages(bwd_spec_of(d=128), False) == 2
+    assert tl_backend.query_state_stages(bwd_spec_of(d=128), True) == 1
+    assert tl_backend.query_state_stages(bwd_spec_of(d=64, block=(64, 64)), True) == 2
+
+
+@needs_compiler
+@pytest.mark.parametrize("spec", [bwd_spec_of(d=128), bwd_spec_of(d=64, block=(128, 64), fmap="relu")],
+                         ids=lambda s: s.canonical)
+def test_query_state_kernel_pipelines_its_loads_and_stores_dh_by_tma_where_the_tile_fits(spec):
+    """The query-state kernel: Q, dO and H_i by TMA in a two-stage pipeline (a stage index in each load), O by
+    per-thread loads from global memory inside the consumer loop (TileLang once dropped a global-to-fragment
+    T.copy of it without a trace: the values must be read), dH_i stored by TMA through Q's tile where block_q =
+    head_dim, else by the consumers' stores."""
+    cfg = tl_backend._resolve_config(spec, {"backward": "tilelang"})
+    src = tl_backend.backward_kernel(spec, cfg, "query_state").get_kernel_source()
+    for desc in ("Q_desc", "DO_desc", "HI_desc"):
+        assert re.search(rf"tma_load\({desc}, mbarrier\[\(t & 1\)", src) or \
+            re.search(rf"tma_load\({desc}, mbarrier\[\(\(t & 1\) \+ \d\)\]", src), desc
+    assert re.search(r"condval = O\[", src) and re.search(r"o_r\[i(_\d+)?\] = condval;", src)
+    assert ("tma_store(G_desc" in src) == (spec.block_q == spec.head_dim)
+
+
 @needs_compiler
 @pytest.mark.parametrize("kernel", ["dq", "dkdv"])
 def test_fused_epilogues_form_the_softmax_feature_map_once(kernel):
