@@ -34,7 +34,10 @@ forward does not take them either.
      sparse branch on two TileLang kernels (templates/tilelang/backward.py.j2): ``sla_dq`` over the row LUT
      and ``sla_dkdv`` over the column LUT, each one TMA + warp-specialised pipelined loop that adds its sum to
      the linear term in place (H200, headline shape:
-     backward 4.82 ms vs 5.33 ms for 'triton', docs/perf-notes.md);
+     backward 4.82 ms vs 5.33 ms for 'triton', docs/perf-notes.md). Where the forward kept H_i, Z_i (scope
+     'marginal', bf16), the per-query-block state (den, D^l, D^s, dH_i, dZ_i) comes from a third TileLang kernel,
+     ``sla_query_state``, in place of the Triton ``_lin_rows`` + ``_query_state`` (config ``"query_state"``:
+     'tilelang', the default there, or 'triton');
   'triton' — the whole Triton backward (``slagen.backends.triton.backward``), the default for other blocks.
 Compiled kernels
 go to TileLang's cache inside slagen's cache dir (``<cache dir>/tilelang``; TILELANG_CACHE_DIR is pointed
@@ -190,7 +193,8 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   #
 # tools/sweep_linear_part.py: 0.161 ms vs 0.234 at the Triton backward's 128).
 _LINEAR_DEFAULTS = {128: {"dq": {"block_m": 64, "num_warps": 8}}}
 # The linear part's state-kernel launch where the forward keeps H_i, Z_i (keeps_linear_sums: scope 'marginal' with
-# a linear branch): _query_state then reads D^l from _lin_rows, and no key-state kernel runs. H200, headline shape,
+# a linear branch) and config "query_state" is 'triton' (the TileLang query-state kernel replaces both by default
+# where it applies): _query_state then reads D^l from _lin_rows, and no key-state kernel runs. H200, headline shape,
 # 128x64, session 27 (tools/sweep_linear_part.py): 64 rows, 1 stage, 1 block per program: _query_state 0.221 ->
 # 0.177 ms. The Triton backward's own path (O^l read, key states formed) is slower with it (_query_state 0.244 ->
 # 0.276, _key_state 0.184 -> 0.238), so it is applied here, under the "linear" overrides, not in its defaults.
@@ -897,7 +901,7 @@ def backward_kernel(spec: KernelSpec, cfg: dict, kernel: str, *, has_w: bool = F
     """The compiled backward kernel ``kernel`` of the role-'backward' ``spec``: 'dq' or 'dkdv' (the sparse branch)
     for the backward tunables ``cfg`` (its ``cfg[kernel]`` part and ``warp_specialized``), or 'query_state' (the
     linear branch's per-query-block state where the forward kept H_i, Z_i; ``has_w`` / ``has_b``: with Proj's
-    weight / bias; always warp-specialised: its loads are TMA loads of one pipelined step)."""
+    weight / bias; always warp-specialised: its Q, dO, H_i are TMA loads of a pipelined loop over query blocks)."""
     if kernel == "query_state":
         why = _query_state_blocker(spec)
         if why:
@@ -1432,7 +1436,8 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
 
     config["backward"] (default: the tuned or default config of :func:`backward_spec`) picks the path:
     'triton' runs the Triton backward; 'tilelang' runs the Triton state kernels for D^s and the linear-branch
-    terms, then the sparse branch on the TileLang dq / dkdv kernels. It reads the lse / o_lin / den that
+    terms (with kept sums and config["query_state"] 'tilelang': the TileLang query-state kernel instead of
+    _lin_rows + _query_state), then the sparse branch on the TileLang dq / dkdv kernels. It reads the lse / o_lin / den that
     either backend's forward saves (natural-log LSE, O^l before Proj, fp32 den). The TileLang path needs q,
     k, v readable by TMA (see :func:`_check_tma`); a dO that is not is copied. ``lin_sums``: the forward's
     (H_i, Z_i) (``states=True``), or None (the backward then forms them again); given them, o_lin and den may
