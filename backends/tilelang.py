@@ -1437,8 +1437,8 @@ def backward(do, q, k, v, o, lse, o_lin, den, maps, proj_weight, proj_bias, *, b
     config["backward"] (default: the tuned or default config of :func:`backward_spec`) picks the path:
     'triton' runs the Triton backward; 'tilelang' runs the Triton state kernels for D^s and the linear-branch
     terms (with kept sums and config["query_state"] 'tilelang': the TileLang query-state kernel instead of
-    _lin_rows + _query_state), then the sparse branch on the TileLang dq / dkdv kernels. It reads the lse / o_lin / den that
-    either backend's forward saves (natural-log LSE, O^l before Proj, fp32 den). The TileLang path needs q,
+    _lin_rows + _query_state), then the sparse branch on the TileLang dq / dkdv kernels. It reads the lse /
+    o_lin / den that either backend's forward saves (natural-log LSE, O^l before Proj, fp32 den). The TileLang path needs q,
     k, v readable by TMA (see :func:`_check_tma`); a dO that is not is copied. ``lin_sums``: the forward's
     (H_i, Z_i) (``states=True``), or None (the backward then forms them again); given them, o_lin and den may
     be empty (that forward saves neither) and are formed from them.

@@ -1404,9 +1404,11 @@ def test_query_state_kernel_is_the_default_where_it_applies_and_refused_elsewher
     unknown value, a clear error naming the key."""
     def qs_of(spec, config=None):
         return tl_backend._resolve_config(spec, {"backward": "tilelang", **(config or {})})["query_state"]
-    assert qs_of(bwd_spec_of(d=128)) == "tilelang" and qs_of(bwd_spec_of(d=64, block=(64, 64), fmap="elu")) == "tilelang"
+    assert qs_of(bwd_spec_of(d=128)) == "tilelang"
+    assert qs_of(bwd_spec_of(d=64, block=(64, 64), fmap="elu")) == "tilelang"
     assert qs_of(bwd_spec_of(d=128), {"query_state": "triton"}) == "triton"
-    for spec, why in ((bwd_spec_of(d=128, fmap=None), "a linear branch"), (bwd_spec_of(d=128, scope="all"), "scope 'marginal'"),
+    for spec, why in ((bwd_spec_of(d=128, fmap=None), "a linear branch"),
+                      (bwd_spec_of(d=128, scope="all"), "scope 'marginal'"),
                       (bwd_spec_of(d=128, dtype="fp16"), "bf16 inputs")):
         assert qs_of(spec) == "triton"
         with pytest.raises(ValueError, match=rf"config\['query_state'\]='tilelang' needs {why}"):
@@ -1996,8 +1998,10 @@ BWD_GPU_CASES = (
     # the query-state kernel (the default with kept sums; with Proj in the cases above): without Proj, each feature
     # map, head dim and query block, with negligible blocks, rows whose A_i is empty; and the Triton kernels instead
     + [dict(L=L, d=d, fmap=fm, negl=ng, n_crit=c, block=blk, proj=False)
-       for L, d, fm, ng, c, blk in ((77, 128, "softmax", 0.0, 1, (128, 64)), (4099, 64, "relu", 0.1, "mixed", (128, 64)),
-                                    (1000, 128, "elu", 0.1, 2, (64, 64)), (32760, 128, "softmax", 0.0, "topk", (128, 64)),
+       for L, d, fm, ng, c, blk in ((77, 128, "softmax", 0.0, 1, (128, 64)),
+                                    (4099, 64, "relu", 0.1, "mixed", (128, 64)),
+                                    (1000, 128, "elu", 0.1, 2, (64, 64)),
+                                    (32760, 128, "softmax", 0.0, "topk", (128, 64)),
                                     (4096, 64, "softmax", 0.0, "all", (64, 64)))]
     + [dict(L=1000, block=(64, 64), fmap="elu", n_crit=2), dict(L=4096, config=dict(query_state="triton"))]
     # two dK / dV tiles per key block (block_k 128, tile_n 64) with a partial last block, SLA and sparse-only
