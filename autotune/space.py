@@ -28,6 +28,7 @@ OPTIONS: Dict[str, Sequence] = {
     "pre_per_sm": (2, 4, 8),
     "pre_async": (True, False),          # the TileLang pre-pass leaves each H tile's TMA store in flight
     "backward": ("triton", "tilelang"),  # the TileLang backend's backward: Triton's, or its own sparse loops
+    "query_state": ("tilelang", "triton"),  # its per-query-block state where the forward kept H_i, Z_i
     "ctas_per_sm": (1, 2),               # the TileLang forward's requested residency
     "prefetch_h": (False, True),         # the TileLang forward loads H_i before its key loop
     "tma_store": (False, True),          # the TileLang forward stores O through shared memory (TMA)
@@ -40,7 +41,7 @@ _HAS_LINEAR = lambda spec: spec.feature_map is not None  # noqa: E731
 _HAS_MARGINAL = lambda spec: spec.scope == "marginal" and spec.feature_map is not None  # noqa: E731
 RELEVANT = {"marginal": _HAS_MARGINAL, "marginal_states": _HAS_MARGINAL, "epilogue": _HAS_LINEAR,
             "pre_stages": _HAS_LINEAR, "pre_per_sm": _HAS_LINEAR, "prefetch_h": _HAS_LINEAR,
-            "pre_async": _HAS_MARGINAL, "h_prefetch": _HAS_MARGINAL}
+            "pre_async": _HAS_MARGINAL, "h_prefetch": _HAS_MARGINAL, "query_state": _HAS_MARGINAL}
 
 
 def copy_config(config: dict) -> dict:

@@ -419,7 +419,12 @@ def test_tilelang_backward_space_times_both_implementations():
     spec = KernelSpec(arch="sm90", head_dim=128, block_q=128, block_k=64, role="backward")
     got = space.candidates(spec, tl_backend.default_config(spec), tl_backend.check_config)
     assert got[0] == tl_backend.default_config(spec)
-    assert [c["backward"] for c in got] == ["tilelang", "triton"]
+    # the query-state kernel or the Triton _lin_rows + _query_state, under either backward (scope marginal)
+    assert [(c["backward"], c["query_state"]) for c in got] == [
+        ("tilelang", "tilelang"), ("triton", "tilelang"), ("triton", "triton"), ("tilelang", "triton")]
+    sparse_only = spec.replace(feature_map=None)
+    assert [c["backward"] for c in space.candidates(sparse_only, tl_backend.default_config(sparse_only),
+                                                     tl_backend.check_config)] == ["tilelang", "triton"]
 
 
 @pytest.mark.parametrize("backend,role", [("triton", "forward"), ("triton", "backward"), ("tilelang", "forward"),
