@@ -1560,7 +1560,7 @@ def test_tilelang_forward_glue_calls_its_kernels_as_their_signatures_say(monkeyp
     dict(keep_sums=True, proj=True, d=64, block=(64, 64))], ids=str)
 def test_tilelang_backward_glue_calls_its_kernels_as_their_signatures_say(monkeypatch, case):
     """The TileLang backward end to end on the CPU, its Triton linear part in the interpreter and its dq / dk-dv
-    kernels replaced by signature checks (the prim_funcs are built, not compiled): every argument list the glue
+    (and, with kept sums, query-state) kernels replaced by signature checks (the prim_funcs are built, not compiled): every argument list the glue
     hands the kernels must bind (a wrong count, rank, dtype or a dynamic extent bound two ways fails on a GPU
     only, as session 27's linear_config and this session's H_i view did), and the gradients come back whole."""
     B, H, L = 1, 2, 300
@@ -1663,7 +1663,7 @@ def test_default_kernels_keep_their_wgmma_pipelined_and_spill_nothing(what):
         cfg = tl_backend._resolve_config(spec, {"backward": "tilelang"})
         proj = what == "query_state proj"
         kernel = tl_backend.backward_kernel(spec, cfg, what.split()[0], has_w=proj, has_b=proj)
-        if what.startswith("query_state"):     # Q, dO, O, H_i (and W) by TMA; the four (five) GEMMs on wgmma
+        if what.startswith("query_state"):     # Q, dO, H_i by TMA; its GEMMs (one more with Proj) on wgmma
             src = kernel.get_kernel_source()
             assert "tma_load" in src and "wgmma" in src
     else:
