@@ -1557,13 +1557,19 @@ def test_tilelang_forward_glue_calls_its_kernels_as_their_signatures_say(monkeyp
     dict(keep_sums=True, proj=True, config={"dq": {"lin_fused": False}, "dkdv": {"lin_fused": False}}),
     dict(keep_sums=True, proj=False, config={"dq": {"h_prefetch": False, "tile_n": 128}}),
     dict(keep_sums=True, proj=True, config={"query_state": "triton"}), dict(keep_sums=True, negl=True, n_crit=1),
-    dict(keep_sums=True, proj=True, d=64, block=(64, 64))], ids=str)
+    dict(keep_sums=True, proj=True, d=64, block=(64, 64)), dict(keep_sums=True, proj=True, B=2, head_groups=True)],
+    ids=str)
 def test_tilelang_backward_glue_calls_its_kernels_as_their_signatures_say(monkeypatch, case):
     """The TileLang backward end to end on the CPU, its Triton linear part in the interpreter and its dq / dk-dv
     (and, with kept sums, query-state) kernels replaced by signature checks (the prim_funcs are built, not compiled): every argument list the glue
     hands the kernels must bind (a wrong count, rank, dtype or a dynamic extent bound two ways fails on a GPU
-    only, as session 27's linear_config and this session's H_i view did), and the gradients come back whole."""
-    B, H, L = 1, 2, 300
+    only, as session 27's linear_config and this session's H_i view did), and the gradients come back whole.
+    head_groups: a temporaries budget small enough that the backward runs one head at a time (with B = 2 each
+    group's views of den, the counts and the kept sums are not contiguous)."""
+    B, H, L = case.get("B", 1), 2, 300
+    if case.get("head_groups"):
+        from slagen.backends.triton import bwd
+        monkeypatch.setenv(bwd.TEMP_BUDGET_ENV, "0.01")
     d, block, fmap = case.get("d", 128), case.get("block", (128, 64)), case.get("fmap", "softmax")
     _fake_tilelang_kernels(monkeypatch)
     cpu, gen = torch.device("cpu"), torch.Generator().manual_seed(0)
@@ -1590,7 +1596,8 @@ def test_tilelang_backward_glue_calls_its_kernels_as_their_signatures_say(monkey
                                 config={"backward": "tilelang", **case.get("config", {})}, **cfg, **sums)
     # where the forward kept H_i, Z_i the query-state kernel replaces the Triton _lin_rows + _query_state by default
     tl_state = case.get("keep_sums") and linear and case.get("config", {}).get("query_state") != "triton"
-    assert _SignatureCheckingKernel.calls == ["sla_query_state"] * bool(tl_state) + ["sla_dq", "sla_dkdv"]
+    groups = H if case.get("head_groups") else 1
+    assert _SignatureCheckingKernel.calls == (["sla_query_state"] * bool(tl_state) + ["sla_dq", "sla_dkdv"]) * groups
     for g, x in zip(grads[:3], (q, k, v)):
         assert g.shape == x.shape and g.dtype == x.dtype
     assert (grads[3] is not None and grads[3].shape == (d, d)) == (w is not None)
