@@ -375,20 +375,24 @@ def test_tuning_problem_checks_candidates_against_the_reference(role):
                     reason="the TileLang backward runs on a Hopper (sm90) GPU only")
 def test_tilelang_backward_problem_runs_the_path_an_autograd_call_runs(monkeypatch):
     """The TileLang backward is tuned as autograd calls it: given the forward's kept H_i, Z_i (no O^l or den
-    saved), so the linear part forms them in _lin_rows; the default config passes the reference check."""
+    saved), so den and D^l come from the query-state kernel (the default there), not the Triton _lin_rows; the
+    default config passes the reference check."""
     pytest.importorskip("tilelang", reason="the TileLang backend needs tilelang installed")
     from slagen.autotune import problems
+    from slagen.backends import tilelang as tl_backend
     from slagen.backends.triton import bwd
     spec = KernelSpec(arch="sm90", head_dim=128, block_q=128, block_k=64, dtype="bf16", role="backward",
                       has_negligible=False, feature_map="softmax", scope="marginal")
     problem = problems.make_problem(spec, "tilelang", torch.device("cuda"), heads=2, seq_len=1000, density=0.1)
-    launches = []
-    real = bwd._lin_rows
-    monkeypatch.setattr(bwd, "_lin_rows", lambda c, dl: (launches.append(c.ol_from_sums), real(c, dl)))
+    kernels = []
+    real = tl_backend.backward_kernel
+    monkeypatch.setattr(tl_backend, "backward_kernel",
+                        lambda spec, cfg, kernel, **kw: (kernels.append(kernel), real(spec, cfg, kernel, **kw))[1])
+    monkeypatch.setattr(bwd, "_lin_rows", lambda c, dl: pytest.fail("_lin_rows ran where the forward kept H_i, Z_i"))
     out = problem.run(problem.default)
     torch.cuda.synchronize()
     problem.check(out)
-    assert launches == [True]
+    assert kernels == ["query_state", "dq", "dkdv"]
 
 
 def test_search_space_varies_the_marginal_mode_only_where_it_matters():
