@@ -4,7 +4,7 @@ advisory; backends/ptxas.py). Run it on a loop variant before spending device ti
 
     python tools/ptxas_report.py                                   # d128, 128x64, softmax, marginal, defaults
     python tools/ptxas_report.py --fmap none --config '{}' --config '{"overlap": false}'
-    python tools/ptxas_report.py --roles dq,dkdv --backward-config '{"dq": {"tile_n": 128}}'
+    python tools/ptxas_report.py --roles dq,dkdv --backward-config '{}' --backward-config '{"dq": {"tile_n": 128}}'
     python tools/ptxas_report.py --roles forward --config '{}' --config '{"overlap": false}' --schedule
     python tools/ptxas_report.py --roles forward --fmap none --mix
 
@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--roles", default=",".join(ROLES), help=f"comma-separated, of {', '.join(ROLES)}")
     ap.add_argument("--config", action="append", default=[], help="a JSON forward config (repeatable; '{}': the "
                                                                    "defaults): the forward and pre-pass roles")
-    ap.add_argument("--backward-config", default="{}", help="a JSON backward config for the dq / dkdv roles")
+    ap.add_argument("--backward-config", action="append", default=[], help="a JSON backward config for the dq / "
+                    "dkdv roles (repeatable; '{}': the defaults)")
     ap.add_argument("--schedule", action="store_true", help="after the table, each kernel's main-loop order of "
                     "waits, branches, wgmmas and softmax instructions (backends/sass.py loop_schedule; needs nvdisasm)")
     ap.add_argument("--mix", action="store_true", help="after the table, each kernel's main-loop instructions "
@@ -83,8 +84,8 @@ def main() -> None:
         if getattr(args, flag) and not check:
             raise SystemExit(f"--{flag} needs nvdisasm (pip install nvidia-cuda-nvdisasm, or set SLAGEN_NVDISASM)")
     runs = [(text, forward_kernels(spec, json.loads(text), roles)) for text in args.config or ["{}"]]
-    if set(roles) - set(FORWARD_ROLES):     # the backward's kernels do not depend on --config: once
-        runs.append((args.backward_config, backward_kernels(spec, json.loads(args.backward_config), roles)))
+    if set(roles) - set(FORWARD_ROLES):     # the backward's kernels do not depend on --config: per backward config
+        runs += [(text, backward_kernels(spec, json.loads(text), roles)) for text in args.backward_config or ["{}"]]
     schedules, mixes = [], []
     for text, kernels in runs:
         for role, kernel in kernels:
