@@ -2016,7 +2016,10 @@ BWD_GPU_CASES = (
     + [dict(L=1000, block=(64, 64), fmap="elu", n_crit=2), dict(L=4096, config=dict(query_state="triton"))]
     # two dK / dV tiles per key block (block_k 128, tile_n 64) with a partial last block, SLA and sparse-only
     + [dict(L=4099, block=(128, 128), n_crit="mixed"),
-       dict(L=1000, d=64, fmap="none", block=(128, 128), n_crit="mixed")])
+       dict(L=1000, d=64, fmap="none", block=(128, 128), n_crit="mixed")]
+    # the longest length of the list (Wan2.1-14B 720p, one head: the fp32 reference's memory), SLA with
+    # Proj (the query-state kernel) and sparse-only
+    + [dict(L=75600, H=1, n_crit="topk"), dict(L=75600, H=1, fmap="none", n_crit="topk")])
 
 
 @pytest.mark.gpu
