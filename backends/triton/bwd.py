@@ -340,8 +340,6 @@ def _query_state(c: _Call):
     ds = torch.empty((c.BH, c.Lq), **f32)
     dl = torch.empty((c.BH, c.Lq), **f32) if c.linear else c.lse
     g, gz, rows = _state_buffers(c, c.Tm, chunks)
-    w, s_w0, s_w1 = c.weight_args()
-    bias, s_bias = c.bias_args()
     count, ncount = c.maps[2], c.maps[6]
     if c.ol_from_sums and c.query_state is not None:
         h, z = c.lin_sums
@@ -351,6 +349,8 @@ def _query_state(c: _Call):
         return ds, dl, g, gz
     if c.ol_from_sums:
         _lin_rows(c, dl)
+    w, s_w0, s_w1 = c.weight_args()
+    bias, s_bias = c.bias_args()
     c.mod._query_state[(chunks, c.BH)](
         c.q, c.do, c.o, c.o_lin, c.den, w, bias, count, ncount, ds, dl, g, gz,
         *c.q.stride(), *c.do.stride(), *c.o.stride(), *c.o_lin.stride(), *c.den.stride(), s_w0, s_w1, s_bias,
