@@ -163,7 +163,8 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   #
 # docstring; 'tilelang' becomes 'triton' for blocks its tiles do not fit); dq: tile_m query rows per CTA
 # (divides block_q), tile_n keys per loop step (divides block_k); dkdv: tile_n keys per CTA (divides block_k;
 # 64 rows per consumer warpgroup), tile_m query rows per step (divides block_q). Starting points (register
-# use checked with ptxas: dq 168, dkdv 240 per thread, no spills at d=128), not measured optima.
+# use checked with ptxas: dq 168 per thread, dkdv 128 at launch and 232 in its consumer (ctas_per_sm below), no
+# spills at d=128 but 108 bytes in dkdv's lin_fused epilogue, after its loop), not measured optima.
 # Each kernel's epilogue: tma_store writes the gradients through the CTA's own shared tiles with TMA stores
 # (default), lin_init puts the linear-branch term in the fp32 accumulator before the loop (per-thread loads
 # that otherwise follow the loop). H200, headline shape, 128x64, SLA marginal backward (`slagen tune`, session
