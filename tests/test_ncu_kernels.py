@@ -1,9 +1,6 @@
 """tools/ncu_kernels.py's reading of an Nsight Compute report (CPU): ncu 2025's `--csv --page details` rows."""
 
-import importlib.util
-import os
-
-TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "ncu_kernels.py")
+from tests.tool_module import load_tool
 
 HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
           '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value",')
@@ -28,10 +25,7 @@ REPORT = "\n".join([
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("ncu_kernels", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("ncu_kernels")
 
 
 def test_parse_report_keeps_launch_order_units_and_the_named_metrics_only():

@@ -1,17 +1,12 @@
 """tools/power_draw.py's parsing of nvidia-smi's samples (CPU): timestamps as local unix time, clock and power."""
 
 import datetime
-import importlib.util
-import os
 
-TOOL = os.path.join(os.path.dirname(__file__), "..", "tools", "power_draw.py")
+from tests.tool_module import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("power_draw", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("power_draw")
 
 
 def test_parse_samples_reads_time_clock_and_power():
