@@ -810,9 +810,10 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
                 part["lin_fused"] = _lin_fused_blocker(part, spec, linear) is None
         dkdv, asked = cfg["dkdv"], (config or {}).get("dkdv", {})
         if isinstance(dkdv, dict) and dkdv.get("ctas_per_sm") == 2 and isinstance(asked, dict) and \
-                "ctas_per_sm" not in asked and isinstance(dkdv.get("num_warps"), int) and \
-                isinstance(dkdv.get("tile_m"), int) and isinstance(dkdv.get("num_stages"), int):
-            # a default, giving way to the caller's dkdv tile or unspecialised loop
+                "ctas_per_sm" not in asked and \
+                all(isinstance(dkdv.get(k), int) for k in ("tile_n", "tile_m", "num_warps", "num_stages")):
+            # a default, giving way to the caller's dkdv tile or unspecialised loop (check_config reports a
+            # malformed tunable)
             dkdv["ctas_per_sm"] = 1 if _two_ctas_blocker(dkdv, spec, cfg["warp_specialized"] is not False) else 2
         dq, asked = cfg["dq"], (config or {}).get("dq", {})
         if isinstance(dq, dict) and dq.get("h_prefetch") and isinstance(asked, dict) and "h_prefetch" not in asked \

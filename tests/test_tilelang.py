@@ -1300,7 +1300,7 @@ def test_backward_config_defaults_to_tilelang_where_its_tiles_fit_and_checks_the
            ({"dq": {"row_regs": True, "tile_n": 128}}, "row_regs=True with two key blocks"),
            ({"dq": {"row_regs": 1}}, "row_regs"), ({"dkdv": {"ctas_per_sm": 3}}, "ctas_per_sm"),
            ({"dkdv": {"ctas_per_sm": 2, "num_stages": 3}}, "two CTAs' shared memory"),
-           ({"dkdv": {"ctas_per_sm": 2, "tile_m": 128}}, "tile_m <= 64"),
+           ({"dkdv": {"ctas_per_sm": 2, "tile_m": 128}}, "tile_m <= 64"), ({"dkdv": {"tile_n": "64"}}, "tile_n"),
            ({"warp_specialized": False, "dq": {"num_stages": 1}, "dkdv": {"num_stages": 1, "ctas_per_sm": 2}},
             "warp_specialized=True")]
     for change, match in bad:
