@@ -103,8 +103,14 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # stores (the generated epilogue issues 64 scalar stores per thread, 4× the L2 sectors, while the SM's one CTA
 # has nothing else to run). Measured (H200, headline shape, SLA marginal forward, `slagen tune`, session 7):
 # 128x64 tma_store 1.244 vs 1.355 ms (default since), prefetch_h (its shared-memory form) 1.800; 64x64
-# ctas_per_sm 2 1.399, tma_store 1.668, both defaults 1.756 — so 64-row tiles default to two CTAs per SM
-# without the TMA store (_TWO_CTAS).
+# ctas_per_sm 2 1.399, tma_store 1.668, both defaults 1.756 — so 64-row tiles defaulted to two CTAs per SM
+# without the TMA store, every thread capped at 128 registers, no overlap. Since session 32 (_TWO_CTAS) the two CTAs
+# hand the producer's registers to the consumer (24 / 232: forward_kernel's reg_handover), which lets the
+# overlapped loop and the TMA store fit without spilling (ptxas: 128 at launch, no spills, wgmma not serialised),
+# and take the head dim's overlap and tma_store. H200, headline shape, 64x64 blocks, given the map
+# (tools/forward_configs.py, 5 rounds; the old kernel in a second process): sparse-only 0.846 → 0.666 ms, SLA
+# marginal 1.306 → 1.071 (without the TMA store 0.776 / 1.148, without overlap 0.879 / 1.205); outputs
+# bit-identical to the old loop's. d 64 (overlap off there) unmeasured.
 # overlap (default at d 128 with 128-row tiles since session 9; H200, headline shape, 128x64, session 8: 1.157
 # vs 1.202 ms SLA forward; its 39 GPU cases passed at session 9's code; d 64 and 64-row tiles unmeasured, off):
 # FlashAttention-3's intra-warpgroup overlap in
@@ -158,7 +164,7 @@ _DEFAULTS: Dict[int, dict] = {
               pre_async=True, pre_overlap=True, warp_specialized=True, ctas_per_sm=1, prefetch_h=False,
               tma_store=True, overlap=True, pingpong=False, persistent=False, tail_split=1),
 }
-_TWO_CTAS = dict(num_warps=4, ctas_per_sm=2, tma_store=False, overlap=False)   # 64-row tiles, where two CTAs fit an SM
+_TWO_CTAS = dict(num_warps=4, ctas_per_sm=2)   # 64-row tiles, where two CTAs fit an SM (registers handed over)
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
 # docstring; 'tilelang' becomes 'triton' for blocks its tiles do not fit); dq: tile_m query rows per CTA
 # (divides block_q), tile_n keys per loop step (divides block_k); dkdv: tile_n keys per CTA (divides block_k;
@@ -469,7 +475,7 @@ def shared_bytes(cfg: dict, spec: KernelSpec, has_w: bool = False) -> int:
         stages = persistent_stages(cfg, has_w and linear)
         return (esize * (2 * m * d + 2 * stages * cfg["tile_n"] * d + m * d) + 1024 +
                 ((esize * d * d + 4 * m) if linear else 0) + (esize * d * d if has_w and linear else 0))
-    w = esize * d * d if linear else 0               # Proj weight, loaded before the loop
+    w = esize * d * d if linear and has_w else 0     # Proj's weight (a call with one), loaded before the loop
     k0 = esize * cfg["tile_n"] * d if cfg.get("overlap") or cfg.get("pingpong") else 0   # step 0's K / last V tile
     loop = esize * m * d + esize * 2 * cfg["tile_n"] * d * cfg["num_stages"] + w + k0
     epilogue = (esize * m * d + esize * d * d + w + 4 * m) if linear else 0   # φ(Q), H_i, W, den
@@ -572,11 +578,12 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
     if cfg["ctas_per_sm"] == 2 and cfg["num_warps"] != 4:
         raise ValueError("config ctas_per_sm=2 needs num_warps=4 (one consumer warpgroup: two CTAs of 256 threads "
                          "at 128 registers each fill the SM's register file)")
-    need = shared_bytes(cfg, spec)
+    need = shared_bytes(cfg, spec, has_w=True)     # the largest variant: a call with Proj's weight
     if need > SHARED_MEMORY:
         raise ValueError(f"config needs about {need // 1024} KiB of shared memory; sm90 has "
                          f"{SHARED_MEMORY // 1024} KiB per block")
-    if need * cfg["ctas_per_sm"] > SHARED_MEMORY_PER_SM:
+    need = shared_bytes(cfg, spec)                 # without it (a call with W runs one CTA per SM where
+    if need * cfg["ctas_per_sm"] > SHARED_MEMORY_PER_SM:   # two do not fit: forward_ctas_per_sm)
         raise ValueError(f"config ctas_per_sm={cfg['ctas_per_sm']}: each CTA needs about {need // 1024} KiB of "
                          f"shared memory, {cfg['ctas_per_sm']} of them more than an sm90 SM's "
                          f"{SHARED_MEMORY_PER_SM // 1024} KiB; use ctas_per_sm=1 (or fewer stages)")
@@ -894,6 +901,16 @@ def _module(spec: KernelSpec):
         return codegen.load(spec, "tilelang")
 
 
+def forward_ctas_per_sm(spec: KernelSpec, cfg: dict, save: bool, has_w: bool) -> int:
+    """The resident CTAs per SM the forward kernel of a call asks for: the config's ``ctas_per_sm``, but one for a
+    call that applies Proj's weight in the kernel (``has_w``) where two CTAs with W's tile do not fit an SM's shared
+    memory, and always for the training forward with Proj (two of those CTAs hung on an H200, session 5)."""
+    if cfg["ctas_per_sm"] > 1 and has_w and spec.feature_map is not None and (
+            save or cfg["ctas_per_sm"] * shared_bytes(cfg, spec, has_w=True) > SHARED_MEMORY_PER_SM):
+        return 1
+    return cfg["ctas_per_sm"]
+
+
 def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bool = False,
                    has_bias: bool = False, tail: bool = False):
     """The compiled forward kernel of ``spec`` for tunables ``cfg`` and the epilogue flags; ``tail``: the kernel
@@ -907,11 +924,12 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
         args = dict(num_stages=persistent_stages(cfg, has_w), save=save, has_w=has_w, has_bias=has_bias)
         key = ("forward-persistent", spec, tuple(sorted(args.items())))
         return _compile(key, lambda: mod.persistent_forward_kernel(**args), True, hand_specialized=True)
-    ctas_per_sm = 1 if save and has_w else cfg["ctas_per_sm"]     # see _DEFAULTS: two of these CTAs hang
+    ctas_per_sm = forward_ctas_per_sm(spec, cfg, save, has_w)
     args = dict(tile_m=cfg["tile_m"], tile_n=cfg["tile_n"], threads=32 * cfg["num_warps"],
                 num_stages=cfg["num_stages"], ctas_per_sm=ctas_per_sm, prefetch_h=cfg["prefetch_h"] and linear,
                 tma_store=cfg["tma_store"], save=save, has_w=has_w, has_bias=has_bias, overlap=cfg["overlap"],
-                pingpong=cfg["pingpong"], tail_split=tail)
+                pingpong=cfg["pingpong"], tail_split=tail,
+                reg_handover=ctas_per_sm > 1 and bool(cfg["warp_specialized"]))
     key = ("forward", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     return _compile(key, lambda: mod.forward_kernel(**args), cfg["warp_specialized"])
 

@@ -153,7 +153,7 @@ def test_bad_config_is_a_clear_error(change, match):
     big = spec_of(block=(128, 128))
     with pytest.raises(ValueError, match="shared memory"):
         tl_backend.check_config({**tl_backend.default_config(big), "tile_n": 128, "num_stages": 4}, big)
-    two = spec_of(scope="marginal", block=(64, 64))       # 113 KiB per CTA with the linear epilogue: fits twice
+    two = spec_of(scope="marginal", block=(64, 64))       # 97 KiB per CTA without Proj's weight: fits twice
     tl_backend.check_config({**tl_backend.default_config(two), "ctas_per_sm": 2}, two)
     with pytest.raises(ValueError, match="ctas_per_sm=2: each CTA needs"):
         tl_backend.check_config({**tl_backend.default_config(two), "ctas_per_sm": 2, "num_stages": 3}, two)
@@ -551,19 +551,44 @@ def test_forward_with_two_key_blocks_per_step_compiles_for_sm90a(spec):
 @needs_compiler
 @pytest.mark.parametrize("fmap", [None, "softmax"])
 def test_forward_with_two_ctas_per_sm_compiles_for_sm90a(fmap):
-    """ctas_per_sm=2 (64-row tiles): __launch_bounds__(256, 2) and no setmaxnreg reallocation, still TMA and
-    wgmma. (ptxas, CUDA 13.0, D=128 64x64: 128 registers per thread, 8 / 152 bytes of stack without / with the
-    linear epilogue and Proj, against 240 registers and one CTA per SM with ctas_per_sm=1.)"""
+    """ctas_per_sm=2 (64-row tiles, the default there): __launch_bounds__(256, 2) — 128 registers per thread at
+    launch — and the producer's registers handed to the consumer (setmaxnreg 24 / 232), still TMA and wgmma.
+    A call with Proj's weight runs one CTA per SM (W's tile: two no longer fit an SM's shared memory), and the
+    training forward with Proj always does (two of them hung on an H200). Without warp specialisation there is no
+    producer to take registers from: every thread keeps the launch's 128."""
     spec = spec_of(d=128, fmap=fmap, scope="marginal", block=(64, 64))
-    cfg = tl_backend._resolve_config(spec, {"ctas_per_sm": 2})
-    src = tl_backend.forward_kernel(spec, cfg, save=False, has_w=fmap is not None, has_bias=False).get_kernel_source()
-    assert "__launch_bounds__(256, 2)" in src
-    assert "tl::tma_load" in src and "wgmma" in src and "warpgroup_reg_alloc" not in src
-    if fmap is not None:    # the training forward with Proj keeps one CTA per SM (two of them hang on an H200)
-        train = tl_backend.forward_kernel(spec, cfg, save=True, has_w=True, has_bias=True).get_kernel_source()
-        assert "__launch_bounds__(256, 1)" in train and "warpgroup_reg_alloc" in train
-        no_proj = tl_backend.forward_kernel(spec, cfg, save=True, has_w=False, has_bias=False).get_kernel_source()
-        assert "__launch_bounds__(256, 2)" in no_proj
+    cfg = tl_backend._resolve_config(spec, None)
+    assert cfg["ctas_per_sm"] == 2 and cfg["overlap"] and cfg["num_warps"] == 4
+    for save in (False, True):
+        src = tl_backend.forward_kernel(spec, cfg, save=save).get_kernel_source()
+        assert "__launch_bounds__(256, 2)" in src
+        assert "warpgroup_reg_dealloc<24>" in src and "warpgroup_reg_alloc<232>" in src
+        assert "tl::tma_load" in src and "wgmma" in src
+    if fmap is not None:
+        for save in (False, True):
+            with_w = tl_backend.forward_kernel(spec, cfg, save=save, has_w=True, has_bias=True).get_kernel_source()
+            assert "__launch_bounds__(256, 1)" in with_w and "warpgroup_reg_alloc<240>" in with_w
+    plain = {**cfg, "warp_specialized": False, "num_stages": 1, "pre_stages": 1, "overlap": False,
+             "pre_async": False, "pre_overlap": False}
+    src = tl_backend.forward_kernel(spec, plain).get_kernel_source()
+    assert "__launch_bounds__(128, 2)" in src and "warpgroup_reg_alloc" not in src   # no producer warpgroup
+
+
+def test_forward_ctas_per_sm_of_a_call():
+    """The config's two CTAs per SM, except for a call applying Proj's weight where two CTAs with W's tile do not
+    fit (and the training forward with Proj, always); shared_bytes counts W only for a call with it."""
+    spec = spec_of(d=128, scope="marginal", block=(64, 64))
+    cfg = tl_backend._resolve_config(spec, None)
+    assert 2 * tl_backend.shared_bytes(cfg, spec) <= tl_backend.SHARED_MEMORY_PER_SM
+    assert 2 * tl_backend.shared_bytes(cfg, spec, has_w=True) > tl_backend.SHARED_MEMORY_PER_SM
+    assert tl_backend.forward_ctas_per_sm(spec, cfg, save=False, has_w=False) == 2
+    assert tl_backend.forward_ctas_per_sm(spec, cfg, save=True, has_w=False) == 2
+    assert tl_backend.forward_ctas_per_sm(spec, cfg, save=False, has_w=True) == 1
+    assert tl_backend.forward_ctas_per_sm(spec, cfg, save=True, has_w=True) == 1
+    one = tl_backend._resolve_config(spec, {"ctas_per_sm": 1})
+    assert tl_backend.forward_ctas_per_sm(spec, one, save=False, has_w=False) == 1
+    sparse = spec_of(d=128, fmap=None, scope="marginal", block=(64, 64))
+    assert tl_backend.shared_bytes(cfg, sparse, has_w=True) == tl_backend.shared_bytes(cfg, sparse)
 
 
 @needs_compiler
@@ -858,7 +883,7 @@ GPU_CASES = (
        dict(L=4096, scope="all", save=False, proj=False, config=dict(overlap=True)),
        dict(L=4096, dtype="fp16", negl=0.1, config=dict(overlap=True)),
        dict(L=4096, config=dict(overlap=True, num_stages=3)),
-       # 64x64 with the linear branch: one CTA per SM (two no longer fit: step 0's K tile), sparse-only: two
+       # 64x64 with the linear branch and one CTA per SM; sparse-only and the default: two
        dict(L=4096, block=(64, 64), config=dict(overlap=True, ctas_per_sm=1)),
        dict(L=77, block=(64, 64), n_crit="all", save=False, config=dict(overlap=True, ctas_per_sm=1)),
        dict(L=32760, block=(64, 64), scope="marginal", negl=0.1, n_crit="topk", config=dict(overlap=True, ctas_per_sm=1)),
