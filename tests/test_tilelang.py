@@ -1693,12 +1693,16 @@ def test_ptxas_report_reads_registers_spills_and_the_wgmma_serialisation_advisor
 
 @needs_compiler
 @pytest.mark.parametrize("what", ["forward", "forward sparse-only", "forward training", "forward tail", "prepass", "dq",
-                                  "dkdv", "query_state", "query_state proj"])
+                                  "dkdv", "query_state", "query_state proj", "forward 64x64",
+                                  "forward sparse-only 64x64", "forward training 64x64"])
 def test_default_kernels_keep_their_wgmma_pipelined_and_spill_nothing(what):
     """ptxas serialises no wgmma of the default d128 128x64 kernels (and the split tail's, tail_split 4) and
     spills nothing (backends/ptxas.py: a serialised kernel computes the same bits, slower — session 19's swapped
-    accumulators: +28 %)."""
-    spec = spec_of(d=128, fmap=None if what == "forward sparse-only" else "softmax")
+    accumulators: +28 %). At 64x64 blocks the forward's 64-row tiles, two CTAs per SM, launch at 128 registers
+    and run the overlapped loop in the consumer's 232 (the register handover)."""
+    block = (64, 64) if what.endswith("64x64") else (128, 64)
+    what = what.replace(" 64x64", "")
+    spec = spec_of(d=128, fmap=None if what == "forward sparse-only" else "softmax", block=block)
     if what in ("dq", "dkdv") or what.startswith("query_state"):
         spec = spec.replace(role="backward")
         cfg = tl_backend._resolve_config(spec, {"backward": "tilelang"})
@@ -1715,6 +1719,8 @@ def test_default_kernels_keep_their_wgmma_pipelined_and_spill_nothing(what):
     assert not rep.wgmma_serialized, rep.advisories
     if what != "dkdv":      # (its two-CTA form spills in the lin_fused epilogue: the test below)
         assert rep.spill_bytes == 0, rep
+    if block == (64, 64):
+        assert cfg["ctas_per_sm"] == 2 and cfg["overlap"] and cfg["tma_store"] and rep.registers == 128, (cfg, rep)
 
 
 @needs_compiler
