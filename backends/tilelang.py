@@ -905,7 +905,7 @@ def forward_ctas_per_sm(spec: KernelSpec, cfg: dict, save: bool, has_w: bool) ->
     """The resident CTAs per SM the forward kernel of a call asks for: the config's ``ctas_per_sm``, but one for a
     call that applies Proj's weight in the kernel (``has_w``) where two CTAs with W's tile do not fit an SM's shared
     memory, and always for the training forward with Proj (two of those CTAs hung on an H200, session 5)."""
-    if cfg["ctas_per_sm"] > 1 and has_w and spec.feature_map is not None and (
+    if cfg["ctas_per_sm"] > 1 and has_w and (
             save or cfg["ctas_per_sm"] * shared_bytes(cfg, spec, has_w=True) > SHARED_MEMORY_PER_SM):
         return 1
     return cfg["ctas_per_sm"]
