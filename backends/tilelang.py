@@ -234,6 +234,8 @@ _KERNELS: Dict[tuple, object] = {}
 _KEY_LOCKS: Dict[tuple, threading.Lock] = {}
 _CACHE_SAVED: Optional[str] = None
 _DUMMIES: Dict[tuple, Dict[str, torch.Tensor]] = {}
+_RESOLVED_CONFIGS: Dict[tuple, dict] = {}   # _config_for's tuned-or-default configs
+_LINEAR_CONFIGS: Dict[tuple, dict] = {}     # linear_config's results without a base
 _IMPORT_ERROR: Optional[str] = None
 _IMPORT_CHECKED = False
 
@@ -760,10 +762,24 @@ def linear_config(spec: KernelSpec, overrides, base: Optional[dict] = None) -> d
     which slagen.backends.triton.backward_linear_part passes; None: its default config of ``spec``, with
     _SUMS_PREP where the forward keeps the linear sums, rows at most the blocks) with ``overrides`` (the TileLang
     backward config's "linear": {"prep" | "dq" | "dkdv": {key: value}}) applied, validated by the Triton
-    backward's check_config."""
-    from slagen.backends.triton import bwd
+    backward's check_config. Without ``base`` the result is memoised per (spec, overrides): read-only."""
     if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
         raise ValueError(f"config['linear']={overrides!r} must be a dict of dicts (Triton backward tunables)")
+    if base is not None:
+        return _linear_config(spec, overrides, base)
+    try:
+        key = (spec, tuple(sorted((part, tuple(sorted(values.items()))) for part, values in overrides.items())))
+        found = _LINEAR_CONFIGS.get(key)
+    except TypeError:       # an unhashable tunable: no memo (check_config names what is wrong with it)
+        return _linear_config(spec, overrides, None)
+    if found is None:
+        found = _remember(_LINEAR_CONFIGS, key, _linear_config(spec, overrides, None))
+    return found
+
+
+def _linear_config(spec: KernelSpec, overrides: dict, base: Optional[dict]) -> dict:
+    """:func:`linear_config` without the memo."""
+    from slagen.backends.triton import bwd
     unknown = set(overrides) - {"prep", "dq", "dkdv"}
     if unknown:
         raise ValueError(f"config['linear'] has unknown keys {sorted(unknown)}; allowed: ['dkdv', 'dq', 'prep']")
@@ -785,11 +801,26 @@ def _call_config(spec: KernelSpec, q: torch.Tensor, k: torch.Tensor, maps, confi
 
 
 def _config_for(spec: KernelSpec, q: torch.Tensor, k: torch.Tensor, density: float, config: Optional[dict]) -> dict:
-    """:func:`_call_config` for a map of ``density`` (n_crit / T_n) not formed yet."""
-    if config is None:
-        from slagen.autotune import select
-        config = select.config_for(spec, "tilelang", q.device, k.shape[-2], density, check=check_config)
-    return _resolve_config(spec, config)
+    """:func:`_call_config` for a map of ``density`` (n_crit / T_n) not formed yet. The tuned-or-default config
+    (``config`` None) is resolved once per spec, device, key length, density and generation of
+    slagen.autotune.select's memo (a ``slagen tune`` in the process is seen by the next call): read-only."""
+    if config is not None:
+        return _resolve_config(spec, config)
+    from slagen.autotune import select
+    key = (spec, q.device, k.shape[-2], density, select.generation())
+    found = _RESOLVED_CONFIGS.get(key)
+    if found is None:
+        tuned = select.config_for(spec, "tilelang", q.device, k.shape[-2], density, check=check_config)
+        found = _remember(_RESOLVED_CONFIGS, key, _resolve_config(spec, tuned))
+    return found
+
+
+def _remember(memo: Dict[tuple, dict], key: tuple, value: dict) -> dict:
+    """``memo[key] = value`` (the memo emptied first once it holds 256 entries: a bound real use never reaches)."""
+    if len(memo) >= 256:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:

@@ -1363,6 +1363,47 @@ def test_linear_part_takes_the_kept_sums_launch_only_where_the_forward_keeps_the
     assert tl_backend.linear_config(spec, {"prep": {"num_warps": 8}})["prep"]["num_warps"] == 8
 
 
+def test_a_calls_tuned_or_default_config_is_resolved_once_per_generation(monkeypatch):
+    """Host time: the backward resolved its config (defaults, the tuned lookup, every check) at each call (~0.25
+    ms of an H200 host's ~1.4 ms per backward, session 33). The tuned-or-default config is now resolved once per
+    spec, device, key length, density and generation of the tuned-config memo; a `slagen tune` in the process
+    (select.forget) makes the next call resolve it again. A config the caller gives is resolved at every call."""
+    from slagen.autotune import select
+    looked_up = []
+    monkeypatch.setattr(select, "config_for", lambda spec, *a, **kw: looked_up.append(spec))
+    q = torch.empty((1, 2, 300, 128), dtype=torch.bfloat16)
+    for spec in (spec_of(), bwd_spec_of()):
+        first = tl_backend._config_for(spec, q, q, 0.05, None)
+        assert first == tl_backend._resolve_config(spec, None)
+        assert tl_backend._config_for(spec, q, q, 0.05, None) is first
+        assert tl_backend._config_for(spec, q, q, 0.1, None) is not first          # another density
+        assert tl_backend._config_for(spec, q, q[:, :, :200], 0.05, None) is not first    # another key length
+        select.forget()
+        again = tl_backend._config_for(spec, q, q, 0.05, None)
+        assert again is not first and again == first
+        given = {"num_stages": 3} if spec.role == "forward" else {"dq": {"num_stages": 3}}
+        assert tl_backend._config_for(spec, q, q, 0.05, given) is not tl_backend._config_for(spec, q, q, 0.05, given)
+    assert len(looked_up) == 2 * 4
+
+
+def test_the_linear_part_config_without_a_base_is_memoised_and_still_checked():
+    """linear_config ran four times per backward (the default, its check, the Triton glue): without a base its
+    result is kept per (spec, overrides). Bad overrides still raise at every call; a base is applied each time."""
+    spec = bwd_spec_of()
+    first = tl_backend.linear_config(spec, {"dq": {"num_warps": 4}})
+    assert tl_backend.linear_config(spec, {"dq": {"num_warps": 4}}) is first
+    assert tl_backend.linear_config(spec, {"dq": {"num_warps": 8}})["dq"]["num_warps"] == 8
+    for bad in ({"dq": {"num_warps": 3.5}}, {"dq": {"num_warps": [4]}}, {"nope": {}}):
+        for _ in range(2):
+            with pytest.raises(ValueError):
+                tl_backend.linear_config(spec, bad)
+    from slagen.backends.triton import bwd
+    base = bwd.default_config(spec)
+    base["prep"]["num_warps"] = 2
+    assert tl_backend.linear_config(spec, {}, base)["prep"]["num_warps"] == 2
+    assert tl_backend.linear_config(spec, {}, base) is not tl_backend.linear_config(spec, {}, base)
+
+
 @pytest.mark.parametrize("tuned", [False, True], ids=["untuned", "tuned"])
 def test_tilelang_backward_hands_the_linear_part_its_config_through_the_triton_glue(monkeypatch, tuned):
     """The TileLang backward passes ``functools.partial(linear_config, spec, overrides)`` to the Triton glue's

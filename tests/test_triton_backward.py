@@ -406,6 +406,29 @@ def test_marginal_states_gather_and_gemm_agree_with_the_reference(negl):
         assert rel(a, b) < 1e-4, name
 
 
+def test_marginal_states_relaunch_their_operand_kernel_by_the_mask_layout(monkeypatch):
+    """The backward's marginal-state operand kernel went through Triton's per-call argument binding every call
+    (~50 µs of host time, session 33): it now has a relaunch key made of the mask's layout and the states' shape
+    and dtype — the same for two calls of one shape, different for the query side's mask and its transpose."""
+    from slagen.backends.triton import fwd
+    keys = []
+    real = fwd.mask_operands
+
+    def spy(*args, relaunch_key=None, **kw):
+        keys.append(relaunch_key)
+        return real(*args, relaunch_key=relaunch_key, **kw)
+    monkeypatch.setattr(fwd, "mask_operands", spy)
+    p, cfg = make_problem(Lq=130, Lk=77, D=16, block_q=16, block_k=32, feature_map="softmax", scope="marginal",
+                          seed=5)
+    first = check(p, cfg, 1e-4)
+    assert len(keys) == 2 and all(isinstance(key, tuple) and None not in key for key in keys)
+    assert keys[0] != keys[1]            # H_i over the mask, G_j over its transpose
+    again = triton_grads(p, cfg)
+    assert keys[2:] == keys[:2]
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
 def forward_sums(p, cfg):
     """H_i = Σ_{j marginal} φ(K_j)ᵀV_j (B, H, T_m, D, D) and Z_i (B, H, T_m, D) fp32 — what a forward with
     states=True keeps — written out here from the reference's pieces."""

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from slagen import codegen
-from slagen.backends import linear_terms
+from slagen.backends import linear_terms, plans
 from slagen.backends.triton import fwd
 from slagen.autotune.space import copy_config
 from slagen.dispatch import device_arch
@@ -417,9 +417,12 @@ def _marginal_states(c: _Call, mats, vecs, mask):
     :func:`_state_buffers`) summed over each row's marginal (mask == 0) columns by one batched GEMM
     (slagen.backends.linear_terms.marginal_sums), fp32 accumulation, one rounding to the states' dtype (bf16
     for bf16/fp16 inputs: the kernels' linear products take bf16 operands anyway; 100 MB for H_i and 201 MB
-    for G_j at the headline shape)."""
+    for G_j at the headline shape). The operand kernel relaunches by a key of what its launch depends on: the
+    mask's layout and the states' shape and dtype (slagen.backends.triton.launch)."""
     B, H, D = *c.q.shape[:2], c.D
-    operands = functools.partial(fwd.mask_operands, codegen.load(c.spec.replace(role="forward"), "triton"))
+    key = ("backward marginal states", plans.layout(mask), tuple(mats.shape), tuple(vecs.shape), mats.dtype)
+    operands = functools.partial(fwd.mask_operands, codegen.load(c.spec.replace(role="forward"), "triton"),
+                                 relaunch_key=key)
     m, v = linear_terms.marginal_sums(mats.view(B, H, -1, D, D), vecs.view(B, H, -1, D), mask,
                                       out_dtype=mats.dtype, operands=operands)
     return m.reshape(-1, D, D), v.reshape(-1, D)
