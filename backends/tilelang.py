@@ -110,9 +110,12 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # and take the head dim's overlap and tma_store. H200, headline shape, 64x64 blocks, given the map
 # (tools/forward_configs.py, 5 rounds; the old kernel in a second process): sparse-only 0.846 → 0.666 ms, SLA
 # marginal 1.306 → 1.071 (without the TMA store 0.776 / 1.148, without overlap 0.879 / 1.205); outputs
-# bit-identical to the old loop's. d 64 (overlap off there) unmeasured.
+# bit-identical to the old loop's.
 # overlap (default at d 128 with 128-row tiles since session 9; H200, headline shape, 128x64, session 8: 1.157
-# vs 1.202 ms SLA forward; its 39 GPU cases passed at session 9's code; d 64 and 64-row tiles unmeasured, off):
+# vs 1.202 ms SLA forward; its 39 GPU cases passed at session 9's code; default at d 64 too since session 33:
+# H200, L 32760, H 12, given the map, tools/forward_configs.py --head-dim 64, 5 rounds — 128x64 sparse-only
+# 0.522 → 0.468 ms, SLA marginal 0.669 → 0.590; 64x64 (two CTAs) 0.492 → 0.444 and 0.655 → 0.592; its 53 d 64
+# forward GPU cases passed):
 # FlashAttention-3's intra-warpgroup overlap in
 # the sparse loop — step t issues S_{t+1} = QK_{t+1}ᵀ into a second accumulator as an asynchronous wgmma batch,
 # runs step t's softmax while it is in flight, then P_t·V_t with the one wait per step (the default waits for
@@ -159,7 +162,7 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
              pre_async=True, pre_overlap=False, warp_specialized=True, ctas_per_sm=1, prefetch_h=False,
-             tma_store=True, overlap=False, pingpong=False, persistent=False, tail_split=1),
+             tma_store=True, overlap=True, pingpong=False, persistent=False, tail_split=1),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
               pre_async=True, pre_overlap=True, warp_specialized=True, ctas_per_sm=1, prefetch_h=False,
               tma_store=True, overlap=True, pingpong=False, persistent=False, tail_split=1),

@@ -89,11 +89,12 @@ def test_defaults_that_need_warp_specialisation_give_way_without_it():
     """warp_specialized=False (the fallback without TMA lowering) turns the default overlap, pre_async and
     pre_overlap off; the caller's explicit choice of any is an error (test_bad_config_is_a_clear_error,
     test_prepass_overlap_compiles_for_sm90a)."""
-    spec = spec_of(d=128, scope="marginal", block=(128, 64))
-    defaults = tl_backend.default_config(spec)
-    assert defaults["overlap"] and defaults["pre_async"] and defaults["pre_overlap"]
-    cfg = tl_backend._resolve_config(spec, dict(warp_specialized=False, num_stages=1, pre_stages=1))
-    assert not cfg["overlap"] and not cfg["pre_async"] and not cfg["pre_overlap"]
+    for d in (128, 64):
+        spec = spec_of(d=d, scope="marginal", block=(128, 64))
+        defaults = tl_backend.default_config(spec)
+        assert defaults["overlap"] and defaults["pre_async"] and defaults["pre_overlap"] == (d == 128)
+        cfg = tl_backend._resolve_config(spec, dict(warp_specialized=False, num_stages=1, pre_stages=1))
+        assert not cfg["overlap"] and not cfg["pre_async"] and not cfg["pre_overlap"]
 
 
 @pytest.mark.parametrize("d", tl_backend.HEAD_DIMS)
@@ -1735,15 +1736,18 @@ def test_ptxas_report_reads_registers_spills_and_the_wgmma_serialisation_advisor
 @needs_compiler
 @pytest.mark.parametrize("what", ["forward", "forward sparse-only", "forward training", "forward tail", "prepass", "dq",
                                   "dkdv", "query_state", "query_state proj", "forward 64x64",
-                                  "forward sparse-only 64x64", "forward training 64x64"])
+                                  "forward sparse-only 64x64", "forward training 64x64", "forward d64",
+                                  "forward d64 64x64"])
 def test_default_kernels_keep_their_wgmma_pipelined_and_spill_nothing(what):
     """ptxas serialises no wgmma of the default d128 128x64 kernels (and the split tail's, tail_split 4) and
     spills nothing (backends/ptxas.py: a serialised kernel computes the same bits, slower — session 19's swapped
     accumulators: +28 %). At 64x64 blocks the forward's 64-row tiles, two CTAs per SM, launch at 128 registers
-    and run the overlapped loop in the consumer's 232 (the register handover)."""
+    and run the overlapped loop in the consumer's 232 (the register handover). d 64 runs the overlapped loop by
+    default too since session 33 (128x64 and 64x64)."""
     block = (64, 64) if what.endswith("64x64") else (128, 64)
-    what = what.replace(" 64x64", "")
-    spec = spec_of(d=128, fmap=None if what == "forward sparse-only" else "softmax", block=block)
+    d = 64 if " d64" in what else 128
+    what = what.replace(" 64x64", "").replace(" d64", "")
+    spec = spec_of(d=d, fmap=None if what == "forward sparse-only" else "softmax", block=block)
     if what in ("dq", "dkdv") or what.startswith("query_state"):
         spec = spec.replace(role="backward")
         cfg = tl_backend._resolve_config(spec, {"backward": "tilelang"})
@@ -1760,8 +1764,10 @@ def test_default_kernels_keep_their_wgmma_pipelined_and_spill_nothing(what):
     assert not rep.wgmma_serialized, rep.advisories
     if what != "dkdv":      # (its two-CTA form spills in the lin_fused epilogue: the test below)
         assert rep.spill_bytes == 0, rep
+    if what.startswith("forward"):
+        assert cfg["overlap"] and cfg["tma_store"], cfg
     if block == (64, 64):
-        assert cfg["ctas_per_sm"] == 2 and cfg["overlap"] and cfg["tma_store"] and rep.registers == 128, (cfg, rep)
+        assert cfg["ctas_per_sm"] == 2 and rep.registers == 128, (cfg, rep)
 
 
 @needs_compiler

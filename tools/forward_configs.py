@@ -112,7 +112,7 @@ def main() -> None:
             ms = ts[len(ts) // 2]
             base = base or ms
             rows.append((variant, json.dumps(cfg), ms, ts[0], ts[-1], flops / ms / 1e9, base / ms))
-    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 "
+    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D={args.head_dim} bf16 "
           f"topk={args.topk} block {args.block} | forward kernels given the block map, CUDA-event medians\n")
     print(f"median of {args.rounds} rounds (each a median of {args.reps} calls), min and max round\n")
     print("| variant | config | ms | min–max | sparse TFLOP/s | × first |\n|---|---|---|---|---|---|")

@@ -68,7 +68,7 @@ def main() -> None:
     be = backends.get(args.backend)
     n_crit, n_negl = reference.block_counts(reference.num_blocks(args.seq_len, bk), topk, 0.0)
     maps = list(be.block_map(q, k, n_crit, n_negl, bq, bk))
-    cfg = dict(block_q=bq, block_k=bk, scale=128 ** -0.5, feature_map="softmax", scope="marginal",
+    cfg = dict(block_q=bq, block_k=bk, scale=q.shape[-1] ** -0.5, feature_map="softmax", scope="marginal",
                eps=reference.EPS)
     api = dict(topk=topk, block_q=bq, block_k=bk, backend=args.backend)
     bmap = slagen.block_map(q, k, **api)
@@ -85,7 +85,7 @@ def main() -> None:
         ("slagen::block_map op", lambda: ops.block_map_op(q, k, topk, 0.0, bq, bk, args.backend)),
         ("slagen.block_map (public)", lambda: slagen.block_map(q, k, **api)),
         ("backend forward (direct, map given)", lambda: be.forward(q, k, v, maps, None, None, False, **cfg)),
-        ("slagen::sla_fwd op (map given)", lambda: ops.sla_fwd(q, k, v, maps, None, None, bq, bk, 128 ** -0.5,
+        ("slagen::sla_fwd op (map given)", lambda: ops.sla_fwd(q, k, v, maps, None, None, bq, bk, q.shape[-1] ** -0.5,
                                                                 "softmax", "marginal", reference.EPS, False,
                                                                 args.backend)),
         ("slagen.attention no_grad (map given)", lambda: slagen.attention(q, k, v, block_map=bmap, **api)),
@@ -110,7 +110,7 @@ def main() -> None:
     ]
     out += [(f"primitive: {name}", host_ms(fn, n=200) * 1e3) for name, fn in prims]
     print(cprofile_report(public, "slagen.attention no_grad", args.cprofile, keys=("tottime", "cumulative")))
-    print(f"\n{torch.cuda.get_device_name()} | {args.backend} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 "
+    print(f"\n{torch.cuda.get_device_name()} | {args.backend} | B=1 H={args.heads} L={args.seq_len} D={args.head_dim} bf16 "
           f"| torch {torch.__version__}\n")
     print("| layer | host µs per call |\n|---|---|")
     for name, us in out:

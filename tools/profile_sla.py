@@ -74,18 +74,19 @@ def cprofile_report(fn, title: str, top: int, keys=("tottime",), calls: int = 50
 
 
 def add_shape_args(ap: argparse.ArgumentParser, seq_len: int = 32760) -> None:
-    """The shape options the profiling tools share (B = 1, D = 128, bf16)."""
+    """The shape options the profiling tools share (B = 1, bf16)."""
     ap.add_argument("--seq-len", type=int, default=seq_len)
     ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
     ap.add_argument("--block", default="128x64")
     ap.add_argument("--topk", type=float, default=0.05)
 
 
 def shape_inputs(args, n: int = 4):
-    """(block_q, block_k, [n random (1, heads, seq_len, 128) bf16 CUDA tensors]) of the parsed shape args."""
+    """(block_q, block_k, [n random (1, heads, seq_len, head_dim) bf16 CUDA tensors]) of the parsed shape args."""
     bq, bk = (int(x) for x in args.block.split("x"))
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shape = (1, args.heads, args.seq_len, 128)
+    shape = (1, args.heads, args.seq_len, args.head_dim)
     return bq, bk, [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(n)]
 
 
@@ -141,7 +142,7 @@ def main() -> None:
             fn = dict(cases)[args.cprofile_case]   # (whatever --only says)
             print(cprofile_report(fn, f"{name} {args.cprofile_case}", args.cprofile, keys=("tottime", "cumtime")))
 
-    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 topk={args.topk} "
+    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D={args.head_dim} bf16 topk={args.topk} "
           f"block {args.block}\n")
     print("| backend | what | eager ms | host ms | gpu ms | kernels (ms per call) |\n|---|---|---|---|---|---|")
     for name, what, eager, host, gpu, kt in rows:
