@@ -19,8 +19,12 @@ measured once.
 
 from __future__ import annotations
 
+import faulthandler
+import os
 import statistics
 import subprocess
+import sys
+import threading
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -71,6 +75,50 @@ def measure_times(fwd_fn, fb_fn=None) -> dict:
         times["fwd_bwd_ms"] = median_ms(fb_fn)
         times["fwd_bwd_gpu_ms"] = graph_ms(fb_fn)
     return times
+
+
+STALL_EXIT = 3          # `slagen bench`'s exit status when it ends a run that made no progress (StallGuard)
+STALL_BACKSTOP_S = 60   # after the guard's own limit: faulthandler's C watchdog, should the GIL never come back
+
+
+class StallGuard:
+    """Ends a process that makes no progress for ``seconds``: each :meth:`kick` (a finished row or round) restarts
+    the clock. A kernel that never finishes blocks its CUDA call for good, and neither Ctrl-C nor `timeout`'s
+    SIGTERM reaches Python then (session 32's scaling run stalled that way for ~460 s). On expiry a timer thread
+    runs ``on_stall`` (say what was last done, save the rows so far), prints every thread's Python stack and
+    leaves with exit status :data:`STALL_EXIT`; should the stuck call hold the GIL, faulthandler's own watchdog
+    prints the stacks and exits (status 1) :data:`STALL_BACKSTOP_S` later. ``seconds`` <= 0: no guard."""
+
+    def __init__(self, seconds: float, on_stall: Callable[[], None]):
+        self.seconds, self.on_stall = float(seconds), on_stall
+        self._timer: Optional[threading.Timer] = None
+        self.kick()
+
+    def kick(self) -> None:
+        """Progress: restart both clocks."""
+        if self.seconds <= 0:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(self.seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+        faulthandler.dump_traceback_later(self.seconds + STALL_BACKSTOP_S, exit=True, file=sys.__stderr__)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            faulthandler.cancel_dump_traceback_later()
+
+    def _expire(self) -> None:
+        try:
+            self.on_stall()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+            os._exit(STALL_EXIT)
 
 
 def interleave(entries: Sequence[Tuple[dict, Callable[[], dict]]], rounds: int,

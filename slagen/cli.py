@@ -445,9 +445,14 @@ def _override(default: dict, override: dict, check, spec):
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
               help="Times are medians of this many measurements per row, every row re-timed in turn, each round "
               "starting one row further on (a row's place in the order changes its time).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Write the results as JSON (rewritten after every row, so a run cut short keeps its rows).")
+@click.option("--stall-timeout", default=900.0, show_default=True, type=float,
+              help="Seconds without a finished row or round after which the run is ended (a kernel that never "
+              "finishes ignores Ctrl-C and SIGTERM): last progress and Python stacks printed, rows so far in the "
+              "JSON, exit status 3. 0: never.")
 def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex, backward, reference_sla,
-          slagen_rows, rounds, json_path):
+          slagen_rows, rounds, json_path, stall_timeout):
     """SLA vs dense attention (SDPA cuDNN/flash) and FlexAttention on this GPU: a table per length (and JSON)."""
 
     import torch
@@ -462,21 +467,40 @@ def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex,
     refs = [tuple(item.split("=", 1)) if "=" in item else (item, item) for item in reference_sla]
     results = []
 
-    def write_json():
+    def save_json():
         if json_path:
             with open(json_path, "w") as fh:
-                json.dump(results, fh, indent=1)
+                json.dump([r for r in results if r.get("rows")], fh, indent=1)
+
+    def write_json():
+        if json_path:
+            save_json()
             click.echo(f"\nJSON written to {json_path}")
+
+    last = ["the start"]
+
+    def progress(line: str) -> None:     # a finished row or round: shown, saved, and the stall clock restarted
+        click.echo(line)
+        last[0] = line.strip()
+        save_json()
+        guard.kick()
+
+    def stalled():
+        click.echo(f"\nslagen bench: no progress for {stall_timeout:g} s since {last[0]!r} (--stall-timeout); the "
+                   "GPU is likely stuck in a kernel. Python stacks follow." +
+                   (f" The rows measured so far are in {json_path}." if json_path else ""), err=True)
+        save_json()
 
     def stop(signum, frame):     # `timeout`'s SIGTERM: end like Ctrl-C, with the rows measured so far
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, stop)
+    guard = bench_mod.StallGuard(stall_timeout, stalled)
     try:
         for seq_len in seq_lens:     # each length's table as soon as it is measured
             click.echo(f"== L={seq_len}")
             results.append({})
             bench_mod.run(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, topk=topk, blocks=blocks,
-                          dtype=dtype, backward=backward, flex=flex, echo=click.echo, into=results[-1],
+                          dtype=dtype, backward=backward, flex=flex, echo=progress, into=results[-1],
                           backends=[b.strip() for b in backends.split(",") if b.strip()], reference_sla=refs,
                           slagen_rows=slagen_rows, rounds=rounds)
             torch.cuda.empty_cache()
@@ -488,6 +512,7 @@ def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex,
         write_json()
         raise SystemExit(130)
     finally:
+        guard.close()
         signal.signal(signal.SIGTERM, previous)
     if len(results) > 1:
         click.echo("Scaling with L (forward GPU time; per work: relative to the first length, 1.00 = linear in "

@@ -185,3 +185,63 @@ def test_bench_rounds_option_reaches_the_run_and_is_shown(monkeypatch):
     assert CliRunner().invoke(main, ["bench", "--seq-len", "4096"]).exit_code == 0 and seen["rounds"] == 3
     bad = CliRunner().invoke(main, ["bench", "--rounds", "0"])
     assert bad.exit_code == 2 and "--rounds" in bad.output
+
+
+STALLING_BENCH = """
+import sys, time, torch
+from slagen import bench
+from slagen.cli import main
+header = dict(device="GPU", clocks="-", B=1, H=1, L=4096, D=128, dtype="bf16", topk=0.05, torch="x", slagen="y")
+
+def stuck_in_a_kernel(*, into, echo, **kwargs):
+    into.update(header=header, rows=[dict(name="dense SDPA cuDNN", group="", fwd_ms=10.0, fwd_bwd_ms=None,
+                                          peak_mib=1.0, sparse_flops=None, component=False, note="", gpu_ms=9.0,
+                                          fwd_bwd_gpu_ms=None)])
+    echo("  dense SDPA cuDNN: fwd 10.0 ms")
+    time.sleep(120)          # a CUDA call that never returns (the GIL released, as torch's waits do)
+
+torch.cuda.is_available = lambda: True
+bench.run = stuck_in_a_kernel
+main(["bench", "--seq-len", "4096", "--stall-timeout", sys.argv[2], "--json", sys.argv[1]])
+"""
+
+
+def test_a_bench_that_makes_no_progress_ends_with_its_rows_saved_and_the_stacks_shown(tmp_path):
+    """A kernel that never finishes blocks its CUDA call, and Ctrl-C / SIGTERM never reach Python (session 32's
+    scaling run). --stall-timeout ends such a run: it names the last progress, saves the rows measured so far (the
+    JSON is rewritten after every row), prints the Python stacks (the stuck frame among them) and exits with
+    status 3 — within a few seconds of the limit, not at the sleep's end."""
+    import subprocess
+    import sys
+    script, out = tmp_path / "stall.py", tmp_path / "bench.json"
+    script.write_text(STALLING_BENCH)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script), str(out), "1.5"], capture_output=True, text=True, timeout=90)
+    assert proc.returncode == bench.STALL_EXIT, (proc.returncode, proc.stdout, proc.stderr)
+    assert time.monotonic() - t0 < 60
+    assert "no progress for 1.5 s since 'dense SDPA cuDNN: fwd 10.0 ms'" in proc.stderr, proc.stderr
+    assert "stuck_in_a_kernel" in proc.stderr and "most recent call first" in proc.stderr
+    saved = json.loads(out.read_text())
+    assert saved[0]["rows"][0]["name"] == "dense SDPA cuDNN"
+
+
+def test_a_bench_that_progresses_keeps_running_past_the_stall_timeout(monkeypatch, tmp_path):
+    """Each finished row restarts the stall clock: rows 0.4 s apart never trip a 1 s limit over 2 s; the guard is
+    disarmed when the command ends (no exit afterwards)."""
+    header = dict(device="GPU", clocks="-", B=1, H=1, L=4096, D=128, dtype="bf16", topk=0.05, torch="x", slagen="y")
+    saved_counts = []
+
+    def steady(*, into, echo, **kwargs):
+        into.update(header=header, rows=[])
+        for i in range(5):
+            time.sleep(0.4)
+            into["rows"].append(row(f"row {i}", 1.0, gpu=1.0))
+            echo(f"  row {i}: fwd 1.0 ms")
+            saved_counts.append(len(json.loads(out.read_text())[0]["rows"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run", steady)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "--seq-len", "4096", "--stall-timeout", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert saved_counts == [1, 2, 3, 4, 5]          # the JSON follows every row
+    time.sleep(1.5)                                  # a guard left armed would end this process here
