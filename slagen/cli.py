@@ -477,16 +477,17 @@ def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex,
             save_json()
             click.echo(f"\nJSON written to {json_path}")
 
-    last = ["the start"]
+    last = "the start"
 
     def progress(line: str) -> None:     # a finished row or round: shown, saved, and the stall clock restarted
+        nonlocal last
         click.echo(line)
-        last[0] = line.strip()
+        last = line.strip()
         save_json()
         guard.kick()
 
     def stalled():
-        click.echo(f"\nslagen bench: no progress for {stall_timeout:g} s since {last[0]!r} (--stall-timeout); the "
+        click.echo(f"\nslagen bench: no progress for {stall_timeout:g} s since {last!r} (--stall-timeout); the "
                    "GPU is likely stuck in a kernel. Python stacks follow." +
                    (f" The rows measured so far are in {json_path}." if json_path else ""), err=True)
         save_json()

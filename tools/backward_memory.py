@@ -85,8 +85,8 @@ def main() -> None:
                 print(host_trace(fwd_bwd, args.trace), flush=True)
             if args.at_peak:
                 print(at_peak(fwd_bwd, args.at_peak, args.stacks), flush=True)
-    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D={args.head_dim} bf16 topk={args.topk} "
-          f"block {args.block}\n")
+    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D={args.head_dim} bf16 "
+          f"topk={args.topk} block {args.block}\n")
     print("| what | temp_budget | fwd+bwd ms | peak MiB | peak × cuDNN |\n|---|---|---|---|---|")
     base = rows[0][3]
     for what, budget, ms, mib in rows:

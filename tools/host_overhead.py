@@ -85,7 +85,7 @@ def main() -> None:
         ("slagen::block_map op", lambda: ops.block_map_op(q, k, topk, 0.0, bq, bk, args.backend)),
         ("slagen.block_map (public)", lambda: slagen.block_map(q, k, **api)),
         ("backend forward (direct, map given)", lambda: be.forward(q, k, v, maps, None, None, False, **cfg)),
-        ("slagen::sla_fwd op (map given)", lambda: ops.sla_fwd(q, k, v, maps, None, None, bq, bk, q.shape[-1] ** -0.5,
+        ("slagen::sla_fwd op (map given)", lambda: ops.sla_fwd(q, k, v, maps, None, None, bq, bk, cfg["scale"],
                                                                 "softmax", "marginal", reference.EPS, False,
                                                                 args.backend)),
         ("slagen.attention no_grad (map given)", lambda: slagen.attention(q, k, v, block_map=bmap, **api)),
@@ -110,8 +110,8 @@ def main() -> None:
     ]
     out += [(f"primitive: {name}", host_ms(fn, n=200) * 1e3) for name, fn in prims]
     print(cprofile_report(public, "slagen.attention no_grad", args.cprofile, keys=("tottime", "cumulative")))
-    print(f"\n{torch.cuda.get_device_name()} | {args.backend} | B=1 H={args.heads} L={args.seq_len} D={args.head_dim} bf16 "
-          f"| torch {torch.__version__}\n")
+    print(f"\n{torch.cuda.get_device_name()} | {args.backend} | B=1 H={args.heads} L={args.seq_len} "
+          f"D={args.head_dim} bf16 | torch {torch.__version__}\n")
     print("| layer | host µs per call |\n|---|---|")
     for name, us in out:
         print(f"| {name} | {us:.0f} |")

@@ -50,7 +50,7 @@ def main() -> None:
     variants = args.config or [(impl, {"backward": impl}) for impl in ("triton", "tilelang")]
     rows = []
     for fmap, what in (("softmax", "SLA marginal"), ("none", "sparse-only")):
-        cfg = dict(block_q=bq, block_k=bk, scale=128 ** -0.5, feature_map=fmap, scope="marginal",
+        cfg = dict(block_q=bq, block_k=bk, scale=q.shape[-1] ** -0.5, feature_map=fmap, scope="marginal",
                    eps=reference.EPS)
         *saved, h_lin, z_lin = tl_backend.forward(q, k, v, maps, None, None, True, states=True, **cfg)
         sums = dict(lin_sums=(h_lin, z_lin)) if h_lin.numel() else {}
@@ -77,8 +77,8 @@ def main() -> None:
                      for a, b in zip(grads[name], grads[first])]
             print(f"  {what}: {name} vs {first} rel. diff dq {diffs[0]:.2e} dk {diffs[1]:.2e} dv {diffs[2]:.2e}")
 
-    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 topk={args.topk} "
-          f"block {args.block} | backward alone\n")
+    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D={args.head_dim} bf16 "
+          f"topk={args.topk} block {args.block} | backward alone\n")
     print(f"{args.rounds} round(s); ms: median over rounds (min–max)\n")
     print("| what | backward | ms | gpu ms | kernels (ms per call) |\n|---|---|---|---|---|")
     for row in rows:

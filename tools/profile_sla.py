@@ -142,8 +142,8 @@ def main() -> None:
             fn = dict(cases)[args.cprofile_case]   # (whatever --only says)
             print(cprofile_report(fn, f"{name} {args.cprofile_case}", args.cprofile, keys=("tottime", "cumtime")))
 
-    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D={args.head_dim} bf16 topk={args.topk} "
-          f"block {args.block}\n")
+    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D={args.head_dim} bf16 "
+          f"topk={args.topk} block {args.block}\n")
     print("| backend | what | eager ms | host ms | gpu ms | kernels (ms per call) |\n|---|---|---|---|---|---|")
     for name, what, eager, host, gpu, kt in rows:
         ks = "; ".join(f"{n[:40]} {t:.3f}" for n, t in kt[:10])

@@ -52,7 +52,7 @@ def main() -> None:
     if unknown:
         ap.error(f"--groups: unknown {unknown}; allowed: {sorted(GROUPS)}")
     bq, bk, (q, k, v, do), maps = map_inputs(args)
-    cfg = dict(block_q=bq, block_k=bk, scale=128 ** -0.5, feature_map="softmax", scope="marginal",
+    cfg = dict(block_q=bq, block_k=bk, scale=q.shape[-1] ** -0.5, feature_map="softmax", scope="marginal",
                eps=reference.EPS)
     *saved, h_lin, z_lin = tl_backend.forward(q, k, v, maps, None, None, True, states=True, **cfg)
     spec = bwd.kernel_spec(q, block_q=bq, block_k=bk, feature_map="softmax", scope="marginal", has_negligible=False)
@@ -98,8 +98,8 @@ def main() -> None:
     config = configure({group: variant for group, (_, variant) in best.items()})
     total, kt = measure(config)
     diffs = [float((a.float() - b).norm() / b.norm()) for a, b in zip(run(config), ref)]
-    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D=128 bf16 topk={args.topk} "
-          f"block {args.block} | linear part alone")
+    print(f"\n{torch.cuda.get_device_name()} | B=1 H={args.heads} L={args.seq_len} D={args.head_dim} bf16 "
+          f"topk={args.topk} block {args.block} | linear part alone")
     print(f"best per group: { {g: v for g, (_, v) in best.items()} }")
     print(f"best together: total {total:.3f} ms; " + "; ".join(f"{n[:30]} {t:.3f}" for n, t in kt.items()))
     print(f"rel. diff vs default: dq {diffs[0]:.2e} dk {diffs[1]:.2e} dv {diffs[2]:.2e}")
