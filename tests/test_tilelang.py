@@ -1372,6 +1372,7 @@ def test_a_calls_tuned_or_default_config_is_resolved_once_per_generation(monkeyp
     from slagen.autotune import select
     looked_up = []
     monkeypatch.setattr(select, "config_for", lambda spec, *a, **kw: looked_up.append(spec))
+    select.forget()         # a new generation: nothing an earlier test resolved is found
     q = torch.empty((1, 2, 300, 128), dtype=torch.bfloat16)
     for spec in (spec_of(), bwd_spec_of()):
         first = tl_backend._config_for(spec, q, q, 0.05, None)
