@@ -13,7 +13,7 @@ from typing import Callable, Dict, Generic, Optional, TypeVar
 
 import torch
 
-P = TypeVar("P", bound="Plan")
+P = TypeVar("P")   # a Plan, or any other value a call's key decides (a resolved config)
 TUNED = "tuned"   # a kernel's config argument meaning: the tuned config of this GPU and shape, else its default
 
 
@@ -45,8 +45,8 @@ class Plan:
 
 
 class Plans(Generic[P]):
-    """Plans by key, at most ``bound`` of them (all dropped when full: a bound real use never reaches, a few
-    layouts per model)."""
+    """Plans (or other per-key values) by key, at most ``bound`` of them (all dropped when full: a bound real use
+    never reaches, a few layouts per model)."""
 
     def __init__(self, bound: int = 256):
         self.bound = bound

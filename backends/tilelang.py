@@ -237,8 +237,8 @@ _KERNELS: Dict[tuple, object] = {}
 _KEY_LOCKS: Dict[tuple, threading.Lock] = {}
 _CACHE_SAVED: Optional[str] = None
 _DUMMIES: Dict[tuple, Dict[str, torch.Tensor]] = {}
-_RESOLVED_CONFIGS: Dict[tuple, dict] = {}   # _config_for's tuned-or-default configs
-_LINEAR_CONFIGS: Dict[tuple, dict] = {}     # linear_config's results without a base
+_RESOLVED_CONFIGS: plans.Plans[dict] = plans.Plans()   # _config_for's tuned-or-default configs
+_LINEAR_CONFIGS: plans.Plans[dict] = plans.Plans()     # linear_config's results without a base
 _IMPORT_ERROR: Optional[str] = None
 _IMPORT_CHECKED = False
 
@@ -770,14 +770,10 @@ def linear_config(spec: KernelSpec, overrides, base: Optional[dict] = None) -> d
         raise ValueError(f"config['linear']={overrides!r} must be a dict of dicts (Triton backward tunables)")
     if base is not None:
         return _linear_config(spec, overrides, base)
-    try:
-        key = (spec, tuple(sorted((part, tuple(sorted(values.items()))) for part, values in overrides.items())))
-        found = _LINEAR_CONFIGS.get(key)
-    except TypeError:       # an unhashable tunable: no memo (check_config names what is wrong with it)
-        return _linear_config(spec, overrides, None)
-    if found is None:
-        found = _remember(_LINEAR_CONFIGS, key, _linear_config(spec, overrides, None))
-    return found
+    # (an unhashable tunable forms no key: built each time, so check_config names what is wrong with it)
+    return _LINEAR_CONFIGS.get(
+        lambda: (spec, tuple(sorted((part, tuple(sorted(v.items()))) for part, v in overrides.items()))),
+        lambda key: _linear_config(spec, overrides, None))
 
 
 def _linear_config(spec: KernelSpec, overrides: dict, base: Optional[dict]) -> dict:
@@ -810,20 +806,11 @@ def _config_for(spec: KernelSpec, q: torch.Tensor, k: torch.Tensor, density: flo
     if config is not None:
         return _resolve_config(spec, config)
     from slagen.autotune import select
-    key = (spec, q.device, k.shape[-2], density, select.generation())
-    found = _RESOLVED_CONFIGS.get(key)
-    if found is None:
-        tuned = select.config_for(spec, "tilelang", q.device, k.shape[-2], density, check=check_config)
-        found = _remember(_RESOLVED_CONFIGS, key, _resolve_config(spec, tuned))
-    return found
+    return _RESOLVED_CONFIGS.get(
+        lambda: (spec, q.device, k.shape[-2], density, select.generation()),
+        lambda key: _resolve_config(spec, select.config_for(spec, "tilelang", q.device, k.shape[-2], density,
+                                                            check=check_config)))
 
-
-def _remember(memo: Dict[tuple, dict], key: tuple, value: dict) -> dict:
-    """``memo[key] = value`` (the memo emptied first once it holds 256 entries: a bound real use never reaches)."""
-    if len(memo) >= 256:
-        memo.clear()
-    memo[key] = value
-    return value
 
 
 def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
