@@ -276,3 +276,35 @@ def test_gpu_inference_map_without_columns_gives_the_same_output(backend):
     qs = q.clone().requires_grad_(True)
     slagen.attention(qs, k, v, **cfg).sum().backward()
     assert torch.isfinite(qs.grad).all() and qs.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with -m gpu on the device)")
+@pytest.mark.parametrize("backend", ["triton", "tilelang"])
+def test_gpu_graphed_module_gives_the_eager_outputs_and_gradients(backend):
+    """The README's recipe for host-bound training at short lengths: torch.cuda.make_graphed_callables on a
+    SparseLinearAttention (block map, forward and backward captured once, replayed on the inputs of each call)
+    gives, on new inputs, the eager module's output and gradients of q, k, v and Proj's weight and bias, bitwise."""
+    from slagen.backends import tilelang
+    if backend == "tilelang" and (torch.cuda.get_device_capability() != (9, 0) or tilelang.tilelang_import_error()):
+        pytest.skip("the TileLang backend needs a Hopper GPU and tilelang installed")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    module = slagen.SparseLinearAttention(128, topk=0.05, block_q=128, block_k=64, backend=backend).cuda()
+    with torch.no_grad():      # a trained Proj (the zero init would leave the linear branch out of the output)
+        module.proj_l.weight.copy_(torch.randn(128, 128, device="cuda", generator=g) * 0.1)
+        module.proj_l.bias.copy_(torch.randn(128, device="cuda", generator=g) * 0.1)
+
+    def qkv():
+        return [torch.randn(1, 2, 4099, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
+                for _ in range(3)]
+    graphed = torch.cuda.make_graphed_callables(module, tuple(qkv()))
+    params = list(module.parameters())
+    for _ in range(2):
+        q, k, v = qkv()
+        do = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g)
+        got_out = graphed(q, k, v)
+        got = [got_out.detach().clone()] + [t.clone() for t in torch.autograd.grad(got_out, [q, k, v, *params], do)]
+        want_out = module(q, k, v)
+        want = [want_out.detach()] + list(torch.autograd.grad(want_out, [q, k, v, *params], do))
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dw", "db"), got, want):
+            assert torch.equal(a, b), (name, ((a.float() - b.float()).norm() / b.float().norm()).item())
