@@ -1,5 +1,7 @@
 """torch.library registration (opcheck, fullgraph compile) and the nn.Module."""
 
+import copy
+
 import pytest
 import torch
 
@@ -297,14 +299,15 @@ def test_gpu_graphed_module_gives_the_eager_outputs_and_gradients(backend):
     def qkv():
         return [torch.randn(1, 2, 4099, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_(True)
                 for _ in range(3)]
+    eager = copy.deepcopy(module)          # (make_graphed_callables graphs a module in place)
     graphed = torch.cuda.make_graphed_callables(module, tuple(qkv()))
-    params = list(module.parameters())
     for _ in range(2):
         q, k, v = qkv()
         do = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g)
         got_out = graphed(q, k, v)
-        got = [got_out.detach().clone()] + [t.clone() for t in torch.autograd.grad(got_out, [q, k, v, *params], do)]
-        want_out = module(q, k, v)
-        want = [want_out.detach()] + list(torch.autograd.grad(want_out, [q, k, v, *params], do))
+        got = [got_out.detach().clone()] + [t.clone() for t in torch.autograd.grad(
+            got_out, [q, k, v, *graphed.parameters()], do)]
+        want_out = eager(q, k, v)
+        want = [want_out.detach()] + list(torch.autograd.grad(want_out, [q, k, v, *eager.parameters()], do))
         for name, a, b in zip(("out", "dq", "dk", "dv", "dw", "db"), got, want):
             assert torch.equal(a, b), (name, ((a.float() - b.float()).norm() / b.float().norm()).item())
