@@ -4,7 +4,8 @@ the last stage each child reached.
 
     python tools/training_stall.py                                    # L 4096, H 12, 128x64, TileLang
     python tools/training_stall.py --variant base='{}' \\
-        --variant kv1='{"backward": {"dkdv": {"ctas_per_sm": 1}}}' --variant tail1='{"forward": {"tail_split": 1}}'
+        --variant kv1='{"backward": {"dkdv": {"ctas_per_sm": 1}}}' \\
+        --variant qs='{"backward": {"query_state": "triton"}}'
 
 Session 34 (H200): graphing the module and timing it at once with triton.testing.do_bench at L 4096, H 12 stalled
 twice in two runs (the host blocked on a launch behind GPU work that never ended); docs/perf-notes.md. A variant
