@@ -812,7 +812,6 @@ def _config_for(spec: KernelSpec, q: torch.Tensor, k: torch.Tensor, density: flo
                                                             check=check_config)))
 
 
-
 def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
     """The defaults of ``spec`` updated with ``config`` (per kernel for the backward's 'dq' / 'dkdv'
     parts), validated."""

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import time
 
-STAGES = ("graphed", "fwd", "fwd+bwd", "unsynced", "cleared", "do_bench")
 MARK = "STAGE "
 
 
