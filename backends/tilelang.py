@@ -172,8 +172,8 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2)   # 64-row tiles, where two CTAs fi
 # docstring; 'tilelang' becomes 'triton' for blocks its tiles do not fit); dq: tile_m query rows per CTA
 # (divides block_q), tile_n keys per loop step (divides block_k); dkdv: tile_n keys per CTA (divides block_k;
 # 64 rows per consumer warpgroup), tile_m query rows per step (divides block_q). Starting points (register
-# use checked with ptxas: dq 168 per thread, dkdv 128 at launch and 232 in its consumer (ctas_per_sm below), no
-# spills at d=128 but 108 bytes in dkdv's lin_fused epilogue, after its loop), not measured optima.
+# use checked with ptxas: dq 168 per thread, dkdv 240 in its consumer (one CTA per SM, below), no spills at
+# d=128), not measured optima.
 # Each kernel's epilogue: tma_store writes the gradients through the CTA's own shared tiles with TMA stores
 # (default), lin_init puts the linear-branch term in the fp32 accumulator before the loop (per-thread loads
 # that otherwise follow the loop). H200, headline shape, 128x64, SLA marginal backward (`slagen tune`, session
@@ -197,13 +197,12 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2)   # 64-row tiles, where two CTAs fi
 # CTA (one per SM) waited for it. H200, headline shape, 128x64, backward alone (tools/profile_backward.py, 2 × 3
 # rounds, session 28): the dq kernel 0.866 -> 0.833 ms, gradients bit-identical: on by default where lin_fused
 # is. Not with 4 warps at head_dim 128 (64 more registers per thread: ptxas spills 536 bytes).
-# ctas_per_sm (dkdv): 2 keeps two CTAs resident per SM (launched at 128 registers per thread, the producer giving
-# all but 24 to the consumer's 232; both CTAs' shared memory must fit the SM). With 1 (the default until session
-# 31) each SM ran one CTA, one consumer warpgroup: its chain wait → Sᵀ, dPᵀ → exp2 → dV, dK GEMMs left the tensor
-# cores idle under its softmax (Nsight Compute: SM throughput 43 %, IPC 0.83; dense cuDNN's backward 63 %).
-# H200, headline shape, 128x64, backward alone (tools/profile_backward.py, 3 rounds in turn, session 31): the
-# dkdv kernel 1.593 → 1.111 ms for SLA marginal, 1.451 → 1.021 sparse-only, gradients bit-identical (L 77 to
-# 32760, 128x64 / 64x64 / 128x128 blocks): the default wherever it fits (_two_ctas_blocker).
+# dK/dV runs one CTA per SM (its consumer at 240 registers). Sessions 31-34 kept two (a `ctas_per_sm` tunable: 128
+# registers per thread at launch, the producer handing all but 24 to the consumer's 232), which ran the headline
+# backward 0.38 ms faster (H200, session 35: slagen.attention f+b GPU 3.475 vs 3.854 ms) but hung the GPU at
+# random: L 4096 forward+backward calls, graphed or eager, stalled (a kernel that never finishes) in 11 of 12 runs,
+# most within 1500 calls; one CTA per SM ran 41000 calls without a stall. A producer that waits for the consumer's
+# setmaxnreg before it exits stalled too. The tunable is gone; a config naming it is refused.
 # "linear": overrides of the Triton backward config ({"prep" | "dq" | "dkdv": {...}}, onto its tuned or default
 # config) for the Triton kernels of the linear part (slagen.backends.triton.backward_linear_part); their dq
 # kernel, without the sparse loop, is fastest with 64-row programs (H200, headline shape, 128x64, session 9,
@@ -221,7 +220,7 @@ _BWD_DEFAULTS: Dict[int, dict] = {
         "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True, lin_fused=True,
                    row_regs=d == 128, h_prefetch=True),
         "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True,
-                     lin_fused=True, ctas_per_sm=2),
+                     lin_fused=True),
         "linear": _LINEAR_DEFAULTS.get(d, {})}
     for d in (64, 128)
 }
@@ -648,6 +647,9 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
         part, where = cfg[kernel], f"config[{kernel!r}]"
         if not isinstance(part, dict):
             raise ValueError(f"{where} must be a dict of tunables, got {part!r}")
+        if kernel == "dkdv" and "ctas_per_sm" in part:
+            raise ValueError(f"{where}: 'ctas_per_sm' is no longer a tunable: two dK/dV CTAs per SM hung the GPU at "
+                             f"random (H200, session 35; docs/perf-notes.md); dK/dV runs one CTA per SM")
         _check_keys(part, set(_BWD_DEFAULTS[128][kernel]), where)
         choice = _chooser(part, where)
         # The CTA's own rows are the wgmma M dimension: 64 per consumer warpgroup.
@@ -672,11 +674,6 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
             raise ValueError(f"{where}: row_regs=True with two key blocks per step (tile_n={part['tile_n']}) is not "
                              f"supported: Q and dO in registers beside 128-key score tiles spill (ptxas: 192 bytes, "
                              f"its wgmma serialised)")
-        if kernel == "dkdv":
-            choice("ctas_per_sm", (1, 2))
-            why = part["ctas_per_sm"] == 2 and _two_ctas_blocker(part, spec, cfg["warp_specialized"])
-            if why:
-                raise ValueError(f"{where}: ctas_per_sm=2 needs {why}; use ctas_per_sm=1")
         if part[rows] == 64 and part["num_warps"] == 8:
             raise ValueError(f"{where}: {rows}=64 with num_warps=8 is not supported (TileLang layout inference "
                              f"rejects it); use num_warps=4")
@@ -701,23 +698,6 @@ def _lin_fused_blocker(part: dict, spec: KernelSpec, linear: dict) -> Optional[s
             else "lin_init=False" if part["lin_init"]
             else "the GEMM states (config['linear']['prep']['marginal_states']='gemm')"
             if linear["prep"].get("marginal_states", "gemm") != "gemm" else None)
-
-
-def _two_ctas_blocker(part: dict, spec: KernelSpec, warp_specialized: bool) -> Optional[str]:
-    """Why the dkdv config ``part`` cannot keep two CTAs per SM, or None: one consumer warpgroup whose fragments fit
-    its 232 registers (Sᵀ and dPᵀ tiles of at most 64 query rows beside dK, dV), warp specialisation (the
-    producer's registers go to the consumer), and twice the CTA's shared memory within the SM's."""
-    if not warp_specialized:
-        return "warp_specialized=True (its producer warpgroup hands its registers to the consumer)"
-    if part["num_warps"] != 4:
-        return "num_warps=4 (one consumer warpgroup)"
-    if part["tile_m"] > 64:
-        return "tile_m <= 64 (ptxas: 1540 bytes of spills and serialised wgmma at 128)"
-    need = backward_shared_bytes(part, spec, "dkdv")
-    if 2 * need > SHARED_MEMORY_PER_SM:
-        return (f"two CTAs' shared memory within the SM's {SHARED_MEMORY_PER_SM // 1024} KiB (each needs about "
-                f"{need // 1024} KiB: fewer stages)")
-    return None
 
 
 def _h_prefetch_blocker(part: dict, spec: KernelSpec) -> Optional[str]:
@@ -835,13 +815,6 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
                     "lin_fused" not in asked:      # (check_config reports a malformed part or "linear")
                 linear = linear or linear_config(spec, cfg["linear"])
                 part["lin_fused"] = _lin_fused_blocker(part, spec, linear) is None
-        dkdv, asked = cfg["dkdv"], (config or {}).get("dkdv", {})
-        if isinstance(dkdv, dict) and dkdv.get("ctas_per_sm") == 2 and isinstance(asked, dict) and \
-                "ctas_per_sm" not in asked and \
-                all(isinstance(dkdv.get(k), int) for k in ("tile_n", "tile_m", "num_warps", "num_stages")):
-            # a default, giving way to the caller's dkdv tile or unspecialised loop (check_config reports a
-            # malformed tunable)
-            dkdv["ctas_per_sm"] = 1 if _two_ctas_blocker(dkdv, spec, cfg["warp_specialized"] is not False) else 2
         dq, asked = cfg["dq"], (config or {}).get("dq", {})
         if isinstance(dq, dict) and dq.get("h_prefetch") and isinstance(asked, dict) and "h_prefetch" not in asked \
                 and isinstance(dq["num_warps"], int):   # a default, giving way to the caller's dq (check_config
@@ -988,8 +961,6 @@ def backward_kernel(spec: KernelSpec, cfg: dict, kernel: str, *, has_w: bool = F
     args = dict(tile_m=part["tile_m"], tile_n=part["tile_n"], threads=32 * part["num_warps"],
                 num_stages=part["num_stages"], lin_init=part["lin_init"], tma_store=part["tma_store"])
     args["lin_fused"] = part["lin_fused"]
-    if kernel == "dkdv":
-        args["ctas_per_sm"] = part["ctas_per_sm"]
     if kernel == "dq":
         args["row_regs"] = part["row_regs"]
         args["h_prefetch"] = part["h_prefetch"]

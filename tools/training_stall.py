@@ -3,14 +3,16 @@ graphs a SparseLinearAttention (torch.cuda.make_graphed_callables) and replays i
 the last stage each child reached.
 
     python tools/training_stall.py                                    # L 4096, H 12, 128x64, TileLang
+    python tools/training_stall.py --soak 20000                       # then 20000 more, back to back
     python tools/training_stall.py --variant base='{}' \\
-        --variant kv1='{"backward": {"dkdv": {"ctas_per_sm": 1}}}' \\
-        --variant qs='{"backward": {"query_state": "triton"}}'
+        --variant qs='{"backward": {"query_state": "triton"}}' \\
+        --variant fwd1='{"forward": {"overlap": false}}'
 
-Session 34 (H200): graphing the module and timing it at once with triton.testing.do_bench at L 4096, H 12 stalled
-twice in two runs (the host blocked on a launch behind GPU work that never ended); docs/perf-notes.md. A variant
-is a JSON object of TileLang config overrides per role ("forward", "backward"), returned as the tuned config of
-that role (slagen.autotune.select.config_for), so every call of the child runs them. Stages, in order:
+It found the stall of sessions 32-34 (H200, session 35; docs/perf-notes.md): the dK/dV kernel with two CTAs per SM
+(then the default) hung the GPU at random, graphed or eager, in 11 of 12 soaks of L 4096 forward+backward, most
+within 1500 calls; one CTA per SM (now the only choice) ran 41000 calls without one. A variant is a JSON object of
+TileLang config overrides per role ("forward", "backward"), returned as the tuned config of that role
+(slagen.autotune.select.config_for), so every call of the child runs them. Stages, in order:
 
     graphed     make_graphed_callables returned (three warm-up calls and the two captures ran)
     fwd         forward replays, each synchronised
@@ -18,8 +20,11 @@ that role (slagen.autotune.select.config_for), so every call of the child runs t
     unsynced    forward+backward replays back to back, one synchronisation at the end
     cleared     the same with a 256 MiB cache clear before each (what do_bench does)
     do_bench    triton.testing.do_bench of one forward+backward
+    soak        --soak N more forward+backward replays back to back (a synchronisation, and a progress line, per
+                1000)
 A child prints each stage as it completes; one killed at --limit seconds is reported with the last stage it
-completed, and Python's stacks of the stuck call (faulthandler, a few seconds before the limit).
+completed, and Python's stacks of the stuck call (faulthandler, a few seconds before the limit). The exit status
+is 1 if any child stalled or failed.
 """
 
 from __future__ import annotations
@@ -111,6 +116,13 @@ def child(args, roles: dict) -> None:
     mark("cleared", t0)
     print(f"do_bench ms {median_ms(fb):.3f}", flush=True)
     mark("do_bench", t0)
+    if args.soak:
+        for done in range(1, args.soak + 1):
+            fb()
+            if done % 1000 == 0 or done == args.soak:
+                torch.cuda.synchronize()
+                print(f"soak {done} / {args.soak} calls, {time.monotonic() - t0:.1f} s", flush=True)
+        mark("soak", t0)
 
 
 def main() -> None:
@@ -122,6 +134,7 @@ def main() -> None:
     ap.add_argument("--topk", type=float, default=0.05)
     ap.add_argument("--backend", default="tilelang")
     ap.add_argument("--replays", type=int, default=30, help="replays of the synchronised stages (10x unsynced)")
+    ap.add_argument("--soak", type=int, default=0, help="forward+backward replays after do_bench (default 0: none)")
     ap.add_argument("--limit", type=float, default=120.0, help="seconds before a child is killed")
     ap.add_argument("--variant", action="append", default=[], help="NAME=JSON (repeatable; default: base={})")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -132,9 +145,9 @@ def main() -> None:
     variants = [parse_variant(v) for v in args.variant] or [("base", {})]
     shape = [f"--seq-len={args.seq_len}", f"--heads={args.heads}", f"--head-dim={args.head_dim}",
              f"--block={args.block}", f"--topk={args.topk}", f"--backend={args.backend}",
-             f"--replays={args.replays}", f"--limit={args.limit}"]
+             f"--replays={args.replays}", f"--soak={args.soak}", f"--limit={args.limit}"]
     print(f"L {args.seq_len} H {args.heads} D {args.head_dim} block {args.block} {args.backend}, "
-          f"limit {args.limit:.0f} s per variant")
+          f"soak {args.soak}, limit {args.limit:.0f} s per variant")
     print("| variant | config | status | last stage completed | s |\n|---|---|---|---|---|")
     stalled = False
     for name, roles in variants:
