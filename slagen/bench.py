@@ -121,6 +121,23 @@ class StallGuard:
             os._exit(STALL_EXIT)
 
 
+# Where a stack inside one of these files is compiling (inductor's FlexAttention, Triton, TileLang's lowering and
+# nvcc), not waiting for a GPU: inductor's runtime and autotuning, which launch kernels, are not among them.
+COMPILER_FILES = ("torch/_inductor/compile_fx.py", "torch/_inductor/async_compile.py", "triton/compiler/compiler.py",
+                  "tilelang/engine/lower.py", "tilelang/contrib/nvcc.py")
+
+
+def compiling(frame) -> Optional[str]:
+    """'file:line in function' of the innermost frame of ``frame``'s stack (a frame object, innermost first via
+    f_back) that is inside a compiler (COMPILER_FILES), or None."""
+    while frame is not None:
+        path = frame.f_code.co_filename.replace(os.sep, "/")
+        if any(path.endswith(name) for name in COMPILER_FILES):
+            return f"{path}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back
+    return None
+
+
 def interleave(entries: Sequence[Tuple[dict, Callable[[], dict]]], rounds: int,
                echo: Callable[[str], None] = print) -> None:
     """Measure each (row, measure) entry ``rounds`` more times, all rows in turn per round (round r in

@@ -11,6 +11,7 @@ import platform
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, List
 
@@ -487,9 +488,13 @@ def bench(seq_lens, heads, batch, head_dim, topk, blocks, dtype, backends, flex,
         guard.kick()
 
     def stalled():
-        click.echo(f"\nslagen bench: no progress for {stall_timeout:g} s since {last!r} (--stall-timeout); the "
-                   "GPU is likely stuck in a kernel. Python stacks follow." +
-                   (f" The rows measured so far are in {json_path}." if json_path else ""), err=True)
+        where = bench_mod.compiling(sys._current_frames().get(threading.main_thread().ident))
+        why = (f"the main thread is compiling ({where}): a compile that outlasted the limit, not a stuck kernel; "
+               "raise --stall-timeout (FlexAttention's backward compiles for minutes)" if where else
+               "the GPU is likely stuck in a kernel")
+        click.echo(f"\nslagen bench: no progress for {stall_timeout:g} s since {last!r} (--stall-timeout); {why}. "
+                   "Python stacks follow." + (f" The rows measured so far are in {json_path}." if json_path else ""),
+                   err=True)
         save_json()
 
     def stop(signum, frame):     # `timeout`'s SIGTERM: end like Ctrl-C, with the rows measured so far

@@ -225,6 +225,20 @@ def test_a_bench_that_makes_no_progress_ends_with_its_rows_saved_and_the_stacks_
     assert saved[0]["rows"][0]["name"] == "dense SDPA cuDNN"
 
 
+def test_a_stall_inside_a_compiler_is_reported_as_a_compile():
+    """The stall guard tells a compile that outlasts --stall-timeout (session 35: FlexAttention's backward, 60 s)
+    from a stuck kernel: a stack with a frame in one of bench.COMPILER_FILES names that frame; others give None."""
+    import sys
+    scope = {"sys": sys}
+    exec(compile("def lower():\n    return sys._getframe()\n", "/site/tilelang/engine/lower.py", "exec"), scope)
+    exec(compile("def launch(f):\n    return f()\n", "/site/torch/_inductor/runtime/triton_heuristics.py", "exec"),
+         scope)
+    frame = scope["launch"](scope["lower"])
+    assert bench.compiling(frame) == "/site/tilelang/engine/lower.py:2 in lower"
+    assert bench.compiling(frame.f_back) is None        # inductor's runtime launches kernels: not a compile
+    assert bench.compiling(sys._getframe()) is None and bench.compiling(None) is None
+
+
 def test_a_bench_that_progresses_keeps_running_past_the_stall_timeout(monkeypatch, tmp_path):
     """Each finished row restarts the stall clock: rows 0.5 s apart never trip a 2 s limit over 4 s; the guard is
     disarmed when the command ends (no exit afterwards)."""
