@@ -220,7 +220,7 @@ _BWD_DEFAULTS: Dict[int, dict] = {
         "dq": dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, lin_init=False, tma_store=True, lin_fused=True,
                    row_regs=d == 128, h_prefetch=True),
         "dkdv": dict(tile_n=64, tile_m=64, num_warps=4, num_stages=2, lin_init=False, tma_store=True,
-                     lin_fused=True),
+                     lin_fused=True, pair=False),
         "linear": _LINEAR_DEFAULTS.get(d, {})}
     for d in (64, 128)
 }
@@ -674,6 +674,11 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
             raise ValueError(f"{where}: row_regs=True with two key blocks per step (tile_n={part['tile_n']}) is not "
                              f"supported: Q and dO in registers beside 128-key score tiles spill (ptxas: 192 bytes, "
                              f"its wgmma serialised)")
+        if kernel == "dkdv" and not isinstance(part["pair"], bool):
+            raise ValueError(f"{where}['pair']={part['pair']!r} must be True or False")
+        why = kernel == "dkdv" and part["pair"] and _pair_blocker(part, spec, cfg["warp_specialized"])
+        if why:
+            raise ValueError(f"{where}: pair=True needs {why}")
         if part[rows] == 64 and part["num_warps"] == 8:
             raise ValueError(f"{where}: {rows}=64 with num_warps=8 is not supported (TileLang layout inference "
                              f"rejects it); use num_warps=4")
@@ -698,6 +703,26 @@ def _lin_fused_blocker(part: dict, spec: KernelSpec, linear: dict) -> Optional[s
             else "lin_init=False" if part["lin_init"]
             else "the GEMM states (config['linear']['prep']['marginal_states']='gemm')"
             if linear["prep"].get("marginal_states", "gemm") != "gemm" else None)
+
+
+def _pair_blocker(part: dict, spec: KernelSpec, warp_specialized: bool) -> Optional[str]:
+    """Why the dkdv config ``part`` cannot run as dkdv_pair_kernel (two consumer warpgroups taking alternate 64-row
+    query steps, experimental: not yet GPU-tested), or None."""
+    return ("bf16 inputs (consumer 1 hands its fp32 sums over as bf16 pairs)" if spec.dtype != "bf16"
+            else "block_k = 64" if spec.block_k != 64
+            else "tile_n = 64 and tile_m = 64" if (part["tile_n"], part["tile_m"]) != (64, 64)
+            else "lin_init=False" if part["lin_init"]
+            else "warp_specialized=True (it is hand-specialised, with TMA)" if not warp_specialized
+            else f"fewer stages (K, V, G_j and two consumers' {part['num_stages']} Q / dO stages need "
+                 f"{pair_shared_bytes(part, spec) // 1024} KiB of shared memory)"
+            if pair_shared_bytes(part, spec) > SHARED_MEMORY else None)
+
+
+def pair_shared_bytes(part: dict, spec: KernelSpec) -> int:
+    """Shared memory of dkdv_pair_kernel: K, V, each consumer's num_stages Q and dO tiles (64 rows), G_j with
+    lin_fused (D × D), the LSE / DS rows and barriers, bf16."""
+    d = spec.head_dim
+    return 2 * d * (2 * 64 + 2 * 2 * 64 * part["num_stages"]) + (2 * d * d if part["lin_fused"] else 0) + 3072
 
 
 def _h_prefetch_blocker(part: dict, spec: KernelSpec) -> Optional[str]:
@@ -964,8 +989,12 @@ def backward_kernel(spec: KernelSpec, cfg: dict, kernel: str, *, has_w: bool = F
     if kernel == "dq":
         args["row_regs"] = part["row_regs"]
         args["h_prefetch"] = part["h_prefetch"]
-    key = (kernel, spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     mod = _module(spec)
+    if kernel == "dkdv" and part["pair"]:
+        args = dict(num_stages=part["num_stages"], tma_store=part["tma_store"], lin_fused=part["lin_fused"])
+        return _compile(("dkdv-pair", spec, tuple(sorted(args.items()))), lambda: mod.dkdv_pair_kernel(**args), True,
+                        hand_specialized=True)
+    key = (kernel, spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     make = mod.dq_kernel if kernel == "dq" else mod.dkdv_kernel
     return _compile(key, lambda: make(**args), cfg["warp_specialized"])
 

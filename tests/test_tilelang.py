@@ -1973,8 +1973,8 @@ def test_backward_template_renders_valid_python(spec):
     names = {n.name for n in ast.parse(text).body if isinstance(n, ast.FunctionDef)}
     linear = spec.feature_map is not None     # the linear terms are read from the gradients themselves
     # the query-state kernel: where a forward keeps H_i, Z_i (scope marginal with a linear branch)
-    assert names == {"dq_kernel", "dkdv_kernel"} | ({"query_state_kernel"} if linear and spec.scope == "marginal"
-                                                    else set())
+    assert names == {"dq_kernel", "dkdv_kernel", "dkdv_pair_kernel"} | (
+        {"query_state_kernel"} if linear and spec.scope == "marginal" else set())
     assert all((f"T.Cast(ACC, {out}[" in text) == linear for out in ("DQ", "DK", "DV"))
 
 
@@ -2003,6 +2003,35 @@ def test_backward_compiles_for_sm90a(spec, change):
                 _assert_sparse_loop_runs(src, f"backward {kernel}")
         else:
             assert "wgmma" in src, f"backward {kernel}: no wgmma in the generated CUDA"
+
+
+@needs_compiler
+@pytest.mark.parametrize("spec", [bwd_spec_of(d=128), bwd_spec_of(d=128, fmap=None), bwd_spec_of(d=64),
+                                  bwd_spec_of(d=128, fmap="elu", scope="all"), bwd_spec_of(block=(64, 64))],
+                         ids=lambda s: s.canonical)
+def test_paired_dkdv_compiles_for_sm90a(spec):
+    """config dkdv pair=True (experimental): one CTA of 384 threads — the producer at 24 registers, two consumers
+    at 240, each with its own partial barrier and one barrier of both for the handover of consumer 1's sums — TMA
+    loads, wgmma pipelined, no spill but in the lin_fused epilogue (at most 128 bytes, once per CTA)."""
+    cfg = tl_backend._resolve_config(spec, {"backward": "tilelang", "dkdv": {"pair": True}})
+    kernel = tl_backend.backward_kernel(spec, cfg, "dkdv")
+    src = kernel.get_kernel_source()
+    assert "__launch_bounds__(384, 1)" in src and src.count("warpgroup_reg_alloc<240>") == 2 and \
+        "warpgroup_reg_dealloc<24>" in src and src.count("__sync_thread_partial(1, 256)") == 2
+    assert "tma_load" in src and "wgmma" in src and "__syncthreads()" not in src.split("warpgroup_reg_dealloc")[1]
+    rep = ptxas.report(kernel)
+    assert not rep.wgmma_serialized and rep.spill_bytes <= (128 if cfg["dkdv"]["lin_fused"] else 0), rep
+
+
+def test_paired_dkdv_is_refused_where_it_cannot_run():
+    spec = bwd_spec_of()
+    for change, match in (({"pair": 1}, "must be True or False"), ({"pair": True, "lin_init": True}, "lin_init=False"),
+                          ({"pair": True, "num_stages": 3}, "fewer stages"), ({"pair": True, "tile_m": 128}, "tile_m = 64")):
+        with pytest.raises(ValueError, match=match):
+            tl_backend._resolve_config(spec, {"backward": "tilelang", "dkdv": change})
+    for other, match in ((bwd_spec_of(dtype="fp16"), "bf16"), (bwd_spec_of(block=(128, 128)), "block_k = 64")):
+        with pytest.raises(ValueError, match=match):
+            tl_backend._resolve_config(other, {"backward": "tilelang", "dkdv": {"pair": True}})
 
 
 def run_backward_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="marginal", negl=0.0,
@@ -2120,7 +2149,15 @@ BWD_GPU_CASES = (
        dict(L=1000, d=64, fmap="none", block=(128, 128), n_crit="mixed")]
     # the longest length of the issue's list (Wan2.1-14B 720p, one head: the fp32 reference's memory), SLA with
     # Proj (the query-state kernel) and sparse-only
-    + [dict(L=75600, H=1, n_crit="topk"), dict(L=75600, H=1, fmap="none", n_crit="topk")])
+    + [dict(L=75600, H=1, n_crit="topk"), dict(L=75600, H=1, fmap="none", n_crit="topk")]
+    # dK/dV with two consumer warpgroups (experimental): SLA (lin_fused) and sparse-only, counts of 0..all, partial
+    # blocks, d 64, scope 'all' (its terms read from DK / DV), 64x64 blocks (alternate query blocks per consumer)
+    + [dict(L=4096, n_crit="mixed", config=dict(dkdv=dict(pair=True))),
+       dict(L=77, n_crit=1, config=dict(dkdv=dict(pair=True))),
+       dict(L=4099, d=64, fmap="none", n_crit="mixed", config=dict(dkdv=dict(pair=True))),
+       dict(L=32760, n_crit="topk", config=dict(dkdv=dict(pair=True))),
+       dict(L=4096, layout="blhd", fmap="elu", scope="all", config=dict(dkdv=dict(pair=True))),
+       dict(L=1000, block=(64, 64), n_crit="all", config=dict(dkdv=dict(pair=True)))])
 
 
 @pytest.mark.gpu
