@@ -203,6 +203,11 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2)   # 64-row tiles, where two CTAs fi
 # random: L 4096 forward+backward calls, graphed or eager, stalled (a kernel that never finishes) in 11 of 12 runs,
 # most within 1500 calls; one CTA per SM ran 41000 calls without a stall. A producer that waits for the consumer's
 # setmaxnreg before it exits stalled too. The tunable is gone; a config naming it is refused.
+# pair (dkdv): dkdv_pair_kernel, one CTA of two consumer warpgroups taking alternate 64-row query steps with dK, dV
+# of their own (one's GEMMs under the other's softmax, as two CTAs gave), consumer 0 summing both and running the
+# epilogue; the default wherever it can run (_pair_blocker: bf16, block_k 64, 2 stages at d 128). H200, session 36,
+# L 32760, 128x64, slagen.attention f+b GPU ms (CUDA graphs, two runs each in turn): one consumer 3.783 / 3.800,
+# pair 3.567 / 3.582; L 4096 forward+backward soaks of 20000 calls (128x64 and 64x64) ran without a stall.
 # "linear": overrides of the Triton backward config ({"prep" | "dq" | "dkdv": {...}}, onto its tuned or default
 # config) for the Triton kernels of the linear part (slagen.backends.triton.backward_linear_part); their dq
 # kernel, without the sparse loop, is fastest with 64-row programs (H200, headline shape, 128x64, session 9,
@@ -611,6 +616,7 @@ def _default_backward_config(spec: KernelSpec) -> dict:
     linear = linear_config(spec, cfg["linear"])
     for part in (dq, kv):   # the linear terms in the kernels' epilogues wherever they apply
         part["lin_fused"] = _lin_fused_blocker(part, spec, linear) is None
+    kv["pair"] = _pair_blocker(kv, spec, cfg["warp_specialized"]) is None
     dq["h_prefetch"] = _h_prefetch_blocker(dq, spec) is None
     cfg["query_state"] = "triton" if _query_state_blocker(spec) else "tilelang"
     try:
@@ -678,7 +684,7 @@ def _check_backward_config(cfg: dict, spec: KernelSpec) -> None:
             raise ValueError(f"{where}['pair']={part['pair']!r} must be True or False")
         why = kernel == "dkdv" and part["pair"] and _pair_blocker(part, spec, cfg["warp_specialized"])
         if why:
-            raise ValueError(f"{where}: pair=True needs {why}")
+            raise ValueError(f"{where}: pair=True needs {why}; pair=False runs one consumer warpgroup")
         if part[rows] == 64 and part["num_warps"] == 8:
             raise ValueError(f"{where}: {rows}=64 with num_warps=8 is not supported (TileLang layout inference "
                              f"rejects it); use num_warps=4")
@@ -707,12 +713,13 @@ def _lin_fused_blocker(part: dict, spec: KernelSpec, linear: dict) -> Optional[s
 
 def _pair_blocker(part: dict, spec: KernelSpec, warp_specialized: bool) -> Optional[str]:
     """Why the dkdv config ``part`` cannot run as dkdv_pair_kernel (two consumer warpgroups taking alternate 64-row
-    query steps, experimental: not yet GPU-tested), or None."""
+    query steps; the default wherever it can run), or None."""
     return ("bf16 inputs (consumer 1 hands its fp32 sums over as bf16 pairs)" if spec.dtype != "bf16"
             else "block_k = 64" if spec.block_k != 64
             else "tile_n = 64 and tile_m = 64" if (part["tile_n"], part["tile_m"]) != (64, 64)
             else "lin_init=False" if part["lin_init"]
             else "warp_specialized=True (it is hand-specialised, with TMA)" if not warp_specialized
+            else "num_stages >= 2 (consumer 1 hands its sums over in two of its stages)" if part["num_stages"] < 2
             else f"fewer stages (K, V, G_j and two consumers' {part['num_stages']} Q / dO stages need "
                  f"{pair_shared_bytes(part, spec) // 1024} KiB of shared memory)"
             if pair_shared_bytes(part, spec) > SHARED_MEMORY else None)
@@ -840,6 +847,12 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
                     "lin_fused" not in asked:      # (check_config reports a malformed part or "linear")
                 linear = linear or linear_config(spec, cfg["linear"])
                 part["lin_fused"] = _lin_fused_blocker(part, spec, linear) is None
+        kv, asked = cfg["dkdv"], (config or {}).get("dkdv", {})
+        if isinstance(kv, dict) and kv.get("pair") is True and isinstance(asked, dict) and "pair" not in asked:
+            try:                # a default pair gives way to the caller's dkdv or warp_specialized (check_config
+                kv["pair"] = _pair_blocker(kv, spec, cfg["warp_specialized"]) is None   # reports malformed ones)
+            except (KeyError, TypeError):
+                pass
         dq, asked = cfg["dq"], (config or {}).get("dq", {})
         if isinstance(dq, dict) and dq.get("h_prefetch") and isinstance(asked, dict) and "h_prefetch" not in asked \
                 and isinstance(dq["num_warps"], int):   # a default, giving way to the caller's dq (check_config
