@@ -850,8 +850,8 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
         kv, asked = cfg["dkdv"], (config or {}).get("dkdv", {})
         if isinstance(kv, dict) and kv.get("pair") is True and isinstance(asked, dict) and "pair" not in asked:
             try:                # a default pair gives way to the caller's dkdv or warp_specialized (check_config
-                kv["pair"] = _pair_blocker(kv, spec, cfg["warp_specialized"]) is None   # reports malformed ones)
-            except (KeyError, TypeError):
+                kv["pair"] = _pair_blocker(kv, spec, cfg["warp_specialized"]) is None   # reports a value of the
+            except TypeError:                                                       # wrong type, as "x" < 2)
                 pass
         dq, asked = cfg["dq"], (config or {}).get("dq", {})
         if isinstance(dq, dict) and dq.get("h_prefetch") and isinstance(asked, dict) and "h_prefetch" not in asked \

@@ -2056,6 +2056,8 @@ def test_paired_dkdv_is_the_default_where_it_runs_and_gives_way_to_the_callers_d
     assert pair(bwd_spec_of(), {"warp_specialized": False, "dq": {"num_stages": 1},
                                 "dkdv": {"num_stages": 1}}) is False
     assert pair(bwd_spec_of(), {"dkdv": {"tma_store": False}}) is True
+    with pytest.raises(ValueError, match="num_stages"):     # a value of the wrong type: check_config's message
+        pair(bwd_spec_of(), {"dkdv": {"num_stages": "2"}})
 
 
 def run_backward_case(*, L, H=2, B=1, d=128, dtype="bf16", fmap="softmax", scope="marginal", negl=0.0,
