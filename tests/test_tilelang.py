@@ -343,6 +343,17 @@ def _assert_sparse_loop_runs(src: str, what: str):
     assert len(bounds) >= 2 and all(re.fullmatch(r"max\(.*, 1\)", x) for x in bounds), f"{what}: loop bounds {bounds}"
 
 
+def _assert_paired_loops_run(src: str, what: str):
+    """The paired dK/dV (hand-specialised): the producer walks at least one step (a key block no query block chose
+    walks one padding step), and each consumer waits for K and V before its own loop, which may run zero times
+    (consumer 1 where the block has one step), so no epilogue races those TMA loads."""
+    producer = re.findall(r"for \(int t\w* = 0; t\w* < (.*?); \+\+t\w*\)", src)
+    assert len(producer) == 1 and re.fullmatch(r"max\(.*, 1\)", producer[0]), f"{what}: producer loop {producer}"
+    waits = [m.start() for m in re.finditer(r"kv_full\[0\]\.wait\(0\)", src)]
+    loops = [m.start() for m in re.finditer(r"for \(int j\w* = 0;", src)]
+    assert len(waits) == len(loops) == 2 and waits[0] < loops[0] < waits[1] < loops[1], f"{what}: {waits} {loops}"
+
+
 def _assert_persistent_structure(src: str, what: str):
     """The persistent forward: producer and consumer each walk the CTA's tiles (a stride-G loop), the
     consumers wait for the tile's Q before its key loop (so a row without critical blocks, whose loop runs
@@ -2005,7 +2016,9 @@ def test_backward_compiles_for_sm90a(spec, change):
         src = tl_backend.backward_kernel(spec, cfg, kernel).get_kernel_source()
         if cfg["warp_specialized"] or kernel == "query_state":     # (its loop walks ≥ 1 query block per CTA)
             _assert_hopper_source(src, f"backward {kernel}")
-            if kernel != "query_state":
+            if kernel == "dkdv" and cfg["dkdv"]["pair"]:
+                _assert_paired_loops_run(src, "backward dkdv (pair)")
+            elif kernel != "query_state":
                 _assert_sparse_loop_runs(src, f"backward {kernel}")
         else:
             assert "wgmma" in src, f"backward {kernel}: no wgmma in the generated CUDA"
@@ -2025,6 +2038,7 @@ def test_paired_dkdv_compiles_for_sm90a(spec):
     assert "__launch_bounds__(384, 1)" in src and src.count("warpgroup_reg_alloc<240>") == 2 and \
         "warpgroup_reg_dealloc<24>" in src and src.count("__sync_thread_partial(1, 256)") == 2
     assert "tma_load" in src and "wgmma" in src and "__syncthreads()" not in src.split("warpgroup_reg_dealloc")[1]
+    _assert_paired_loops_run(src, spec.canonical)
     rep = ptxas.report(kernel)
     assert not rep.wgmma_serialized and rep.spill_bytes <= (128 if cfg["dkdv"]["lin_fused"] else 0), rep
 
