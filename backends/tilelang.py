@@ -848,11 +848,10 @@ def _resolve_config(spec: KernelSpec, config: Optional[dict]) -> dict:
                 linear = linear or linear_config(spec, cfg["linear"])
                 part["lin_fused"] = _lin_fused_blocker(part, spec, linear) is None
         kv, asked = cfg["dkdv"], (config or {}).get("dkdv", {})
-        if isinstance(kv, dict) and kv.get("pair") is True and isinstance(asked, dict) and "pair" not in asked:
-            try:                # a default pair gives way to the caller's dkdv or warp_specialized (check_config
-                kv["pair"] = _pair_blocker(kv, spec, cfg["warp_specialized"]) is None   # reports a value of the
-            except TypeError:                                                       # wrong type, as "x" < 2)
-                pass
+        if isinstance(kv, dict) and kv.get("pair") is True and isinstance(asked, dict) and "pair" not in asked \
+                and all(isinstance(kv[k], int) for k in ("tile_n", "tile_m", "num_stages")):
+            # a default, giving way to the caller's dkdv or warp_specialized (check_config reports a malformed one)
+            kv["pair"] = _pair_blocker(kv, spec, cfg["warp_specialized"]) is None
         dq, asked = cfg["dq"], (config or {}).get("dq", {})
         if isinstance(dq, dict) and dq.get("h_prefetch") and isinstance(asked, dict) and "h_prefetch" not in asked \
                 and isinstance(dq["num_warps"], int):   # a default, giving way to the caller's dq (check_config
@@ -996,17 +995,17 @@ def backward_kernel(spec: KernelSpec, cfg: dict, kernel: str, *, has_w: bool = F
         mod = _module(spec)
         return _compile((kernel, spec, tuple(sorted(args.items()))), lambda: mod.query_state_kernel(**args), True)
     part = cfg[kernel]
+    mod = _module(spec)
+    if kernel == "dkdv" and part["pair"]:
+        args = dict(num_stages=part["num_stages"], tma_store=part["tma_store"], lin_fused=part["lin_fused"])
+        return _compile(("dkdv-pair", spec, tuple(sorted(args.items()))), lambda: mod.dkdv_pair_kernel(**args), True,
+                        hand_specialized=True)
     args = dict(tile_m=part["tile_m"], tile_n=part["tile_n"], threads=32 * part["num_warps"],
                 num_stages=part["num_stages"], lin_init=part["lin_init"], tma_store=part["tma_store"])
     args["lin_fused"] = part["lin_fused"]
     if kernel == "dq":
         args["row_regs"] = part["row_regs"]
         args["h_prefetch"] = part["h_prefetch"]
-    mod = _module(spec)
-    if kernel == "dkdv" and part["pair"]:
-        args = dict(num_stages=part["num_stages"], tma_store=part["tma_store"], lin_fused=part["lin_fused"])
-        return _compile(("dkdv-pair", spec, tuple(sorted(args.items()))), lambda: mod.dkdv_pair_kernel(**args), True,
-                        hand_specialized=True)
     key = (kernel, spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     make = mod.dq_kernel if kernel == "dq" else mod.dkdv_kernel
     return _compile(key, lambda: make(**args), cfg["warp_specialized"])
