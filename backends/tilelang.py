@@ -204,8 +204,10 @@ _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2)   # 64-row tiles, where two CTAs fi
 # most within 1500 calls; one CTA per SM ran 41000 calls without a stall. A producer that waits for the consumer's
 # setmaxnreg before it exits stalled too. The tunable is gone; a config naming it is refused.
 # pair (dkdv): dkdv_pair_kernel, one CTA of two consumer warpgroups taking alternate 64-row query steps with dK, dV
-# of their own (one's GEMMs under the other's softmax, as two CTAs gave), consumer 0 summing both and running the
-# epilogue; the default wherever it can run (_pair_blocker: bf16, block_k 64, 2 stages at d 128). H200, session 36,
+# of their own (one's GEMMs under the other's softmax, as two CTAs gave), then splitting the epilogue: each hands the
+# other the half of its sums it does not finish, consumer 0 finishes dK and consumer 1 dV (session 37; until then
+# consumer 0 summed both and ran the whole epilogue); the default wherever it can run (_pair_blocker: bf16, block_k
+# 64, 2 stages at d 128). H200, session 36,
 # L 32760, 128x64, slagen.attention f+b GPU ms (CUDA graphs, two runs each in turn): one consumer 3.783 / 3.800,
 # pair 3.567 / 3.582; L 4096 forward+backward soaks of 20000 calls (128x64 and 64x64) ran without a stall.
 # "linear": overrides of the Triton backward config ({"prep" | "dq" | "dkdv": {...}}, onto its tuned or default
