@@ -1533,9 +1533,9 @@ def test_query_state_kernel_pipelines_its_loads_and_stores_dh_by_tma_where_the_t
 @pytest.mark.parametrize("kernel,pair", [("dq", False), ("dkdv", False), ("dkdv", True)])
 def test_fused_epilogues_form_the_softmax_feature_map_once(kernel, pair):
     """lin_fused (softmax φ): the epilogue after the key loop forms φ(Q_i) / φ(K_j) once, with one exp2 pass
-    (one vectorised source loop: one run of exp2f calls, its vector's lanes), and reads it wherever φ is needed (dq's row sum of the
-    vector-Jacobian product in closed form; dk/dv's φ(K_j)·G_j operand from the same values); until session 28
-    each use recomputed it (dq three exp2 passes, dk/dv four). The paired dK/dV splits its epilogue: each consumer,
+    (one vectorised source loop: one run of exp2f calls, its vector's lanes), and reads it wherever φ is needed
+    (dq's row sum of the vector-Jacobian product in closed form; dk/dv's φ(K_j)·G_j operand from the same values);
+    until session 28 each use recomputed it (dq three exp2 passes, dk/dv four). The paired dK/dV splits its epilogue: each consumer,
     after its loop, forms φ(K_j) once (consumer 1 for φ(K_j)·G_j, consumer 0 for the vector-Jacobian product)."""
     spec = bwd_spec_of(d=128)
     cfg = tl_backend._resolve_config(spec, {"backward": "tilelang", "dkdv": {"pair": pair}})
@@ -1753,10 +1753,11 @@ def test_ptxas_report_reads_registers_spills_and_the_wgmma_serialisation_advisor
                                   "forward d64 64x64"])
 def test_default_kernels_keep_their_wgmma_pipelined_and_spill_nothing(what):
     """ptxas serialises no wgmma of the default d128 128x64 kernels (and the split tail's, tail_split 4) and
-    spills nothing (backends/ptxas.py: a serialised kernel computes the same bits,
-    slower — session 19's swapped accumulators: +28 %). At 64x64 blocks the forward's 64-row tiles, two CTAs per SM, launch at 128 registers
-    and run the overlapped loop in the consumer's 232 (the register handover). d 64 runs the overlapped loop by
-    default too since session 33 (128x64 and 64x64)."""
+    spills nothing (backends/ptxas.py: a serialised kernel computes the same bits, slower — session 19's swapped
+    accumulators: +28 %; the paired dK/dV's epilogue spilled 72 bytes until session 37 split it). At 64x64 blocks
+    the forward's 64-row tiles, two CTAs per SM, launch at 128 registers and run the overlapped loop in the
+    consumer's 232 (the register handover). d 64 runs the overlapped loop by default too since session 33 (128x64
+    and 64x64)."""
     block = (64, 64) if what.endswith("64x64") else (128, 64)
     d = 64 if " d64" in what else 128
     what = what.replace(" 64x64", "").replace(" d64", "")
@@ -2043,9 +2044,10 @@ def test_paired_dkdv_compiles_for_sm90a(spec):
     assert "__launch_bounds__(384, 1)" in src and src.count("warpgroup_reg_alloc<240>") == 2 and \
         "warpgroup_reg_dealloc<24>" in src and src.count("__sync_thread_partial(1, 256)") == 2
     assert "tma_load" in src and "wgmma" in src and "__syncthreads()" not in src.split("warpgroup_reg_dealloc")[1]
-    partial = sorted(set(re.findall(r"__sync_thread_partial\((\d+), 128\)", src)))
-    assert len(partial) == 2, partial            # one per consumer: neither epilogue waits for the other's threads
     _assert_paired_loops_run(src, spec.canonical)
+    second = [m.start() for m in re.finditer(r"kv_full\[0\]\.wait\(0\)", src)][1]   # consumer 0's branch from here
+    ids = [set(re.findall(r"__sync_thread_partial\((\d+), 128\)", part)) for part in (src[:second], src[second:])]
+    assert all(len(x) == 1 for x in ids) and ids[0] != ids[1], ids    # one per consumer: neither waits for the other
     if cfg["dkdv"]["lin_fused"]:
         producer_loop = re.search(r"for \(int t\w* = 0;", src).start()
         g_load = src.index("tma_load(GJ_desc")
