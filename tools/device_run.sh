@@ -13,9 +13,11 @@
 #     (set to the empty string to skip that backend)
 #   CHECK_ARGS, BENCH_ARGS, TEST_ARGS                  extra arguments for each step; TEST_K: pytest -k expression
 #   (TEST_K with ';' between expressions: one pytest process per expression, run concurrently — the TileLang
-#    GPU tests are bound by single-threaded kernel compiles; each process has its own cache dir; its log goes
-#    to $LOGS/tests-N.log and tests.log in $OUT sums up: summary and failure lines of each, or how far a process
-#    cut by the timeout got)
+#    GPU tests are bound by single-threaded kernel compiles; or TEST_IDS=<file of node ids, one per line> with
+#    TEST_GROUPS=N (default 12): N processes, each a contiguous chunk of the list. Each process has its own copy
+#    of the cache built so far ($SLAGEN_CACHE_DIR-tests-N; `slagen build` first saves every process that
+#    compile); its log goes to $LOGS/tests-N.log and tests.log in $OUT sums up: summary and failure lines of
+#    each, or how far a process killed at TEST_TIMEOUT got)
 #   The device tool brings back at most 8 files from $OUT: only the steps' logs and tables go there (the
 #   install log and per-process test logs stay in $LOGS, default /tmp/slagen-logs, printed on failure).
 set -u
@@ -33,8 +35,8 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$LOGS
 export SLAGEN_CACHE_DIR=${SLAGEN_CACHE_DIR:-/tmp/slagen-cache}
 slagen info 2>&1 | tee "$LOGS/info.txt"
 summarize_tests() {   # a pytest -q log: its summary and failure lines, or (cut by the timeout) how far it got
-  if grep -qE "[0-9]+ (passed|failed|errors?)\b" "$1"; then
-    grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed|errors?)\b" "$1"
+  if grep -qE "[0-9]+ (passed|failed|skipped|errors?)\b" "$1"; then
+    grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed|skipped|errors?)\b" "$1"
   else
     local progress; progress=$(grep -E '^[.FEsx]+( |$)' "$1" | cut -d' ' -f1 | tr -d '\n')
     echo "(cut by the timeout: ${#progress} tests done, $(tr -cd 'FE' <<<"$progress" | wc -c) failed or errors)"
@@ -49,19 +51,32 @@ for step in $STEPS; do
   case $step in
     check) timeout "${CHECK_TIMEOUT:-240}" slagen check --seq-len 32760 --heads 2 ${CHECK_ARGS:-} >"$OUT/check.log" 2>&1 ;;
     bench) timeout "${BENCH_TIMEOUT:-400}" slagen bench --json "$OUT/bench.json" $refs ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ;;
-    tests) if [[ "${TEST_K:-}" == *";"* ]]; then
+    tests) rm -rf "$LOGS/groups"; mkdir -p "$LOGS/groups"
+           if [ -n "${TEST_IDS:-}" ]; then      # node ids: TEST_GROUPS contiguous chunks (neighbours share kernels)
+             n_ids=$(grep -c . "$TEST_IDS"); groups=${TEST_GROUPS:-12}
+             grep . "$TEST_IDS" | split -l $(( (n_ids + groups - 1) / groups )) -d -a 3 - "$LOGS/groups/g"
+           elif [[ "${TEST_K:-}" == *";"* ]]; then
              IFS=';' read -r -a exprs <<<"$TEST_K"; n=0
-             for e in "${exprs[@]}"; do
-               n=$((n + 1))
-               SLAGEN_CACHE_DIR="$SLAGEN_CACHE_DIR/tests-$n" timeout "${TEST_TIMEOUT:-400}" \
-                 python3 -m pytest -m gpu -q -p no:cacheprovider -k "$e" ${TEST_ARGS:-tests} >"$LOGS/tests-$n.log" 2>&1 &
+             for e in "${exprs[@]}"; do         # one argument per line: -k, the expression, TEST_ARGS' words
+               n=$((n + 1)); printf '%s\n' -k "$e" ${TEST_ARGS:-tests} >"$LOGS/groups/g$(printf %03d $n)"
+             done
+           fi
+           if compgen -G "$LOGS/groups/g*" >/dev/null; then
+             n=0
+             for f in "$LOGS"/groups/g*; do    # each its own process and a copy of the cache built so far
+               n=$((n + 1)); mapfile -t args <"$f"; cache="$SLAGEN_CACHE_DIR-tests-$n"
+               rm -rf "$cache"; if [ -d "$SLAGEN_CACHE_DIR" ]; then cp -r "$SLAGEN_CACHE_DIR" "$cache"; fi
+               SLAGEN_CACHE_DIR="$cache" timeout -s KILL "${TEST_TIMEOUT:-400}" \
+                 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE "${args[@]}" >"$LOGS/tests-$n.log" 2>&1 &
              done
              wait
-             for i in $(seq 1 $n); do   # (a process cut by the timeout leaves only its progress characters)
-               echo "-- -k \"${exprs[$((i - 1))]}\""; summarize_tests "$LOGS/tests-$i.log"; echo
+             i=0
+             for f in "$LOGS"/groups/g*; do    # (a process cut by the timeout leaves only its progress characters)
+               i=$((i + 1)); echo "-- group $i ($(wc -l <"$f") lines): $(head -c 150 "$f" | tr '\n' ' ')"
+               summarize_tests "$LOGS/tests-$i.log"; echo
              done >"$OUT/tests.log"
            else
-             timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1
+             timeout -s KILL "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1
            fi ;;
     profile) timeout "${PROFILE_TIMEOUT:-200}" python3 tools/profile_sla.py ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1 ;;
     tune) ( if [ -n "${TRITON_ROLES-forward,backward}" ]; then
