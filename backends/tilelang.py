@@ -333,6 +333,10 @@ def block_map(q, k, n_crit: int, n_negl: int, block_q: int, block_k: int, column
 
 POOL_WARPS = 4      # one consumer warpgroup (and the producer's): ZN = 8, wgmma N = 8
 POOL_STAGES = 3
+# Resident CTAs per SM (launch bounds' minimum blocks, no setmaxnreg: 38 registers per thread): the grid has about
+# two CTAs per SM (pool_chunks), so both are resident at once instead of running as two waves, each ramping its
+# pipeline up and draining it (the compiler's default, 240 registers per thread, left one per SM; session 38).
+POOL_CTAS_PER_SM = 2
 
 
 def pool_tiles(head_dim: int, block_q: int, block_k: int) -> Tuple[int, int]:
@@ -362,7 +366,7 @@ def pool_kernel(spec: KernelSpec, tile: int):
     """The compiled ``sla_pool`` (templates/tilelang/block_map.py.j2) of a role-'block_map' ``spec`` and
     ``tile`` rows per tile; it depends on the head dim and dtype only (one kernel for every length, block size
     and layout)."""
-    args = dict(tile=tile, threads=32 * POOL_WARPS, num_stages=POOL_STAGES)
+    args = dict(tile=tile, threads=32 * POOL_WARPS, num_stages=POOL_STAGES, ctas_per_sm=POOL_CTAS_PER_SM)
     key = ("pool", spec.head_dim, spec.dtype, tuple(sorted(args.items())))
     mod = _module(spec)
     return _compile(key, lambda: mod.pool_kernel(**args), True)

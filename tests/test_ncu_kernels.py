@@ -39,6 +39,6 @@ def test_parse_report_keeps_launch_order_units_and_the_named_metrics_only():
 def test_table_has_a_row_per_launch_and_blanks_for_missing_metrics():
     tool = _tool()
     lines = tool.table(tool.parse_report(REPORT), width=20).splitlines()
-    assert lines[0] == "| kernel | µs | SM % | DRAM % | L2 % | L1 % | IPC | L2 hit % |"
-    assert lines[2] == "| sla_dkdv_kernel | 1458.3 | 45.68 | 9.10 |  |  | 0.83 |  |"
+    assert lines[0] == "| kernel | µs | SM % | DRAM % | L2 % | L1 % | IPC | L2 hit % | occupancy % | waves |"
+    assert lines[2] == "| sla_dkdv_kernel | 1458.3 | 45.68 | 9.10 |  |  | 0.83 |  |  |  |"
     assert lines[4].startswith("| cudnn_generated_fort | 27607.0 |") and len(lines) == 5

@@ -635,13 +635,20 @@ def test_prepass_compiles_for_sm90a(spec):
 @pytest.mark.parametrize("d", tl_backend.HEAD_DIMS)
 def test_pooling_kernels_compile_for_sm90a(d):
     """The block map's pooling on TileLang: sla_pool (TMA loads, warp specialisation, each tile's column sums an
-    N=8 wgmma against the ones tile) and the marginal pre-pass that pools K ('k') or K and Q ('qk') with the
-    same instructions: one more ones-wgmma per pooled tile, Q's tiles TMA-loaded only by 'qk'."""
+    N=8 wgmma against the ones tile; two CTAs resident per SM: launch bounds' minimum blocks 2, no register
+    handover, at most 128 registers per thread) and the marginal pre-pass that pools K ('k') or K and Q ('qk')
+    with the same instructions: one more ones-wgmma per pooled tile, Q's tiles TMA-loaded only by 'qk'."""
     spec = spec_of(d=d, scope="marginal")
     cfg = tl_backend.default_config(spec)
-    pool = tl_backend.pool_kernel(spec.replace(role="block_map", feature_map=None), 64).get_kernel_source()
-    _assert_hopper_source(pool, "sla_pool")
+    pool_kernel = tl_backend.pool_kernel(spec.replace(role="block_map", feature_map=None), 64)
+    pool = pool_kernel.get_kernel_source()
+    assert "tl::tma_load" in pool and "wgmma" in pool and ".wait(" in pool, "sla_pool: not a TMA / wgmma pipeline"
     assert len(re.findall(r"wgmma_ss<[^>]*, 64, 8, 16,", pool)) == 1, "pool: not one ones-wgmma"
+    # 256 threads: the consumer warpgroup and TileLang's producer (warp-specialised), two CTAs per SM
+    assert tl_backend.POOL_CTAS_PER_SM == 2
+    assert "__launch_bounds__(256, 2)" in pool and "warpgroup_reg_alloc" not in pool
+    rep = ptxas.report(pool_kernel)
+    assert rep.registers <= 128 and rep.spill_bytes == 0, rep
     plain = tl_backend.prepass_kernel(spec, cfg).get_kernel_source()
     ones = lambda src: len(re.findall(r"wgmma_ss<[^>]*, 64, 8, 16,", src))     # (h_t's wgmma is wider)
     assert ones(plain) == 1
@@ -1133,7 +1140,10 @@ def test_gpu_pooling_matches_float64_and_the_prepass_pools_the_same_bits(case, p
     default here) and without."""
     lq, lk, d, dtype, (bq, bk), layout = case
     monkeypatch.setitem(tl_backend._DEFAULTS[d], "pre_overlap", pre_overlap)
+    # fresh memos: the early plan's config and the tuned-or-default config it reads are resolved once per key,
+    # which does not hold the patched default (the other variant of this case, run first, would have set it)
     monkeypatch.setattr(tl_backend, "_EARLY_PLANS", plans.Plans())
+    monkeypatch.setattr(tl_backend, "_RESOLVED_CONFIGS", plans.Plans())
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(lq + lk)
     q, k, v = make_qkv(2, 3, lq, lk, d, DT[dtype], layout, dev, gen)

@@ -4,11 +4,13 @@ Session 31 found this way that the TileLang dK/dV kernel ran at 43 % SM throughp
 peak (one CTA per SM; docs/perf-notes.md). On the GPU, one workload per ncu process:
 
     ncu --profile-from-start off --clock-control none --section SpeedOfLight --section ComputeWorkloadAnalysis \\
-        --section MemoryWorkloadAnalysis --csv --page details python tools/ncu_kernels.py sla > sla.csv
+        --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --csv --page details \\
+        python tools/ncu_kernels.py sla > sla.csv
     python tools/ncu_kernels.py --table sla.csv          # anywhere: the markdown table of the report
 
 Workloads (headline shape by default: B=1, H=12, L=32760, D=128, bf16, topk 5 %, 128x64): ``sla`` (SLA marginal,
-TileLang, its block map included), ``sparse`` (sparse-only given the block map), ``cudnn`` (dense SDPA, cuDNN). Each
+TileLang, its block map included), ``sparse`` (sparse-only given the block map), ``sparse-map`` (sparse-only with its
+block map: the pooling, scores and selection kernels before the sparse one), ``cudnn`` (dense SDPA, cuDNN). Each
 runs forward+backward (``--forward``: the forward alone, under no_grad) three times unprofiled, then once between
 cudaProfilerStart / Stop. The gradients come from ``torch.autograd.grad``: no accumulation into ``.grad`` (whose add
 kernels would show up in the report). ncu replays each kernel alone, so its times are at full clock, not at the
@@ -23,10 +25,12 @@ import io
 from collections import OrderedDict
 from typing import Dict, List, Tuple
 
-# ncu metric name -> table column (SpeedOfLight, ComputeWorkloadAnalysis and MemoryWorkloadAnalysis sections)
+# ncu metric name -> table column (SpeedOfLight, ComputeWorkloadAnalysis, MemoryWorkloadAnalysis, Occupancy and
+# LaunchStats sections; a column a report lacks stays blank)
 COLUMNS = OrderedDict([("Duration", "µs"), ("Compute (SM) Throughput", "SM %"), ("DRAM Throughput", "DRAM %"),
                        ("L2 Cache Throughput", "L2 %"), ("L1/TEX Cache Throughput", "L1 %"),
-                       ("Executed Ipc Active", "IPC"), ("L2 Hit Rate", "L2 hit %")])
+                       ("Executed Ipc Active", "IPC"), ("L2 Hit Rate", "L2 hit %"),
+                       ("Achieved Occupancy", "occupancy %"), ("Waves Per SM", "waves")])
 _TO_US = {"n": 1e-3, "u": 1.0, "m": 1e3, "s": 1e6}     # the first letter of ncu's time unit (ns / usecond / ...)
 
 
@@ -71,7 +75,8 @@ def run(workload: str, args) -> None:
         if workload == "cudnn":
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return torch.nn.functional.scaled_dot_product_attention(q_, k_, v_)
-        extra = dict(feature_map=None, block_map=bmap) if workload == "sparse" else dict(topk=args.topk)
+        extra = (dict(feature_map=None, block_map=bmap) if workload == "sparse" else
+                 dict(feature_map=None, topk=args.topk) if workload == "sparse-map" else dict(topk=args.topk))
         return slagen.attention(q_, k_, v_, block_q=bq, block_k=bk, backend="tilelang", **extra)
 
     def call():
@@ -93,7 +98,7 @@ def run(workload: str, args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workload", nargs="?", choices=("sla", "sparse", "cudnn"))
+    ap.add_argument("workload", nargs="?", choices=("sla", "sparse", "sparse-map", "cudnn"))
     ap.add_argument("--forward", action="store_true", help="the forward alone (no_grad) instead of forward+backward")
     ap.add_argument("--seq-len", type=int, default=32760)
     ap.add_argument("--heads", type=int, default=12)
@@ -108,7 +113,7 @@ def main() -> None:
     elif args.workload:
         run(args.workload, args)
     else:
-        ap.error("give a workload (sla, sparse, cudnn) or --table CSV ...")
+        ap.error("give a workload (sla, sparse, sparse-map, cudnn) or --table CSV ...")
 
 
 if __name__ == "__main__":
