@@ -428,20 +428,49 @@ def _build_pool_plan(key, q, k, block_q, block_k) -> _PoolPlan:
                      kernel_q=pool_kernel(spec, tq), kernel_k=pool_kernel(spec, tk))
 
 
-def _pool_one(kernel, x: torch.Tensor, block: int, tile: int, chunks: Tuple[int, int]):
-    """(block means (B, H, ceil(L / block), D), chunk sums (B, H, n_chunks, D)), fp32, of x (B, H, L, D)."""
+def _pool_buffers(x: torch.Tensor, block: int, chunks: Tuple[int, int]):
+    """(block means (B, H, ceil(L / block), D), chunk sums (B, H, n_chunks, D)) of x (B, H, L, D): fp32, empty."""
     B, H, n, d = x.shape
-    means = torch.empty((B, H, -(-n // block), d), dtype=torch.float32, device=x.device)
-    parts = torch.empty((B, H, chunks[0], d), dtype=torch.float32, device=x.device)
+    return (torch.empty((B, H, -(-n // block), d), dtype=torch.float32, device=x.device),
+            torch.empty((B, H, chunks[0], d), dtype=torch.float32, device=x.device))
+
+
+def _pool_into(kernel, x: torch.Tensor, means: torch.Tensor, parts: torch.Tensor, block: int, tile: int,
+               chunks: Tuple[int, int]) -> None:
+    """``sla_pool`` of x into the buffers of :func:`_pool_buffers`, on the current stream."""
     with torch.cuda.device(x.device):
         kernel(x, means, parts, chunks[1], block // tile)
+
+
+def _pool_one(kernel, x: torch.Tensor, block: int, tile: int, chunks: Tuple[int, int]):
+    """(block means (B, H, ceil(L / block), D), chunk sums (B, H, n_chunks, D)), fp32, of x (B, H, L, D)."""
+    means, parts = _pool_buffers(x, block, chunks)
+    _pool_into(kernel, x, means, parts, block, tile, chunks)
     return means, parts
 
 
+_POOL_STREAMS: Dict[torch.device, "torch.cuda.Stream"] = {}
+
+
 def pool(plan: _PoolPlan, q: torch.Tensor, k: torch.Tensor):
-    """(q̄ (B, H, T_m, D), k̄ (B, H, T_n, D), K's chunk sums (B, H, n, D)), fp32: ``sla_pool`` over q and k."""
-    q_mean, _ = _pool_one(plan.kernel_q, q, plan.block_q, plan.tq, plan.q_chunks)
-    k_mean, k_part = _pool_one(plan.kernel_k, k, plan.block_k, plan.tk, plan.k_chunks)
+    """(q̄ (B, H, T_m, D), k̄ (B, H, T_n, D), K's chunk sums (B, H, n, D)), fp32: ``sla_pool`` over q and k.
+
+    Q's launch runs on a side stream beside K's: each is about one wave of two CTAs per SM, so side by side they
+    share the SMs (four CTAs fit one) instead of the second waiting for the first's last CTAs. The side stream
+    waits for the current one first, and the current one for it before it returns; every buffer is allocated on
+    the current stream, so the allocator cannot hand one out while the side stream still writes it. (CUDA-graph
+    capture follows the fork and the join.)"""
+    q_mean, q_part = _pool_buffers(q, plan.block_q, plan.q_chunks)
+    k_mean, k_part = _pool_buffers(k, plan.block_k, plan.k_chunks)
+    current = torch.cuda.current_stream(q.device)
+    side = _POOL_STREAMS.get(q.device)
+    if side is None:
+        side = _POOL_STREAMS[q.device] = torch.cuda.Stream(device=q.device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        _pool_into(plan.kernel_q, q, q_mean, q_part, plan.block_q, plan.tq, plan.q_chunks)
+    _pool_into(plan.kernel_k, k, k_mean, k_part, plan.block_k, plan.tk, plan.k_chunks)
+    current.wait_stream(side)
     return q_mean, k_mean, k_part
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -1170,6 +1171,35 @@ def test_gpu_pooling_matches_float64_and_the_prepass_pools_the_same_bits(case, p
     plain = tl_backend.linear_terms_of(spec, early.cfg, k, v)
     for name, got, want in zip(("h_t", "z_t"), early.terms, plain):
         assert rel_err(got, want) < 1e-6, name
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_gpu_pooling_on_two_streams_is_ordered_before_its_readers():
+    """pool() launches Q's sla_pool on a side stream: the current stream must wait for it before anything after
+    the call reads q̄. Q's launch is held back on the side stream (a GPU sleep before it) and q̄ is copied on the
+    current stream right after the call, with no synchronisation: without the join the copy would read the
+    poisoned buffer before the kernel writes it. Both means against float64 too."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(5)
+    q, k, _ = make_qkv(1, 4, 4099, 4099, 128, torch.bfloat16, "bhld", dev, gen)
+    plan = tl_backend._pool_plan(q, k, 128, 64)
+    assert plan.tilelang
+    kernel_q = plan.kernel_q
+
+    def late_kernel_q(*args):
+        assert torch.cuda.current_stream(dev) != torch.cuda.default_stream(dev), "Q's pooling is not on a side stream"
+        torch.cuda._sleep(50_000_000)       # ~25 ms at the H200's clock: far longer than the copy below
+        kernel_q(*args)
+
+    late = dataclasses.replace(plan, kernel_q=late_kernel_q)
+    poison_allocator(8 * q.numel() * 4, dev)
+    q_mean, k_mean, _ = tl_backend.pool(late, q, k)
+    early_copy = q_mean.clone()
+    torch.cuda.synchronize()
+    assert torch.equal(early_copy, q_mean)
+    assert rel_err(q_mean.double(), block_means(q, 128)) < 1e-5
+    assert rel_err(k_mean.double(), block_means(k, 64)) < 1e-5
 
 
 @pytest.mark.gpu
