@@ -93,6 +93,19 @@ def call_spec(q, dtypes: dict, backend: str, **fields):
     return KernelSpec.of(head_dim=q.shape[-1], dtype=dtypes[q.dtype], **fields)
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def side_stream(device, role: str):
+    """The CUDA stream of ``device`` kept for ``role`` (one per role and device, made at first use: a stream is
+    cheap to keep and costly to make per call); roles keep independent work off each other's stream."""
+    stream = _SIDE_STREAMS.get((device, role))
+    if stream is None:
+        import torch
+        stream = _SIDE_STREAMS[(device, role)] = torch.cuda.Stream(device=device)
+    return stream
+
+
 def wait_for_maps(maps_ready, device) -> None:
     """Make the current stream wait for ``maps_ready`` (a torch.cuda.Event, or None: nothing to wait for)
     before its next launch reads the block map."""

@@ -62,7 +62,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from slagen import codegen
-from slagen.backends import call_spec, check_forward_inputs, keeps_linear_sums, linear_terms, plans, wait_for_maps
+from slagen.backends import (call_spec, check_forward_inputs, keeps_linear_sums, linear_terms, plans, side_stream,
+                             wait_for_maps)
 from slagen.autotune.space import copy_config
 from slagen.paths import cache_dir
 from slagen.spec import BLOCK_SIZES, KernelSpec
@@ -449,9 +450,6 @@ def _pool_one(kernel, x: torch.Tensor, block: int, tile: int, chunks: Tuple[int,
     return means, parts
 
 
-_POOL_STREAMS: Dict[torch.device, "torch.cuda.Stream"] = {}
-
-
 def pool(plan: _PoolPlan, q: torch.Tensor, k: torch.Tensor):
     """(q̄ (B, H, T_m, D), k̄ (B, H, T_n, D), K's chunk sums (B, H, n, D)), fp32: ``sla_pool`` over q and k.
 
@@ -463,9 +461,7 @@ def pool(plan: _PoolPlan, q: torch.Tensor, k: torch.Tensor):
     q_mean, q_part = _pool_buffers(q, plan.block_q, plan.q_chunks)
     k_mean, k_part = _pool_buffers(k, plan.block_k, plan.k_chunks)
     current = torch.cuda.current_stream(q.device)
-    side = _POOL_STREAMS.get(q.device)
-    if side is None:
-        side = _POOL_STREAMS[q.device] = torch.cuda.Stream(device=q.device)
+    side = side_stream(q.device, "pool")
     side.wait_stream(current)
     with torch.cuda.stream(side):
         _pool_into(plan.kernel_q, q, q_mean, q_part, plan.block_q, plan.tq, plan.q_chunks)

@@ -105,7 +105,6 @@ def _block_map_bhld(q: Tensor, k: Tensor, topk: float, negligible: float, block_
 
 
 OVERLAP_ENV = "SLAGEN_OVERLAP_BLOCK_MAP"
-_SIDE_STREAMS: Dict[torch.device, "torch.cuda.Stream"] = {}
 
 
 def _overlaps_block_map(backend: str, feature_map: Optional[str], *tensors) -> bool:
@@ -123,9 +122,7 @@ def _block_map_beside(q: Tensor, k: Tensor, topk: float, negligible: float, bloc
     event the forward waits for before it reads the map). Its tensors are marked as used by the current
     stream, so the allocator does not hand them out again while the forward still reads them."""
     cur = torch.cuda.current_stream(q.device)
-    side = _SIDE_STREAMS.get(q.device)
-    if side is None:
-        side = _SIDE_STREAMS[q.device] = torch.cuda.Stream(device=q.device)
+    side = backends.side_stream(q.device, "block_map")
     side.wait_stream(cur)
     with torch.cuda.stream(side):
         bmap = _block_map_bhld(q, k, topk, negligible, block_q, block_k, backend, columns)

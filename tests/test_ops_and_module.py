@@ -234,6 +234,21 @@ def test_overlap_of_the_block_map_is_opt_in_and_cuda_only(monkeypatch):
                     "torch", maps_ready=object())
 
 
+def test_side_streams_are_made_once_per_device_and_role(monkeypatch):
+    """backends.side_stream: one stream per (device, role), made at first use and handed out again after (the
+    block map's overlap and the TileLang pooling each keep their own); torch.cuda.Stream stubbed (no GPU here)."""
+    from slagen import backends
+    made = []
+    monkeypatch.setattr(backends, "_SIDE_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(device) or object())
+    a, b = torch.device("cuda", 0), torch.device("cuda", 1)
+    first = backends.side_stream(a, "pool")
+    assert backends.side_stream(a, "pool") is first
+    assert backends.side_stream(a, "block_map") is not first
+    assert backends.side_stream(b, "pool") is not first
+    assert made == [a, a, b]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with -m gpu on the device)")
 @pytest.mark.parametrize("backend", ["triton", "tilelang"])
