@@ -36,6 +36,7 @@ OPTIONS: Dict[str, Sequence] = {
     "h_prefetch": (False, True),         # the TileLang backward's dq loads H_i before its key loop
     "overlap": (False, True),            # the TileLang forward overlaps S_{t+1} = QK_{t+1}ᵀ with step t's softmax
     "pingpong": (False, True),           # the TileLang forward's two warpgroups take turns at the tensor cores
+    "lazy_rescale": (True, False),       # the TileLang forward moves a row's softmax reference only past 2^8
 }
 _HAS_LINEAR = lambda spec: spec.feature_map is not None  # noqa: E731
 _HAS_MARGINAL = lambda spec: spec.scope == "marginal" and spec.feature_map is not None  # noqa: E731

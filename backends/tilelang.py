@@ -125,8 +125,11 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # per CTA). Both step widths (tile_n dividing block_k, and 2·block_k); needs warp specialisation. Since session
 # 12 the overlapped loop (and the plain one where tile_n = block_k) walks each row's LUT last-first, so that only
 # step 0 can hold the partial last key block: with tile_n = block_k no later step is masked (H200, headline
-# shape: −6 % on the forward; 64x64: −2.5 %). Since session 19 its S_{t+1} = QK_{t+1}ᵀ takes Q from registers
-# (one step per key block): H200, headline shape, given the map, 9 rounds in turn, sparse-only 0.690 / 0.710 →
+# shape: −6 % on the forward; 64x64: −2.5 %; since session 40 the two-block steps of tile_n = 2·block_k walk
+# last-first too, an odd count's lone block in step 0, so only step 0 is masked: sparse-only given the map 0.695 ms
+# vs 0.674 with one block per step, SLA marginal 0.988 vs 0.953 — still slower, so tile_n stays block_k). Since
+# session 19 its S_{t+1} = QK_{t+1}ᵀ takes Q from registers (one step per key block): H200, headline shape, given
+# the map, 9 rounds in turn, sparse-only 0.690 / 0.710 →
 # 0.678 / 0.680 ms, SLA marginal 0.983 / 0.970 → 0.958 / 0.961. Since session 21 each step's row max comes before
 # S_{t+1}'s issue, so the wait for K_{t+1}'s tile (a branch) hides under its chain: sparse-only 0.680 / 0.685 →
 # 0.674 / 0.671, SLA marginal 0.994 / 0.978 → 0.959 / 0.958 (9 rounds in turn). Measured slower there (session
@@ -160,13 +163,22 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # eager vs 0.998 / 0.992, sparse-only 0.687 / 0.672 vs 0.685 / 0.671 (9 rounds in turn): no gain — the 23 full
 # waves do not end together either (tiles finish at spread times, so the last wave's 36 tiles start early and
 # cost less than a tile's time). Tunable only; its GPU tests pass.
+# lazy_rescale (default at d 128 since session 40): each row's softmax reference max moves only when a step's scores
+# pass it by more than 2^8 (log2 units), and O's rescale (64 FMUL per thread and step) runs only in a warp where some
+# row's reference moved (a warp vote; elsewhere the factor is exactly 1). O and l share the reference, so O / l and
+# the LSE are the exact max's (FlashAttention-4's conditional rescale). H200, headline shape, given the map,
+# tools/forward_configs.py, lazy vs default in five A/Bs of 7-11 rounds (session 40): sparse-only 1.008-1.030x,
+# SLA marginal 1.000-1.019x (mean ~1.5 % / ~1 %); H 40, L 75600: sparse-only 1.036 / 1.031x, marginal 1.006 / 0.973x;
+# 64x64 (two CTAs) sparse-only 0.984 / 1.014x, marginal 1.035 / 1.022x. Predicted -5..-9 % from the instruction
+# count (the skipped FMULs, ~9 % of the steady-state step); the step is latency-bound, not issue-bound. d 64 not
+# timed (off there).
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
              pre_async=True, pre_overlap=False, warp_specialized=True, ctas_per_sm=1, prefetch_h=False,
-             tma_store=True, overlap=True, pingpong=False, persistent=False, tail_split=1),
+             tma_store=True, overlap=True, pingpong=False, persistent=False, tail_split=1, lazy_rescale=False),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
               pre_async=True, pre_overlap=True, warp_specialized=True, ctas_per_sm=1, prefetch_h=False,
-              tma_store=True, overlap=True, pingpong=False, persistent=False, tail_split=1),
+              tma_store=True, overlap=True, pingpong=False, persistent=False, tail_split=1, lazy_rescale=True),
 }
 _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2)   # 64-row tiles, where two CTAs fit an SM (registers handed over)
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
@@ -580,7 +592,8 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
         raise ValueError("config tail_split > 1 needs one key block per loop step, walked last-first: the "
                          "overlapped loop (tile_n dividing block_k) or the plain one with tile_n = block_k; not "
                          "pingpong, persistent or two key blocks per step (use tail_split=1)")
-    for name in ("pre_async", "pre_overlap", "prefetch_h", "tma_store", "overlap", "pingpong", "persistent"):
+    for name in ("pre_async", "pre_overlap", "prefetch_h", "tma_store", "overlap", "pingpong", "persistent",
+                 "lazy_rescale"):
         if not isinstance(cfg[name], bool):
             raise ValueError(f"config[{name!r}]={cfg[name]!r} must be True or False")
     if cfg["pre_async"] and not cfg["warp_specialized"]:
@@ -982,7 +995,8 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
     save, has_w, has_bias = (bool(save) and linear, bool(has_w) and linear, bool(has_bias) and linear)
     mod = _module(spec)
     if cfg["persistent"]:
-        args = dict(num_stages=persistent_stages(cfg, has_w), save=save, has_w=has_w, has_bias=has_bias)
+        args = dict(num_stages=persistent_stages(cfg, has_w), save=save, has_w=has_w, has_bias=has_bias,
+                    lazy_rescale=cfg["lazy_rescale"])
         key = ("forward-persistent", spec, tuple(sorted(args.items())))
         return _compile(key, lambda: mod.persistent_forward_kernel(**args), True, hand_specialized=True)
     ctas_per_sm = forward_ctas_per_sm(spec, cfg, save, has_w)
@@ -990,7 +1004,7 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
                 num_stages=cfg["num_stages"], ctas_per_sm=ctas_per_sm, prefetch_h=cfg["prefetch_h"] and linear,
                 tma_store=cfg["tma_store"], save=save, has_w=has_w, has_bias=has_bias, overlap=cfg["overlap"],
                 pingpong=cfg["pingpong"], tail_split=tail,
-                reg_handover=ctas_per_sm > 1 and bool(cfg["warp_specialized"]))
+                reg_handover=ctas_per_sm > 1 and bool(cfg["warp_specialized"]), lazy_rescale=cfg["lazy_rescale"])
     key = ("forward", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     return _compile(key, lambda: mod.forward_kernel(**args), cfg["warp_specialized"])
 

@@ -41,6 +41,7 @@ from tests.dense import block_means
 TOL = 2e-2
 PERSISTENT = dict(persistent=True, overlap=False, num_stages=3)   # the forward's persistent kernel (a tunable)
 PINGPONG = {"pingpong": True, "overlap": False}   # the forward's turn-taking key loop (FlashAttention-3's order)
+LAZY = {"lazy_rescale": True}   # the forward's lazy row-max reference (a tunable; see backends/tilelang.py)
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -480,6 +481,17 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
     assert "(acc_s + 0)" in s_next and "acc_p" not in s_next, "S_{t+1} not written into acc_s"
     assert loop.index("acc_p + ") < loop.rindex("tl::warpgroup_arrive();", 0, first), "scores not taken out first"
     assert not re.search(r"acc_s\[[^\]]*\] = acc_p\[|\(acc_s \+ [^)]*\) = \*\([^)]*\)\(acc_p", loop), "acc_p copied"
+    # the LUT walked last-first: only step 0 can hold the partial last key block (with two key blocks per step, also
+    # an odd count's lone block), so step 0's S is the one masked (a -inf fill), every later S a cleared accumulator
+    masks = re.findall(r"= 0x0p\+0f/\*0\.000000e\+00\*/;\s*\} else \{\s*condval_\d+ = -CUDART_INF_F;", loop)
+    assert len(masks) == 1, f"{len(masks)} masked score fills in the loop (step 0's only expected)"
+    # lazy_rescale (the d 128 default): O's rescale only under a warp vote, after the row sums, before P·V's issue
+    if cfg["lazy_rescale"]:
+        vote = loop.index("__any_sync(")
+        assert loop.index("AllReduce<tl::SumOp") < vote < loop.rindex("tl::warpgroup_arrive();"), \
+            "O's rescale not under the vote"
+    else:
+        assert "__any_sync(" not in loop
     registers_q = re.search(r"tl::wgmma_rs<[^\n]*q_r \+", loop)
     if cfg["tile_n"] == spec.block_k:
         assert registers_q, "S_{t+1} should read Q from registers"
@@ -978,7 +990,24 @@ GPU_CASES = (
        dict(L=1000, Lk=3001, H=4, negl=0.1, n_crit=2, config=dict(tail_split=3)),
        dict(L=4300, H=4, n_crit="all", q_scale=30.0, config=dict(tail_split=4)),
        dict(L=32760, H=12, n_crit="topk", config=dict(tail_split=4)),
-       dict(L=32760, H=12, fmap="none", n_crit="topk", config=dict(tail_split=4))])
+       dict(L=32760, H=12, fmap="none", n_crit="topk", config=dict(tail_split=4))]
+    # lazy_rescale: a row's reference max moves only where the step's scores pass it by more than 2^8 (the O
+    # rescale skipped in warps where no row's moved): every key loop, plain and wide score ranges (×30: the max
+    # moves far and often, so the vote takes the rescale), counts 0 / 1 / mixed / all / top-k, odd lengths, fp16,
+    # scope all, sparse-only, 64x64 (two CTAs per SM), two key blocks per step, the split tail, persistent
+    + [dict(L=L, d=d, n_crit=c, q_scale=qs, config=LAZY) for L, c in ((4096, "mixed"), (32760, "topk"))
+       for d in (64, 128) for qs in (1.0, 30.0)]
+    + [dict(L=77, n_crit=1, config=LAZY), dict(L=1000, Lk=3001, negl=0.1, n_crit=2, config=LAZY),
+       dict(L=4096, fmap="none", n_crit="mixed", q_scale=30.0, config=LAZY),
+       dict(L=4096, dtype="fp16", negl=0.1, q_scale=8.0, config=LAZY),
+       dict(L=4096, scope="all", n_crit="all", q_scale=30.0, config=LAZY),
+       dict(L=4096, block=(64, 64), n_crit="all", q_scale=30.0, save=False, config=LAZY),
+       dict(L=4096, n_crit="all", q_scale=30.0, config={**LAZY, "overlap": False}),
+       dict(L=4096, n_crit="all", q_scale=30.0, config={**LAZY, **PINGPONG}),
+       dict(L=4096, n_crit="mixed", q_scale=30.0, config={**LAZY, "tile_n": 128}),
+       dict(L=4096, n_crit="mixed", q_scale=30.0, config={**LAZY, **PERSISTENT}),
+       dict(L=4300, H=4, n_crit="all", q_scale=30.0, config={**LAZY, "tail_split": 4}),
+       dict(L=32760, H=12, fmap="none", n_crit="topk", config={**LAZY, "tail_split": 4})])
 
 
 def test_gpu_cases_have_valid_configs():
