@@ -12,6 +12,8 @@
 #   TRITON_ROLES / TILELANG_ROLES (default forward,backward): the roles the tune step tunes per backend
 #     (set to the empty string to skip that backend)
 #   CHECK_ARGS, BENCH_ARGS, TEST_ARGS                  extra arguments for each step; TEST_K: pytest -k expression
+#   (CHECK_TIMEOUT / BENCH_TIMEOUT: SIGTERM, then SIGKILL 20 s later — a process inside a CUDA call or a compile
+#    does not see SIGTERM, and session 40 lost a whole device call to a bench that outlived its `timeout`)
 #   (TEST_K with ';' between expressions: one pytest process per expression, run concurrently — the TileLang
 #    GPU tests are bound by single-threaded kernel compiles; or TEST_IDS=<file of node ids, one per line> with
 #    TEST_GROUPS=N (default 12): N processes, each a contiguous chunk of the list. Each process has its own copy
@@ -49,8 +51,8 @@ done
 for step in $STEPS; do
   start=$(date +%s)
   case $step in
-    check) timeout "${CHECK_TIMEOUT:-240}" slagen check --seq-len 32760 --heads 2 ${CHECK_ARGS:-} >"$OUT/check.log" 2>&1 ;;
-    bench) timeout "${BENCH_TIMEOUT:-400}" slagen bench --json "$OUT/bench.json" $refs ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ;;
+    check) timeout -k 20 "${CHECK_TIMEOUT:-240}" slagen check --seq-len 32760 --heads 2 ${CHECK_ARGS:-} >"$OUT/check.log" 2>&1 ;;
+    bench) timeout -k 20 "${BENCH_TIMEOUT:-400}" slagen bench --json "$OUT/bench.json" $refs ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ;;
     tests) rm -rf "$LOGS/groups"; mkdir -p "$LOGS/groups"
            if [ -n "${TEST_IDS:-}" ]; then      # node ids: TEST_GROUPS contiguous chunks (neighbours share kernels)
              n_ids=$(grep -c . "$TEST_IDS"); groups=${TEST_GROUPS:-12}
