@@ -62,8 +62,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from slagen import codegen
-from slagen.backends import (call_spec, check_forward_inputs, keeps_linear_sums, linear_terms, plans, side_stream,
-                             wait_for_maps)
+from slagen.backends import (call_spec, check_forward_inputs, cuda_rewrites, keeps_linear_sums, linear_terms, plans,
+                             side_stream, wait_for_maps)
 from slagen.autotune.space import copy_config
 from slagen.paths import cache_dir
 from slagen.spec import BLOCK_SIZES, KernelSpec
@@ -172,13 +172,23 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 # 64x64 (two CTAs) sparse-only 0.984 / 1.014x, marginal 1.035 / 1.022x. Predicted -5..-9 % from the instruction
 # count (the skipped FMULs, ~9 % of the steady-state step); the step is latency-bound, not issue-bound. d 64 not
 # timed (off there).
+# tree_max (default for sparse-only at d 128 since session 41): each step's own row max as a pairwise tree of
+# depth 4 instead of TileLang's serial 16-deep FMNMX chain per row (backends/cuda_rewrites: a
+# rewrite of the generated CUDA; max is exact in any order, so the same bits). H200, given the map,
+# tools/forward_configs.py, tree vs chain (session 41; 9-15 rounds, pairs of identical configs beside): H 12
+# L 32760 sparse-only 1.021 / 1.006 / 1.009x, SLA marginal 0.997 / 1.011 / 1.002x; H 40 L 75600 sparse-only
+# 1.007 / 1.007x, marginal 0.997 / 0.995x. On where it measured faster (no linear branch); not in the tuner's
+# OPTIONS (it would double the forward's space for <= 1 %). Predicted -5..-8 % from ncu (the two chains were 11 % of
+# the consumer loop's samples): their latency was mostly hidden behind the other warpgroup's GEMMs.
 _DEFAULTS: Dict[int, dict] = {
     64: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=3, pre_tile=128, pre_warps=8, pre_stages=2,
              pre_async=True, pre_overlap=False, warp_specialized=True, ctas_per_sm=1, prefetch_h=False,
-             tma_store=True, overlap=True, pingpong=False, persistent=False, tail_split=1, lazy_rescale=False),
+             tma_store=True, overlap=True, pingpong=False, persistent=False, tail_split=1, lazy_rescale=False,
+             tree_max=False),
     128: dict(tile_m=128, tile_n=64, num_warps=8, num_stages=2, pre_tile=128, pre_warps=8, pre_stages=2,
               pre_async=True, pre_overlap=True, warp_specialized=True, ctas_per_sm=1, prefetch_h=False,
-              tma_store=True, overlap=True, pingpong=False, persistent=False, tail_split=1, lazy_rescale=True),
+              tma_store=True, overlap=True, pingpong=False, persistent=False, tail_split=1, lazy_rescale=True,
+              tree_max=True),
 }
 _TWO_CTAS = dict(num_warps=4, ctas_per_sm=2)   # 64-row tiles, where two CTAs fit an SM (registers handed over)
 # Backward tunables per head dim (role 'backward'): "backward" picks the implementation (see the module
@@ -499,6 +509,7 @@ def default_config(spec: KernelSpec) -> dict:
     cfg["tile_n"] = min(cfg["tile_n"], spec.block_k)
     if spec.scope == "marginal":   # per-block h_j: the pre-pass tile divides block_k
         cfg["pre_tile"] = min(cfg["pre_tile"], spec.block_k)
+    cfg["tree_max"] = cfg["tree_max"] and spec.feature_map is None   # (measured faster only there: see tree_max)
     if cfg["tile_m"] < 128:          # 64-row tiles: one consumer warpgroup (8 warps fail layout inference)
         two = {**cfg, **_TWO_CTAS}
         cfg = two if 2 * shared_bytes(two, spec) <= SHARED_MEMORY_PER_SM else {**cfg, "num_warps": 4}
@@ -593,7 +604,7 @@ def check_config(cfg: dict, spec: KernelSpec) -> None:
                          "overlapped loop (tile_n dividing block_k) or the plain one with tile_n = block_k; not "
                          "pingpong, persistent or two key blocks per step (use tail_split=1)")
     for name in ("pre_async", "pre_overlap", "prefetch_h", "tma_store", "overlap", "pingpong", "persistent",
-                 "lazy_rescale"):
+                 "lazy_rescale", "tree_max"):
         if not isinstance(cfg[name], bool):
             raise ValueError(f"config[{name!r}]={cfg[name]!r} must be True or False")
     if cfg["pre_async"] and not cfg["warp_specialized"]:
@@ -962,6 +973,7 @@ def _compile(key: tuple, make, warp_specialized: bool, hand_specialized: bool = 
             if missing:
                 raise RuntimeError(missing)
             import tilelang
+            cuda_rewrites.register()
             with _tilelang_cache():
                 kernel = tilelang.compile(make(), target=TARGET,
                                           pass_configs=pass_configs(warp_specialized, hand_specialized))
@@ -996,7 +1008,7 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
     mod = _module(spec)
     if cfg["persistent"]:
         args = dict(num_stages=persistent_stages(cfg, has_w), save=save, has_w=has_w, has_bias=has_bias,
-                    lazy_rescale=cfg["lazy_rescale"])
+                    lazy_rescale=cfg["lazy_rescale"], tree_max=cfg["tree_max"])
         key = ("forward-persistent", spec, tuple(sorted(args.items())))
         return _compile(key, lambda: mod.persistent_forward_kernel(**args), True, hand_specialized=True)
     ctas_per_sm = forward_ctas_per_sm(spec, cfg, save, has_w)
@@ -1004,7 +1016,8 @@ def forward_kernel(spec: KernelSpec, cfg: dict, *, save: bool = False, has_w: bo
                 num_stages=cfg["num_stages"], ctas_per_sm=ctas_per_sm, prefetch_h=cfg["prefetch_h"] and linear,
                 tma_store=cfg["tma_store"], save=save, has_w=has_w, has_bias=has_bias, overlap=cfg["overlap"],
                 pingpong=cfg["pingpong"], tail_split=tail,
-                reg_handover=ctas_per_sm > 1 and bool(cfg["warp_specialized"]), lazy_rescale=cfg["lazy_rescale"])
+                reg_handover=ctas_per_sm > 1 and bool(cfg["warp_specialized"]), lazy_rescale=cfg["lazy_rescale"],
+                tree_max=cfg["tree_max"])
     key = ("forward", spec, tuple(sorted(args.items())), cfg["warp_specialized"])
     return _compile(key, lambda: mod.forward_kernel(**args), cfg["warp_specialized"])
 

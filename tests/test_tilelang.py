@@ -87,6 +87,18 @@ def test_default_config_is_valid(d, block, fmap, scope):
         assert block[1] % cfg["pre_tile"] == 0
 
 
+def test_tree_max_is_the_default_for_sparse_only_at_d128_and_a_checked_tunable():
+    """tree_max measured faster only without the linear branch (session 41); it is a bool like every switch."""
+    for d, fmap, want in ((128, None, True), (128, "softmax", False), (64, None, False), (64, "softmax", False)):
+        spec = spec_of(d=d, fmap=fmap, scope="marginal", block=(128, 64))
+        cfg = tl_backend.default_config(spec)
+        assert cfg["tree_max"] is want, (d, fmap)
+        for lazy in (True, False):      # with or without the lazy softmax reference
+            tl_backend.check_config({**cfg, "tree_max": True, "lazy_rescale": lazy}, spec)
+        with pytest.raises(ValueError, match="tree_max"):
+            tl_backend.check_config({**cfg, "tree_max": 1}, spec)
+
+
 def test_defaults_that_need_warp_specialisation_give_way_without_it():
     """warp_specialized=False (the fallback without TMA lowering) turns the default overlap, pre_async and
     pre_overlap off; the caller's explicit choice of any is an error (test_bad_config_is_a_clear_error,
@@ -492,6 +504,8 @@ def test_forward_overlap_compiles_for_sm90a(spec, change, flags):
             "O's rescale not under the vote"
     else:
         assert "__any_sync(" not in loop
+    # tree_max (the d 128 sparse-only default): the step's row max as a pairwise tree (backends/cuda_rewrites)
+    assert ("{ float tree_[" in loop) == cfg["tree_max"] and "max(row_max_tree[" not in src
     registers_q = re.search(r"tl::wgmma_rs<[^\n]*q_r \+", loop)
     if cfg["tile_n"] == spec.block_k:
         assert registers_q, "S_{t+1} should read Q from registers"
@@ -1082,6 +1096,47 @@ def case_id(c: dict) -> str:
 def test_gpu_forward_matches_reference(case, gpu_kernels):
     errs = run_case(**case)
     assert max(errs.values()) < TOL, errs
+
+
+TREE_CASES = [dict(L=32760, H=12, n_crit="topk"), dict(L=32760, H=12, fmap="none", n_crit="topk"),
+              dict(L=4096, n_crit="mixed", q_scale=30.0), dict(L=77, n_crit=1, negl=0.1),
+              dict(L=1000, Lk=3001, n_crit=2, scope="all", dtype="fp16"),
+              dict(L=4096, n_crit="all", q_scale=30.0, config={"overlap": False}),
+              dict(L=4096, n_crit="all", q_scale=30.0, config=PINGPONG),
+              dict(L=4096, n_crit="mixed", q_scale=30.0, config={"tile_n": 128}),
+              dict(L=4096, n_crit="mixed", q_scale=30.0, config=PERSISTENT),
+              dict(L=4300, H=4, n_crit="all", q_scale=30.0, config={"tail_split": 4}),
+              dict(L=4096, block=(64, 64), n_crit="all", q_scale=30.0),
+              dict(L=4096, d=64, fmap="none", n_crit="mixed", q_scale=30.0)]
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("case", TREE_CASES, ids=[case_id(c) for c in TREE_CASES])
+def test_gpu_tree_max_gives_the_same_bits(case):
+    """tree_max (the step's row max as a pairwise tree, backends/cuda_rewrites) changes no bit of any output: max is
+    exact in any order. Every key loop, with and without lazy_rescale, wide score ranges, partial blocks, both
+    scopes, sparse-only, fp16, d 64."""
+    case = dict(case)
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(7)
+    config, q_scale, fmap = case.pop("config", {}), case.pop("q_scale", 1.0), case.get("fmap", "softmax")
+    q, k, v, maps, w, b, cfg = case_inputs(
+        B=1, H=case.get("H", 2), L=case["L"], lk=case.get("Lk", case["L"]), d=case.get("d", 128),
+        dtype=case.get("dtype", "bf16"), layout="bhld", fmap=fmap, scope=case.get("scope", "marginal"),
+        negl=case.get("negl", 0.0), n_crit=case["n_crit"], block=case.get("block", (128, 64)), proj=fmap != "none",
+        gen=gen)
+    q = q * q_scale
+    for lazy in (True, False):
+        runs = []
+        for tree in (False, True):
+            poison_allocator(8 * q.numel() * 4, dev)
+            runs.append(tl_backend.forward(q, k, v, maps, w, b, True, config={**config, "lazy_rescale": lazy,
+                                                                              "tree_max": tree}, **cfg))
+        torch.cuda.synchronize()
+        assert not torch.isnan(runs[1][0]).any(), f"NaN in o (lazy_rescale={lazy})"
+        for name, chain, tree in zip(("o", "lse", "o_lin", "den"), *runs):
+            assert torch.equal(chain, tree), f"{name} differs with tree_max (lazy_rescale={lazy})"
 
 
 @pytest.mark.gpu
